@@ -1,0 +1,113 @@
+"""Array-module selection and argument checks shared by every public op.
+
+The array-module rule (DESIGN.md): CuPy arrays in -> CUDA kernels, CuPy out;
+NumPy arrays in -> the NumPy path, NumPy out. Mixing the two is a TypeError.
+Every check here raises before any launch and names the argument, the rule
+and the value given.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+
+@functools.cache
+def cupy_module():
+    """CuPy if it imports, else None. CuPy is optional: the NumPy path needs none."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def is_cupy(a: Any) -> bool:
+    cp = cupy_module()
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def array_module(**named: Any):
+    """The module (numpy or cupy) of the named arrays; None entries are ignored.
+
+    Raises TypeError if an argument is not an array, or NumPy and CuPy arrays
+    are mixed, or CuPy arrays live on different devices.
+    """
+    kinds: dict[str, str] = {}
+    devices: dict[str, int] = {}
+    for name, a in named.items():
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray):
+            kinds[name] = "numpy"
+        elif is_cupy(a):
+            kinds[name] = "cupy"
+            devices[name] = a.device.id
+        else:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__module__}."
+                f"{type(a).__qualname__} (use w4kern.asarray for DLPack tensors)"
+            )
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{n}={k}" for n, k in kinds.items())
+        raise TypeError(f"arguments mix NumPy and CuPy arrays ({listing}); pass all on one side")
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on device {d}" for n, d in devices.items())
+        raise ValueError(f"CuPy arguments live on different devices ({listing})")
+    if devices:
+        cp = cupy_module()
+        current = cp.cuda.Device().id
+        device = next(iter(devices.values()))
+        if device != current:
+            raise ValueError(
+                f"arguments live on device {device} but the current CuPy device is {current}; "
+                f"run under `with cupy.cuda.Device({device}):`"
+            )
+    if "cupy" in kinds.values():
+        return cupy_module()
+    return np
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def check_dtype(name: str, a, allowed) -> None:
+    allowed = tuple(np.dtype(t) for t in allowed)
+    if a.dtype not in allowed:
+        names = ", ".join(dtype_name(t) for t in allowed)
+        raise TypeError(f"{name} must have dtype in ({names}), got {dtype_name(a.dtype)}")
+
+
+def check_ndim(name: str, a, ndims, layout: str) -> None:
+    ndims = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if a.ndim not in ndims:
+        raise ValueError(f"{name} must be {layout} (ndim in {ndims}), got shape {tuple(a.shape)}")
+
+
+def check_shape(name: str, a, expected: tuple, layout: str) -> None:
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({layout}), got {tuple(a.shape)}")
+
+
+def check_contiguous(name: str, a) -> None:
+    if not a.flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous, got strides {a.strides} for shape {tuple(a.shape)}; "
+            f"pass {name}.copy() or ascontiguousarray({name})"
+        )
+
+
+def check_aligned(name: str, a, alignment: int = 16) -> None:
+    """Device pointer alignment for vector loads (CuPy arrays only)."""
+    if is_cupy(a) and a.size and a.data.ptr % alignment:
+        raise ValueError(
+            f"{name} must start at a {alignment}-byte aligned address for vectorized loads, "
+            f"got address {a.data.ptr:#x}; pass a copy"
+        )
+
+
+def check_multiple(name: str, value: int, multiple: int, what: str) -> None:
+    if value % multiple:
+        raise ValueError(f"{name}={value} must be a multiple of {what}={multiple}")

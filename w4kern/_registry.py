@@ -1,0 +1,86 @@
+"""The one table of kernel instances w4kern can launch.
+
+Every template instantiation an op may select is listed here, and only here:
+the runtime compiles a family's instances together (one NVRTC call per family
+and arch), ``python -m w4kern compile-check`` compiles all of them for every
+supported arch, and an op asking for a combination that is not listed gets a
+``ValueError`` naming the supported ones instead of a mangled-name lookup error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from .formats import bfloat16
+
+# C++ spelling of each element type a template parameter can take.
+CXX_TYPES: dict[np.dtype, str] = {
+    np.dtype(np.float32): "float",
+    np.dtype(np.float16): "w4kern::f16_t",
+    np.dtype(bfloat16): "w4kern::bf16_t",
+}
+
+
+def cxx_type(dtype) -> str:
+    return CXX_TYPES[np.dtype(dtype)]
+
+
+def cxx_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFamily:
+    """One CUDA source file and the template instances compiled from it.
+
+    ``instances`` holds the C++ template arguments of each instance, already
+    spelled for the compiler (see :func:`cxx_type`).
+    """
+
+    name: str                        # family name, used by ops and in logs
+    source: str                      # file under cuda_src/
+    template: str                    # fully qualified kernel template
+    instances: tuple[tuple[str, ...], ...]
+    spill_free: bool = True          # compile-check fails if any instance spills
+    max_dynamic_smem: int = 0        # bytes of dynamic shared memory to opt in to
+
+    def name_expression(self, args: tuple[str, ...]) -> str:
+        if args not in self.instances:
+            supported = ", ".join("<" + ", ".join(a) + ">" for a in self.instances)
+            raise ValueError(
+                f"{self.name}: no kernel instance <{', '.join(args)}>; supported: {supported}"
+            )
+        return f"{self.template}<{', '.join(args)}>"
+
+    @property
+    def name_expressions(self) -> tuple[str, ...]:
+        return tuple(self.name_expression(a) for a in self.instances)
+
+
+_FLOAT_TYPES = (np.float32, np.float16, bfloat16)
+_HALF_TYPES = (np.float16, bfloat16)
+
+FAMILIES: dict[str, KernelFamily] = {
+    family.name: family
+    for family in (
+        KernelFamily(
+            name="quantize_q8",
+            source="quantize_q8.cu",
+            template="w4kern::quantize_q8_kernel",
+            instances=tuple((cxx_type(t),) for t in _FLOAT_TYPES),
+        ),
+        KernelFamily(
+            name="dequant_int4",
+            source="dequant_int4.cu",
+            template="w4kern::dequant_int4_kernel",
+            instances=tuple(
+                (cxx_type(scale), cxx_type(out), cxx_bool(has_zeros))
+                for scale, out, has_zeros in itertools.product(
+                    _FLOAT_TYPES, _FLOAT_TYPES, (False, True)
+                )
+            ),
+        ),
+    )
+}

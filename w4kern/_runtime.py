@@ -1,0 +1,337 @@
+"""The one place that touches the CUDA compiler.
+
+Flow (DESIGN.md, "From CUDA source to a call"):
+
+1. ``build(family, arch)`` reads ``cuda_src/<family>.cu``, prepends a hash of
+   every file under ``cuda_src/`` (so an edited header changes the code
+   string), and compiles all of the family's template instances
+   (``name_expressions`` from :mod:`w4kern._registry`) with NVRTC into one
+   cubin. NVRTC runs through CuPy's low-level bindings, which need no GPU and
+   no driver, so the same function serves ``compile-check`` on a CPU machine.
+2. The cubin, its lowered (mangled) names and the ptxas resource report are
+   stored in w4kern's own disk cache, keyed by a hash of every byte that
+   reaches NVRTC: the code (with the source hash), the options, the NVRTC
+   version and the name expressions. A second process loads them without
+   compiling (logged at DEBUG as a cache hit).
+3. ``get_kernel(family, args)`` loads the family's cubin once per device
+   (in-process memo), applies the dynamic shared memory opt-in, and returns a
+   ``cupy.RawKernel`` that launches on the current CuPy stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from . import __version__
+from ._registry import FAMILIES, KernelFamily
+
+log = logging.getLogger("w4kern")
+if not log.handlers:
+    # A first call compiles for seconds: say so on stderr, once per family,
+    # unless the user configured the "w4kern" logger themselves.
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("w4kern: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(os.environ.get("W4KERN_LOG_LEVEL", "INFO").upper())
+    log.propagate = False
+
+#: Architectures that ``compile-check`` covers (Ampere, Ada, Hopper with wgmma).
+CHECK_ARCHS = ("sm_80", "sm_89", "sm_90a")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel family; the message carries NVRTC's log."""
+
+
+def source_dir() -> Path:
+    """Where the CUDA sources live.
+
+    ``W4KERN_CUDA_SRC`` overrides (tests use it to edit a copy); otherwise the
+    source tree's ``cuda_src/`` (a checkout or an editable install), else the
+    copy installed inside the package.
+    """
+    env = os.environ.get("W4KERN_CUDA_SRC")
+    if env:
+        return Path(env).resolve()
+    for candidate in (_PACKAGE_DIR.parent / "cuda_src", _PACKAGE_DIR / "cuda_src"):
+        if (candidate / "common" / "formats.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"w4kern's CUDA sources were not found next to {_PACKAGE_DIR}; reinstall w4kern"
+    )
+
+
+def cache_dir() -> Path:
+    """``W4KERN_CACHE_DIR``, else ``$XDG_CACHE_HOME/w4kern``, else ``~/.cache/w4kern``."""
+    env = os.environ.get("W4KERN_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "w4kern"
+
+
+def source_hash(src: Path | None = None) -> str:
+    """sha256 over every .cu/.cuh file under ``src`` (paths and bytes) and w4kern's version."""
+    src = source_dir() if src is None else src
+    h = hashlib.sha256(f"w4kern {__version__}\n".encode())
+    for path in sorted(p for p in src.rglob("*") if p.suffix in (".cu", ".cuh")):
+        h.update(path.relative_to(src).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as e:
+        raise RuntimeError(
+            "compiling kernels needs CuPy and NVRTC: pip install 'w4kern[cuda12]' "
+            "(or [cuda13] on a CUDA 13 driver)"
+        ) from e
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    return tuple(_nvrtc().getVersion())
+
+
+def compile_options(arch: str, src: Path) -> tuple[str, ...]:
+    options = ["-std=c++17", f"--gpu-architecture={arch}", f"-I{src}", "--ptxas-options=-v"]
+    if os.environ.get("W4KERN_LINEINFO") == "1":
+        options.append("-lineinfo")
+    return tuple(options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """ptxas's report for one kernel instance."""
+
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFamily:
+    family: str
+    arch: str
+    cubin_path: Path
+    lowered_names: dict[str, str]      # name expression -> mangled name
+    resources: dict[str, Resources]    # name expression -> ptxas report
+    from_cache: bool
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(text: str) -> dict[str, Resources]:
+    """Mangled kernel name -> Resources, from ``--ptxas-options=-v`` output."""
+    result: dict[str, Resources] = {}
+    current = None
+    fields: dict[str, int] = {}
+
+    def flush():
+        if current is not None:
+            result[current] = Resources(
+                registers=fields.get("regs", 0),
+                shared_bytes=fields.get("smem", 0),
+                stack_bytes=fields.get("stack", 0),
+                spill_store_bytes=fields.get("spill_st", 0),
+                spill_load_bytes=fields.get("spill_ld", 0),
+            )
+
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            flush()
+            current, fields = m.group(1), {}
+            continue
+        m = _FRAME.search(line)
+        if m:
+            fields["stack"], fields["spill_st"], fields["spill_ld"] = map(int, m.groups())
+        m = _REGS.search(line)
+        if m:
+            fields["regs"] = int(m.group(1))
+        m = _SMEM.search(line)
+        if m:
+            fields["smem"] = int(m.group(1))
+    flush()
+    return result
+
+
+_build_lock = threading.Lock()
+#: Per-process counters shown by ``python -m w4kern info`` and used by tests.
+STATS = {"compiled": [], "cache_hits": []}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build(family: KernelFamily | str, arch: str, *, use_cache: bool = True) -> CompiledFamily:
+    """Compile every instance of ``family`` for ``arch`` (or load them from the disk cache)."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    src = source_dir()
+    nvrtc = _nvrtc()
+    code = f"// w4kern-src-hash: {source_hash(src)}\n" + (src / family.source).read_text()
+    options = compile_options(arch, src)
+    names = family.name_expressions
+    key = hashlib.sha256(
+        json.dumps([code, options, list(nvrtc.getVersion()), names]).encode()
+    ).hexdigest()[:24]
+    directory = cache_dir()
+    cubin_path = directory / f"{family.name}-{arch}-{key}.cubin"
+    meta_path = cubin_path.with_suffix(".json")
+
+    with _build_lock:
+        if use_cache and cubin_path.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            log.debug("cache hit: %s for %s (%s)", family.name, arch, cubin_path)
+            STATS["cache_hits"].append((family.name, arch))
+            return _compiled(family, arch, cubin_path, meta, from_cache=True)
+
+        log.info("compiling %s for %s (first use; cached in %s)", family.name, arch, directory)
+        prog = nvrtc.createProgram(code, family.source, [], [])
+        try:
+            for name in names:
+                nvrtc.addNameExpression(prog, name)
+            try:
+                nvrtc.compileProgram(prog, list(options))
+            except nvrtc.NVRTCError as e:
+                raise CompileError(
+                    f"NVRTC failed on {family.source} for {arch}:\n"
+                    f"{nvrtc.getProgramLog(prog).rstrip(chr(0))}"
+                ) from e
+            ptxas_log = nvrtc.getProgramLog(prog).rstrip("\0")
+            lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+            cubin = nvrtc.getCUBIN(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        meta = {"family": family.name, "arch": arch, "options": list(options),
+                "lowered_names": lowered, "ptxas_log": ptxas_log}
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cubin_path, cubin)
+        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        STATS["compiled"].append((family.name, arch))
+        return _compiled(family, arch, cubin_path, meta, from_cache=False)
+
+
+def _compiled(family, arch, cubin_path, meta, *, from_cache) -> CompiledFamily:
+    by_mangled = parse_ptxas_log(meta["ptxas_log"])
+    lowered = meta["lowered_names"]
+    return CompiledFamily(
+        family=family.name,
+        arch=arch,
+        cubin_path=cubin_path,
+        lowered_names=lowered,
+        resources={name: by_mangled[m] for name, m in lowered.items() if m in by_mangled},
+        from_cache=from_cache,
+    )
+
+
+def device_arch(device) -> str:
+    """NVRTC target for a CuPy device: sm_90a on Hopper (wgmma), sm_XY elsewhere."""
+    cc = device.compute_capability
+    return "sm_90a" if cc == "90" else f"sm_{cc}"
+
+
+_loaded: dict[tuple[str, int, str], dict[str, object]] = {}
+
+
+def get_kernel(family: str, args: tuple[str, ...]):
+    """The ``cupy.RawKernel`` of one instance, compiled/loaded for the current device."""
+    fam = FAMILIES[family]
+    name = fam.name_expression(args)          # ValueError for an unlisted instance
+    import cupy
+
+    device = cupy.cuda.Device()
+    key = (family, device.id, _process_source_hash())
+    kernels = _loaded.get(key)
+    if kernels is None:
+        compiled = build(fam, device_arch(device))
+        module = cupy.RawModule(path=str(compiled.cubin_path))
+        kernels = {}
+        for expr, mangled in compiled.lowered_names.items():
+            kernel = module.get_function(mangled)
+            if fam.max_dynamic_smem:
+                kernel.max_dynamic_shared_size_bytes = fam.max_dynamic_smem
+            kernels[expr] = kernel
+        _loaded[key] = kernels
+    return kernels[name]
+
+
+_source_hash_memo: dict[Path, str] = {}
+
+
+def _process_source_hash() -> str:
+    """The source hash, computed once per process and source directory (not per launch)."""
+    src = source_dir()
+    h = _source_hash_memo.get(src)
+    if h is None:
+        h = _source_hash_memo[src] = source_hash(src)
+    return h
+
+
+def clear_memo() -> None:
+    """Forget loaded modules and the memoized source hash (tests editing sources use this)."""
+    _loaded.clear()
+    _source_hash_memo.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRow:
+    family: str
+    instance: str
+    arch: str
+    resources: Resources | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        if self.error is not None:
+            return False
+        return not (FAMILIES[self.family].spill_free and self.resources.spills)
+
+
+def compile_check(archs=CHECK_ARCHS, families=None, *, use_cache=True) -> list[CheckRow]:
+    """Compile every registered instance for every arch; one row per (instance, arch)."""
+    rows: list[CheckRow] = []
+    for fam in (FAMILIES.values() if families is None else [FAMILIES[f] for f in families]):
+        for arch in archs:
+            try:
+                compiled = build(fam, arch, use_cache=use_cache)
+            except CompileError as e:
+                rows.extend(CheckRow(fam.name, n, arch, None, str(e)) for n in fam.name_expressions)
+                continue
+            for name in fam.name_expressions:
+                res = compiled.resources.get(name)
+                err = None if res is not None else "no ptxas report for this instance"
+                rows.append(CheckRow(fam.name, name, arch, res, err))
+    return rows

@@ -1,0 +1,180 @@
+"""Activation quantizers: Q8 blocks, per-token INT8, per-token FP8 (e4m3fn).
+
+Written once for NumPy and CuPy. ``quantize_q8`` on CuPy arrays is one CUDA
+launch (``cuda_src/quantize_q8.cu``), bit-identical to the NumPy path.
+
+Non-finite inputs give a defined result, never a crash: a Q8 block (or a
+per-token row) holding NaN or Inf gets a NaN scale (and NaN sum) and q = 0,
+so anything computed from it is NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import (
+    array_module,
+    check_aligned,
+    check_contiguous,
+    check_dtype,
+    check_ndim,
+    check_shape,
+)
+from ._numeric import F32, e4m3_bits_to_float32, float32_to_e4m3_bits, round_half_away
+from .formats import (
+    FLOAT_DTYPES,
+    FP8_E4M3_MAX,
+    Q8_BLOCK_BYTES,
+    Q8_BLOCK_VALUES,
+    PerTokenFp8,
+    PerTokenInt8,
+    Q8Activations,
+)
+
+
+def _check_activations(x, name="x"):
+    xp = array_module(**{name: x})
+    check_dtype(name, x, FLOAT_DTYPES)
+    check_ndim(name, x, range(1, 8), "[..., K]")
+    return xp
+
+
+def _q8_values_xp(xp, x):
+    """(q float32 [..., nb, 32], d float32 [..., nb], sum float32 [..., nb]) per llama.cpp's Q8_1 rounding."""
+    k = x.shape[-1]
+    xf = x.astype(F32).reshape(x.shape[:-1] + (k // Q8_BLOCK_VALUES, Q8_BLOCK_VALUES))
+    finite_values = xp.isfinite(xf)
+    finite = finite_values.all(axis=-1)
+    amax = xp.abs(xp.where(finite_values, xf, xp.zeros_like(xf))).max(axis=-1)
+    d = amax / F32(127)
+    d_for_q = xp.where(finite, d, xp.zeros_like(d))[..., None]
+    safe = xp.where(d_for_q == 0, xp.ones_like(d_for_q), d_for_q)
+    q = xp.clip(round_half_away(xp, xf / safe), -127, 127)
+    q = xp.where(d_for_q == 0, xp.zeros_like(q), q)
+    q_sum = q.sum(axis=-1, dtype=np.int32).astype(F32)       # exact integer sum
+    nan = xp.full_like(d, np.nan)
+    return q, xp.where(finite, d, nan), xp.where(finite, d * q_sum, nan)
+
+
+def _q8_pack_xp(xp, q, d, s):
+    blocks = xp.zeros(q.shape[:-1] + (Q8_BLOCK_BYTES,), dtype=np.uint8)
+    q8 = q.astype(np.int8)
+    blocks[..., 0:16] = q8[..., 0::2].view(np.uint8)
+    blocks[..., 16:32] = q8[..., 1::2].view(np.uint8)
+    blocks[..., 32:36] = xp.ascontiguousarray(d.astype(F32)[..., None]).view(np.uint8)
+    blocks[..., 36:40] = xp.ascontiguousarray(s.astype(F32)[..., None]).view(np.uint8)
+    return blocks
+
+
+def quantize_q8(x, *, out=None) -> Q8Activations:
+    """Quantize activations into 48-byte Q8 blocks of 32 values along K.
+
+    Parameters
+    ----------
+    x : float32 | float16 | bfloat16 [..., K], C-contiguous, K % 32 == 0
+    out : optional Q8Activations (or uint8 [..., K // 32, 48] array) to write
+        into; with it the CuPy path allocates nothing.
+
+    Per block: d = max|x| / 127 (fp32), q = roundf(x / d) (half away from
+    zero; 0 when d == 0), sum = d * sum(q): llama.cpp's quantize_q8_1 values,
+    with d and sum kept in fp32. Non-finite blocks: d = sum = NaN, q = 0.
+    """
+    xp = _check_activations(x)
+    k = x.shape[-1]
+    if k % Q8_BLOCK_VALUES:
+        raise ValueError(f"x's last dimension K={k} must be a multiple of {Q8_BLOCK_VALUES}")
+    shape = x.shape[:-1] + (k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+    out_blocks = out.blocks if isinstance(out, Q8Activations) else out
+    if out_blocks is not None:
+        array_module(x=x, out=out_blocks)
+        check_dtype("out", out_blocks, [np.uint8])
+        check_shape("out", out_blocks, shape, "[..., K // 32, 48]")
+        check_contiguous("out", out_blocks)
+    if xp is np:
+        blocks = _q8_pack_xp(np, *_q8_values_xp(np, x))
+        if out_blocks is None:
+            return Q8Activations(blocks)
+        out_blocks[...] = blocks
+        return out if isinstance(out, Q8Activations) else Q8Activations(out_blocks)
+    check_contiguous("x", x)
+    check_aligned("x", x)
+    blocks = xp.empty(shape, dtype=np.uint8) if out_blocks is None else out_blocks
+    _quantize_q8_cuda(x, blocks)
+    return out if isinstance(out, Q8Activations) else Q8Activations(blocks)
+
+
+def _quantize_q8_cuda(x, blocks) -> None:
+    from . import _runtime
+    from ._registry import cxx_type
+
+    n_chunks = x.size // 8
+    if n_chunks == 0:
+        return
+    kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype),))
+    threads = 256
+    kernel(((n_chunks + threads - 1) // threads,), (threads,), (x, blocks, np.int64(n_chunks)))
+
+
+def dequantize_q8(xq: Q8Activations, dtype=np.float32):
+    """Q8 blocks -> float [..., K]: x = d * q (float32 math, then cast)."""
+    if not isinstance(xq, Q8Activations):
+        raise TypeError(f"xq must be a Q8Activations, got {type(xq).__name__}")
+    q = xq.qs.astype(F32)
+    grouped = q.reshape(q.shape[:-1] + (xq.k // Q8_BLOCK_VALUES, Q8_BLOCK_VALUES))
+    return (grouped * xq.d[..., None]).reshape(xq.shape).astype(dtype)
+
+
+def _per_token_scale(xp, x, qmax):
+    """(x float32 [M, K] with non-finite zeroed, scale float32 [M], finite [M])."""
+    xf = x.astype(F32)
+    finite_values = xp.isfinite(xf)
+    finite = finite_values.all(axis=-1)
+    xf = xp.where(finite_values, xf, xp.zeros_like(xf))
+    scale = xp.abs(xf).max(axis=-1) / F32(qmax)
+    return xf, scale, finite
+
+
+def quantize_per_token_int8(x) -> PerTokenInt8:
+    """Per-token symmetric INT8: scale = max|x_row| / 127, q = clip(round(x / scale), -127, 127).
+
+    x : float32 | float16 | bfloat16 [M, K]. Rounding half away from zero; an
+    all-zero row gets scale 0 and q = 0; a row with NaN/Inf gets scale NaN, q = 0.
+    """
+    xp = _check_activations(x)
+    check_ndim("x", x, 2, "[M, K]")
+    xf, scale, finite = _per_token_scale(xp, x, 127)
+    safe = xp.where(scale == 0, xp.ones_like(scale), scale)[:, None]
+    q = xp.clip(round_half_away(xp, xf / safe), -127, 127)
+    q = xp.where(finite[:, None], q, xp.zeros_like(q)).astype(np.int8)
+    return PerTokenInt8(q=q, scales=xp.where(finite, scale, xp.full_like(scale, np.nan)))
+
+
+def dequantize_per_token_int8(xq: PerTokenInt8, dtype=np.float32):
+    """x = scale * q, float32 math."""
+    if not isinstance(xq, PerTokenInt8):
+        raise TypeError(f"xq must be a PerTokenInt8, got {type(xq).__name__}")
+    return (xq.q.astype(F32) * xq.scales[:, None]).astype(dtype)
+
+
+def quantize_per_token_fp8(x) -> PerTokenFp8:
+    """Per-token FP8 (e4m3fn): scale = max|x_row| / 448, q = e4m3(x / scale) rounded to nearest even.
+
+    x : float32 | float16 | bfloat16 [M, K]. q is returned as uint8 bit
+    patterns (CuPy has no fp8 dtype); ``w4kern.interop`` reinterprets them
+    for torch/JAX. An all-zero row gets scale 0 and q = 0; a row with NaN/Inf
+    gets scale NaN and q = 0.
+    """
+    xp = _check_activations(x)
+    check_ndim("x", x, 2, "[M, K]")
+    xf, scale, finite = _per_token_scale(xp, x, FP8_E4M3_MAX)
+    safe = xp.where(scale == 0, xp.ones_like(scale), scale)[:, None]
+    bits = float32_to_e4m3_bits(xp, xf / safe)
+    bits = xp.where(finite[:, None], bits, xp.zeros_like(bits))
+    return PerTokenFp8(q=bits, scales=xp.where(finite, scale, xp.full_like(scale, np.nan)))
+
+
+def dequantize_per_token_fp8(xq: PerTokenFp8, dtype=np.float32):
+    """x = scale * float(q), float32 math."""
+    if not isinstance(xq, PerTokenFp8):
+        raise TypeError(f"xq must be a PerTokenFp8, got {type(xq).__name__}")
+    xp = array_module(q=xq.q)
+    return (e4m3_bits_to_float32(xp, xq.q) * xq.scales[:, None]).astype(dtype)
