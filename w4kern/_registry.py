@@ -82,5 +82,11 @@ FAMILIES: dict[str, KernelFamily] = {
                 )
             ),
         ),
+        KernelFamily(
+            name="membench",
+            source="membench.cu",
+            template="w4kern::read_bandwidth_kernel",
+            instances=(("4",),),
+        ),
     )
 }

@@ -195,35 +195,56 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def build(family: KernelFamily | str, arch: str, *, use_cache: bool = True) -> CompiledFamily:
-    """Compile every instance of ``family`` for ``arch`` (or load them from the disk cache)."""
+@dataclasses.dataclass(frozen=True)
+class _BuildPlan:
+    """Everything that reaches NVRTC for one (family, arch), and where its result is cached."""
+
+    family: KernelFamily
+    arch: str
+    code: str
+    options: tuple[str, ...]
+    cubin_path: Path
+
+    @property
+    def meta_path(self) -> Path:
+        return self.cubin_path.with_suffix(".json")
+
+    @property
+    def cached(self) -> bool:
+        return self.cubin_path.is_file() and self.meta_path.is_file()
+
+
+def plan(family: KernelFamily | str, arch: str) -> _BuildPlan:
+    """The code, options and cache location of ``family`` for ``arch`` (compiles nothing)."""
     family = FAMILIES[family] if isinstance(family, str) else family
     src = source_dir()
-    nvrtc = _nvrtc()
     code = f"// w4kern-src-hash: {source_hash(src)}\n" + (src / family.source).read_text()
     options = compile_options(arch, src)
-    names = family.name_expressions
     key = hashlib.sha256(
-        json.dumps([code, options, list(nvrtc.getVersion()), names]).encode()
+        json.dumps([code, options, list(nvrtc_version()), family.name_expressions]).encode()
     ).hexdigest()[:24]
-    directory = cache_dir()
-    cubin_path = directory / f"{family.name}-{arch}-{key}.cubin"
-    meta_path = cubin_path.with_suffix(".json")
+    return _BuildPlan(family, arch, code, options, cache_dir() / f"{family.name}-{arch}-{key}.cubin")
 
+
+def build(family: KernelFamily | str, arch: str, *, use_cache: bool = True) -> CompiledFamily:
+    """Compile every instance of ``family`` for ``arch`` (or load them from the disk cache)."""
+    p = plan(family, arch)
+    family, nvrtc = p.family, _nvrtc()
     with _build_lock:
-        if use_cache and cubin_path.is_file() and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            log.debug("cache hit: %s for %s (%s)", family.name, arch, cubin_path)
+        if use_cache and p.cached:
+            meta = json.loads(p.meta_path.read_text())
+            log.debug("cache hit: %s for %s (%s)", family.name, arch, p.cubin_path)
             STATS["cache_hits"].append((family.name, arch))
-            return _compiled(family, arch, cubin_path, meta, from_cache=True)
+            return _compiled(family, arch, p.cubin_path, meta, from_cache=True)
 
-        log.info("compiling %s for %s (first use; cached in %s)", family.name, arch, directory)
-        prog = nvrtc.createProgram(code, family.source, [], [])
+        log.info("compiling %s for %s (first use; cached in %s)", family.name, arch, p.cubin_path.parent)
+        names = family.name_expressions
+        prog = nvrtc.createProgram(p.code, family.source, [], [])
         try:
             for name in names:
                 nvrtc.addNameExpression(prog, name)
             try:
-                nvrtc.compileProgram(prog, list(options))
+                nvrtc.compileProgram(prog, list(p.options))
             except nvrtc.NVRTCError as e:
                 raise CompileError(
                     f"NVRTC failed on {family.source} for {arch}:\n"
@@ -234,13 +255,13 @@ def build(family: KernelFamily | str, arch: str, *, use_cache: bool = True) -> C
             cubin = nvrtc.getCUBIN(prog)
         finally:
             nvrtc.destroyProgram(prog)
-        meta = {"family": family.name, "arch": arch, "options": list(options),
+        meta = {"family": family.name, "arch": arch, "options": list(p.options),
                 "lowered_names": lowered, "ptxas_log": ptxas_log}
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cubin_path, cubin)
-        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        p.cubin_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(p.cubin_path, cubin)
+        _write_atomic(p.meta_path, json.dumps(meta, indent=1).encode())
         STATS["compiled"].append((family.name, arch))
-        return _compiled(family, arch, cubin_path, meta, from_cache=False)
+        return _compiled(family, arch, p.cubin_path, meta, from_cache=False)
 
 
 def _compiled(family, arch, cubin_path, meta, *, from_cache) -> CompiledFamily:

@@ -44,7 +44,8 @@ def _q8_values_xp(xp, x):
     xf = x.astype(F32).reshape(x.shape[:-1] + (k // Q8_BLOCK_VALUES, Q8_BLOCK_VALUES))
     finite_values = xp.isfinite(xf)
     finite = finite_values.all(axis=-1)
-    amax = xp.abs(xp.where(finite_values, xf, xp.zeros_like(xf))).max(axis=-1)
+    xf = xp.where(finite_values, xf, xp.zeros_like(xf))   # their blocks get q = 0 below
+    amax = xp.abs(xf).max(axis=-1)
     d = amax / F32(127)
     d_for_q = xp.where(finite, d, xp.zeros_like(d))[..., None]
     safe = xp.where(d_for_q == 0, xp.ones_like(d_for_q), d_for_q)

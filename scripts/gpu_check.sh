@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, a compute-sanitizer sample, the cache check and the
+# benchmarks, from the source tree (no install, no network). Usage:
+#   scripts/gpu_check.sh OUTDIR [--quick]
+# Writes into OUTDIR: info.txt, tests.xml (JUnit), tests.log, sanitizer.log,
+# cache.log and the benchmark JSON. Exit status: non-zero if any step failed.
+set -uo pipefail
+OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [--quick]}
+QUICK=${2:-}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export W4KERN_CACHE_DIR=${W4KERN_CACHE_DIR:-/tmp/w4kern-gpu-check-cache}
+export W4KERN_COMMIT=${W4KERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+status=0
+
+step() { echo; echo "=== $*"; }
+
+step info
+python3 -m w4kern info 2>&1 | tee "$OUTDIR/info.txt" || status=1
+
+step "tests (all, GPU included)"
+python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" tests 2>&1 | tee "$OUTDIR/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "second process reuses the compiled kernels"
+W4KERN_LOG_LEVEL=DEBUG python3 -c "
+import cupy, w4kern
+w4kern.quantize_q8(cupy.ones((1, 32), dtype='float32'))
+from w4kern import _runtime
+print('compiled in this process:', _runtime.STATS['compiled'])
+print('cache hits in this process:', _runtime.STATS['cache_hits'])
+assert not _runtime.STATS['compiled'] and _runtime.STATS['cache_hits'], 'expected a cache hit'
+" 2>&1 | tee "$OUTDIR/cache.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "compute-sanitizer memcheck (sample)"
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 7 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "(quantize_q8_bit_identical and (3x4128 or 1x32 or 255x32 or 2x3x96)) or (dequantize_int4_bit_identical and (g32 or g-1))" \
+      2>&1 | tee "$OUTDIR/sanitizer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "compute-sanitizer not found" | tee "$OUTDIR/sanitizer.log"; status=1
+fi
+
+step benchmarks
+python3 -m w4kern bench --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo; echo "gpu_check status: $status"
+exit $status

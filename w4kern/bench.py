@@ -1,0 +1,357 @@
+"""The one benchmark harness (``python -m w4kern bench``), per BENCHMARKS.md.
+
+- Device events around the timed region, warm-up first, the median of
+  ``repeats`` repeats of ``launches`` launches each.
+- Inputs rotated through enough copies to exceed 4x the L2 cache, so weights
+  come from DRAM, not L2.
+- Two modes: plain launches, and CUDA-graph replay (``launches`` launches
+  captured once, the graph replayed), since deployments run decode in graphs.
+- The floor beside every row: bytes that must move / measured DRAM read
+  bandwidth (measured here at start by ``cuda_src/membench.cu``).
+- Peers from torch, in the same process on the same data, when torch imports.
+- One JSON file per run: GPU, versions, commit, ceilings, and rows.
+
+Each suite is a function returning rows; ``SUITES`` lists them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: dict
+    system: str
+    mode: str                 # "plain" or "graph"
+    time_us: float
+    bytes_moved: int
+    floor_us: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.floor_us / self.time_us if self.time_us > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["efficiency"] = round(self.efficiency, 4)
+        d["achieved_gbps"] = round(self.bytes_moved / self.time_us / 1e3, 1)
+        d["time_us"] = round(self.time_us, 3)
+        d["floor_us"] = round(self.floor_us, 3)
+        return d
+
+
+class Timer:
+    """Times a callable on the current CuPy stream, plain or under graph replay."""
+
+    def __init__(self, warmup: int = 3, repeats: int = 7, launches: int = 20):
+        import cupy
+
+        self.cp = cupy
+        self.warmup, self.repeats, self.launches = warmup, repeats, launches
+
+    def _median_us(self, run_once: Callable[[], None], per: int) -> float:
+        cp = self.cp
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(self.repeats):
+            start.record()
+            run_once()
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / per)
+        return statistics.median(times)
+
+    def plain(self, fn: Callable[[int], None]) -> float:
+        """fn(i) launches call i (i selects the rotated input copy). Microseconds per call."""
+        for i in range(self.warmup):
+            fn(i)
+        self.cp.cuda.Stream.null.synchronize()
+
+        def run_once():
+            for i in range(self.launches):
+                fn(i)
+
+        return self._median_us(run_once, self.launches)
+
+    def graph(self, fn: Callable[[int], None]) -> float:
+        """Capture ``launches`` calls into one CUDA graph, time its replays."""
+        cp = self.cp
+        fn(0)                                            # compile and load outside the capture
+        cp.cuda.Device().synchronize()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            for i in range(self.launches):
+                fn(i)
+            graph = stream.end_capture()
+            for _ in range(self.warmup):
+                graph.launch(stream)
+            stream.synchronize()
+            return self._median_us(lambda: graph.launch(stream), self.launches)
+
+
+class TorchTimer(Timer):
+    """The same timing for torch callables (torch events and torch.cuda.CUDAGraph)."""
+
+    def __init__(self, torch, **kw):
+        super().__init__(**kw)
+        self.torch = torch
+
+    def _median_us(self, run_once, per):
+        torch = self.torch
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.repeats):
+            start.record()
+            run_once()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e3 / per)
+        return statistics.median(times)
+
+    def plain(self, fn):
+        for i in range(self.warmup):
+            fn(i)
+        self.torch.cuda.synchronize()
+
+        def run_once():
+            for i in range(self.launches):
+                fn(i)
+
+        return self._median_us(run_once, self.launches)
+
+    def graph(self, fn):
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(self.warmup):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(self.launches):
+                fn(i)
+        g.replay()
+        torch.cuda.synchronize()
+        return self._median_us(g.replay, self.launches)
+
+
+@dataclasses.dataclass
+class Ceilings:
+    read_gbps: float
+    copy_gbps: float          # bytes read + bytes written per second (device-to-device copy)
+    l2_bytes: int
+
+
+def measure_ceilings(timer: Timer) -> Ceilings:
+    """Read bandwidth (membench kernel over 2 GiB) and copy bandwidth (1 GiB D2D copy)."""
+    import cupy as cp
+
+    from . import _runtime
+
+    device = cp.cuda.Device()
+    attrs = device.attributes
+    n_bytes = 2 << 30
+    data = cp.empty(n_bytes // 4, dtype=np.uint32)
+    data[...] = 1
+    sink = cp.zeros(1, dtype=np.uint32)
+    kernel = _runtime.get_kernel("membench", ("4",))
+    grid = attrs["MultiProcessorCount"] * 4
+    n_vec = np.int64(n_bytes // 16)
+    read_us = timer.plain(lambda i: kernel((grid,), (512,), (data, n_vec, sink)))
+    src = data[: data.size // 2]
+    dst = cp.empty_like(src)
+    copy_us = timer.plain(lambda i: cp.copyto(dst, src))
+    return Ceilings(
+        read_gbps=n_bytes / read_us / 1e3,
+        copy_gbps=2 * src.nbytes / copy_us / 1e3,
+        l2_bytes=int(attrs["L2CacheSize"]),
+    )
+
+
+def rotation_count(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Copies needed so that rotating through them touches more than 4x the L2."""
+    return max(1, math.ceil(4 * l2_bytes / max(bytes_per_copy, 1)) + 1)
+
+
+def _try_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _measure(timer, system, op, shape, fn, bytes_moved, ceilings, modes) -> list[Row]:
+    floor = bytes_moved / ceilings.read_gbps / 1e3
+    rows = []
+    for mode in modes:
+        t = timer.plain(fn) if mode == "plain" else timer.graph(fn)
+        rows.append(Row(op, shape, system, mode, t, bytes_moved, floor))
+    return rows
+
+
+# --- suites -----------------------------------------------------------------
+
+DENSE_SHAPES = {  # (N, K) = (out_features, in_features), BENCHMARKS.md
+    "llama3-8b.qkv": (6144, 4096),
+    "llama3-8b.gate_up": (28672, 4096),
+    "llama3-8b.down": (4096, 14336),
+    "gemma3-27b.gate_up": (43008, 5376),
+    "gemma3-27b.down": (5376, 21504),
+}
+
+
+def suite_foundation(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """quantize_q8 and dequantize_int4, with naive torch peers."""
+    import cupy as cp
+
+    import w4kern
+
+    torch = _try_torch()
+    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
+                        launches=timer.launches) if torch else None
+    modes = ("plain", "graph")
+    rows: list[Row] = []
+    rng = cp.random.default_rng(0)
+
+    q8_shapes = [(1, 4096), (16, 4096), (4096, 8192)] if quick else \
+        [(1, 4096), (1, 14336), (16, 4096), (1024, 4096), (4096, 8192)]
+    for m, k in q8_shapes:
+        x_bytes = m * k * 2
+        copies = rotation_count(x_bytes, ceilings.l2_bytes)
+        xs = [rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16) for _ in range(copies)]
+        outs = [cp.empty((m, k // 32, 48), dtype=np.uint8) for _ in range(copies)]
+        moved = x_bytes + m * (k // 32) * 48
+        shape = {"M": m, "K": k, "dtype": "bfloat16"}
+        rows += _measure(timer, "w4kern", "quantize_q8", shape,
+                         lambda i: w4kern.quantize_q8(xs[i % copies], out=outs[i % copies]),
+                         moved, ceilings, modes)
+        if torch is not None:
+            txs = [torch.from_dlpack(x) for x in xs]
+
+            def torch_q8(i):   # the same math as separate torch ops (no 48-byte packing)
+                xb = txs[i % copies].view(m, k // 32, 32).float()
+                d = xb.abs().amax(-1, keepdim=True) / 127
+                q = torch.round(xb / torch.where(d == 0, torch.ones_like(d), d)).to(torch.int8)
+                return q, d
+            rows += _measure(ttimer, "torch-ops", "quantize_q8", shape, torch_q8, moved, ceilings, modes)
+        del xs, outs
+
+    shapes = list(DENSE_SHAPES.items())[:2] if quick else list(DENSE_SHAPES.items())
+    for name, (n, k) in shapes:
+        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
+        base = w4kern.quantize_int4(w, group_size=128, symmetric=True)
+        del w
+        copies = rotation_count(base.nbytes, ceilings.l2_bytes)
+        weights = [base] + [w4kern.Int4Weight(base.qweight.copy(), base.scales.copy(), None, 128)
+                            for _ in range(copies - 1)]
+        out = cp.empty((n, k), dtype=w4kern.bfloat16)
+        moved = base.nbytes + out.nbytes
+        shape = {"name": name, "N": n, "K": k, "group_size": 128, "out": "bfloat16"}
+        rows += _measure(timer, "w4kern", "dequantize_int4", shape,
+                         lambda i: w4kern.dequantize_int4(weights[i % copies], out=out),
+                         moved, ceilings, modes)
+        if torch is not None:
+            tq = [torch.from_dlpack(wt.qweight) for wt in weights]
+            ts = [torch.from_dlpack(wt.scales) for wt in weights]
+            tout = torch.from_dlpack(out)
+
+            def torch_dequant(i):
+                qw = tq[i % copies]
+                q = torch.stack([qw & 15, qw >> 4], -1).view(n, k // 128, 128).float()
+                tout.copy_(((q - 8) * ts[i % copies].float()[..., None]).view(n, k))
+            rows += _measure(ttimer, "torch-ops", "dequantize_int4", shape, torch_dequant,
+                             moved, ceilings, modes)
+        del weights, out
+    return rows
+
+
+SUITES = {"foundation": suite_foundation}
+
+
+def _git_commit() -> str:
+    env = os.environ.get("W4KERN_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import cupy as cp
+
+    from . import _runtime
+
+    device = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(device.id)
+    torch = _try_torch()
+    return {
+        "gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "sm_count": device.attributes["MultiProcessorCount"],
+        "compute_capability": device.compute_capability,
+        "l2_bytes": device.attributes["L2CacheSize"],
+        "cuda_driver": cp.cuda.runtime.driverGetVersion(),
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "nvrtc": ".".join(map(str, _runtime.nvrtc_version())),
+        "cupy": cp.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__ if torch else None,
+        "w4kern": __version__,
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(suites=("foundation",), out_dir: str | Path | None = None, quick: bool = False) -> dict:
+    """Run suites, print a table, write one JSON file per run; return the record."""
+    timer = Timer()
+    ceilings = measure_ceilings(timer)
+    env = environment()
+    print(f"{env['gpu']}: read {ceilings.read_gbps:.0f} GB/s, copy {ceilings.copy_gbps:.0f} GB/s, "
+          f"L2 {ceilings.l2_bytes / 2**20:.0f} MiB")
+    rows: list[Row] = []
+    for name in suites:
+        if name not in SUITES:
+            raise ValueError(f"unknown suite {name!r}; available: {sorted(SUITES)}")
+        rows += SUITES[name](ceilings, timer, quick=quick)
+    print(format_table(rows))
+    record = {"environment": env, "ceilings": dataclasses.asdict(ceilings), "suites": list(suites),
+              "rows": [r.to_json() for r in rows]}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        slug = "".join(c if c.isalnum() else "-" for c in env["gpu"]).strip("-")
+        path = out_dir / f"{slug}_{'+'.join(suites)}_{env['date'][:10]}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
+    return record
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'op':<16} {'shape':<44} {'system':<10} {'mode':<6} {'us':>9} {'floor us':>9} {'eff':>6} {'GB/s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = ",".join(f"{k}={v}" for k, v in r.shape.items())
+        lines.append(f"{r.op:<16} {shape[:44]:<44} {r.system:<10} {r.mode:<6} {r.time_us:9.2f} "
+                     f"{r.floor_us:9.2f} {r.efficiency:6.1%} {r.bytes_moved / r.time_us / 1e3:7.0f}")
+    return "\n".join(lines)
