@@ -40,7 +40,8 @@ def cmd_info(args) -> int:
         dev = cp.cuda.Device()
         props = cp.cuda.runtime.getDeviceProperties(dev.id)
         arch = _runtime.device_arch(dev)
-        print(f"gpu: {props['name'].decode()} (cc {dev.compute_capability}, {arch}), "
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        print(f"gpu: {name} (cc {dev.compute_capability}, {arch}), "
               f"driver {cp.cuda.runtime.driverGetVersion()}")
     else:
         print("gpu: none (ops on NumPy arrays run the NumPy path)")

@@ -283,47 +283,36 @@ def device_arch(device) -> str:
     return "sm_90a" if cc == "90" else f"sm_{cc}"
 
 
-_loaded: dict[tuple[str, int, str], dict[str, object]] = {}
+#: (family, instance args, device id, W4KERN_CUDA_SRC) -> cupy.RawKernel. The hot
+#: path of every op is one lookup here: no file access, no hashing, no compile.
+_kernels: dict[tuple, object] = {}
 
 
 def get_kernel(family: str, args: tuple[str, ...]):
     """The ``cupy.RawKernel`` of one instance, compiled/loaded for the current device."""
+    from ._arrays import cupy_module
+
+    cupy = cupy_module()
+    device_id = cupy.cuda.runtime.getDevice()
+    key = (family, args, device_id, os.environ.get("W4KERN_CUDA_SRC"))
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
     fam = FAMILIES[family]
-    name = fam.name_expression(args)          # ValueError for an unlisted instance
-    import cupy
-
-    device = cupy.cuda.Device()
-    key = (family, device.id, _process_source_hash())
-    kernels = _loaded.get(key)
-    if kernels is None:
-        compiled = build(fam, device_arch(device))
-        module = cupy.RawModule(path=str(compiled.cubin_path))
-        kernels = {}
-        for expr, mangled in compiled.lowered_names.items():
-            kernel = module.get_function(mangled)
-            if fam.max_dynamic_smem:
-                kernel.max_dynamic_shared_size_bytes = fam.max_dynamic_smem
-            kernels[expr] = kernel
-        _loaded[key] = kernels
-    return kernels[name]
-
-
-_source_hash_memo: dict[Path, str] = {}
-
-
-def _process_source_hash() -> str:
-    """The source hash, computed once per process and source directory (not per launch)."""
-    src = source_dir()
-    h = _source_hash_memo.get(src)
-    if h is None:
-        h = _source_hash_memo[src] = source_hash(src)
-    return h
+    fam.name_expression(args)                 # ValueError for an unlisted instance
+    compiled = build(fam, device_arch(cupy.cuda.Device(device_id)))
+    module = cupy.RawModule(path=str(compiled.cubin_path))
+    for instance in fam.instances:
+        k = module.get_function(compiled.lowered_names[fam.name_expression(instance)])
+        if fam.max_dynamic_smem:
+            k.max_dynamic_shared_size_bytes = fam.max_dynamic_smem   # the one opt-in place
+        _kernels[(family, instance) + key[2:]] = k
+    return _kernels[key]
 
 
 def clear_memo() -> None:
-    """Forget loaded modules and the memoized source hash (tests editing sources use this)."""
-    _loaded.clear()
-    _source_hash_memo.clear()
+    """Forget loaded kernels (tests that edit sources call this)."""
+    _kernels.clear()
 
 
 @dataclasses.dataclass(frozen=True)
