@@ -23,15 +23,17 @@ step "tests (all, GPU included)"
 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" tests 2>&1 | tee "$OUTDIR/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-step "second process reuses the compiled kernels"
-W4KERN_LOG_LEVEL=DEBUG python3 -c "
-import cupy, w4kern
-w4kern.quantize_q8(cupy.ones((1, 32), dtype='float32'))
+step "a second process reuses the compiled kernels (fresh cache directory)"
+CACHE_PROBE="
+import sys, cupy, w4kern
 from w4kern import _runtime
-print('compiled in this process:', _runtime.STATS['compiled'])
-print('cache hits in this process:', _runtime.STATS['cache_hits'])
-assert not _runtime.STATS['compiled'] and _runtime.STATS['cache_hits'], 'expected a cache hit'
-" 2>&1 | tee "$OUTDIR/cache.log"
+w4kern.quantize_q8(cupy.ones((1, 32), dtype='float32'))
+print('process', sys.argv[1], 'compiled:', _runtime.STATS['compiled'], 'cache hits:', _runtime.STATS['cache_hits'])
+assert (sys.argv[1] == 'first') == bool(_runtime.STATS['compiled']), 'unexpected compile/cache state'
+"
+probe_cache=$(mktemp -d)
+{ W4KERN_CACHE_DIR=$probe_cache W4KERN_LOG_LEVEL=DEBUG python3 -c "$CACHE_PROBE" first &&
+  W4KERN_CACHE_DIR=$probe_cache W4KERN_LOG_LEVEL=DEBUG python3 -c "$CACHE_PROBE" second; } 2>&1 | tee "$OUTDIR/cache.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "compute-sanitizer memcheck (sample)"

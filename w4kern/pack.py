@@ -116,7 +116,8 @@ def quantize_int4(w, group_size: int = 128, symmetric: bool = False, scale_dtype
         z = xp.where(finite, z, xp.full_like(z, INT4_SYMMETRIC_ZERO))
         zeros = z.astype(scale_dtype)
     q = xp.where(finite[..., None], q, xp.full_like(q, INT4_SYMMETRIC_ZERO))
-    s = xp.where(finite, s, xp.full_like(s, np.nan))
+    # (where() is applied to float32 and cast after: CuPy promotes bfloat16 in where)
+    s = xp.where(finite, sf, xp.full_like(sf, np.nan)).astype(scale_dtype)
     q = q.astype(np.uint8).reshape(w.shape)
     return Int4Weight(qweight=pack_int4(q), scales=s, zeros=zeros, group_size=group_size)
 
@@ -213,7 +214,7 @@ def quantize_int8(w, group_size: int = -1, scale_dtype=None) -> Int8Weight:
     safe = xp.where(sf == 0, xp.ones_like(sf), sf)[..., None]
     q = xp.clip(round_half_away(xp, wf / safe), -127, 127)
     q = xp.where(finite[..., None], q, xp.zeros_like(q)).astype(np.int8).reshape(w.shape)
-    s = xp.where(finite, s, xp.full_like(s, np.nan))
+    s = xp.where(finite, sf, xp.full_like(sf, np.nan)).astype(scale_dtype)
     return Int8Weight(qweight=q, scales=s, group_size=group_size)
 
 

@@ -111,8 +111,9 @@ def _quantize_q8_cuda(x, blocks) -> None:
     if n_chunks == 0:
         return
     kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype),))
-    threads = 256
-    kernel(((n_chunks + threads - 1) // threads,), (threads,), (x, blocks, np.int64(n_chunks)))
+    threads, chunks_per_thread = 256, 4          # kQ8Threads, kQ8ChunksPerThread
+    per_cta = threads * chunks_per_thread
+    kernel(((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)))
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):
