@@ -47,7 +47,7 @@ def array_module(**named: Any):
         else:
             raise TypeError(
                 f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__module__}."
-                f"{type(a).__qualname__} (use w4kern.asarray for DLPack tensors)"
+                f"{type(a).__qualname__} (convert torch/JAX tensors with cupy.from_dlpack)"
             )
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{n}={k}" for n, k in kinds.items())

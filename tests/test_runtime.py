@@ -1,0 +1,111 @@
+"""The kernel runtime without a GPU: NVRTC compile check, disk cache, recompiles on edits."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from w4kern import _runtime
+from w4kern._registry import FAMILIES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("arch", _runtime.CHECK_ARCHS)
+def test_compile_check_every_instance(arch):
+    rows = _runtime.compile_check(archs=(arch,))
+    expected = sum(len(f.instances) for f in FAMILIES.values())
+    assert len(rows) == expected
+    bad = [(r.instance, r.error, r.resources) for r in rows if not r.ok]
+    assert not bad
+    for r in rows:
+        assert 0 < r.resources.registers <= 255 and not r.resources.spills
+
+
+def test_compile_check_cli_prints_resources():
+    proc = subprocess.run([sys.executable, "-m", "w4kern", "compile-check"], capture_output=True, text=True,
+                          env=_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "regs" in proc.stdout and "spill st/ld" in proc.stdout
+    total = 3 * sum(len(f.instances) for f in FAMILIES.values())
+    assert f"{total} of {total} instance builds passed for sm_80, sm_89, sm_90a" in proc.stdout
+
+
+def test_second_process_hits_the_disk_cache(tmp_path):
+    code = ("from w4kern import _runtime; c = _runtime.build('quantize_q8', 'sm_89'); "
+            "print('FROM_CACHE', c.from_cache, _runtime.STATS)")
+    env = _env(W4KERN_CACHE_DIR=str(tmp_path), W4KERN_LOG_LEVEL="DEBUG")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "FROM_CACHE False" in first.stdout and "compiling quantize_q8 for sm_89" in first.stderr
+    assert "FROM_CACHE True" in second.stdout and "cache hit: quantize_q8 for sm_89" in second.stderr
+    assert "compiling" not in second.stderr
+
+
+def test_editing_a_header_changes_the_key_and_recompiles(tmp_path, monkeypatch):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(_runtime.source_dir(), src)
+    monkeypatch.setenv("W4KERN_CUDA_SRC", str(src))
+    monkeypatch.setenv("W4KERN_CACHE_DIR", str(tmp_path / "cache"))
+    first = _runtime.build("dequant_int4", "sm_80")
+    again = _runtime.build("dequant_int4", "sm_80")
+    assert not first.from_cache and again.from_cache and again.cubin_path == first.cubin_path
+    header = src / "common" / "formats.cuh"
+    header.write_text(header.read_text() + "\n// a comment changes the bytes NVRTC sees\n")
+    edited = _runtime.build("dequant_int4", "sm_80")
+    assert not edited.from_cache and edited.cubin_path != first.cubin_path
+
+
+def test_source_hash_covers_headers(tmp_path):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(_runtime.source_dir(), src)
+    before = _runtime.source_hash(src)
+    (src / "common" / "types.cuh").write_text((src / "common" / "types.cuh").read_text() + " ")
+    assert _runtime.source_hash(src) != before
+
+
+def test_compile_error_carries_nvrtc_log(tmp_path, monkeypatch):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(_runtime.source_dir(), src)
+    (src / "quantize_q8.cu").write_text((src / "quantize_q8.cu").read_text() + "\nthis is not C++;\n")
+    monkeypatch.setenv("W4KERN_CUDA_SRC", str(src))
+    with pytest.raises(_runtime.CompileError, match=r"NVRTC failed on quantize_q8.cu for sm_80:\n.*error"):
+        _runtime.build("quantize_q8", "sm_80")
+
+
+def test_parse_ptxas_log():
+    log = """ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'
+ptxas info    : Function properties for _Z1kv
+ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 380 bytes cmem[0]
+"""
+    res = _runtime.parse_ptxas_log(log)["_Z1kv"]
+    assert (res.registers, res.shared_bytes, res.stack_bytes) == (40, 1024, 8)
+    assert res.spills
+
+
+def test_device_arch_names():
+    class Dev:
+        def __init__(self, cc):
+            self.compute_capability = cc
+    assert _runtime.device_arch(Dev("90")) == "sm_90a"
+    assert _runtime.device_arch(Dev("89")) == "sm_89"
+    assert _runtime.device_arch(Dev("80")) == "sm_80"
+
+
+def test_cache_dir_default_and_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("W4KERN_CACHE_DIR", str(tmp_path))
+    assert _runtime.cache_dir() == tmp_path
+    monkeypatch.delenv("W4KERN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _runtime.cache_dir() == tmp_path / "xdg" / "w4kern"
