@@ -17,11 +17,22 @@ constexpr int kQ8ValuesPerThread = 8;
 constexpr int kQ8ThreadsPerBlock = kQ8BlockValues / kQ8ValuesPerThread;  // 4 lanes per Q8Block
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
-// q in [-127, 127] for one value; d == 0 (all-zero block, or a max|x| so small
-// that max|x| / 127 underflows) gives 0, as llama.cpp does for amax == 0.
-__device__ __forceinline__ int quantize_value_q8(float x, float d) {
+// q = roundf(x / d) clamped to [-127, 127]; d == 0 (all-zero block, or a
+// max|x| so small that max|x| / 127 underflows) gives 0, as llama.cpp does for
+// amax == 0.
+//
+// An IEEE division per value made the kernel instruction-bound, so the
+// quotient comes from x * (1/d) instead. That product is within a few ulp of
+// x / d (|x / d| <= 127, so within ~3e-5), and only a quotient that close to a
+// rounding tie k + 0.5 can round differently: those (and a non-finite product
+// when 1/d overflows for a subnormal d) take the exact division, so q is
+// exactly roundf(x / d) and matches the NumPy path bit for bit.
+__device__ __forceinline__ int quantize_value_q8(float x, float d, float inv_d) {
     if (d == 0.0f) return 0;
-    const float q = roundf(x / d);
+    float r = x * inv_d;
+    const float distance_to_tie = fabsf(fabsf(r - truncf(r)) - 0.5f);
+    if (!(distance_to_tie >= 1.0e-3f)) r = x / d;   // near a tie, or NaN: divide exactly
+    const float q = roundf(r);
     return static_cast<int>(fminf(fmaxf(q, -127.0f), 127.0f));
 }
 
@@ -30,14 +41,12 @@ __device__ __forceinline__ u32 pack_4_int8(int a, int b, int c, int e) {
            ((static_cast<u32>(c) & 0xFFu) << 16) | ((static_cast<u32>(e) & 0xFFu) << 24);
 }
 
-// Chunks (of 8 values) per thread: their loads are all issued before the
-// first is used, so each thread keeps 4 (bf16/fp16) or 8 (fp32) 16-byte loads
-// in flight. With one chunk per thread the kernel reached 56% of the H200's
-// read bandwidth at M=4096, K=8192; the loads were too few to hide latency.
-constexpr int kQ8ChunksPerThread = 4;
+// kChunksPerThread chunks (of 8 values) per thread: their loads are all
+// issued before the first is used (more bytes in flight per thread, fewer
+// CTAs, more registers). The op picks the instance (w4kern/quant.py).
 constexpr int kQ8Threads = 256;
 
-template <typename InT>
+template <typename InT, int kQ8ChunksPerThread>
 __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
     const InT* __restrict__ x,    // [rows, K] contiguous, K % 32 == 0, 16-byte aligned
     Q8Block* __restrict__ out,    // [rows, K / 32] contiguous
@@ -92,12 +101,13 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
         const float nan = __int_as_float(0x7FC00000);
         const float d = non_finite ? nan : amax / 127.0f;
         const float d_for_q = non_finite ? 0.0f : d;
+        const float inv_d = __frcp_rn(d_for_q);   // inf for d == 0, unused then
 
         int q[kQ8ValuesPerThread];
         int q_sum = 0;
 #pragma unroll
         for (int i = 0; i < kQ8ValuesPerThread; ++i) {
-            q[i] = quantize_value_q8(v[i], d_for_q);
+            q[i] = quantize_value_q8(v[i], d_for_q, inv_d);
             q_sum += q[i];
         }
 #pragma unroll

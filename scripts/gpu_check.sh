@@ -48,7 +48,7 @@ else
 fi
 
 step benchmarks
-python3 -m w4kern bench --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
+python3 -m w4kern bench --suite foundation q8_tuning --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo; echo "gpu_check status: $status"

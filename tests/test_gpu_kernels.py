@@ -53,6 +53,27 @@ def test_quantize_q8_non_finite_blocks_bit_identical(cp, rng, dtype):
     np.testing.assert_array_equal(cp.asnumpy(got), expected)
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
+def test_quantize_q8_every_instance_on_ties_and_tiny_values(cp, rng, dtype, chunks):
+    """Quotients exactly at k + 0.5, blocks whose d is subnormal, and random rows, for
+    every (dtype, chunks per thread) instance; the rows count (9) leaves partial CTAs."""
+    from w4kern.quant import _quantize_q8_cuda
+
+    x = rng.standard_normal((9, 1056)).astype(np.float32)
+    x[0, :32] = np.arange(32) - 15.5                     # d = 16.5/127: many exact .5-ish quotients
+    x[1, :32] = 0
+    x[1, 0], x[1, 1:6] = 127.0, [0.5, -0.5, 2.5, -2.5, 126.5]   # d = 1: quotients are ties
+    x[2, :32] = rng.standard_normal(32) * 1e-38          # d subnormal: 1/d may overflow
+    x[3, :32] = np.float32(2.0 ** -140)                  # every value subnormal
+    x[4, 32:64] = rng.integers(-127, 128, 32) + 0.5      # ties relative to d = max/127
+    x = x.astype(dtype)
+    expected = w4kern.quantize_q8(x).blocks
+    out = cp.full(expected.shape, POISON, dtype=np.uint8)
+    _quantize_q8_cuda(cp.asarray(x), out, chunks)
+    np.testing.assert_array_equal(cp.asnumpy(out), expected)
+
+
 def test_quantize_q8_allocates_when_no_out(cp, rng):
     x = rng.standard_normal((3, 64)).astype(np.float32)
     got = w4kern.quantize_q8(cp.asarray(x))

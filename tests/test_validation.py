@@ -156,5 +156,5 @@ def test_mixed_numpy_and_cupy_arguments(qw):
 def test_unregistered_kernel_instance_names_supported_ones():
     from w4kern._registry import FAMILIES
 
-    with pytest.raises(ValueError, match=r"^quantize_q8: no kernel instance <double>; supported: <float>, "):
-        FAMILIES["quantize_q8"].name_expression(("double",))
+    with pytest.raises(ValueError, match=r"^quantize_q8: no kernel instance <double, 1>; supported: <float, 1>, "):
+        FAMILIES["quantize_q8"].name_expression(("double", "1"))

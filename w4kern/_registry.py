@@ -60,6 +60,7 @@ class KernelFamily:
 
 
 _FLOAT_TYPES = (np.float32, np.float16, bfloat16)
+Q8_CHUNKS_PER_THREAD = (1, 2, 4)
 _HALF_TYPES = (np.float16, bfloat16)
 
 FAMILIES: dict[str, KernelFamily] = {
@@ -69,7 +70,8 @@ FAMILIES: dict[str, KernelFamily] = {
             name="quantize_q8",
             source="quantize_q8.cu",
             template="w4kern::quantize_q8_kernel",
-            instances=tuple((cxx_type(t),) for t in _FLOAT_TYPES),
+            # (input type, chunks of 8 values per thread)
+            instances=tuple((cxx_type(t), str(c)) for t in _FLOAT_TYPES for c in Q8_CHUNKS_PER_THREAD),
         ),
         KernelFamily(
             name="dequant_int4",

@@ -294,7 +294,31 @@ def suite_foundation(ceilings: Ceilings, timer: Timer, quick: bool = False) -> l
     return rows
 
 
-SUITES = {"foundation": suite_foundation}
+def suite_q8_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """quantize_q8 per kernel instance (chunks of 8 values per thread): the data behind
+    ``w4kern.quant.Q8_CHUNKS_PER_THREAD``."""
+    import cupy as cp
+
+    import w4kern
+    from w4kern._registry import Q8_CHUNKS_PER_THREAD
+    from w4kern.quant import _quantize_q8_cuda
+
+    rng = cp.random.default_rng(1)
+    rows: list[Row] = []
+    for m, k in [(1, 4096), (16, 4096), (1024, 4096), (4096, 8192)]:
+        x_bytes = m * k * 2
+        copies = rotation_count(x_bytes, ceilings.l2_bytes, timer.launches)
+        xs = [rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16) for _ in range(copies)]
+        outs = [cp.empty((m, k // 32, 48), dtype=np.uint8) for _ in range(copies)]
+        moved = x_bytes + m * (k // 32) * 48
+        for chunks in Q8_CHUNKS_PER_THREAD:
+            rows += _measure(timer, f"w4kern-c{chunks}", "quantize_q8", {"M": m, "K": k, "dtype": "bfloat16"},
+                             lambda i, c=chunks: _quantize_q8_cuda(xs[i % copies], outs[i % copies], c),
+                             moved, ceilings, ("plain", "graph"))
+    return rows
+
+
+SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning}
 
 
 def _git_commit() -> str:

@@ -103,15 +103,19 @@ def quantize_q8(x, *, out=None) -> Q8Activations:
     return out if isinstance(out, Q8Activations) else Q8Activations(blocks)
 
 
-def _quantize_q8_cuda(x, blocks) -> None:
+#: chunks of 8 values per thread; see cuda_src/quantize_q8.cu and benchmarks/README.md
+Q8_CHUNKS_PER_THREAD = 1
+
+
+def _quantize_q8_cuda(x, blocks, chunks_per_thread: int = Q8_CHUNKS_PER_THREAD) -> None:
     from . import _runtime
     from ._registry import cxx_type
 
     n_chunks = x.size // 8
     if n_chunks == 0:
         return
-    kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype),))
-    threads, chunks_per_thread = 256, 4          # kQ8Threads, kQ8ChunksPerThread
+    kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
+    threads = 256                                  # kQ8Threads
     per_cta = threads * chunks_per_thread
     kernel(((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)))
 
