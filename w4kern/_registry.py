@@ -74,6 +74,12 @@ FAMILIES: dict[str, KernelFamily] = {
             instances=tuple((cxx_type(t), str(c)) for t in _FLOAT_TYPES for c in Q8_CHUNKS_PER_THREAD),
         ),
         KernelFamily(
+            name="quantize_q8_thread_per_block",
+            source="quantize_q8.cu",
+            template="w4kern::quantize_q8_thread_per_block_kernel",
+            instances=tuple((cxx_type(t),) for t in _FLOAT_TYPES),
+        ),
+        KernelFamily(
             name="dequant_int4",
             source="dequant_int4.cu",
             template="w4kern::dequant_int4_kernel",

@@ -311,7 +311,7 @@ def suite_q8_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
         xs = [rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16) for _ in range(copies)]
         outs = [cp.empty((m, k // 32, 48), dtype=np.uint8) for _ in range(copies)]
         moved = x_bytes + m * (k // 32) * 48
-        for chunks in Q8_CHUNKS_PER_THREAD:
+        for chunks in Q8_CHUNKS_PER_THREAD + (0,):
             rows += _measure(timer, f"w4kern-c{chunks}", "quantize_q8", {"M": m, "K": k, "dtype": "bfloat16"},
                              lambda i, c=chunks: _quantize_q8_cuda(xs[i % copies], outs[i % copies], c),
                              moved, ceilings, ("plain", "graph"))
@@ -377,7 +377,7 @@ def run(suites=("foundation",), out_dir: str | Path | None = None, quick: bool =
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         slug = "".join(c if c.isalnum() else "-" for c in env["gpu"]).strip("-")
-        path = out_dir / f"{slug}_{'+'.join(suites)}_{env['date'][:10]}.json"
+        path = out_dir / f"{slug}_{'-'.join(suites)}_{env['date'][:10]}.json"
         path.write_text(json.dumps(record, indent=1))
         print(f"wrote {path}")
     return record

@@ -103,7 +103,9 @@ def quantize_q8(x, *, out=None) -> Q8Activations:
     return out if isinstance(out, Q8Activations) else Q8Activations(blocks)
 
 
-#: chunks of 8 values per thread; see cuda_src/quantize_q8.cu and benchmarks/README.md
+#: Kernel variant: chunks of 8 values per thread (1, 2, 4: four threads share a
+#: block through shuffles) or 0 for one thread per Q8 block. Chosen from the
+#: q8_tuning benchmark suite (benchmarks/README.md).
 Q8_CHUNKS_PER_THREAD = 1
 
 
@@ -113,6 +115,11 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int = Q8_CHUNKS_PER_THREAD) 
 
     n_chunks = x.size // 8
     if n_chunks == 0:
+        return
+    if chunks_per_thread == 0:
+        kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
+        n_blocks = n_chunks // 4
+        kernel(((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)))
         return
     kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
     threads = 256                                  # kQ8Threads
