@@ -103,19 +103,29 @@ def quantize_q8(x, *, out=None) -> Q8Activations:
     return out if isinstance(out, Q8Activations) else Q8Activations(blocks)
 
 
-#: Kernel variant: chunks of 8 values per thread (1, 2, 4: four threads share a
-#: block through shuffles) or 0 for one thread per Q8 block. Chosen from the
-#: q8_tuning benchmark suite (benchmarks/README.md).
-Q8_CHUNKS_PER_THREAD = 1
+#: Kernel variant by size, from the q8_tuning suite on an H200 (benchmarks/README.md):
+#: with at least this many Q8 blocks, one thread per block (variant 0) was fastest
+#: (43.9 vs 47.3 us at M=4096, K=8192, graph mode); below it, four threads per block
+#: with one chunk each (variant 1) was (8.3 vs 9.2 us at M=1024, K=4096). The
+#: threshold is the smallest measured size where variant 0 won.
+Q8_THREAD_PER_BLOCK_MIN_BLOCKS = 4096 * 8192 // 32
 
 
-def _quantize_q8_cuda(x, blocks, chunks_per_thread: int = Q8_CHUNKS_PER_THREAD) -> None:
+def _q8_variant(n_blocks: int) -> int:
+    return 0 if n_blocks >= Q8_THREAD_PER_BLOCK_MIN_BLOCKS else 1
+
+
+def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
+    """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
+    block); None picks by size (_q8_variant)."""
     from . import _runtime
     from ._registry import cxx_type
 
     n_chunks = x.size // 8
     if n_chunks == 0:
         return
+    if chunks_per_thread is None:
+        chunks_per_thread = _q8_variant(n_chunks // 4)
     if chunks_per_thread == 0:
         kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
         n_blocks = n_chunks // 4
