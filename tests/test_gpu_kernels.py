@@ -22,10 +22,11 @@ def bits(a):
     return a.view(np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}")
 
 
-# 24 shapes: odd and even M, M = 1, leading batch dims, K from 32 to 21504
+# 25 shapes: odd and even M, M = 1, leading batch dims, K from 32 to 21504
 Q8_SHAPES = [(1, 32), (1, 64), (1, 4096), (1, 14336), (1, 21504), (2, 96), (3, 32), (3, 4128),
              (5, 160), (7, 2048), (8, 5376), (9, 288), (16, 4096), (17, 352), (31, 64), (33, 1056),
-             (64, 512), (127, 96), (255, 32), (1000, 128), (4096, 32), (2, 3, 96), (3, 5, 64), (7,  1, 224)]
+             (64, 512), (127, 96), (255, 32), (1000, 128), (4096, 32), (2, 3, 96), (3, 5, 64), (7,  1, 224),
+              (1024, 32768)]   # the last takes the thread-per-block variant (size rule in quant.py)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
