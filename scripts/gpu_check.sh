@@ -11,7 +11,7 @@ mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export W4KERN_CACHE_DIR=${W4KERN_CACHE_DIR:-/tmp/w4kern-gpu-check-cache}
-export W4KERN_COMMIT=${W4KERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export W4KERN_COMMIT=${W4KERN_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 status=0
 
 step() { echo; echo "=== $*"; }
