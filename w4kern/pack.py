@@ -56,8 +56,20 @@ def unpack_int4(packed):
     return out.reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))
 
 
-def _default_scale_dtype(w_dtype):
-    return w_dtype if w_dtype in (np.dtype(np.float16), bfloat16) else np.dtype(F32)
+def _check_weight_input(w, scale_dtype):
+    """Validate a float weight [N, K] / [E, N, K]; return (array module, scale dtype).
+    The default scale dtype is w's for 16-bit w, else float32."""
+    xp = array_module(w=w)
+    check_dtype("w", w, FLOAT_DTYPES)
+    check_ndim("w", w, (2, 3), "[N, K] or [E, N, K]")
+    if scale_dtype is None:
+        scale_dtype = w.dtype if w.dtype in (np.dtype(np.float16), bfloat16) else np.dtype(F32)
+    scale_dtype = np.dtype(scale_dtype)
+    if scale_dtype not in SCALE_DTYPES:
+        raise TypeError(
+            f"scale_dtype must be one of ({', '.join(d.name for d in SCALE_DTYPES)}), got {scale_dtype.name}"
+        )
+    return xp, scale_dtype
 
 
 def _grouped_f32(xp, w, group_size: int):
@@ -89,14 +101,7 @@ def quantize_int4(w, group_size: int = 128, symmetric: bool = False, scale_dtype
     scale (and q = z = 8), so its dequantized values are NaN. An all-zero
     group gets s = 0.
     """
-    xp = array_module(w=w)
-    check_dtype("w", w, FLOAT_DTYPES)
-    check_ndim("w", w, (2, 3), "[N, K] or [E, N, K]")
-    scale_dtype = _default_scale_dtype(w.dtype) if scale_dtype is None else np.dtype(scale_dtype)
-    if scale_dtype not in SCALE_DTYPES:
-        raise TypeError(
-            f"scale_dtype must be one of ({', '.join(d.name for d in SCALE_DTYPES)}), got {scale_dtype.name}"
-        )
+    xp, scale_dtype = _check_weight_input(w, scale_dtype)
     wf, finite = _grouped_f32(xp, w, group_size)
     if symmetric:
         amax = xp.abs(wf).max(axis=-1)
@@ -200,14 +205,7 @@ def quantize_int8(w, group_size: int = -1, scale_dtype=None) -> Int8Weight:
     128 or -1 (per channel, the default). A group holding NaN/Inf gets a NaN
     scale and q = 0.
     """
-    xp = array_module(w=w)
-    check_dtype("w", w, FLOAT_DTYPES)
-    check_ndim("w", w, (2, 3), "[N, K] or [E, N, K]")
-    scale_dtype = _default_scale_dtype(w.dtype) if scale_dtype is None else np.dtype(scale_dtype)
-    if scale_dtype not in SCALE_DTYPES:
-        raise TypeError(
-            f"scale_dtype must be one of ({', '.join(d.name for d in SCALE_DTYPES)}), got {scale_dtype.name}"
-        )
+    xp, scale_dtype = _check_weight_input(w, scale_dtype)
     wf, finite = _grouped_f32(xp, w, group_size)
     s = (xp.abs(wf).max(axis=-1) / F32(127)).astype(scale_dtype)
     sf = s.astype(F32)
