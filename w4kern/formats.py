@@ -83,8 +83,7 @@ class Int4Weight:
     group_size: int
 
     def __post_init__(self):
-        xp = array_module(qweight=self.qweight, scales=self.scales, zeros=self.zeros)
-        del xp
+        array_module(qweight=self.qweight, scales=self.scales, zeros=self.zeros)
         check_dtype("qweight", self.qweight, [np.uint8])
         check_ndim("qweight", self.qweight, (2, 3), "[N, K // 2] or [E, N, K // 2]")
         check_contiguous("qweight", self.qweight)
