@@ -43,12 +43,17 @@ if command -v compute-sanitizer >/dev/null; then
       -k "(quantize_q8_bit_identical and (3x4128 or 1x32 or 255x32 or 2x3x96)) or (dequantize_int4_bit_identical and (g32 or g-1))" \
       2>&1 | tee "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  compute-sanitizer --tool memcheck --error-exitcode 7 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_linear.py \
+      -k "(kernels_match_reference and float16 and (g32 or g-1)) or int8_matvec_matches_reference and g64 or split_k and 64" \
+      2>&1 | tee -a "$OUTDIR/sanitizer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "compute-sanitizer not found" | tee "$OUTDIR/sanitizer.log"; status=1
 fi
 
 step benchmarks
-python3 -m w4kern bench --suite foundation q8_tuning --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
+python3 -m w4kern bench --suite ${W4KERN_SUITES:-foundation q8_tuning decode linear_tuning} --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo; echo "gpu_check status: $status"

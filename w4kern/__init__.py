@@ -33,6 +33,7 @@ from .quant import (  # noqa: E402
     quantize_per_token_int8,
     quantize_q8,
 )
+from .linear import linear  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -40,6 +41,6 @@ __all__ = [
     "PerTokenFp8", "PerTokenInt8", "Q8Activations", "bfloat16", "float8_e4m3fn",
     "dequantize_int4", "dequantize_int8", "pack_int4", "quantize_int4", "quantize_int8",
     "unpack_int4", "dequantize_per_token_fp8", "dequantize_per_token_int8", "dequantize_q8",
-    "quantize_per_token_fp8", "quantize_per_token_int8", "quantize_q8", "reference",
+    "quantize_per_token_fp8", "quantize_per_token_int8", "quantize_q8", "reference", "linear",
     "__version__",
 ]

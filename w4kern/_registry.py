@@ -62,6 +62,24 @@ class KernelFamily:
 _FLOAT_TYPES = (np.float32, np.float16, bfloat16)
 Q8_CHUNKS_PER_THREAD = (1, 2, 4)
 _HALF_TYPES = (np.float16, bfloat16)
+#: tokens a matvec_q8 instance handles per launch (M <= kMaxM; it masks the rest)
+MATVEC_MAX_M = (1, 4, 8)
+#: weight rows per matvec_q8 CTA (each activation block a thread loads serves them all)
+MATVEC_ROWS = 4
+#: C++ name of the Q8-activation tag type of gemm_small_m
+Q8_ACT = "w4kern::Q8Block"
+#: dynamic shared memory of gemm_small_m: 4 stages of weights (8 KiB), 8 tokens of
+#: activations and one or two 2 KiB scale windows (SmallMLayout in gemm_small_m.cu)
+SMALL_M_STAGES = 4
+SMALL_M_TILE_ROWS = 64
+SMALL_M_MAX_TOKENS = 8
+
+
+def small_m_smem_bytes(act_is_q8: bool, has_zeros: bool) -> int:
+    """SmallMLayout<ActT, kHasZeros>::kSmemBytes (the kernel traps if the launch gives less)."""
+    token_stride = 8 * 48 + 16 if act_is_q8 else 8 * 32 * 2 + 64
+    stage = 64 * 128 + SMALL_M_MAX_TOKENS * token_stride + 64 * 32 * (2 if has_zeros else 1)
+    return SMALL_M_STAGES * stage
 
 FAMILIES: dict[str, KernelFamily] = {
     family.name: family
@@ -89,6 +107,31 @@ FAMILIES: dict[str, KernelFamily] = {
                     _FLOAT_TYPES, _FLOAT_TYPES, (False, True)
                 )
             ),
+        ),
+        KernelFamily(
+            name="matvec_q8",
+            source="matvec_q8.cu",
+            template="w4kern::matvec_q8_kernel",
+            # (weight bits, scale type, has zeros, max tokens, rows per CTA)
+            instances=tuple(
+                (str(bits), cxx_type(scale), cxx_bool(has_zeros), str(max_m), str(MATVEC_ROWS))
+                for bits, has_zeros in ((4, False), (4, True), (8, False))
+                for scale in _FLOAT_TYPES
+                for max_m in MATVEC_MAX_M
+            ),
+        ),
+        KernelFamily(
+            name="gemm_small_m",
+            source="gemm_small_m.cu",
+            template="w4kern::gemm_small_m_kernel",
+            # (activation type, scale type, has zeros)
+            instances=tuple(
+                (act, cxx_type(scale), cxx_bool(has_zeros))
+                for act in (Q8_ACT, cxx_type(bfloat16), cxx_type(np.float16))
+                for scale in _FLOAT_TYPES
+                for has_zeros in (False, True)
+            ),
+            max_dynamic_smem=small_m_smem_bytes(False, True),
         ),
         KernelFamily(
             name="membench",

@@ -99,10 +99,12 @@ class Timer:
     def graph(self, fn: Callable[[int], None]) -> float:
         """Capture ``launches`` calls into one CUDA graph, time its replays."""
         cp = self.cp
-        fn(0)                                            # compile and load outside the capture
-        cp.cuda.Device().synchronize()
         stream = cp.cuda.Stream(non_blocking=True)
         with stream:
+            # compile, load and size any per-stream workspace outside the capture
+            for i in range(self.launches):
+                fn(i)
+            stream.synchronize()
             stream.begin_capture()
             for i in range(self.launches):
                 fn(i)
@@ -318,7 +320,154 @@ def suite_q8_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
     return rows
 
 
-SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning}
+def _int4_copies(base, copies):
+    import w4kern
+
+    return [base] + [w4kern.Int4Weight(base.qweight.copy(), base.scales.copy(),
+                                       None if base.zeros is None else base.zeros.copy(), base.group_size)
+                     for _ in range(copies - 1)]
+
+
+def _linear_bytes(weight, m, k, n, act):
+    act_bytes = m * (k // 32) * 48 if act == "q8" else m * k * 2
+    return weight.nbytes + act_bytes + m * n * 2
+
+
+DECODE_MS = (1, 2, 3, 4, 8)
+
+
+def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """w4kern.linear (W4A8, W4A16, W8A8) at M = 1..8 on the dense shapes, beside
+    tinygemm (torch._weight_int4pack_mm, group 128) and cuBLAS bf16, plus the
+    activation quantizer alone (its share of a decode step)."""
+    import cupy as cp
+
+    import w4kern
+
+    torch = _try_torch()
+    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
+                        launches=timer.launches) if torch else None
+    modes = ("plain", "graph")
+    rng = cp.random.default_rng(2)
+    rows: list[Row] = []
+    shapes = list(DENSE_SHAPES.items())[:2] if quick else list(DENSE_SHAPES.items())
+    for name, (n, k) in shapes:
+        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
+        base = w4kern.quantize_int4(w, group_size=128, symmetric=False)
+        copies = rotation_count(base.nbytes, ceilings.l2_bytes, timer.launches)
+        weights = _int4_copies(base, copies)
+        w8_base = w4kern.quantize_int8(w)
+        copies8 = rotation_count(w8_base.nbytes, ceilings.l2_bytes, timer.launches)
+        weights8 = [w8_base] + [w4kern.Int8Weight(w8_base.qweight.copy(), w8_base.scales.copy(), -1)
+                                for _ in range(copies8 - 1)]
+        for m in DECODE_MS:
+            x = (rng.standard_normal((m, k), dtype=np.float32)).astype(w4kern.bfloat16)
+            out = cp.empty((m, n), dtype=w4kern.bfloat16)
+            shape = {"name": name, "N": n, "K": k, "M": m, "group_size": 128}
+            for act in ("q8", "bf16"):
+                rows += _measure(timer, f"w4kern-{'w4a8' if act == 'q8' else 'w4a16'}", "linear", shape,
+                                 lambda i, a=act: w4kern.linear(x, weights[i % copies], act=a, out=out),
+                                 _linear_bytes(base, m, k, n, act), ceilings, modes)
+            if m in (1, 8):
+                rows += _measure(timer, "w4kern-w8a8", "linear", {**shape, "group_size": -1},
+                                 lambda i: w4kern.linear(x, weights8[i % copies8], out=out),
+                                 _linear_bytes(w8_base, m, k, n, "q8"), ceilings, modes)
+                q8_out = cp.empty((m, k // 32, 48), dtype=np.uint8)
+                rows += _measure(timer, "w4kern", "quantize_q8", {"name": name, "M": m, "K": k},
+                                 lambda i: w4kern.quantize_q8(x, out=q8_out),
+                                 x.nbytes + q8_out.nbytes, ceilings, modes)
+            if torch is not None:
+                rows += _torch_decode_peers(torch, ttimer, ceilings, modes, shape, x, w, weights, copies)
+        del w, base, weights, w8_base, weights8
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def _torch_decode_peers(torch, ttimer, ceilings, modes, shape, x, w, weights, copies) -> list[Row]:
+    """tinygemm on the same int4 codes (nibbles reordered to its convention) and cuBLAS bf16."""
+    rows: list[Row] = []
+    n, k, m = shape["N"], shape["K"], shape["M"]
+    tx = torch.from_dlpack(x)
+    tout = torch.empty((m, n), dtype=torch.bfloat16, device=tx.device)
+    key = ("tinygemm", n, k)
+    packed = _torch_decode_peers.cache.get(key)
+    if packed is None:
+        packed = []
+        try:
+            for wt in weights:
+                q = torch.from_dlpack(wt.qweight)
+                swapped = ((q & 15) << 4) | (q >> 4)          # tinygemm: even k in the high nibble
+                tq = torch._convert_weight_to_int4pack(swapped.contiguous(), 8)
+                s = torch.from_dlpack(wt.scales).to(torch.bfloat16)
+                z = torch.from_dlpack(wt.zeros).to(torch.bfloat16)
+                sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()   # [K/128, N, 2]
+                packed.append((tq, sz))
+        except (RuntimeError, TypeError) as e:
+            print(f"tinygemm unavailable: {e}")
+            packed = []
+        _torch_decode_peers.cache.clear()
+        _torch_decode_peers.cache[key] = packed
+    if packed:
+        tiny_bytes = weights[0].qweight.nbytes + packed[0][1].numel() * 2 + x.nbytes + m * n * 2
+        rows += _measure(ttimer, "tinygemm", "linear", shape,
+                         lambda i: torch._weight_int4pack_mm(tx, packed[i % len(packed)][0], 128,
+                                                             packed[i % len(packed)][1]),
+                         tiny_bytes, ceilings, modes)
+    key = ("cublas", n, k)
+    dense = _torch_decode_peers.dense.get(key)
+    if dense is None:
+        tw = torch.from_dlpack(w)
+        dcopies = rotation_count(tw.numel() * 2, ceilings.l2_bytes, ttimer.launches)
+        dense = [tw] + [tw.clone() for _ in range(dcopies - 1)]
+        _torch_decode_peers.dense.clear()
+        _torch_decode_peers.dense[key] = dense
+    rows += _measure(ttimer, "cublas-bf16", "linear", shape,
+                     lambda i: torch.mm(tx, dense[i % len(dense)].t(), out=tout),
+                     n * k * 2 + x.nbytes + m * n * 2, ceilings, modes)
+    return rows
+
+
+_torch_decode_peers.cache = {}
+_torch_decode_peers.dense = {}
+
+
+def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """The data behind ``w4kern.linear.DISPATCH`` and ``SMALL_M_CTAS_PER_SM``: dp4a matvec
+    vs the tensor-core small-M kernel per M, and the small-M kernel's CTAs per SM."""
+    import cupy as cp
+
+    import w4kern
+    from w4kern.linear import _linear
+
+    rng = cp.random.default_rng(3)
+    rows: list[Row] = []
+    shapes = list(DENSE_SHAPES.items())[:2] if quick else list(DENSE_SHAPES.items())
+    for name, (n, k) in shapes:
+        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
+        base = w4kern.quantize_int4(w, group_size=128, symmetric=False)
+        del w
+        copies = rotation_count(base.nbytes, ceilings.l2_bytes, timer.launches)
+        weights = _int4_copies(base, copies)
+        for m in (1, 2, 3, 4, 8):
+            x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
+            out = cp.empty((m, n), dtype=w4kern.bfloat16)
+            shape = {"name": name, "N": n, "K": k, "M": m}
+            rows += _measure(timer, "matvec", "linear_q8", shape,
+                             lambda i: _linear(x, weights[i % copies], kernel="matvec", out=out),
+                             _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
+            for per_sm in ((2, 3, 4) if m in (1, 8) else (3,)):
+                for act in ("q8", "bf16"):
+                    rows += _measure(timer, f"small_m-c{per_sm}", f"linear_{act}", shape,
+                                     lambda i, a=act, c=per_sm: _linear(x, weights[i % copies], act=a,
+                                                                        kernel="small_m", out=out, ctas_per_sm=c),
+                                     _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
+        del base, weights
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning, "decode": suite_decode,
+          "linear_tuning": suite_linear_tuning}
 
 
 def _git_commit() -> str:

@@ -1,0 +1,125 @@
+// Thin wrappers over the PTX instructions the GEMM-like kernels use:
+// dp4a, cp.async, ldmatrix, mma.sync and packed 16-bit float FMA.
+//
+// Inline PTX rather than CUDA's intrinsic headers keeps the kernels
+// compilable by a bare NVRTC (12.x and 13.x) with no toolkit headers.
+// Everything here needs sm_80 or newer.
+#pragma once
+
+#include "types.cuh"
+
+namespace w4kern {
+
+// sum of the four signed byte products of a and b, plus c
+__device__ __forceinline__ i32 dp4a(u32 a, u32 b, i32 c) {
+    i32 d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// __byte_perm: byte i of the result is byte sel[4i+3:4i] of the 8-byte value {b, a}.
+__device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+__device__ __forceinline__ u32 smem_address(const void* p) {
+    return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all
+// zeros, and `src` is not read).
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_address(smem_dst)), "l"(src), "r"(src_bytes));
+}
+
+// 4-byte global -> shared copy with the same zero-fill rule.
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"(smem_address(smem_dst)), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(kPending));
+}
+
+// Four 8x8 matrices of 16-bit elements (rows of 16 bytes) from shared memory.
+// Lanes 8i..8i+7 give the row addresses of matrix i; lane l receives, in
+// r[i], bytes 4*(l%4)..4*(l%4)+3 of row l/4 of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+
+// D = A (16x32 s8, row) * B (32x8 s8, col), int32 accumulators, C = 0.
+__device__ __forceinline__ void mma_s8_m16n8k32(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+
+// D += A (16x16, row) * B (16x8, col) with fp32 accumulators; T is bf16_t or f16_t.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1);
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<bf16_t>(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<f16_t>(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Packed 16-bit float a * b + c on both halves (round to nearest even).
+template <typename T>
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c);
+
+template <>
+__device__ __forceinline__ u32 fma2<bf16_t>(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+template <>
+__device__ __forceinline__ u32 fma2<f16_t>(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Store one float as the output element type chosen at run time (the
+// epilogue is the only place that needs it, so it is not a template axis).
+enum OutKind : i32 { kOutF32 = 0, kOutF16 = 1, kOutBf16 = 2 };
+
+__device__ __forceinline__ float load_as_float(const void* p, i64 index, i32 kind) {
+    if (kind == kOutF32) return static_cast<const float*>(p)[index];
+    if (kind == kOutF16) return to_float(static_cast<const f16_t*>(p)[index]);
+    return to_float(static_cast<const bf16_t*>(p)[index]);
+}
+
+__device__ __forceinline__ void store_from_float(void* p, i64 index, float v, i32 kind) {
+    if (kind == kOutF32) static_cast<float*>(p)[index] = v;
+    else if (kind == kOutF16) static_cast<f16_t*>(p)[index] = from_float<f16_t>(v);
+    else static_cast<bf16_t*>(p)[index] = from_float<bf16_t>(v);
+}
+
+}  // namespace w4kern

@@ -1,0 +1,377 @@
+// gemm_small_m: y[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) for INT4
+// weights (Int4Weight, plain layout) and up to 8 tokens, on tensor cores.
+//
+// Weight-stationary: every weight byte is read once per call and applied to
+// all M <= 8 tokens, so the time is flat in M. The weights are the 16-row A
+// operand of mma.sync and the tokens the 8-column B operand (columns >= M are
+// zero), which keeps int8 / bf16 tensor-core math far below the DRAM time at
+// any M <= 8, where dp4a would run out of issue slots around M = 3-4.
+//
+// Activations:
+//   Q8Block  (W4A8): m16n8k32 s8 MMA, one Q8 block (32 k) per MMA; the int32
+//            result is scaled by the block's d per token, and the block's sum
+//            carries the zero-point term.
+//   bf16/f16 (W4A16): m16n8k16 MMA with fp32 accumulation; nibbles become
+//            (q - 8) exactly in 16-bit floats (magic-number trick), so the
+//            only rounding is the fp32 accumulation. Asymmetric weights use q
+//            and a second MMA with an all-ones A gives sum(x) for the z term.
+// The group scale s (and zero z) is applied in fp32 once per group:
+//   acc += s * (sum_group(q~ * x) - z * sum_group(x))
+//
+// Tiling: a CTA owns 64 rows (4 warps x 16 rows) and a range of K stages of
+// 256 k (8 chunks of 32 k); a 4-stage cp.async pipeline brings each stage's
+// weights, activations and scale windows into shared memory. Weights are
+// stored 128 bytes per row with the 16-byte chunks XOR-swizzled by row, so
+// ldmatrix reads them conflict-free and hands thread (g, t) exactly word t of
+// a chunk for rows g and g + 8: the A-fragment layout of both MMA shapes.
+// Small-N shapes split K over gridDim.y CTAs; their fp32 partials go to a
+// workspace and the last CTA of a row tile (atomic ticket) sums them in split
+// order, so the result is deterministic, then resets the ticket.
+#include "common/formats.cuh"
+#include "common/ptx.cuh"
+
+namespace w4kern {
+
+constexpr int kSmallMThreads = 128;
+constexpr int kSmallMWarps = 4;
+constexpr int kSmallMTileRows = 16 * kSmallMWarps;     // 64 rows per CTA
+constexpr int kSmallMMaxTokens = 8;                    // the MMA's N
+constexpr int kChunkK = 32;                            // k per chunk (one Q8 block, 16 weight bytes)
+constexpr int kStageChunks = 8;                        // 256 k per pipeline stage
+constexpr int kSmallMStages = 4;
+constexpr int kWeightRowBytes = kStageChunks * 16;     // 128 bytes of a row per stage
+constexpr int kWeightStageBytes = kSmallMTileRows * kWeightRowBytes;
+constexpr int kScaleWindowBytes = 32;                  // a row's scales for one stage (see load_scale_window)
+constexpr int kScaleStageBytes = kSmallMTileRows * kScaleWindowBytes;
+constexpr int kNoGroups = 31;                          // group_shift of per-channel weights
+
+// Shared-memory layout of one stage's activations, per activation type.
+template <typename ActT> struct SmallMAct;
+
+template <> struct SmallMAct<Q8Block> {
+    static constexpr bool kIsQ8 = true;
+    // 8 blocks of 48 bytes per token, padded so the 8 tokens' words fall in distinct banks
+    static constexpr int kTokenStride = kStageChunks * 48 + 16;
+    static constexpr int kLinesPerToken = kStageChunks * 3;
+};
+template <> struct SmallMAct<bf16_t> {
+    static constexpr bool kIsQ8 = false;
+    // 256 values of 2 bytes per token, padded by 64 bytes: two tokens' 16-byte
+    // reads in one quarter-warp land in different banks
+    static constexpr int kTokenStride = kStageChunks * kChunkK * 2 + 64;
+    static constexpr int kLinesPerToken = kStageChunks * kChunkK * 2 / 16;
+};
+template <> struct SmallMAct<f16_t> : SmallMAct<bf16_t> {};
+
+template <typename ActT, bool kHasZeros>
+struct SmallMLayout {
+    static constexpr int kActStageBytes = kSmallMMaxTokens * SmallMAct<ActT>::kTokenStride;
+    static constexpr int kStageBytes =
+        kWeightStageBytes + kActStageBytes + kScaleStageBytes * (kHasZeros ? 2 : 1);
+    // w4kern/linear.py computes the same number to size the launch
+    static constexpr int kSmemBytes = kSmallMStages * kStageBytes;
+};
+
+// 16-bit float constants for the W4A16 nibble conversion: 0x4300 is bf16 128.0
+// and 0x6400 fp16 1024.0; OR-ing q in [0, 15] into the mantissa gives 128 + q
+// (1024 + q) exactly, and one packed FMA subtracts 128 + z0 (1024 + z0).
+template <typename T> struct NibbleMagic;
+template <> struct NibbleMagic<bf16_t> {
+    static constexpr u32 kBase = 0x43004300u;   // (128, 128)
+    static constexpr u32 kMinusBase = 0xC300C300u;
+    static constexpr u32 kMinusBaseAnd8 = 0xC308C308u;   // -136
+    static constexpr u32 kOne = 0x3F803F80u;
+};
+template <> struct NibbleMagic<f16_t> {
+    static constexpr u32 kBase = 0x64006400u;   // (1024, 1024)
+    static constexpr u32 kMinusBase = 0xE400E400u;
+    static constexpr u32 kMinusBaseAnd8 = 0xE408E408u;   // -1032
+    static constexpr u32 kOne = 0x3C003C00u;
+};
+
+__device__ __forceinline__ u32 lop_and_or(u32 a, u32 mask, u32 bits) { return (a & mask) | bits; }
+
+template <typename ActT, typename ScaleT, bool kHasZeros>
+struct SmallMCta {
+    using Layout = SmallMLayout<ActT, kHasZeros>;
+    static constexpr bool kQ8 = SmallMAct<ActT>::kIsQ8;
+    static constexpr int kTokenStride = SmallMAct<ActT>::kTokenStride;
+
+    // kernel arguments
+    const u8* qweight; const ScaleT* scales; const ScaleT* zeros; const u8* act;
+    i32 n_rows, k, m_tokens, n_chunks, n_groups, group_shift;
+    i32 row0;
+    u8* smem;
+
+    __device__ __forceinline__ u8* stage_ptr(int buffer) const { return smem + buffer * Layout::kStageBytes; }
+
+    // One row's scales (or zeros) for one stage, as 4-byte pieces: the pieces
+    // cover [start & ~3, start + bytes), so a 2-byte scale array whose row
+    // starts at an odd element still loads with aligned 4-byte copies. Bytes
+    // past the end of the array are zero-filled, never read.
+    __device__ __forceinline__ void load_scale_window(u8* window_base, const ScaleT* array, int stage) const {
+        const int groups_per_stage = kStageChunks >> group_shift;
+        const i64 total_bytes = static_cast<i64>(n_rows) * n_groups * sizeof(ScaleT);
+        for (int i = threadIdx.x; i < kSmallMTileRows * (kScaleWindowBytes / 4); i += kSmallMThreads) {
+            const int r = i / (kScaleWindowBytes / 4), piece = i % (kScaleWindowBytes / 4);
+            const int row = row0 + r;
+            if (row >= n_rows) continue;
+            const i64 start = (static_cast<i64>(row) * n_groups + static_cast<i64>(stage) * groups_per_stage) *
+                              static_cast<i64>(sizeof(ScaleT));
+            const i64 src = (start & ~static_cast<i64>(3)) + 4 * piece;
+            if (src >= start + groups_per_stage * static_cast<i64>(sizeof(ScaleT)) || src >= total_bytes) continue;
+            const i64 valid = total_bytes - src < 4 ? total_bytes - src : 4;
+            cp_async4(window_base + r * kScaleWindowBytes + 4 * piece,
+                      reinterpret_cast<const u8*>(array) + src, static_cast<u32>(valid));
+        }
+    }
+
+    __device__ __forceinline__ void load_stage(int buffer, int stage) const {
+        u8* base = stage_ptr(buffer);
+        const int tid = threadIdx.x;
+        const i64 row_bytes = k / 2;
+        // weights: 64 rows x 8 chunks of 16 bytes
+#pragma unroll
+        for (int i = 0; i < kWeightStageBytes / 16 / kSmallMThreads; ++i) {
+            const int line = i * kSmallMThreads + tid;
+            const int r = line / kStageChunks, c = line % kStageChunks;
+            const int row = row0 + r, chunk = stage * kStageChunks + c;
+            const bool ok = row < n_rows && chunk < n_chunks;
+            const u8* src = ok ? qweight + row * row_bytes + chunk * 16 : qweight;
+            u8* dst = base + (r / 16) * (16 * kWeightRowBytes) + (r % 16) * kWeightRowBytes + ((c ^ (r & 7)) << 4);
+            cp_async16(dst, src, ok ? 16 : 0);
+        }
+        // activations of all 8 token slots (slots >= M are zero-filled)
+        u8* abase = base + kWeightStageBytes;
+        constexpr int kActLines = kSmallMMaxTokens * SmallMAct<ActT>::kLinesPerToken;
+        for (int line = tid; line < kActLines; line += kSmallMThreads) {
+            const int m = line / SmallMAct<ActT>::kLinesPerToken;
+            const int rem = line % SmallMAct<ActT>::kLinesPerToken;
+            const u8* src;
+            bool ok;
+            int dst_offset;
+            if constexpr (kQ8) {
+                const int blk = rem / 3, part = rem % 3;
+                const int chunk = stage * kStageChunks + blk;
+                ok = m < m_tokens && chunk < n_chunks;
+                src = act + ((static_cast<i64>(m) * n_chunks + chunk) * 48 + part * 16);
+                dst_offset = blk * 48 + part * 16;
+            } else {
+                const int kk = stage * kStageChunks * kChunkK + rem * 8;
+                ok = m < m_tokens && kk < k;
+                src = act + (static_cast<i64>(m) * k + kk) * 2;
+                dst_offset = rem * 16;
+            }
+            cp_async16(abase + m * kTokenStride + dst_offset, ok ? src : act, ok ? 16 : 0);
+        }
+        if (group_shift != kNoGroups) {
+            u8* sbase = abase + Layout::kActStageBytes;
+            load_scale_window(sbase, scales, stage);
+            if constexpr (kHasZeros) load_scale_window(sbase + kScaleStageBytes, zeros, stage);
+        }
+    }
+};
+
+template <typename ActT, typename ScaleT, bool kHasZeros>
+__global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
+    const u8* __restrict__ qweight,     // [N, K/2]
+    const ScaleT* __restrict__ scales,  // [N, n_groups]
+    const ScaleT* __restrict__ zeros,   // [N, n_groups] or unused
+    const u8* __restrict__ act,         // Q8 blocks [M, K/32, 48] or 16-bit x [M, K]
+    const void* __restrict__ bias,      // [N] of the output type, or null
+    void* __restrict__ out,             // [M, N]
+    float* __restrict__ workspace,      // [splits, n_tiles, 8, 64] when gridDim.y > 1
+    u32* __restrict__ tickets,          // [n_tiles], zero between launches
+    i32 n_rows, i32 k, i32 m_tokens, i32 n_groups, i32 group_shift,
+    i32 stages_per_split, i32 out_kind)
+{
+    using Cta = SmallMCta<ActT, ScaleT, kHasZeros>;
+    using Layout = typename Cta::Layout;
+    constexpr bool kQ8 = Cta::kQ8;
+    constexpr int kTokenStride = Cta::kTokenStride;
+    extern __shared__ __align__(16) u8 smem[];
+
+    u32 dynamic_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    if (dynamic_smem < Layout::kSmemBytes) __trap();   // host and kernel disagree on the layout
+
+    Cta cta{qweight, scales, zeros, act, n_rows, k, m_tokens, k / kChunkK, n_groups, group_shift,
+            static_cast<i32>(blockIdx.x) * kSmallMTileRows, smem};
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;          // MMA group id and thread-in-group
+    const int n_stages = (cta.n_chunks + kStageChunks - 1) / kStageChunks;
+    const int s_begin = blockIdx.y * stages_per_split;
+    const int s_end = min(s_begin + stages_per_split, n_stages);
+    const int n_local = s_end - s_begin;
+    const u32 group_mask = (1u << group_shift) - 1u;
+
+    // rows of this thread's C fragment, clamped for scale reads
+    const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+    int row[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row[h] = min(cta.row0 + local_row[h], n_rows - 1);
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};    // (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+    float gacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // this group's sum of q~ * x (Q8: d-scaled)
+    float gx[4] = {0.0f, 0.0f, 0.0f, 0.0f};     // this group's sum of x per column (zero-point term)
+
+    auto fold = [&](float s0, float s1, float z0, float z1) {
+        acc[0] += s0 * (gacc[0] - z0 * gx[0]);
+        acc[1] += s0 * (gacc[1] - z0 * gx[1]);
+        acc[2] += s1 * (gacc[2] - z1 * gx[2]);
+        acc[3] += s1 * (gacc[3] - z1 * gx[3]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { gacc[i] = 0.0f; gx[i] = 0.0f; }
+    };
+    // the zero point in q units: implicit 8 (symmetric) or the zeros array;
+    // the 16-bit symmetric path already subtracted 8 inside the MMA operand
+    constexpr bool kZeroTerm = kQ8 || kHasZeros;
+
+    auto fold_stage_group = [&](const u8* stage_base, int stage, int c) {
+        const u8* windows = stage_base + kWeightStageBytes + Layout::kActStageBytes;
+        const int groups_per_stage = kStageChunks >> group_shift;
+        float s[2], z[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const i64 start = (static_cast<i64>(row[h]) * n_groups + static_cast<i64>(stage) * groups_per_stage) *
+                              static_cast<i64>(sizeof(ScaleT));
+            const int offset = static_cast<int>(start & 3) + (c >> group_shift) * static_cast<int>(sizeof(ScaleT));
+            s[h] = to_float(*reinterpret_cast<const ScaleT*>(windows + local_row[h] * kScaleWindowBytes + offset));
+            if constexpr (kHasZeros)
+                z[h] = to_float(*reinterpret_cast<const ScaleT*>(
+                    windows + kScaleStageBytes + local_row[h] * kScaleWindowBytes + offset));
+            else
+                z[h] = kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+        }
+        fold(s[0], s[1], z[0], z[1]);
+    };
+
+    auto mma_chunk = [&](const u8* abase, int c, u32 w_lo_row, u32 w_hi_row) {
+        // w_lo_row: word t of this chunk for row g; w_hi_row: for row g + 8
+        if constexpr (kQ8) {
+            const u32 a[4] = {w_lo_row & kLowNibbles, w_hi_row & kLowNibbles,
+                              (w_lo_row >> 4) & kLowNibbles, (w_hi_row >> 4) & kLowNibbles};
+            const u8* tok = abase + g * kTokenStride + c * 48;
+            const u32 b0 = *reinterpret_cast<const u32*>(tok + 4 * t);        // qs_even word t
+            const u32 b1 = *reinterpret_cast<const u32*>(tok + 16 + 4 * t);   // qs_odd word t
+            i32 dot[4];
+            mma_s8_m16n8k32(dot, a, b0, b1);
+            const float2 ds0 = *reinterpret_cast<const float2*>(abase + (2 * t) * kTokenStride + c * 48 + 32);
+            const float2 ds1 = *reinterpret_cast<const float2*>(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
+            gacc[0] += ds0.x * static_cast<float>(dot[0]);
+            gacc[1] += ds1.x * static_cast<float>(dot[1]);
+            gacc[2] += ds0.x * static_cast<float>(dot[2]);
+            gacc[3] += ds1.x * static_cast<float>(dot[3]);
+            gx[0] += ds0.y; gx[1] += ds1.y; gx[2] += ds0.y; gx[3] += ds1.y;
+        } else {
+            using M = NibbleMagic<ActT>;
+            constexpr u32 kShift = kHasZeros ? M::kMinusBase : M::kMinusBaseAnd8;
+            const uint4 xv = *reinterpret_cast<const uint4*>(abase + g * kTokenStride + c * 64 + 16 * t);
+            // x[8t + 0..7] of token g, regrouped to the nibble order below
+            const u32 x02 = byte_perm(xv.x, xv.y, 0x5410), x46 = byte_perm(xv.z, xv.w, 0x5410);
+            const u32 x13 = byte_perm(xv.x, xv.y, 0x7632), x57 = byte_perm(xv.z, xv.w, 0x7632);
+            u32 lo01[2], lo23[2], hi01[2], hi23[2];   // [row g, row g + 8]
+            const u32 words[2] = {w_lo_row, w_hi_row};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 b01 = byte_perm(words[h], 0, 0x4140);   // bytes 0, 1 -> halves 0, 1
+                const u32 b23 = byte_perm(words[h], 0, 0x4342);   // bytes 2, 3
+                lo01[h] = fma2<ActT>(lop_and_or(b01, 0x000F000Fu, M::kBase), M::kOne, kShift);        // q0, q2
+                lo23[h] = fma2<ActT>(lop_and_or(b23, 0x000F000Fu, M::kBase), M::kOne, kShift);        // q4, q6
+                hi01[h] = fma2<ActT>(lop_and_or(b01 >> 4, 0x000F000Fu, M::kBase), M::kOne, kShift);   // q1, q3
+                hi23[h] = fma2<ActT>(lop_and_or(b23 >> 4, 0x000F000Fu, M::kBase), M::kOne, kShift);   // q5, q7
+            }
+            const u32 a_even[4] = {lo01[0], lo01[1], lo23[0], lo23[1]};
+            const u32 a_odd[4] = {hi01[0], hi01[1], hi23[0], hi23[1]};
+            mma_m16n8k16<ActT>(gacc, a_even, x02, x46);
+            mma_m16n8k16<ActT>(gacc, a_odd, x13, x57);
+            if constexpr (kHasZeros) {
+                const u32 ones[4] = {M::kOne, M::kOne, M::kOne, M::kOne};
+                mma_m16n8k16<ActT>(gx, ones, x02, x46);
+                mma_m16n8k16<ActT>(gx, ones, x13, x57);
+            }
+        }
+    };
+
+    // pipeline prologue
+#pragma unroll
+    for (int i = 0; i < kSmallMStages - 1; ++i) {
+        if (i < n_local) cta.load_stage(i, s_begin + i);
+        cp_async_commit();
+    }
+    const int ld_row = (lane & 7) + ((lane >> 3) & 1) * 8;   // ldmatrix: the row this lane addresses
+    const int ld_chunk = lane >> 4;                          // and which chunk of the pair
+    for (int i = 0; i < n_local; ++i) {
+        cp_async_wait<kSmallMStages - 2>();
+        __syncthreads();
+        if (i + kSmallMStages - 1 < n_local)
+            cta.load_stage((i + kSmallMStages - 1) % kSmallMStages, s_begin + i + kSmallMStages - 1);
+        cp_async_commit();
+
+        const int stage = s_begin + i;
+        const u8* base = cta.stage_ptr(i % kSmallMStages);
+        const u8* wbase = base + warp * 16 * kWeightRowBytes;
+        const u8* abase = base + kWeightStageBytes;
+#pragma unroll
+        for (int pair = 0; pair < kStageChunks / 2; ++pair) {
+            const int c = 2 * pair;
+            if (stage * kStageChunks + c >= cta.n_chunks) break;
+            u32 w[4];
+            ldmatrix_x4(w, wbase + ld_row * kWeightRowBytes + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
+            mma_chunk(abase, c, w[0], w[1]);
+            if (((c + 1) & group_mask) == 0) fold_stage_group(base, stage, c);
+            if (stage * kStageChunks + c + 1 < cta.n_chunks) {
+                mma_chunk(abase, c + 1, w[2], w[3]);
+                if (((c + 2) & group_mask) == 0) fold_stage_group(base, stage, c + 1);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (group_shift == kNoGroups) {   // per-channel: one scale per row, applied once
+        float s[2], z[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            s[h] = to_float(scales[row[h]]);
+            z[h] = kHasZeros ? to_float(zeros[row[h]]) : (kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f);
+        }
+        fold(s[0], s[1], z[0], z[1]);
+    }
+    (void)kZeroTerm;
+
+    // epilogue
+    const int n_tiles = gridDim.x;
+    if (gridDim.y == 1) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = cta.row0 + local_row[i >> 1], m = 2 * t + (i & 1);
+            if (r < n_rows && m < m_tokens) {
+                float v = acc[i];
+                if (bias != nullptr) v += load_as_float(bias, r, out_kind);
+                store_from_float(out, static_cast<i64>(m) * n_rows + r, v, out_kind);
+            }
+        }
+        return;
+    }
+    float* mine = workspace + (static_cast<i64>(blockIdx.y) * n_tiles + blockIdx.x) * kSmallMMaxTokens * kSmallMTileRows;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mine[(2 * t + (i & 1)) * kSmallMTileRows + local_row[i >> 1]] = acc[i];
+    __threadfence();
+    __syncthreads();
+    __shared__ u32 is_last;
+    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < kSmallMMaxTokens * kSmallMTileRows; e += kSmallMThreads) {
+        const int m = e / kSmallMTileRows, r = cta.row0 + e % kSmallMTileRows;
+        if (m >= m_tokens || r >= n_rows) continue;
+        float v = 0.0f;
+        for (int sp = 0; sp < static_cast<int>(gridDim.y); ++sp)   // fixed order: deterministic
+            v += __ldcg(workspace + (static_cast<i64>(sp) * n_tiles + blockIdx.x) * kSmallMMaxTokens * kSmallMTileRows + e);
+        if (bias != nullptr) v += load_as_float(bias, r, out_kind);
+        store_from_float(out, static_cast<i64>(m) * n_rows + r, v, out_kind);
+    }
+    if (threadIdx.x == 0) tickets[blockIdx.x] = 0;   // every split has arrived: ready for the next launch
+}
+
+}  // namespace w4kern

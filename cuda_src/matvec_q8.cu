@@ -1,0 +1,146 @@
+// matvec_q8: y[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) for INT4 or INT8
+// weights against Q8 activation blocks, with dp4a (llama.cpp's MMVQ idea).
+//
+// Work split: a CTA owns kRows consecutive weight rows and its 128 threads
+// stride over the K/32 Q8 blocks, so consecutive threads read consecutive
+// 16-byte pieces of each row (coalesced), and every activation block a
+// thread loads is reused for kRows rows. Partial sums are reduced with warp
+// shuffles and then across the CTA's warps in shared memory.
+//
+// One Q8 block of 32 activations meets, per weight row:
+//   INT4: 16 bytes (4 words); word j & 0x0F0F0F0F holds the even-k weights
+//         matching qs_even word j, (word j >> 4) & 0x0F0F0F0F the odd-k ones.
+//   INT8: 32 bytes (8 words) in natural k order; prmt regroups two words into
+//         an even-k and an odd-k word.
+// The block's int32 dot product becomes fp32 once per block:
+//   acc += s * (d * dot(q_w, q_x) - z * sum)      (sum = d * sum(q_x))
+// with z the weight zero point (8 for symmetric INT4, 0 for INT8), and s the
+// scale of the weight group holding the block. M tokens (1 <= M <= kMaxM)
+// share each weight load.
+#include "common/formats.cuh"
+#include "common/ptx.cuh"
+
+namespace w4kern {
+
+constexpr int kMatvecThreads = 128;
+constexpr int kMatvecWarps = kMatvecThreads / 32;
+
+template <int kWeightBits>
+struct WeightBlock;
+
+template <>
+struct WeightBlock<4> {
+    static constexpr int kBytes = 16;
+    u32 w[4];
+    __device__ __forceinline__ void load(const u8* p) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    }
+    __device__ __forceinline__ u32 even(int j) const { return w[j] & kLowNibbles; }
+    __device__ __forceinline__ u32 odd(int j) const { return (w[j] >> 4) & kLowNibbles; }
+};
+
+template <>
+struct WeightBlock<8> {
+    static constexpr int kBytes = 32;
+    u32 w[8];
+    __device__ __forceinline__ void load(const u8* p) {
+        const uint4 a = reinterpret_cast<const uint4*>(p)[0];
+        const uint4 b = reinterpret_cast<const uint4*>(p)[1];
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    }
+    // k = 8j + {0, 2, 4, 6}: bytes 0 and 2 of words 2j and 2j+1
+    __device__ __forceinline__ u32 even(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x6420); }
+    __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
+};
+
+template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows>
+__global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
+    const u8* __restrict__ qweight,      // [N, K * kWeightBits / 8]
+    const ScaleT* __restrict__ scales,   // [N, n_groups]
+    const ScaleT* __restrict__ zeros,    // [N, n_groups] (INT4 asymmetric only)
+    const Q8Block* __restrict__ act,     // [M, K / 32]
+    const void* __restrict__ bias,       // [N] of the output type, or null
+    void* __restrict__ out,              // [M, N]
+    i32 n_rows, i32 m_tokens, i32 n_blocks, i32 n_groups,
+    i32 group_shift,                     // log2(blocks per group); 31 for one group per row
+    i32 out_kind)
+{
+    static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
+    static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
+    const int row0 = blockIdx.x * kRows;
+    const i64 row_bytes = static_cast<i64>(n_blocks) * WeightBlock<kWeightBits>::kBytes;
+    const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+
+    float acc[kRows][kMaxM];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
+
+    int rows[kRows];   // clamped so every load is in bounds; only real rows are stored
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rows[r] = min(row0 + r, n_rows - 1);
+
+    for (int b = threadIdx.x; b < n_blocks; b += kMatvecThreads) {
+        WeightBlock<kWeightBits> w[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+            w[r].load(qweight + rows[r] * row_bytes + static_cast<i64>(b) * WeightBlock<kWeightBits>::kBytes);
+        const int group = b >> group_shift;
+        float s[kRows], z[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            const i64 g = static_cast<i64>(rows[r]) * n_groups + group;
+            s[r] = to_float(scales[g]);
+            z[r] = kHasZeros ? to_float(zeros[g]) : implicit_zero;
+        }
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) {
+            if (m >= m_tokens) break;
+            const uint4* blk = reinterpret_cast<const uint4*>(act + static_cast<i64>(m) * n_blocks + b);
+            const uint4 qe = blk[0], qo = blk[1], ds = blk[2];
+            const u32 xe[4] = {qe.x, qe.y, qe.z, qe.w};
+            const u32 xo[4] = {qo.x, qo.y, qo.z, qo.w};
+            const float d = __uint_as_float(ds.x), sum = __uint_as_float(ds.y);
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                i32 dot = 0;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    dot = dp4a(w[r].even(j), xe[j], dot);
+                    dot = dp4a(w[r].odd(j), xo[j], dot);
+                }
+                acc[r][m] += s[r] * (d * static_cast<float>(dot) - z[r] * sum);
+            }
+        }
+    }
+
+    // reduce over the CTA: shuffles within each warp, then shared memory
+    __shared__ float partial[kMatvecWarps][kRows * kMaxM];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+            if (lane == 0) partial[warp][r * kMaxM + m] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < kRows * kMaxM) {
+        const int r = threadIdx.x / kMaxM, m = threadIdx.x % kMaxM;
+        const int row = row0 + r;
+        if (row < n_rows && m < m_tokens) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kMatvecWarps; ++w) v += partial[w][threadIdx.x];
+            if (bias != nullptr) v += load_as_float(bias, row, out_kind);
+            store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
+        }
+    }
+}
+
+}  // namespace w4kern

@@ -1,0 +1,217 @@
+"""w4kern.linear's kernels against the NumPy reference on the same quantized inputs.
+
+The reference (float64 on the dequantized weight and the very Q8 blocks /
+16-bit activations the kernel reads) differs from a kernel only by fp32
+accumulation, so the tolerance is a small multiple of fp32 rounding on the
+sum of |x| * |w|. Outputs are poisoned with NaN first; every element is
+checked. Runs only on a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import w4kern
+from w4kern import reference
+from w4kern.linear import _linear
+
+pytestmark = pytest.mark.gpu
+
+SCALES = [np.float16, w4kern.bfloat16, np.float32]
+MS = [1, 2, 3, 4, 5, 7, 8]
+# (N, K) per group size: K from 32 up to 21504, K not a multiple of 128 for
+# g32/g64, N not a multiple of the kernels' 4 / 64 rows
+CASES = {
+    32: [(1, 32), (67, 96), (200, 4128)],
+    64: [(13, 64), (130, 2112)],
+    128: [(5, 128), (70, 4096), (13, 21504)],
+    -1: [(3, 32), (131, 1056)],
+}
+
+
+def make_int4(rng, n, k, group_size, symmetric, scale_dtype):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    return w4kern.quantize_int4(w, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+
+
+def to_gpu(cp, weight):
+    fields = {f: getattr(weight, f) for f in ("qweight", "scales", "zeros") if hasattr(weight, f)}
+    moved = {f: (None if a is None else cp.asarray(a)) for f, a in fields.items()}
+    return type(weight)(**moved, group_size=weight.group_size)
+
+
+def tolerance(x_ref, weight):
+    """|x| @ |w|.T times a few fp32 roundings per term, per output element."""
+    a = np.abs(reference.dequantize_activations(x_ref)).astype(np.float64)
+    w = np.abs(reference.dequantize_weight(weight)).astype(np.float64)
+    return 4e-6 * (a @ w.T) + 1e-6
+
+
+def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per_sm=None, bias=False):
+    """Run one kernel on fresh random x and compare with the reference."""
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 20.0])).astype(dtype)
+    n = weight.shape[0]
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    out = cp.full((m, n), np.nan, dtype=np.float32)
+    got = _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out=out,
+                  bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm)
+    assert got is out
+    x_ref = w4kern.quantize_q8(x) if act == "q8" else x
+    expected = reference.linear(x_ref, weight, b)
+    tol = tolerance(x_ref, weight)
+    got = cp.asnumpy(out)
+    bad = ~(np.abs(got - expected) <= tol)
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} outputs off, first at {np.argwhere(bad)[0]}: "
+        f"got {got[bad][:4]}, expected {expected[bad][:4]}, tol {tol[bad][:4]}"
+    )
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16"])
+def test_int4_kernels_match_reference(cp, rng, path, group_size, scale_dtype, symmetric):
+    kernel, act = path.split("-")
+    dtype = np.float16 if act == "f16" else w4kern.bfloat16
+    act = "q8" if act == "q8" else "bf16"
+    for n, k in CASES[group_size]:
+        weight = make_int4(rng, n, k, group_size, symmetric, scale_dtype)
+        for m in MS:
+            check(cp, rng, weight, m, k, act=act, kernel=kernel, dtype=dtype, bias=(m == 3))
+
+
+@pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
+def test_int8_matvec_matches_reference(cp, rng, group_size, scale_dtype):
+    for n, k in CASES[group_size]:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        weight = w4kern.quantize_int8(w, group_size=group_size, scale_dtype=scale_dtype)
+        for m in MS:
+            check(cp, rng, weight, m, k, act="q8", kernel="matvec", bias=(m == 2))
+
+
+@pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])
+@pytest.mark.parametrize("act", ["q8", "bf16"])
+def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
+    """Few rows and long K: split K over many CTAs (64 per SM gives one stage per
+    split); the last CTA's sum must match the reference and repeat bit for bit."""
+    weight = make_int4(rng, 70, 14336, 128, False, w4kern.bfloat16)
+    check(cp, rng, weight, 5, 14336, act=act, kernel="small_m", ctas_per_sm=ctas_per_sm)
+    x = cp.asarray(rng.standard_normal((8, 14336)).astype(w4kern.bfloat16))
+    wg = to_gpu(cp, weight)
+    first = _linear(x, wg, act=act, kernel="small_m", out_dtype=np.float32, ctas_per_sm=ctas_per_sm)
+    for _ in range(3):
+        again = _linear(x, wg, act=act, kernel="small_m", out_dtype=np.float32, ctas_per_sm=ctas_per_sm)
+        np.testing.assert_array_equal(cp.asnumpy(again).view(np.uint32), cp.asnumpy(first).view(np.uint32))
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16, w4kern.bfloat16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kernel", ["matvec", "small_m"])
+def test_output_dtypes_and_bias(cp, rng, kernel, out_dtype):
+    weight = make_int4(rng, 77, 512, 64, True, np.float16)
+    x = rng.standard_normal((3, 512)).astype(w4kern.bfloat16)
+    b = rng.standard_normal(77).astype(out_dtype)
+    out = cp.full((3, 77), np.nan, dtype=out_dtype)
+    _linear(cp.asarray(x), to_gpu(cp, weight), kernel=kernel, bias=cp.asarray(b), out=out)
+    expected = reference.linear(w4kern.quantize_q8(x), weight, b.astype(np.float32))
+    tol = tolerance(w4kern.quantize_q8(x), weight) + np.abs(expected) * (2.0 ** -7)
+    np.testing.assert_array_less(np.abs(cp.asnumpy(out).astype(np.float32) - expected), tol)
+
+
+def test_public_dispatch_every_m_and_leading_dims(cp, rng):
+    """linear() picks matvec / small_m / dense by M; each agrees with the NumPy path,
+    which quantizes x the same way (Q8 up to 8 tokens, x itself beyond)."""
+    weight = make_int4(rng, 96, 1024, 128, False, w4kern.bfloat16)
+    wg = to_gpu(cp, weight)
+    for lead in [(1,), (2,), (3,), (8,), (9,), (2, 2), (1, 5), (33,)]:
+        x = rng.standard_normal(lead + (1024,)).astype(w4kern.bfloat16)
+        for act in ("q8", "bf16"):
+            got = w4kern.linear(cp.asarray(x), wg, act=act, out_dtype=np.float32)
+            expected = w4kern.linear(x, weight, act=act, out_dtype=np.float32)
+            assert got.shape == lead + (96,)
+            m = int(np.prod(lead))
+            x_ref = (w4kern.quantize_q8(x.reshape(m, 1024)) if act == "q8" and m <= 8 else x.reshape(m, 1024))
+            tol = tolerance(x_ref, weight).reshape(lead + (96,))
+            np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tol)
+
+
+def test_one_dimensional_x_and_bf16_default_output(cp, rng):
+    weight = make_int4(rng, 40, 256, 32, True, np.float16)
+    x = rng.standard_normal(256).astype(w4kern.bfloat16)
+    y = w4kern.linear(cp.asarray(x), to_gpu(cp, weight))
+    assert y.shape == (40,) and y.dtype == w4kern.bfloat16
+    expected = w4kern.linear(x, weight, out_dtype=np.float32)
+    np.testing.assert_allclose(cp.asnumpy(y).astype(np.float32), expected, rtol=2 ** -7, atol=1e-3)
+
+
+def test_prequantized_q8_activations(cp, rng):
+    weight = make_int4(rng, 50, 640, 64, False, np.float32)
+    x = rng.standard_normal((4, 640)).astype(np.float32)
+    xq = w4kern.quantize_q8(cp.asarray(x))
+    got = w4kern.linear(xq, to_gpu(cp, weight), out_dtype=np.float32)
+    expected = reference.linear(w4kern.quantize_q8(x), weight)
+    np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tolerance(w4kern.quantize_q8(x), weight))
+
+
+def test_int8_weight_dispatch(cp, rng):
+    weight = w4kern.quantize_int8(rng.standard_normal((33, 2048)).astype(np.float32))
+    for m in (1, 6, 12):
+        x = rng.standard_normal((m, 2048)).astype(w4kern.bfloat16)
+        got = w4kern.linear(cp.asarray(x), to_gpu(cp, weight), out_dtype=np.float32)
+        expected = w4kern.linear(x, weight, out_dtype=np.float32)
+        x_ref = w4kern.quantize_q8(x) if m <= 8 else x
+        np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tolerance(x_ref, weight))
+
+
+@pytest.mark.parametrize("act", ["q8", "bf16"])
+def test_nan_in_one_token_stays_in_that_token(cp, rng, act):
+    weight = make_int4(rng, 64, 256, 128, True, np.float16)
+    x = rng.standard_normal((4, 256)).astype(w4kern.bfloat16)
+    x[2, 77] = np.nan
+    for kernel in (("matvec", "small_m") if act == "q8" else ("small_m",)):
+        y = cp.asnumpy(_linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out_dtype=np.float32))
+        assert np.isnan(y[2]).all(), kernel
+        assert np.isfinite(np.delete(y, 2, axis=0)).all(), kernel
+
+
+@pytest.mark.parametrize("act", ["q8", "bf16"])
+def test_cuda_graph_replay_gives_eager_bits(cp, rng, act):
+    weight = to_gpu(cp, make_int4(rng, 4096, 4096, 128, False, w4kern.bfloat16))
+    x = cp.asarray(rng.standard_normal((4, 4096)).astype(w4kern.bfloat16))
+    out = cp.empty((4, 4096), dtype=w4kern.bfloat16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = w4kern.linear(x, weight, act=act).copy()
+        w4kern.linear(x, weight, act=act, out=out)      # warm-up: workspace sized for this call
+        stream.begin_capture()
+        w4kern.linear(x, weight, act=act, out=out)
+        graph = stream.end_capture()
+        out.fill(0)
+        graph.launch()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+
+
+def test_quality_against_unquantized_bf16_math(cp, rng, record_property):
+    """Cosine similarity of each path with x @ W.T on the unquantized float weight."""
+    w = rng.standard_normal((1024, 4096)).astype(np.float32)
+    x = rng.standard_normal((4, 4096)).astype(w4kern.bfloat16)
+    exact = x.astype(np.float64) @ w.astype(w4kern.bfloat16).astype(np.float64).T
+
+    def cosine(y):
+        y = cp.asnumpy(y).astype(np.float64).ravel()
+        return float(y @ exact.ravel() / np.linalg.norm(y) / np.linalg.norm(exact))
+
+    w4 = to_gpu(cp, w4kern.quantize_int4(w, group_size=128))
+    w8 = to_gpu(cp, w4kern.quantize_int8(w))
+    scores = {
+        "w4a8_g128": cosine(w4kern.linear(cp.asarray(x), w4, act="q8", out_dtype=np.float32)),
+        "w4a16_g128": cosine(w4kern.linear(cp.asarray(x), w4, act="bf16", out_dtype=np.float32)),
+        "w8a8": cosine(w4kern.linear(cp.asarray(x), w8, out_dtype=np.float32)),
+    }
+    for name, value in scores.items():
+        record_property(name, value)
+    print("cosine similarity vs bf16 math:", scores)
+    assert scores["w4a8_g128"] > 0.99 and scores["w4a16_g128"] > 0.99 and scores["w8a8"] > 0.999

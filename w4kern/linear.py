@@ -1,0 +1,398 @@
+"""Dense linear layers with quantized weights: ``w4kern.linear``.
+
+``linear(x, weight)`` computes y = x @ W.T (+ bias) for an Int4Weight or
+Int8Weight W [N, K] and activations x [..., K] (M = prod(x.shape[:-1])
+tokens). On CuPy arrays it picks one of three paths by M:
+
+- ``matvec``: dp4a over Q8 activation blocks (``cuda_src/matvec_q8.cu``),
+  INT4 or INT8 weights; the decode step (M = 1).
+- ``small_m``: the weight-stationary tensor-core kernel
+  (``cuda_src/gemm_small_m.cu``), INT4 weights against Q8 blocks (int8 MMA) or
+  bf16/fp16 activations (16-bit MMA), up to 8 tokens per launch; its time is
+  flat in M (speculative-decoding verification).
+- ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
+  dequantized and multiplied with cuBLAS through CuPy, in float32, using x
+  itself (no activation quantization).
+
+Which of matvec / small_m serves a given M is a measured, per-GPU table
+(:data:`DISPATCH`), not a guess; ``python -m w4kern bench --suite
+linear_tuning`` prints the numbers it comes from.
+
+Activations: ``act="q8"`` quantizes x into Q8 blocks once per call (inside
+the op; callers pass bf16 and get bf16), ``act="bf16"`` feeds bf16/fp16 x to
+the kernel unrounded (W4A16). Pre-quantized :class:`Q8Activations` are
+accepted too, for callers that reuse them across several weights.
+
+On NumPy arrays the same call runs the NumPy reference on the same
+quantized inputs (float64 math, then the output dtype).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ._arrays import array_module, check_aligned, check_contiguous, check_dtype, check_shape
+from .formats import (
+    FLOAT_DTYPES,
+    Q8_BLOCK_BYTES,
+    Q8_BLOCK_VALUES,
+    Int4Weight,
+    Int8Weight,
+    Q8Activations,
+    bfloat16,
+)
+
+ACTS = ("q8", "bf16")
+#: most tokens the matvec and small-M kernels take in one launch
+MAX_SMALL_M = 8
+
+#: Kernel per token count, per GPU (``cupy.cuda.runtime.getDeviceProperties``
+#: name). Keys: (weight kind, act) -> tuple of kernel names for M = 1..8.
+#: "matvec" = dp4a, "small_m" = tensor cores. W8A8 and W4A16 have one kernel
+#: each. Measured with ``python -m w4kern bench --suite linear_tuning``.
+DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
+    # default until a GPU has its own row: dp4a at M = 1, tensor cores above
+    "default": {
+        ("int4", "q8"): ("matvec",) + ("small_m",) * 7,
+    },
+}
+
+#: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
+SMALL_M_CTAS_PER_SM = {"default": 3}
+
+
+def _gpu_name() -> str:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _table(table: dict, key):
+    own = table.get(_gpu_name(), {})
+    if isinstance(own, dict) and key in own:
+        return own[key]
+    default = table["default"]
+    return default[key] if isinstance(default, dict) else default
+
+
+def choose_kernel(weight_kind: str, act: str, m: int) -> str:
+    """'matvec', 'small_m' or 'dense' for M tokens on the current GPU."""
+    if m > MAX_SMALL_M:
+        return "dense"
+    if weight_kind == "int8":
+        return "matvec"
+    if act == "bf16":
+        return "small_m"
+    return _table(DISPATCH, (weight_kind, act))[m - 1]
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    xp: object
+    kind: str             # "int4" or "int8"
+    act: str
+    m: int
+    n: int
+    k: int
+    lead: tuple           # x.shape[:-1]
+    out_dtype: np.dtype
+
+
+def _check(x, weight, act, bias, out, out_dtype) -> _Call:
+    if isinstance(weight, Int4Weight):
+        kind = "int4"
+    elif isinstance(weight, Int8Weight):
+        kind = "int8"
+    else:
+        raise TypeError(f"weight must be an Int4Weight or Int8Weight, got {type(weight).__name__}")
+    if weight.qweight.ndim != 2:
+        raise ValueError(
+            f"weight must be 2-D [N, K] for linear, got qweight shape {tuple(weight.qweight.shape)} "
+            f"(stacked expert weights go to w4kern.fused_moe)"
+        )
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    n, k = weight.shape[-2], weight.shape[-1]
+
+    if isinstance(x, Q8Activations):
+        if act != "q8":
+            raise ValueError(f"x is Q8Activations, which needs act='q8', got act={act!r}")
+        xp = array_module(x=x.blocks, qweight=weight.qweight, bias=bias, out=out)
+        lead = tuple(x.blocks.shape[:-2])
+        xk = x.k
+        default_out = bfloat16
+    else:
+        xp = array_module(x=x, qweight=weight.qweight, bias=bias, out=out)
+        if not hasattr(x, "dtype") or x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"x must be a float32, float16 or bfloat16 array or a Q8Activations, got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.ndim < 1:
+            raise ValueError(f"x must be [..., K], got a 0-d array")
+        if act == "bf16" and x.dtype not in (np.dtype(np.float16), bfloat16):
+            raise TypeError(
+                f"act='bf16' feeds x to the kernel unrounded, so x must be bfloat16 or float16, got "
+                f"{x.dtype.name}; cast x, or use act='q8'"
+            )
+        check_contiguous("x", x)
+        lead = tuple(x.shape[:-1])
+        xk = x.shape[-1]
+        default_out = x.dtype
+    if kind == "int8" and act != "q8":
+        raise ValueError("Int8Weight runs against Q8 activations only (W8A8): use act='q8'")
+    if xk != k:
+        raise ValueError(f"x's K={xk} does not match weight's K={k} (weight shape [N, K] = {tuple(weight.shape)})")
+    m = math.prod(lead)
+    if m == 0:
+        raise ValueError(f"x has no tokens (M = 0, x's leading shape {lead})")
+
+    if out is not None:
+        if out_dtype is not None and np.dtype(out_dtype) != out.dtype:
+            raise TypeError(f"out has dtype {out.dtype.name} but out_dtype={np.dtype(out_dtype).name}")
+        check_dtype("out", out, FLOAT_DTYPES)
+        check_shape("out", out, lead + (n,), "[..., N]")
+        check_contiguous("out", out)
+        dtype = out.dtype
+    else:
+        dtype = default_out if out_dtype is None else np.dtype(out_dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype.name}")
+    if bias is not None:
+        check_shape("bias", bias, (n,), "[N]")
+        if bias.dtype != dtype:
+            raise TypeError(f"bias must have the output dtype {dtype.name}, got {bias.dtype.name}")
+        check_contiguous("bias", bias)
+    return _Call(xp, kind, act, m, n, k, lead, np.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------
+# public op
+# ---------------------------------------------------------------------------
+
+def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
+    """y [..., N] = x [..., K] @ W.T (+ bias) for an Int4Weight or Int8Weight W [N, K].
+
+    Parameters
+    ----------
+    x : bfloat16 | float16 | float32 [..., K], or Q8Activations
+    weight : Int4Weight or Int8Weight, 2-D
+    act : "q8" (default) quantizes x to Q8 blocks once (W4A8 / W8A8);
+        "bf16" uses bfloat16/float16 x directly (W4A16, INT4 weights only).
+    bias : optional [N] array of the output dtype
+    out : optional [..., N] array to write (any float dtype); with it, after a
+        first call of the same size on the stream, the op allocates nothing
+        and is CUDA-graph capturable.
+    out_dtype : output dtype when ``out`` is not given; default x's dtype
+        (bfloat16 for Q8Activations).
+
+    Returns y (``out`` when given). CuPy in -> CUDA kernels on the current
+    stream; NumPy in -> the NumPy reference on the same quantized inputs.
+    """
+    return _linear(x, weight, act=act, bias=bias, out=out, out_dtype=out_dtype)
+
+
+def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None):
+    """linear() with the kernel choice exposed (tests and the tuning benchmark force
+    'matvec' / 'small_m' / 'dense' and the small-M kernel's CTAs per SM)."""
+    call = _check(x, weight, act, bias, out, out_dtype)
+    if call.xp is np:
+        return _linear_numpy(call, x, weight, bias, out)
+    if kernel is not None:
+        if kernel not in ("matvec", "small_m", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m' or 'dense', got {kernel!r}")
+        if kernel != "dense" and call.m > MAX_SMALL_M:
+            raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
+        if kernel == "small_m" and call.kind == "int8":
+            raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
+        if kernel == "matvec" and call.act != "q8":
+            raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
+    return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm)
+
+
+def _linear_numpy(call, x, weight, bias, out):
+    """The reference on exactly what the GPU path feeds its kernels: Q8 blocks of x
+    for act='q8' up to MAX_SMALL_M tokens, x itself otherwise."""
+    from . import reference
+    from .quant import quantize_q8
+
+    if isinstance(x, Q8Activations):
+        x2 = Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES))
+    else:
+        x2 = x.reshape(call.m, call.k)
+        if call.act == "q8" and call.m <= MAX_SMALL_M:
+            x2 = quantize_q8(x2)
+    y = reference.linear(x2, weight, bias).astype(call.out_dtype).reshape(call.lead + (call.n,))
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CUDA path
+# ---------------------------------------------------------------------------
+
+class _Workspace:
+    """Per (device, stream) scratch: Q8 blocks of x, split-K partials and tickets.
+
+    Grown on demand and then reused, so repeated calls (and CUDA-graph
+    capture after a first eager call) allocate nothing. Keyed by stream so
+    that calls on different streams never share a buffer.
+    """
+
+    _by_key: dict = {}
+
+    def __init__(self, cp):
+        self.cp = cp
+        self.q8 = cp.empty(0, dtype=np.uint8)
+        self.partials = cp.empty(0, dtype=np.float32)
+        self.tickets = cp.zeros(0, dtype=np.uint32)
+
+    @classmethod
+    def get(cls, cp):
+        key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+        ws = cls._by_key.get(key)
+        if ws is None:
+            ws = cls._by_key[key] = cls(cp)
+        return ws
+
+    def q8_blocks(self, m, k):
+        n = m * (k // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
+        if self.q8.size < n:
+            self.q8 = self.cp.empty(n, dtype=np.uint8)
+        return self.q8[:n].reshape(m, k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+
+    def split_k(self, n_partials, n_tiles):
+        if self.partials.size < n_partials:
+            self.partials = self.cp.empty(n_partials, dtype=np.float32)
+        if self.tickets.size < n_tiles:
+            self.tickets = self.cp.zeros(n_tiles, dtype=np.uint32)   # the kernel leaves them zero
+        return self.partials, self.tickets
+
+
+_OUT_KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, bfloat16: 2}
+
+
+def _pointer(a):
+    """A kernel pointer argument that may be null."""
+    return np.uint64(0) if a is None else a
+
+
+def _group_shift(weight) -> int:
+    """log2(Q8 blocks per group); 31 marks one group per row."""
+    if weight.group_size == -1:
+        return 31
+    return int(math.log2(weight.group_size // Q8_BLOCK_VALUES))
+
+
+def _sm_count(cp) -> int:
+    return cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int, int]:
+    """(splits, stages per split) for the small-M kernel: split K until about
+    ``ctas_per_sm`` CTAs per SM exist, never leaving a split empty."""
+    from ._registry import SMALL_M_TILE_ROWS
+
+    n_tiles = -(-n // SMALL_M_TILE_ROWS)
+    n_stages = -(-k // 256)
+    splits = max(1, min(n_stages, round(ctas_per_sm * sm_count / n_tiles)))
+    per_split = -(-n_stages // splits)
+    return -(-n_stages // per_split), per_split
+
+
+def _linear_cuda(call, x, weight, bias, out, *, kernel: str | None = None, ctas_per_sm: int | None = None):
+    cp = call.xp
+    if out is None:
+        out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
+    kernel = kernel or choose_kernel(call.kind, call.act, call.m)
+    if kernel == "dense":
+        return _dense(cp, call, x, weight, bias, out)
+    ws = _Workspace.get(cp)
+    if call.act == "q8":
+        if isinstance(x, Q8Activations):
+            act = x.blocks
+        else:
+            from .quant import quantize_q8
+
+            act = quantize_q8(x.reshape(call.m, call.k), out=ws.q8_blocks(call.m, call.k)).blocks
+        check_aligned("x", act)
+    else:
+        act = x
+        check_aligned("x", act)
+    check_aligned("qweight", weight.qweight)
+    if kernel == "matvec":
+        _launch_matvec(call, act, weight, bias, out)
+    else:
+        _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
+    return out
+
+
+def _launch_matvec(call, act, weight, bias, out):
+    from . import _runtime
+    from ._registry import MATVEC_MAX_M, MATVEC_ROWS, cxx_bool, cxx_type
+
+    bits = 4 if call.kind == "int4" else 8
+    zeros = getattr(weight, "zeros", None)
+    max_m = next(v for v in MATVEC_MAX_M if v >= call.m)
+    kernel = _runtime.get_kernel(
+        "matvec_q8",
+        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(MATVEC_ROWS)),
+    )
+    n_groups = weight.scales.shape[-1]
+    kernel(
+        (-(-call.n // MATVEC_ROWS),), (128,),
+        (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+         _pointer(bias), out, np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
+         np.int32(n_groups), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out.dtype])),
+    )
+
+
+def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
+    from . import _runtime
+    from ._registry import Q8_ACT, SMALL_M_TILE_ROWS, cxx_bool, cxx_type, small_m_smem_bytes
+
+    zeros = weight.zeros
+    act_type = Q8_ACT if call.act == "q8" else cxx_type(act.dtype)
+    kernel = _runtime.get_kernel(
+        "gemm_small_m", (act_type, cxx_type(weight.scales.dtype), cxx_bool(zeros is not None))
+    )
+    if ctas_per_sm is None:
+        ctas_per_sm = SMALL_M_CTAS_PER_SM.get(_gpu_name(), SMALL_M_CTAS_PER_SM["default"])
+    n_tiles = -(-call.n // SMALL_M_TILE_ROWS)
+    splits, per_split = small_m_splits(call.n, call.k, _sm_count(cp), ctas_per_sm)
+    partials, tickets = ws.split_k(splits * n_tiles * 8 * SMALL_M_TILE_ROWS if splits > 1 else 0, n_tiles)
+    kernel(
+        (n_tiles, splits), (128,),
+        (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act, _pointer(bias), out,
+         partials, tickets, np.int32(call.n), np.int32(call.k), np.int32(call.m),
+         np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(per_split),
+         np.int32(_OUT_KIND[out.dtype])),
+        shared_mem=small_m_smem_bytes(call.act == "q8", zeros is not None),
+    )
+
+
+def _dense(cp, call, x, weight, bias, out):
+    """M > 8: dequantize W and run a float32 cuBLAS GEMM (until a prefill GEMM exists)."""
+    from .pack import dequantize_int4, dequantize_int8
+    from .quant import dequantize_q8
+
+    w = dequantize_int4(weight, np.float32) if call.kind == "int4" else dequantize_int8(weight, np.float32)
+    if isinstance(x, Q8Activations):
+        a = dequantize_q8(Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)))
+    else:
+        a = x.reshape(call.m, call.k).astype(np.float32)
+    y = a @ w.T
+    if bias is not None:
+        y += bias.astype(np.float32)
+    out.reshape(call.m, call.n)[...] = y.astype(out.dtype)
+    return out
