@@ -64,8 +64,9 @@ Q8_CHUNKS_PER_THREAD = (1, 2, 4)
 _HALF_TYPES = (np.float16, bfloat16)
 #: tokens a matvec_q8 instance handles per launch (M <= kMaxM; it masks the rest)
 MATVEC_MAX_M = (1, 4, 8)
-#: weight rows per matvec_q8 CTA (each activation block a thread loads serves them all)
-MATVEC_ROWS = 4
+#: (kMaxM, kRows) instances of matvec_q8: kRows weight rows per CTA (each activation
+#: block a thread loads serves them all; more rows keep more loads in flight)
+MATVEC_CONFIGS = ((1, 4), (1, 8), (4, 4), (8, 4))
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
 #: dynamic shared memory of gemm_small_m: 4 stages of weights (8 KiB), 8 tokens of
@@ -114,10 +115,10 @@ FAMILIES: dict[str, KernelFamily] = {
             template="w4kern::matvec_q8_kernel",
             # (weight bits, scale type, has zeros, max tokens, rows per CTA)
             instances=tuple(
-                (str(bits), cxx_type(scale), cxx_bool(has_zeros), str(max_m), str(MATVEC_ROWS))
+                (str(bits), cxx_type(scale), cxx_bool(has_zeros), str(max_m), str(rows))
                 for bits, has_zeros in ((4, False), (4, True), (8, False))
                 for scale in _FLOAT_TYPES
-                for max_m in MATVEC_MAX_M
+                for max_m, rows in MATVEC_CONFIGS
             ),
         ),
         KernelFamily(

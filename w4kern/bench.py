@@ -455,6 +455,11 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
             rows += _measure(timer, "matvec", "linear_q8", shape,
                              lambda i: _linear(x, weights[i % copies], kernel="matvec", out=out),
                              _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
+            if m == 1:
+                rows += _measure(timer, "matvec-r8", "linear_q8", shape,
+                                 lambda i: _linear(x, weights[i % copies], kernel="matvec", out=out,
+                                                   matvec_rows=8),
+                                 _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
             for per_sm in ((2, 3, 4) if m in (1, 8) else (3,)):
                 for act in ("q8", "bf16"):
                     rows += _measure(timer, f"small_m-c{per_sm}", f"linear_{act}", shape,

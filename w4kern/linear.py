@@ -29,6 +29,7 @@ quantized inputs (float64 math, then the output dtype).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -61,14 +62,25 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
 
 #: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
 SMALL_M_CTAS_PER_SM = {"default": 3}
+#: weight rows per CTA of the one-token matvec (4 or 8; MATVEC_CONFIGS)
+MATVEC_ROWS_M1 = {"default": 4}
 
 
 def _gpu_name() -> str:
     import cupy
 
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return _device_facts(cupy.cuda.Device().id)[0]
+
+
+@functools.cache
+def _device_facts(device_id: int) -> tuple[str, int]:
+    """(name, SM count) of a device; cached because getDeviceProperties takes about a
+    millisecond, far longer than a decode kernel."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
     name = props["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
+    return (name.decode() if isinstance(name, bytes) else str(name)), int(props["multiProcessorCount"])
 
 
 def _table(table: dict, key):
@@ -200,7 +212,8 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
     return _linear(x, weight, act=act, bias=bias, out=out, out_dtype=out_dtype)
 
 
-def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None):
+def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
+            matvec_rows=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
     'matvec' / 'small_m' / 'dense' and the small-M kernel's CTAs per SM)."""
     call = _check(x, weight, act, bias, out, out_dtype)
@@ -215,7 +228,8 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
             raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
-    return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm)
+    return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
+                        matvec_rows=matvec_rows)
 
 
 def _linear_numpy(call, x, weight, bias, out):
@@ -295,7 +309,7 @@ def _group_shift(weight) -> int:
 
 
 def _sm_count(cp) -> int:
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
+    return _device_facts(cp.cuda.Device().id)[1]
 
 
 def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int, int]:
@@ -310,7 +324,7 @@ def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int
     return -(-n_stages // per_split), per_split
 
 
-def _linear_cuda(call, x, weight, bias, out, *, kernel: str | None = None, ctas_per_sm: int | None = None):
+def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, matvec_rows=None):
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
@@ -331,26 +345,28 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel: str | None = None, ctas_
         check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
-        _launch_matvec(call, act, weight, bias, out)
+        _launch_matvec(call, act, weight, bias, out, matvec_rows)
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
 
 
-def _launch_matvec(call, act, weight, bias, out):
+def _launch_matvec(call, act, weight, bias, out, rows=None):
     from . import _runtime
-    from ._registry import MATVEC_MAX_M, MATVEC_ROWS, cxx_bool, cxx_type
+    from ._registry import MATVEC_MAX_M, cxx_bool, cxx_type
 
     bits = 4 if call.kind == "int4" else 8
     zeros = getattr(weight, "zeros", None)
     max_m = next(v for v in MATVEC_MAX_M if v >= call.m)
+    if rows is None:
+        rows = MATVEC_ROWS_M1.get(_gpu_name(), MATVEC_ROWS_M1["default"]) if max_m == 1 else 4
     kernel = _runtime.get_kernel(
         "matvec_q8",
-        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(MATVEC_ROWS)),
+        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(rows)),
     )
     n_groups = weight.scales.shape[-1]
     kernel(
-        (-(-call.n // MATVEC_ROWS),), (128,),
+        (-(-call.n // rows),), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
          _pointer(bias), out, np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
          np.int32(n_groups), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out.dtype])),

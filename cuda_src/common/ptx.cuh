@@ -41,11 +41,11 @@ __device__ __forceinline__ void cp_async4(void* smem_dst, const void* src, u32 s
                  :: "r"(smem_address(smem_dst)), "l"(src), "r"(src_bytes));
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(kPending));
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(kPending) : "memory");
 }
 
 // Four 8x8 matrices of 16-bit elements (rows of 16 bytes) from shared memory.
@@ -57,9 +57,11 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row_address
                  : "r"(smem_address(row_address)));
 }
 
+// The MMAs are plain (not volatile) asm: they only read and write registers, so
+// the compiler may schedule shared-memory loads around them.
 // D = A (16x32 s8, row) * B (32x8 s8, col), int32 accumulators, C = 0.
 __device__ __forceinline__ void mma_s8_m16n8k32(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
@@ -72,7 +74,7 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const u32 (&a)[4], u
 
 template <>
 __device__ __forceinline__ void mma_m16n8k16<bf16_t>(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -81,7 +83,7 @@ __device__ __forceinline__ void mma_m16n8k16<bf16_t>(float (&d)[4], const u32 (&
 
 template <>
 __device__ __forceinline__ void mma_m16n8k16<f16_t>(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])

@@ -1,0 +1,23 @@
+"""Run each linear kernel a few times on one decode shape, for ncu / nsys.
+
+    ncu --kernel-name regex:"matvec|gemm_small" python3 scripts/profile_linear.py [N K]
+"""
+import sys
+
+import cupy as cp
+import numpy as np
+
+import w4kern
+from w4kern.linear import _linear
+
+n, k = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (28672, 4096)
+rng = cp.random.default_rng(0)
+w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
+weight = w4kern.quantize_int4(w, group_size=128, symmetric=False)
+for m in (1, 8):
+    x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
+    for kernel, act in (("matvec", "q8"), ("small_m", "q8"), ("small_m", "bf16")):
+        for _ in range(2):
+            _linear(x, weight, act=act, kernel=kernel)
+cp.cuda.Device().synchronize()
+print("done")
