@@ -20,7 +20,9 @@
 //
 // Tiling: a CTA owns 64 rows (4 warps x 16 rows) and a range of K stages of
 // 256 k (8 chunks of 32 k); a 4-stage cp.async pipeline brings each stage's
-// weights, activations and scale windows into shared memory. Weights are
+// weights, activations and scale windows into shared memory. Each thread's
+// copy addresses are computed once and advanced by a constant per stage, so
+// the pipeline costs a few instructions per 16 bytes. Weights are
 // stored 128 bytes per row with the 16-byte chunks XOR-swizzled by row, so
 // ldmatrix reads them conflict-free and hands thread (g, t) exactly word t of
 // a chunk for rows g and g + 8: the A-fragment layout of both MMA shapes.
@@ -41,8 +43,9 @@ constexpr int kStageChunks = 8;                        // 256 k per pipeline sta
 constexpr int kSmallMStages = 4;
 constexpr int kWeightRowBytes = kStageChunks * 16;     // 128 bytes of a row per stage
 constexpr int kWeightStageBytes = kSmallMTileRows * kWeightRowBytes;
-constexpr int kScaleWindowBytes = 32;                  // a row's scales for one stage (see load_scale_window)
-constexpr int kScaleStageBytes = kSmallMTileRows * kScaleWindowBytes;
+constexpr int kWeightLinesPerThread = kWeightStageBytes / 16 / kSmallMThreads;   // 4
+constexpr int kMaxWindowPieces = 8;                    // 4-byte pieces of a row's scales per stage
+constexpr int kWindowSlotsPerThread = kSmallMTileRows * kMaxWindowPieces / kSmallMThreads;   // 4
 constexpr int kNoGroups = 31;                          // group_shift of per-channel weights
 
 // Shared-memory layout of one stage's activations, per activation type.
@@ -53,6 +56,7 @@ template <> struct SmallMAct<Q8Block> {
     // 8 blocks of 48 bytes per token, padded so the 8 tokens' words fall in distinct banks
     static constexpr int kTokenStride = kStageChunks * 48 + 16;
     static constexpr int kLinesPerToken = kStageChunks * 3;
+    static constexpr int kSourceStageBytes = kStageChunks * 48;   // a token's blocks of one stage
 };
 template <> struct SmallMAct<bf16_t> {
     static constexpr bool kIsQ8 = false;
@@ -60,16 +64,19 @@ template <> struct SmallMAct<bf16_t> {
     // reads in one quarter-warp land in different banks
     static constexpr int kTokenStride = kStageChunks * kChunkK * 2 + 64;
     static constexpr int kLinesPerToken = kStageChunks * kChunkK * 2 / 16;
+    static constexpr int kSourceStageBytes = kStageChunks * kChunkK * 2;
 };
 template <> struct SmallMAct<f16_t> : SmallMAct<bf16_t> {};
 
-template <typename ActT, bool kHasZeros>
+template <typename ActT>
 struct SmallMLayout {
+    static constexpr int kActOffset = kWeightStageBytes;
     static constexpr int kActStageBytes = kSmallMMaxTokens * SmallMAct<ActT>::kTokenStride;
-    static constexpr int kStageBytes =
-        kWeightStageBytes + kActStageBytes + kScaleStageBytes * (kHasZeros ? 2 : 1);
-    // w4kern/linear.py computes the same number to size the launch
-    static constexpr int kSmemBytes = kSmallMStages * kStageBytes;
+    static constexpr int kActLines = kSmallMMaxTokens * SmallMAct<ActT>::kLinesPerToken;
+    static constexpr int kActLinesPerThread = (kActLines + kSmallMThreads - 1) / kSmallMThreads;
+    static constexpr int kWindowOffset = kActOffset + kActStageBytes;
+    // A stage is kWindowOffset bytes plus 64 scale windows (and 64 zero windows) of
+    // window_bytes each; w4kern/linear.py computes the same stage size.
 };
 
 // 16-bit float constants for the W4A16 nibble conversion: 0x4300 is bf16 128.0
@@ -91,83 +98,113 @@ template <> struct NibbleMagic<f16_t> {
 
 __device__ __forceinline__ u32 lop_and_or(u32 a, u32 mask, u32 bits) { return (a & mask) | bits; }
 
-template <typename ActT, typename ScaleT, bool kHasZeros>
-struct SmallMCta {
-    using Layout = SmallMLayout<ActT, kHasZeros>;
+// float(i) for |i| < 2^22 with two full-rate ops (I2F runs at quarter rate):
+// i + 1.5 * 2^23 as float bits, minus 1.5 * 2^23, is exact.
+__device__ __forceinline__ float small_int_to_float(i32 i) {
+    return __int_as_float(i + 0x4B400000) - 12582912.0f;
+}
+
+// Each thread's share of one stage's copies, computed once: global sources
+// advance by a fixed number of bytes per stage, shared destinations are fixed.
+template <typename ActT>
+struct SmallMLoader {
+    using Layout = SmallMLayout<ActT>;
     static constexpr bool kQ8 = SmallMAct<ActT>::kIsQ8;
-    static constexpr int kTokenStride = SmallMAct<ActT>::kTokenStride;
 
-    // kernel arguments
-    const u8* qweight; const ScaleT* scales; const ScaleT* zeros; const u8* act;
-    i32 n_rows, k, m_tokens, n_chunks, n_groups, group_shift;
-    i32 row0;
-    u8* smem;
+    const u8* w_src[kWeightLinesPerThread];
+    u32 w_dst[kWeightLinesPerThread];
+    i32 w_chunk[kWeightLinesPerThread];     // chunk index within a stage; -1: row outside N
+    const u8* a_src[Layout::kActLinesPerThread];
+    u32 a_dst[Layout::kActLinesPerThread];
+    i32 a_kpos[Layout::kActLinesPerThread]; // chunk (Q8) or k (16-bit) within a stage; -1: no token
+    i64 win_src[kWindowSlotsPerThread];     // byte offset of the piece at stage 0; -1: unused slot
+    u32 win_dst[kWindowSlotsPerThread];
+    i64 win_stage_bytes;                    // scale bytes per row per stage
+    i64 scale_total_bytes;
+    i32 window_bytes;
 
-    __device__ __forceinline__ u8* stage_ptr(int buffer) const { return smem + buffer * Layout::kStageBytes; }
-
-    // One row's scales (or zeros) for one stage, as 4-byte pieces: the pieces
-    // cover [start & ~3, start + bytes), so a 2-byte scale array whose row
-    // starts at an odd element still loads with aligned 4-byte copies. Bytes
-    // past the end of the array are zero-filled, never read.
-    __device__ __forceinline__ void load_scale_window(u8* window_base, const ScaleT* array, int stage) const {
-        const int groups_per_stage = kStageChunks >> group_shift;
-        const i64 total_bytes = static_cast<i64>(n_rows) * n_groups * sizeof(ScaleT);
-        for (int i = threadIdx.x; i < kSmallMTileRows * (kScaleWindowBytes / 4); i += kSmallMThreads) {
-            const int r = i / (kScaleWindowBytes / 4), piece = i % (kScaleWindowBytes / 4);
+    __device__ __forceinline__ void init(const u8* qweight, const u8* act, i32 n_rows, i32 k, i32 m_tokens,
+                                         i32 n_groups, i32 group_shift, i32 scale_size, i32 window_pieces,
+                                         i32 row0) {
+        const int tid = threadIdx.x;
+        const i64 row_bytes = k / 2;
+#pragma unroll
+        for (int i = 0; i < kWeightLinesPerThread; ++i) {
+            const int line = i * kSmallMThreads + tid;
+            const int r = line / kStageChunks, c = line % kStageChunks;
+            const int row = row0 + r;
+            w_src[i] = qweight + (row < n_rows ? row : 0) * row_bytes + c * 16;
+            w_chunk[i] = row < n_rows ? c : -1;
+            w_dst[i] = (r / 16) * (16 * kWeightRowBytes) + (r % 16) * kWeightRowBytes + ((c ^ (r & 7)) << 4);
+        }
+#pragma unroll
+        for (int i = 0; i < Layout::kActLinesPerThread; ++i) {
+            const int line = i * kSmallMThreads + tid;
+            const int m = line / SmallMAct<ActT>::kLinesPerToken;
+            const int rem = line % SmallMAct<ActT>::kLinesPerToken;
+            const bool token = line < Layout::kActLines && m < m_tokens;
+            if constexpr (kQ8) {
+                const int blk = rem / 3, part = rem % 3;
+                a_src[i] = act + (static_cast<i64>(token ? m : 0) * (k / kChunkK) + blk) * 48 + part * 16;
+                a_kpos[i] = token ? blk : -1;
+                a_dst[i] = Layout::kActOffset + m * SmallMAct<ActT>::kTokenStride + blk * 48 + part * 16;
+            } else {
+                a_src[i] = act + (static_cast<i64>(token ? m : 0) * k + rem * 8) * 2;
+                a_kpos[i] = token ? rem * 8 : -1;
+                a_dst[i] = Layout::kActOffset + m * SmallMAct<ActT>::kTokenStride + rem * 16;
+            }
+            if (line >= Layout::kActLines) a_dst[i] = 0xFFFFFFFFu;   // no such line
+        }
+        window_bytes = 4 * window_pieces;
+        const int groups_per_stage = group_shift == kNoGroups ? 0 : kStageChunks >> group_shift;
+        win_stage_bytes = static_cast<i64>(groups_per_stage) * scale_size;
+        scale_total_bytes = static_cast<i64>(n_rows) * n_groups * scale_size;
+#pragma unroll
+        for (int i = 0; i < kWindowSlotsPerThread; ++i) {
+            const int slot = i * kSmallMThreads + tid;
+            win_src[i] = -1;
+            win_dst[i] = 0;
+            if (window_pieces == 0 || slot >= kSmallMTileRows * window_pieces) continue;
+            const int r = slot / window_pieces, piece = slot % window_pieces;
             const int row = row0 + r;
             if (row >= n_rows) continue;
-            const i64 start = (static_cast<i64>(row) * n_groups + static_cast<i64>(stage) * groups_per_stage) *
-                              static_cast<i64>(sizeof(ScaleT));
-            const i64 src = (start & ~static_cast<i64>(3)) + 4 * piece;
-            if (src >= start + groups_per_stage * static_cast<i64>(sizeof(ScaleT)) || src >= total_bytes) continue;
-            const i64 valid = total_bytes - src < 4 ? total_bytes - src : 4;
-            cp_async4(window_base + r * kScaleWindowBytes + 4 * piece,
-                      reinterpret_cast<const u8*>(array) + src, static_cast<u32>(valid));
+            // The pieces cover [start & ~3, start + bytes): a 2-byte scale row that
+            // starts at an odd element still loads with aligned 4-byte copies.
+            const i64 start = static_cast<i64>(row) * n_groups * scale_size;
+            if (4 * piece >= static_cast<int>(start & 3) + win_stage_bytes) continue;
+            win_src[i] = (start & ~static_cast<i64>(3)) + 4 * piece;
+            win_dst[i] = Layout::kWindowOffset + r * window_bytes + 4 * piece;
         }
     }
 
-    __device__ __forceinline__ void load_stage(int buffer, int stage) const {
-        u8* base = stage_ptr(buffer);
-        const int tid = threadIdx.x;
-        const i64 row_bytes = k / 2;
-        // weights: 64 rows x 8 chunks of 16 bytes
+    template <typename ScaleT>
+    __device__ __forceinline__ void load(u8* base, int stage, i32 n_chunks, i32 k, const ScaleT* scales,
+                                         const ScaleT* zeros, bool has_zeros) const {
+        const int chunk0 = stage * kStageChunks;
 #pragma unroll
-        for (int i = 0; i < kWeightStageBytes / 16 / kSmallMThreads; ++i) {
-            const int line = i * kSmallMThreads + tid;
-            const int r = line / kStageChunks, c = line % kStageChunks;
-            const int row = row0 + r, chunk = stage * kStageChunks + c;
-            const bool ok = row < n_rows && chunk < n_chunks;
-            const u8* src = ok ? qweight + row * row_bytes + chunk * 16 : qweight;
-            u8* dst = base + (r / 16) * (16 * kWeightRowBytes) + (r % 16) * kWeightRowBytes + ((c ^ (r & 7)) << 4);
-            cp_async16(dst, src, ok ? 16 : 0);
+        for (int i = 0; i < kWeightLinesPerThread; ++i) {
+            const bool ok = w_chunk[i] >= 0 && chunk0 + w_chunk[i] < n_chunks;
+            cp_async16(base + w_dst[i], ok ? w_src[i] + chunk0 * 16 : w_src[i], ok ? 16 : 0);
         }
-        // activations of all 8 token slots (slots >= M are zero-filled)
-        u8* abase = base + kWeightStageBytes;
-        constexpr int kActLines = kSmallMMaxTokens * SmallMAct<ActT>::kLinesPerToken;
-        for (int line = tid; line < kActLines; line += kSmallMThreads) {
-            const int m = line / SmallMAct<ActT>::kLinesPerToken;
-            const int rem = line % SmallMAct<ActT>::kLinesPerToken;
-            const u8* src;
-            bool ok;
-            int dst_offset;
-            if constexpr (kQ8) {
-                const int blk = rem / 3, part = rem % 3;
-                const int chunk = stage * kStageChunks + blk;
-                ok = m < m_tokens && chunk < n_chunks;
-                src = act + ((static_cast<i64>(m) * n_chunks + chunk) * 48 + part * 16);
-                dst_offset = blk * 48 + part * 16;
-            } else {
-                const int kk = stage * kStageChunks * kChunkK + rem * 8;
-                ok = m < m_tokens && kk < k;
-                src = act + (static_cast<i64>(m) * k + kk) * 2;
-                dst_offset = rem * 16;
-            }
-            cp_async16(abase + m * kTokenStride + dst_offset, ok ? src : act, ok ? 16 : 0);
+#pragma unroll
+        for (int i = 0; i < Layout::kActLinesPerThread; ++i) {
+            if (a_dst[i] == 0xFFFFFFFFu) continue;
+            const bool ok = a_kpos[i] >= 0 &&
+                            (kQ8 ? chunk0 + a_kpos[i] < n_chunks : chunk0 * kChunkK + a_kpos[i] < k);
+            const u8* src = a_src[i] + static_cast<i64>(stage) * SmallMAct<ActT>::kSourceStageBytes;
+            cp_async16(base + a_dst[i], ok ? src : a_src[i], ok ? 16 : 0);
         }
-        if (group_shift != kNoGroups) {
-            u8* sbase = abase + Layout::kActStageBytes;
-            load_scale_window(sbase, scales, stage);
-            if constexpr (kHasZeros) load_scale_window(sbase + kScaleStageBytes, zeros, stage);
+        const i64 stage_offset = stage * win_stage_bytes;
+#pragma unroll
+        for (int i = 0; i < kWindowSlotsPerThread; ++i) {
+            if (win_src[i] < 0) continue;
+            const i64 src = win_src[i] + stage_offset;
+            if (src >= scale_total_bytes) continue;   // groups past K in the last stage: never read
+            const u32 valid = scale_total_bytes - src < 4 ? static_cast<u32>(scale_total_bytes - src) : 4u;
+            cp_async4(base + win_dst[i], reinterpret_cast<const u8*>(scales) + src, valid);
+            if (has_zeros)
+                cp_async4(base + win_dst[i] + kSmallMTileRows * window_bytes,
+                          reinterpret_cast<const u8*>(zeros) + src, valid);
         }
     }
 };
@@ -183,37 +220,49 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     float* __restrict__ workspace,      // [splits, n_tiles, 8, 64] when gridDim.y > 1
     u32* __restrict__ tickets,          // [n_tiles], zero between launches
     i32 n_rows, i32 k, i32 m_tokens, i32 n_groups, i32 group_shift,
+    i32 window_pieces,                  // 4-byte pieces of a row's scales per stage (0: per-channel)
+    i32 stage_bytes,                    // shared bytes per pipeline stage (see SmallMLayout)
     i32 stages_per_split, i32 out_kind)
 {
-    using Cta = SmallMCta<ActT, ScaleT, kHasZeros>;
-    using Layout = typename Cta::Layout;
-    constexpr bool kQ8 = Cta::kQ8;
-    constexpr int kTokenStride = Cta::kTokenStride;
+    using Layout = SmallMLayout<ActT>;
+    constexpr bool kQ8 = SmallMAct<ActT>::kIsQ8;
+    constexpr int kTokenStride = SmallMAct<ActT>::kTokenStride;
     extern __shared__ __align__(16) u8 smem[];
 
     u32 dynamic_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
-    if (dynamic_smem < Layout::kSmemBytes) __trap();   // host and kernel disagree on the layout
+    const int window_bytes = 4 * window_pieces;
+    if (dynamic_smem < static_cast<u32>(kSmallMStages * stage_bytes) ||
+        stage_bytes < Layout::kWindowOffset + kSmallMTileRows * window_bytes * (kHasZeros ? 2 : 1))
+        __trap();   // host and kernel disagree on the layout
 
-    Cta cta{qweight, scales, zeros, act, n_rows, k, m_tokens, k / kChunkK, n_groups, group_shift,
-            static_cast<i32>(blockIdx.x) * kSmallMTileRows, smem};
+    const int row0 = blockIdx.x * kSmallMTileRows;
+    const int n_chunks = k / kChunkK;
+    SmallMLoader<ActT> loader;
+    loader.init(qweight, act, n_rows, k, m_tokens, n_groups, group_shift, sizeof(ScaleT), window_pieces, row0);
+
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;          // MMA group id and thread-in-group
-    const int n_stages = (cta.n_chunks + kStageChunks - 1) / kStageChunks;
+    const int n_stages = (n_chunks + kStageChunks - 1) / kStageChunks;
     const int s_begin = blockIdx.y * stages_per_split;
     const int s_end = min(s_begin + stages_per_split, n_stages);
     const int n_local = s_end - s_begin;
     const u32 group_mask = (1u << group_shift) - 1u;
 
-    // rows of this thread's C fragment, clamped for scale reads
+    // rows of this thread's C fragment (clamped for scale reads) and where
+    // their scales start inside a stage's window
     const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
-    int row[2];
+    int row[2], window_start[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row[h] = min(cta.row0 + local_row[h], n_rows - 1);
+    for (int h = 0; h < 2; ++h) {
+        row[h] = min(row0 + local_row[h], n_rows - 1);
+        window_start[h] = Layout::kWindowOffset + local_row[h] * window_bytes +
+                          static_cast<int>((static_cast<i64>(row[h]) * n_groups * sizeof(ScaleT)) & 3);
+    }
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};    // (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
     float gacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // this group's sum of q~ * x (Q8: d-scaled)
-    float gx[4] = {0.0f, 0.0f, 0.0f, 0.0f};     // this group's sum of x per column (zero-point term)
+    float gx[4] = {0.0f, 0.0f, 0.0f, 0.0f};     // this group's sum of x for (col 2t, 2t+1, 2t, 2t+1)
 
     auto fold = [&](float s0, float s1, float z0, float z1) {
         acc[0] += s0 * (gacc[0] - z0 * gx[0]);
@@ -223,26 +272,21 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
 #pragma unroll
         for (int i = 0; i < 4; ++i) { gacc[i] = 0.0f; gx[i] = 0.0f; }
     };
-    // the zero point in q units: implicit 8 (symmetric) or the zeros array;
+    // z: the zero point in q units, implicit 8 (symmetric) or the zeros array;
     // the 16-bit symmetric path already subtracted 8 inside the MMA operand
-    constexpr bool kZeroTerm = kQ8 || kHasZeros;
+    constexpr float kImplicitZero = kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
 
-    auto fold_stage_group = [&](const u8* stage_base, int stage, int c) {
-        const u8* windows = stage_base + kWeightStageBytes + Layout::kActStageBytes;
-        const int groups_per_stage = kStageChunks >> group_shift;
+    auto fold_stage_group = [&](const u8* stage_base, int c) {
+        const int offset = (c >> group_shift) * static_cast<int>(sizeof(ScaleT));
         float s[2], z[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const i64 start = (static_cast<i64>(row[h]) * n_groups + static_cast<i64>(stage) * groups_per_stage) *
-                              static_cast<i64>(sizeof(ScaleT));
-            const int offset = static_cast<int>(start & 3) + (c >> group_shift) * static_cast<int>(sizeof(ScaleT));
-            s[h] = to_float(*reinterpret_cast<const ScaleT*>(windows + local_row[h] * kScaleWindowBytes + offset));
-            if constexpr (kHasZeros)
-                z[h] = to_float(*reinterpret_cast<const ScaleT*>(
-                    windows + kScaleStageBytes + local_row[h] * kScaleWindowBytes + offset));
-            else
-                z[h] = kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+            s[h] = to_float(*reinterpret_cast<const ScaleT*>(stage_base + window_start[h] + offset));
+            z[h] = kHasZeros ? to_float(*reinterpret_cast<const ScaleT*>(
+                                   stage_base + window_start[h] + kSmallMTileRows * window_bytes + offset))
+                             : kImplicitZero;
         }
+        if constexpr (kQ8) { gx[2] = gx[0]; gx[3] = gx[1]; }
         fold(s[0], s[1], z[0], z[1]);
     };
 
@@ -258,11 +302,11 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
             mma_s8_m16n8k32(dot, a, b0, b1);
             const float2 ds0 = *reinterpret_cast<const float2*>(abase + (2 * t) * kTokenStride + c * 48 + 32);
             const float2 ds1 = *reinterpret_cast<const float2*>(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
-            gacc[0] += ds0.x * static_cast<float>(dot[0]);
-            gacc[1] += ds1.x * static_cast<float>(dot[1]);
-            gacc[2] += ds0.x * static_cast<float>(dot[2]);
-            gacc[3] += ds1.x * static_cast<float>(dot[3]);
-            gx[0] += ds0.y; gx[1] += ds1.y; gx[2] += ds0.y; gx[3] += ds1.y;
+            gacc[0] += ds0.x * small_int_to_float(dot[0]);
+            gacc[1] += ds1.x * small_int_to_float(dot[1]);
+            gacc[2] += ds0.x * small_int_to_float(dot[2]);
+            gacc[3] += ds1.x * small_int_to_float(dot[3]);
+            gx[0] += ds0.y; gx[1] += ds1.y;      // the same for both rows: copied at the fold
         } else {
             using M = NibbleMagic<ActT>;
             constexpr u32 kShift = kHasZeros ? M::kMinusBase : M::kMinusBaseAnd8;
@@ -293,10 +337,14 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         }
     };
 
+    auto load_stage = [&](int buffer, int stage) {
+        loader.load(smem + buffer * stage_bytes, stage, n_chunks, k, scales, zeros, kHasZeros);
+    };
+
     // pipeline prologue
 #pragma unroll
     for (int i = 0; i < kSmallMStages - 1; ++i) {
-        if (i < n_local) cta.load_stage(i, s_begin + i);
+        if (i < n_local) load_stage(i, s_begin + i);
         cp_async_commit();
     }
     const int ld_row = (lane & 7) + ((lane >> 3) & 1) * 8;   // ldmatrix: the row this lane addresses
@@ -305,24 +353,24 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         cp_async_wait<kSmallMStages - 2>();
         __syncthreads();
         if (i + kSmallMStages - 1 < n_local)
-            cta.load_stage((i + kSmallMStages - 1) % kSmallMStages, s_begin + i + kSmallMStages - 1);
+            load_stage((i + kSmallMStages - 1) % kSmallMStages, s_begin + i + kSmallMStages - 1);
         cp_async_commit();
 
         const int stage = s_begin + i;
-        const u8* base = cta.stage_ptr(i % kSmallMStages);
+        const u8* base = smem + (i % kSmallMStages) * stage_bytes;
         const u8* wbase = base + warp * 16 * kWeightRowBytes;
-        const u8* abase = base + kWeightStageBytes;
+        const u8* abase = base + Layout::kActOffset;
 #pragma unroll
         for (int pair = 0; pair < kStageChunks / 2; ++pair) {
             const int c = 2 * pair;
-            if (stage * kStageChunks + c >= cta.n_chunks) break;
+            if (stage * kStageChunks + c >= n_chunks) break;
             u32 w[4];
             ldmatrix_x4(w, wbase + ld_row * kWeightRowBytes + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
             mma_chunk(abase, c, w[0], w[1]);
-            if (((c + 1) & group_mask) == 0) fold_stage_group(base, stage, c);
-            if (stage * kStageChunks + c + 1 < cta.n_chunks) {
+            if (((c + 1) & group_mask) == 0) fold_stage_group(base, c);
+            if (stage * kStageChunks + c + 1 < n_chunks) {
                 mma_chunk(abase, c + 1, w[2], w[3]);
-                if (((c + 2) & group_mask) == 0) fold_stage_group(base, stage, c + 1);
+                if (((c + 2) & group_mask) == 0) fold_stage_group(base, c + 1);
             }
         }
     }
@@ -332,18 +380,18 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             s[h] = to_float(scales[row[h]]);
-            z[h] = kHasZeros ? to_float(zeros[row[h]]) : (kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f);
+            z[h] = kHasZeros ? to_float(zeros[row[h]]) : kImplicitZero;
         }
+        if constexpr (kQ8) { gx[2] = gx[0]; gx[3] = gx[1]; }
         fold(s[0], s[1], z[0], z[1]);
     }
-    (void)kZeroTerm;
 
     // epilogue
     const int n_tiles = gridDim.x;
     if (gridDim.y == 1) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int r = cta.row0 + local_row[i >> 1], m = 2 * t + (i & 1);
+            const int r = row0 + local_row[i >> 1], m = 2 * t + (i & 1);
             if (r < n_rows && m < m_tokens) {
                 float v = acc[i];
                 if (bias != nullptr) v += load_as_float(bias, r, out_kind);
@@ -363,7 +411,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     if (!is_last) return;
     __threadfence();
     for (int e = threadIdx.x; e < kSmallMMaxTokens * kSmallMTileRows; e += kSmallMThreads) {
-        const int m = e / kSmallMTileRows, r = cta.row0 + e % kSmallMTileRows;
+        const int m = e / kSmallMTileRows, r = row0 + e % kSmallMTileRows;
         if (m >= m_tokens || r >= n_rows) continue;
         float v = 0.0f;
         for (int sp = 0; sp < static_cast<int>(gridDim.y); ++sp)   // fixed order: deterministic

@@ -1,11 +1,13 @@
 // matvec_q8: y[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) for INT4 or INT8
 // weights against Q8 activation blocks, with dp4a (llama.cpp's MMVQ idea).
 //
-// Work split: a CTA owns kRows consecutive weight rows and its 128 threads
-// stride over the K/32 Q8 blocks, so consecutive threads read consecutive
-// 16-byte pieces of each row (coalesced), and every activation block a
-// thread loads is reused for kRows rows. Partial sums are reduced with warp
-// shuffles and then across the CTA's warps in shared memory.
+// Work split: each warp owns kRows consecutive weight rows (a CTA holds four
+// such warps) and its lanes stride over the K/32 Q8 blocks, so consecutive
+// lanes read consecutive 16-byte pieces of each row (coalesced), and every
+// activation block a lane loads is reused for kRows rows. A warp streams its
+// rows' whole K with several loads in flight per lane and reduces with
+// shuffles only: no shared memory, no CTA barrier, so warps never wait for
+// each other and a finished warp's slot takes new rows at once.
 //
 // One Q8 block of 32 activations meets, per weight row:
 //   INT4: 16 bytes (4 words); word j & 0x0F0F0F0F holds the even-k weights
@@ -69,8 +71,14 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 {
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
-    const int row0 = blockIdx.x * kRows;
-    const i64 row_bytes = static_cast<i64>(n_blocks) * WeightBlock<kWeightBits>::kBytes;
+    // one token: two blocks in flight per lane; more tokens: their activation
+    // blocks already fill the registers
+    constexpr int kUnroll = kMaxM == 1 ? 2 : 1;
+    using Block = WeightBlock<kWeightBits>;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.x * kMatvecWarps + warp) * kRows;
+    if (row0 >= n_rows) return;      // whole warp: nothing below synchronizes across warps
+    const i64 row_bytes = static_cast<i64>(n_blocks) * Block::kBytes;
     const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
 
     float acc[kRows][kMaxM];
@@ -79,22 +87,23 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
 
-    int rows[kRows];   // clamped so every load is in bounds; only real rows are stored
+    const u8* row_ptr[kRows];   // clamped so every load is in bounds; only real rows are stored
+    i64 group_base[kRows];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) rows[r] = min(row0 + r, n_rows - 1);
+    for (int r = 0; r < kRows; ++r) {
+        const int row = min(row0 + r, n_rows - 1);
+        row_ptr[r] = qweight + row * row_bytes;
+        group_base[r] = static_cast<i64>(row) * n_groups;
+    }
 
-    for (int b = threadIdx.x; b < n_blocks; b += kMatvecThreads) {
-        WeightBlock<kWeightBits> w[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-            w[r].load(qweight + rows[r] * row_bytes + static_cast<i64>(b) * WeightBlock<kWeightBits>::kBytes);
+    // one Q8 block b of every row and token
+    auto accumulate = [&](const Block (&w)[kRows], int b) {
         const int group = b >> group_shift;
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            const i64 g = static_cast<i64>(rows[r]) * n_groups + group;
-            s[r] = to_float(scales[g]);
-            z[r] = kHasZeros ? to_float(zeros[g]) : implicit_zero;
+            s[r] = to_float(scales[group_base[r] + group]);
+            z[r] = kHasZeros ? to_float(zeros[group_base[r] + group]) : implicit_zero;
         }
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -115,11 +124,30 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
                 acc[r][m] += s[r] * (d * static_cast<float>(dot) - z[r] * sum);
             }
         }
+    };
+
+    // lanes stride over the K blocks, kUnroll blocks per lane per step: every
+    // weight load of a step is issued before the first one is used
+    int b = lane;
+    for (; b + (kUnroll - 1) * 32 < n_blocks; b += kUnroll * 32) {
+        Block w[kUnroll][kRows];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+                w[u][r].load(row_ptr[r] + static_cast<i64>(b + u * 32) * Block::kBytes);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) accumulate(w[u], b + u * 32);
+    }
+    for (; b < n_blocks; b += 32) {   // the tail, one block at a time
+        Block w[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) w[r].load(row_ptr[r] + static_cast<i64>(b) * Block::kBytes);
+        accumulate(w, b);
     }
 
-    // reduce over the CTA: shuffles within each warp, then shared memory
-    __shared__ float partial[kMatvecWarps][kRows * kMaxM];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // warp reduction; lane r * kMaxM + m ends up owning (row r, token m)
+    float mine = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -127,16 +155,14 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             float v = acc[r][m];
 #pragma unroll
             for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-            if (lane == 0) partial[warp][r * kMaxM + m] = v;
+            if (lane == r * kMaxM + m) mine = v;
         }
-    __syncthreads();
-    if (threadIdx.x < kRows * kMaxM) {
-        const int r = threadIdx.x / kMaxM, m = threadIdx.x % kMaxM;
+    static_assert(kRows * kMaxM <= 32, "one output per lane");
+    if (lane < kRows * kMaxM) {
+        const int r = lane / kMaxM, m = lane % kMaxM;
         const int row = row0 + r;
         if (row < n_rows && m < m_tokens) {
-            float v = 0.0f;
-#pragma unroll
-            for (int w = 0; w < kMatvecWarps; ++w) v += partial[w][threadIdx.x];
+            float v = mine;
             if (bias != nullptr) v += load_as_float(bias, row, out_kind);
             store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
         }

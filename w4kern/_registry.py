@@ -69,18 +69,29 @@ MATVEC_MAX_M = (1, 4, 8)
 MATVEC_CONFIGS = ((1, 4), (1, 8), (4, 4), (8, 4))
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
-#: dynamic shared memory of gemm_small_m: 4 stages of weights (8 KiB), 8 tokens of
-#: activations and one or two 2 KiB scale windows (SmallMLayout in gemm_small_m.cu)
+#: shared memory of gemm_small_m (SmallMLayout in gemm_small_m.cu): 4 pipeline stages,
+#: each 8 KiB of weights, 8 tokens of activations and 64 rows of scale (and zero)
+#: windows of 4-byte pieces
 SMALL_M_STAGES = 4
 SMALL_M_TILE_ROWS = 64
 SMALL_M_MAX_TOKENS = 8
+SMALL_M_STAGE_CHUNKS = 8
 
 
-def small_m_smem_bytes(act_is_q8: bool, has_zeros: bool) -> int:
-    """SmallMLayout<ActT, kHasZeros>::kSmemBytes (the kernel traps if the launch gives less)."""
-    token_stride = 8 * 48 + 16 if act_is_q8 else 8 * 32 * 2 + 64
-    stage = 64 * 128 + SMALL_M_MAX_TOKENS * token_stride + 64 * 32 * (2 if has_zeros else 1)
-    return SMALL_M_STAGES * stage
+def small_m_window_pieces(scale_itemsize: int, group_size: int) -> int:
+    """4-byte pieces covering one row's scales for one stage (256 k), including the
+    2-byte misalignment a 2-byte scale row may start with; 0 for per-channel."""
+    if group_size == -1:
+        return 0
+    groups = SMALL_M_STAGE_CHUNKS * 32 // group_size
+    misalignment = 2 if scale_itemsize == 2 else 0
+    return -(-(groups * scale_itemsize + misalignment) // 4)
+
+
+def small_m_stage_bytes(act_is_q8: bool, window_pieces: int, has_zeros: bool) -> int:
+    token_stride = SMALL_M_STAGE_CHUNKS * 48 + 16 if act_is_q8 else SMALL_M_STAGE_CHUNKS * 32 * 2 + 64
+    windows = SMALL_M_TILE_ROWS * 4 * window_pieces * (2 if has_zeros else 1)
+    return SMALL_M_TILE_ROWS * SMALL_M_STAGE_CHUNKS * 16 + SMALL_M_MAX_TOKENS * token_stride + windows
 
 FAMILIES: dict[str, KernelFamily] = {
     family.name: family
@@ -132,7 +143,7 @@ FAMILIES: dict[str, KernelFamily] = {
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
             ),
-            max_dynamic_smem=small_m_smem_bytes(False, True),
+            max_dynamic_smem=SMALL_M_STAGES * small_m_stage_bytes(False, 8, True),
         ),
         KernelFamily(
             name="membench",

@@ -366,7 +366,7 @@ def _launch_matvec(call, act, weight, bias, out, rows=None):
     )
     n_groups = weight.scales.shape[-1]
     kernel(
-        (-(-call.n // rows),), (128,),
+        (-(-call.n // (4 * rows)),), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
          _pointer(bias), out, np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
          np.int32(n_groups), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out.dtype])),
@@ -375,7 +375,15 @@ def _launch_matvec(call, act, weight, bias, out, rows=None):
 
 def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
     from . import _runtime
-    from ._registry import Q8_ACT, SMALL_M_TILE_ROWS, cxx_bool, cxx_type, small_m_smem_bytes
+    from ._registry import (
+        Q8_ACT,
+        SMALL_M_STAGES,
+        SMALL_M_TILE_ROWS,
+        cxx_bool,
+        cxx_type,
+        small_m_stage_bytes,
+        small_m_window_pieces,
+    )
 
     zeros = weight.zeros
     act_type = Q8_ACT if call.act == "q8" else cxx_type(act.dtype)
@@ -387,13 +395,15 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
     n_tiles = -(-call.n // SMALL_M_TILE_ROWS)
     splits, per_split = small_m_splits(call.n, call.k, _sm_count(cp), ctas_per_sm)
     partials, tickets = ws.split_k(splits * n_tiles * 8 * SMALL_M_TILE_ROWS if splits > 1 else 0, n_tiles)
+    pieces = small_m_window_pieces(weight.scales.dtype.itemsize, weight.group_size)
+    stage_bytes = small_m_stage_bytes(call.act == "q8", pieces, zeros is not None)
     kernel(
         (n_tiles, splits), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act, _pointer(bias), out,
          partials, tickets, np.int32(call.n), np.int32(call.k), np.int32(call.m),
-         np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(per_split),
-         np.int32(_OUT_KIND[out.dtype])),
-        shared_mem=small_m_smem_bytes(call.act == "q8", zeros is not None),
+         np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(pieces),
+         np.int32(stage_bytes), np.int32(per_split), np.int32(_OUT_KIND[out.dtype])),
+        shared_mem=SMALL_M_STAGES * stage_bytes,
     )
 
 
