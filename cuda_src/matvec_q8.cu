@@ -57,7 +57,7 @@ struct WeightBlock<8> {
     __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
 };
 
-template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows>
+template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll>
 __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const u8* __restrict__ qweight,      // [N, K * kWeightBits / 8]
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -71,9 +71,6 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 {
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
-    // one token: two blocks in flight per lane; more tokens: their activation
-    // blocks already fill the registers
-    constexpr int kUnroll = kMaxM == 1 ? 2 : 1;
     using Block = WeightBlock<kWeightBits>;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.x * kMatvecWarps + warp) * kRows;
@@ -126,24 +123,28 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         }
     };
 
-    // lanes stride over the K blocks, kUnroll blocks per lane per step: every
-    // weight load of a step is issued before the first one is used
-    int b = lane;
-    for (; b + (kUnroll - 1) * 32 < n_blocks; b += kUnroll * 32) {
-        Block w[kUnroll][kRows];
+    // Lanes stride over the K blocks, kUnroll blocks per lane per step, and the
+    // next step's weights are loaded before this step's math (register double
+    // buffering), so every lane always has a step of loads in flight.
+    Block cur[kUnroll][kRows], next[kUnroll][kRows];
+    auto load_step = [&](Block (&w)[kUnroll][kRows], int b) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (b + u * 32 < n_blocks)
+#pragma unroll
+                for (int r = 0; r < kRows; ++r)
+                    w[u][r].load(row_ptr[r] + static_cast<i64>(b + u * 32) * Block::kBytes);
+    };
+    load_step(cur, lane);
+    for (int b = lane; b < n_blocks; b += kUnroll * 32) {
+        if (b + kUnroll * 32 < n_blocks) load_step(next, b + kUnroll * 32);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (b + u * 32 < n_blocks) accumulate(cur[u], b + u * 32);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-            for (int r = 0; r < kRows; ++r)
-                w[u][r].load(row_ptr[r] + static_cast<i64>(b + u * 32) * Block::kBytes);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) accumulate(w[u], b + u * 32);
-    }
-    for (; b < n_blocks; b += 32) {   // the tail, one block at a time
-        Block w[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) w[r].load(row_ptr[r] + static_cast<i64>(b) * Block::kBytes);
-        accumulate(w, b);
+            for (int r = 0; r < kRows; ++r) cur[u][r] = next[u][r];
     }
 
     // warp reduction; lane r * kMaxM + m ends up owning (row r, token m)

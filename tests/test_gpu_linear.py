@@ -13,6 +13,7 @@ import pytest
 
 import w4kern
 from w4kern import reference
+from w4kern._registry import MATVEC_CONFIGS
 from w4kern.linear import _linear
 
 pytestmark = pytest.mark.gpu
@@ -48,14 +49,14 @@ def tolerance(x_ref, weight):
 
 
 def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per_sm=None, bias=False,
-          matvec_rows=None):
+          matvec_config=None):
     """Run one kernel on fresh random x and compare with the reference."""
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 20.0])).astype(dtype)
     n = weight.shape[0]
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     out = cp.full((m, n), np.nan, dtype=np.float32)
     got = _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out=out,
-                  bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm, matvec_rows=matvec_rows)
+                  bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm, matvec_config=matvec_config)
     assert got is out
     x_ref = w4kern.quantize_q8(x) if act == "q8" else x
     expected = reference.linear(x_ref, weight, b)
@@ -92,15 +93,15 @@ def test_int8_matvec_matches_reference(cp, rng, group_size, scale_dtype):
             check(cp, rng, weight, m, k, act="q8", kernel="matvec", bias=(m == 2))
 
 
-@pytest.mark.parametrize("rows", [4, 8])
+@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}".format(*c))
 @pytest.mark.parametrize("bits", [4, 8])
-def test_one_token_matvec_every_rows_instance(cp, rng, bits, rows):
+def test_one_token_matvec_every_instance(cp, rng, bits, config):
     for group_size, cases in CASES.items():
         for n, k in cases:
             w = rng.standard_normal((n, k)).astype(np.float32)
             weight = (w4kern.quantize_int4(w, group_size=group_size, symmetric=False) if bits == 4
                       else w4kern.quantize_int8(w, group_size=group_size))
-            check(cp, rng, weight, 1, k, act="q8", kernel="matvec", matvec_rows=rows, bias=True)
+            check(cp, rng, weight, 1, k, act="q8", kernel="matvec", matvec_config=config, bias=True)
 
 
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])

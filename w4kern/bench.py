@@ -364,13 +364,17 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
             x = (rng.standard_normal((m, k), dtype=np.float32)).astype(w4kern.bfloat16)
             out = cp.empty((m, n), dtype=w4kern.bfloat16)
             shape = {"name": name, "N": n, "K": k, "M": m, "group_size": 128}
+            xq = w4kern.quantize_q8(x)
+            rows += _measure(timer, "w4kern-w4a8-preq", "linear", shape,
+                             lambda i: w4kern.linear(xq, weights[i % copies], out=out),
+                             _linear_bytes(base, m, k, n, "q8"), ceilings, modes)
             for act in ("q8", "bf16"):
                 rows += _measure(timer, f"w4kern-{'w4a8' if act == 'q8' else 'w4a16'}", "linear", shape,
                                  lambda i, a=act: w4kern.linear(x, weights[i % copies], act=a, out=out),
                                  _linear_bytes(base, m, k, n, act), ceilings, modes)
             if m in (1, 8):
-                rows += _measure(timer, "w4kern-w8a8", "linear", {**shape, "group_size": -1},
-                                 lambda i: w4kern.linear(x, weights8[i % copies8], out=out),
+                rows += _measure(timer, "w4kern-w8a8-preq", "linear", {**shape, "group_size": -1},
+                                 lambda i: w4kern.linear(xq, weights8[i % copies8], out=out),
                                  _linear_bytes(w8_base, m, k, n, "q8"), ceilings, modes)
                 q8_out = cp.empty((m, k // 32, 48), dtype=np.uint8)
                 rows += _measure(timer, "w4kern", "quantize_q8", {"name": name, "M": m, "K": k},
@@ -437,6 +441,7 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
     import cupy as cp
 
     import w4kern
+    from w4kern._registry import MATVEC_CONFIGS
     from w4kern.linear import _linear
 
     rng = cp.random.default_rng(3)
@@ -445,28 +450,37 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
     for name, (n, k) in shapes:
         w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
         base = w4kern.quantize_int4(w, group_size=128, symmetric=False)
+        w8 = w4kern.quantize_int8(w)
         del w
         copies = rotation_count(base.nbytes, ceilings.l2_bytes, timer.launches)
         weights = _int4_copies(base, copies)
+        copies8 = rotation_count(w8.nbytes, ceilings.l2_bytes, timer.launches)
+        weights8 = [w8] + [w4kern.Int8Weight(w8.qweight.copy(), w8.scales.copy(), -1) for _ in range(copies8 - 1)]
         for m in (1, 2, 3, 4, 8):
             x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
             out = cp.empty((m, n), dtype=w4kern.bfloat16)
             shape = {"name": name, "N": n, "K": k, "M": m}
-            rows += _measure(timer, "matvec", "linear_q8", shape,
-                             lambda i: _linear(x, weights[i % copies], kernel="matvec", out=out),
-                             _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
-            if m == 1:
-                rows += _measure(timer, "matvec-r8", "linear_q8", shape,
-                                 lambda i: _linear(x, weights[i % copies], kernel="matvec", out=out,
-                                                   matvec_rows=8),
+            xq = w4kern.quantize_q8(x)     # the kernels alone, on pre-quantized activations
+            configs = [c for c in MATVEC_CONFIGS if c[0] >= m] if m == 1 else [None]
+            for config in configs:
+                label = "matvec" if config is None else "matvec-m{}-r{}-u{}".format(*config)
+                rows += _measure(timer, label, "linear_q8", shape,
+                                 lambda i, c=config: _linear(xq, weights[i % copies], kernel="matvec", out=out,
+                                                             matvec_config=c),
                                  _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
+                if m == 1:
+                    rows += _measure(timer, label, "linear_w8a8", {**shape, "group_size": -1},
+                                     lambda i, c=config: _linear(xq, weights8[i % copies8], kernel="matvec",
+                                                                 out=out, matvec_config=c),
+                                     _linear_bytes(w8, m, k, n, "q8"), ceilings, ("graph",))
             for per_sm in ((2, 3, 4) if m in (1, 8) else (3,)):
                 for act in ("q8", "bf16"):
                     rows += _measure(timer, f"small_m-c{per_sm}", f"linear_{act}", shape,
-                                     lambda i, a=act, c=per_sm: _linear(x, weights[i % copies], act=a,
-                                                                        kernel="small_m", out=out, ctas_per_sm=c),
+                                     lambda i, a=act, c=per_sm: _linear(xq if a == "q8" else x, weights[i % copies],
+                                                                        act=a, kernel="small_m", out=out,
+                                                                        ctas_per_sm=c),
                                      _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
-        del base, weights
+        del base, weights, w8, weights8
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 

@@ -62,8 +62,9 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
 
 #: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
 SMALL_M_CTAS_PER_SM = {"default": 3}
-#: weight rows per CTA of the one-token matvec (4 or 8; MATVEC_CONFIGS)
-MATVEC_ROWS_M1 = {"default": 4}
+#: matvec_q8 instance (kMaxM, kRows, kUnroll) for one token, per weight kind
+#: (MATVEC_CONFIGS lists them; more tokens take the smallest kMaxM >= M)
+MATVEC_M1_CONFIG = {"default": {"int4": (1, 4, 2), "int8": (4, 4, 1)}}
 
 
 def _gpu_name() -> str:
@@ -213,7 +214,7 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 
 
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
-            matvec_rows=None):
+            matvec_config=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
     'matvec' / 'small_m' / 'dense' and the small-M kernel's CTAs per SM)."""
     call = _check(x, weight, act, bias, out, out_dtype)
@@ -229,7 +230,7 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
-                        matvec_rows=matvec_rows)
+                        matvec_config=matvec_config)
 
 
 def _linear_numpy(call, x, weight, bias, out):
@@ -324,7 +325,7 @@ def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int
     return -(-n_stages // per_split), per_split
 
 
-def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, matvec_rows=None):
+def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, matvec_config=None):
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
@@ -345,24 +346,31 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
-        _launch_matvec(call, act, weight, bias, out, matvec_rows)
+        _launch_matvec(call, act, weight, bias, out, matvec_config)
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
 
 
-def _launch_matvec(call, act, weight, bias, out, rows=None):
+def _launch_matvec(call, act, weight, bias, out, config=None):
     from . import _runtime
-    from ._registry import MATVEC_MAX_M, cxx_bool, cxx_type
+    from ._registry import MATVEC_CONFIGS, cxx_bool, cxx_type
 
     bits = 4 if call.kind == "int4" else 8
     zeros = getattr(weight, "zeros", None)
-    max_m = next(v for v in MATVEC_MAX_M if v >= call.m)
-    if rows is None:
-        rows = MATVEC_ROWS_M1.get(_gpu_name(), MATVEC_ROWS_M1["default"]) if max_m == 1 else 4
+    if config is None:
+        if call.m == 1:
+            config = _table(MATVEC_M1_CONFIG, call.kind)
+        else:
+            config = min((c for c in MATVEC_CONFIGS if c[0] >= call.m), key=lambda c: c[0])
+    config = tuple(config)
+    if config not in MATVEC_CONFIGS or config[0] < call.m:
+        raise ValueError(f"matvec config {config} is not one of {MATVEC_CONFIGS} with kMaxM >= M={call.m}")
+    max_m, rows, unroll = config
     kernel = _runtime.get_kernel(
         "matvec_q8",
-        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(rows)),
+        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(rows),
+         str(unroll)),
     )
     n_groups = weight.scales.shape[-1]
     kernel(
