@@ -178,7 +178,7 @@ struct SmallMLoader {
     }
 
     template <typename ScaleT>
-    __device__ __forceinline__ void load(u8* base, int stage, i32 n_chunks, i32 k, const ScaleT* scales,
+    __device__ __forceinline__ void load(u32 base, int stage, i32 n_chunks, i32 k, const ScaleT* scales,
                                          const ScaleT* zeros, bool has_zeros) const {
         const int chunk0 = stage * kStageChunks;
 #pragma unroll
@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
 
     const int row0 = blockIdx.x * kSmallMTileRows;
     const int n_chunks = k / kChunkK;
+    const u32 smem_base = smem_address(smem);
     SmallMLoader<ActT> loader;
     loader.init(qweight, act, n_rows, k, m_tokens, n_groups, group_shift, sizeof(ScaleT), window_pieces, row0);
 
@@ -276,32 +277,31 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     // the 16-bit symmetric path already subtracted 8 inside the MMA operand
     constexpr float kImplicitZero = kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
 
-    auto fold_stage_group = [&](const u8* stage_base, int c) {
-        const int offset = (c >> group_shift) * static_cast<int>(sizeof(ScaleT));
+    auto fold_stage_group = [&](u32 stage_base, int c) {
+        const u32 offset = (c >> group_shift) * static_cast<u32>(sizeof(ScaleT));
         float s[2], z[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            s[h] = to_float(*reinterpret_cast<const ScaleT*>(stage_base + window_start[h] + offset));
-            z[h] = kHasZeros ? to_float(*reinterpret_cast<const ScaleT*>(
-                                   stage_base + window_start[h] + kSmallMTileRows * window_bytes + offset))
+            s[h] = lds_scale<ScaleT>(stage_base + window_start[h] + offset);
+            z[h] = kHasZeros ? lds_scale<ScaleT>(stage_base + window_start[h] + kSmallMTileRows * window_bytes + offset)
                              : kImplicitZero;
         }
         if constexpr (kQ8) { gx[2] = gx[0]; gx[3] = gx[1]; }
         fold(s[0], s[1], z[0], z[1]);
     };
 
-    auto mma_chunk = [&](const u8* abase, int c, u32 w_lo_row, u32 w_hi_row) {
+    auto mma_chunk = [&](u32 abase, int c, u32 w_lo_row, u32 w_hi_row) {
         // w_lo_row: word t of this chunk for row g; w_hi_row: for row g + 8
         if constexpr (kQ8) {
             const u32 a[4] = {w_lo_row & kLowNibbles, w_hi_row & kLowNibbles,
                               (w_lo_row >> 4) & kLowNibbles, (w_hi_row >> 4) & kLowNibbles};
-            const u8* tok = abase + g * kTokenStride + c * 48;
-            const u32 b0 = *reinterpret_cast<const u32*>(tok + 4 * t);        // qs_even word t
-            const u32 b1 = *reinterpret_cast<const u32*>(tok + 16 + 4 * t);   // qs_odd word t
+            const u32 tok = abase + g * kTokenStride + c * 48 + 4 * t;
+            const u32 b0 = lds_u32(tok);        // qs_even word t
+            const u32 b1 = lds_u32(tok + 16);   // qs_odd word t
             i32 dot[4];
             mma_s8_m16n8k32(dot, a, b0, b1);
-            const float2 ds0 = *reinterpret_cast<const float2*>(abase + (2 * t) * kTokenStride + c * 48 + 32);
-            const float2 ds1 = *reinterpret_cast<const float2*>(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
+            const float2 ds0 = lds_f32x2(abase + (2 * t) * kTokenStride + c * 48 + 32);
+            const float2 ds1 = lds_f32x2(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
             gacc[0] += ds0.x * small_int_to_float(dot[0]);
             gacc[1] += ds1.x * small_int_to_float(dot[1]);
             gacc[2] += ds0.x * small_int_to_float(dot[2]);
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         } else {
             using M = NibbleMagic<ActT>;
             constexpr u32 kShift = kHasZeros ? M::kMinusBase : M::kMinusBaseAnd8;
-            const uint4 xv = *reinterpret_cast<const uint4*>(abase + g * kTokenStride + c * 64 + 16 * t);
+            const uint4 xv = lds_u32x4(abase + g * kTokenStride + c * 64 + 16 * t);
             // x[8t + 0..7] of token g, regrouped to the nibble order below
             const u32 x02 = byte_perm(xv.x, xv.y, 0x5410), x46 = byte_perm(xv.z, xv.w, 0x5410);
             const u32 x13 = byte_perm(xv.x, xv.y, 0x7632), x57 = byte_perm(xv.z, xv.w, 0x7632);
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     };
 
     auto load_stage = [&](int buffer, int stage) {
-        loader.load(smem + buffer * stage_bytes, stage, n_chunks, k, scales, zeros, kHasZeros);
+        loader.load(smem_base + buffer * stage_bytes, stage, n_chunks, k, scales, zeros, kHasZeros);
     };
 
     // pipeline prologue
@@ -357,15 +357,15 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         cp_async_commit();
 
         const int stage = s_begin + i;
-        const u8* base = smem + (i % kSmallMStages) * stage_bytes;
-        const u8* wbase = base + warp * 16 * kWeightRowBytes;
-        const u8* abase = base + Layout::kActOffset;
+        const u32 base = smem_base + (i % kSmallMStages) * stage_bytes;
+        const u32 wbase = base + warp * 16 * kWeightRowBytes + ld_row * kWeightRowBytes;
+        const u32 abase = base + Layout::kActOffset;
 #pragma unroll
         for (int pair = 0; pair < kStageChunks / 2; ++pair) {
             const int c = 2 * pair;
             if (stage * kStageChunks + c >= n_chunks) break;
             u32 w[4];
-            ldmatrix_x4(w, wbase + ld_row * kWeightRowBytes + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
+            ldmatrix_x4(w, wbase + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
             mma_chunk(abase, c, w[0], w[1]);
             if (((c + 1) & group_mask) == 0) fold_stage_group(base, c);
             if (stage * kStageChunks + c + 1 < n_chunks) {

@@ -28,18 +28,48 @@ __device__ __forceinline__ u32 smem_address(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
 
+// Shared memory is addressed with 32-bit shared-window addresses (u32) in the
+// hot loops: generic 64-bit pointers would cost two integer ops per address.
+
 // 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all
 // zeros, and `src` is not read).
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, u32 src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(smem_address(smem_dst)), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void cp_async16(u32 smem_dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smem_dst), "l"(src), "r"(src_bytes));
 }
 
 // 4-byte global -> shared copy with the same zero-fill rule.
-__device__ __forceinline__ void cp_async4(void* smem_dst, const void* src, u32 src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-                 :: "r"(smem_address(smem_dst)), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void cp_async4(u32 smem_dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_dst), "l"(src), "r"(src_bytes));
 }
+
+// Shared loads at 32-bit addresses. Volatile, so they stay ordered after the
+// cp.async waits and barriers that publish the data they read.
+__device__ __forceinline__ u32 lds_u32(u32 address) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
+    return v;
+}
+__device__ __forceinline__ u16 lds_u16(u32 address) {
+    u16 v;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(address));
+    return v;
+}
+__device__ __forceinline__ float2 lds_f32x2(u32 address) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(address));
+    return v;
+}
+__device__ __forceinline__ uint4 lds_u32x4(u32 address) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+    return v;
+}
+// A scale or zero of type T (float, f16_t or bf16_t) from shared memory, as float.
+template <typename T> __device__ __forceinline__ float lds_scale(u32 address);
+template <> __device__ __forceinline__ float lds_scale<float>(u32 address) { return __uint_as_float(lds_u32(address)); }
+template <> __device__ __forceinline__ float lds_scale<f16_t>(u32 address) { return to_float(f16_t{lds_u16(address)}); }
+template <> __device__ __forceinline__ float lds_scale<bf16_t>(u32 address) { return to_float(bf16_t{lds_u16(address)}); }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
@@ -51,10 +81,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // Four 8x8 matrices of 16-bit elements (rows of 16 bytes) from shared memory.
 // Lanes 8i..8i+7 give the row addresses of matrix i; lane l receives, in
 // r[i], bytes 4*(l%4)..4*(l%4)+3 of row l/4 of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row_address) {
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(row_address)));
+                 : "r"(row_address));
 }
 
 // The MMAs are plain (not volatile) asm: they only read and write registers, so
