@@ -209,7 +209,7 @@ struct SmallMLoader {
     }
 };
 
-template <typename ActT, typename ScaleT, bool kHasZeros>
+template <typename ActT, typename ScaleT, bool kHasZeros, int kGroupShift>
 __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     const u8* __restrict__ qweight,     // [N, K/2]
     const ScaleT* __restrict__ scales,  // [N, n_groups]
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     void* __restrict__ out,             // [M, N]
     float* __restrict__ workspace,      // [splits, n_tiles, 8, 64] when gridDim.y > 1
     u32* __restrict__ tickets,          // [n_tiles], zero between launches
-    i32 n_rows, i32 k, i32 m_tokens, i32 n_groups, i32 group_shift,
+    i32 n_rows, i32 k, i32 m_tokens, i32 n_groups,
     i32 window_pieces,                  // 4-byte pieces of a row's scales per stage (0: per-channel)
     i32 stage_bytes,                    // shared bytes per pipeline stage (see SmallMLayout)
     i32 stages_per_split, i32 out_kind)
@@ -236,6 +236,10 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         stage_bytes < Layout::kWindowOffset + kSmallMTileRows * window_bytes * (kHasZeros ? 2 : 1))
         __trap();   // host and kernel disagree on the layout
 
+    // log2(chunks per group), kNoGroups for per-channel: a template parameter, so
+    // the group ends inside a stage are known and the chunk loop has no branches
+    constexpr int group_shift = kGroupShift;
+    constexpr u32 group_mask = (1u << kGroupShift) - 1u;
     const int row0 = blockIdx.x * kSmallMTileRows;
     const int n_chunks = k / kChunkK;
     const u32 smem_base = smem_address(smem);
@@ -248,7 +252,6 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     const int s_begin = blockIdx.y * stages_per_split;
     const int s_end = min(s_begin + stages_per_split, n_stages);
     const int n_local = s_end - s_begin;
-    const u32 group_mask = (1u << group_shift) - 1u;
 
     // rows of this thread's C fragment (clamped for scale reads) and where
     // their scales start inside a stage's window
@@ -341,14 +344,32 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
         loader.load(smem_base + buffer * stage_bytes, stage, n_chunks, k, scales, zeros, kHasZeros);
     };
 
+    const int ld_row = (lane & 7) + ((lane >> 3) & 1) * 8;   // ldmatrix: the row this lane addresses
+    const int ld_chunk = lane >> 4;                          // and which chunk of the pair
+    auto compute_stage = [&](u32 base, int stage, bool full) {   // inlined twice, full folded
+        const u32 wbase = base + warp * 16 * kWeightRowBytes + ld_row * kWeightRowBytes;
+        const u32 abase = base + Layout::kActOffset;
+#pragma unroll
+        for (int pair = 0; pair < kStageChunks / 2; ++pair) {
+            const int c = 2 * pair;
+            if (!full && stage * kStageChunks + c >= n_chunks) break;
+            u32 w[4];
+            ldmatrix_x4(w, wbase + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
+            mma_chunk(abase, c, w[0], w[1]);
+            if (((c + 1) & group_mask) == 0) fold_stage_group(base, c);
+            if (full || stage * kStageChunks + c + 1 < n_chunks) {
+                mma_chunk(abase, c + 1, w[2], w[3]);
+                if (((c + 2) & group_mask) == 0) fold_stage_group(base, c + 1);
+            }
+        }
+    };
+
     // pipeline prologue
 #pragma unroll
     for (int i = 0; i < kSmallMStages - 1; ++i) {
         if (i < n_local) load_stage(i, s_begin + i);
         cp_async_commit();
     }
-    const int ld_row = (lane & 7) + ((lane >> 3) & 1) * 8;   // ldmatrix: the row this lane addresses
-    const int ld_chunk = lane >> 4;                          // and which chunk of the pair
     for (int i = 0; i < n_local; ++i) {
         cp_async_wait<kSmallMStages - 2>();
         __syncthreads();
@@ -358,24 +379,16 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
 
         const int stage = s_begin + i;
         const u32 base = smem_base + (i % kSmallMStages) * stage_bytes;
-        const u32 wbase = base + warp * 16 * kWeightRowBytes + ld_row * kWeightRowBytes;
-        const u32 abase = base + Layout::kActOffset;
-#pragma unroll
-        for (int pair = 0; pair < kStageChunks / 2; ++pair) {
-            const int c = 2 * pair;
-            if (stage * kStageChunks + c >= n_chunks) break;
-            u32 w[4];
-            ldmatrix_x4(w, wbase + (((c + ld_chunk) ^ (ld_row & 7)) << 4));
-            mma_chunk(abase, c, w[0], w[1]);
-            if (((c + 1) & group_mask) == 0) fold_stage_group(base, c);
-            if (stage * kStageChunks + c + 1 < n_chunks) {
-                mma_chunk(abase, c + 1, w[2], w[3]);
-                if (((c + 2) & group_mask) == 0) fold_stage_group(base, c + 1);
-            }
-        }
+        // a full stage runs straight-line (no per-chunk guards, so the compiler can
+        // overlap one chunk's shared loads with the previous chunk's math); only
+        // the last stage of K may be partial
+        if (stage * kStageChunks + kStageChunks <= n_chunks)
+            compute_stage(base, stage, true);
+        else
+            compute_stage(base, stage, false);
     }
     cp_async_wait<0>();
-    if (group_shift == kNoGroups) {   // per-channel: one scale per row, applied once
+    if constexpr (kGroupShift == kNoGroups) {   // per-channel: one scale per row, applied once
         float s[2], z[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {

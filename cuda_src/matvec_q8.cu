@@ -1,13 +1,13 @@
 // matvec_q8: y[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) for INT4 or INT8
 // weights against Q8 activation blocks, with dp4a (llama.cpp's MMVQ idea).
 //
-// Work split: each warp owns kRows consecutive weight rows (a CTA holds four
-// such warps) and its lanes stride over the K/32 Q8 blocks, so consecutive
-// lanes read consecutive 16-byte pieces of each row (coalesced), and every
-// activation block a lane loads is reused for kRows rows. A warp streams its
-// rows' whole K with several loads in flight per lane and reduces with
-// shuffles only: no shared memory, no CTA barrier, so warps never wait for
-// each other and a finished warp's slot takes new rows at once.
+// Work split: a warp handles kRows consecutive weight rows at a time (a row
+// group) and its lanes stride over the K/32 Q8 blocks, so consecutive lanes
+// read consecutive 16-byte pieces of each row (coalesced), and every
+// activation block a lane loads is reused for kRows rows. Warps reduce with
+// shuffles only (no shared memory, no CTA barrier) and are persistent: the
+// grid holds as many warps as the GPU keeps resident, each walking many row
+// groups with its next loads always in flight.
 //
 // One Q8 block of 32 activations meets, per weight row:
 //   INT4: 16 bytes (4 words); word j & 0x0F0F0F0F holds the even-k weights
@@ -72,35 +72,37 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
     using Block = WeightBlock<kWeightBits>;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (blockIdx.x * kMatvecWarps + warp) * kRows;
-    if (row0 >= n_rows) return;      // whole warp: nothing below synchronizes across warps
+    const int lane = threadIdx.x & 31;
+    const int n_row_groups = (n_rows + kRows - 1) / kRows;
+    const int warps_total = gridDim.x * kMatvecWarps;
+    int rg = blockIdx.x * kMatvecWarps + (threadIdx.x >> 5);   // this warp's first row group
+    if (rg >= n_row_groups) return;   // whole warp: nothing below synchronizes across warps
     const i64 row_bytes = static_cast<i64>(n_blocks) * Block::kBytes;
     const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+    constexpr int kStepBlocks = kUnroll * 32;
+    const int steps = (n_blocks + kStepBlocks - 1) / kStepBlocks;   // per row group, the same for every lane
+
+    // row r of row group g, clamped so every load is in bounds (only real rows are stored)
+    auto row_of = [&](int g, int r) { return min(g * kRows + r, n_rows - 1); };
 
     float acc[kRows][kMaxM];
+    auto clear = [&] {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+        for (int r = 0; r < kRows; ++r)
 #pragma unroll
-        for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
+            for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
+    };
+    clear();
 
-    const u8* row_ptr[kRows];   // clamped so every load is in bounds; only real rows are stored
-    i64 group_base[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-        const int row = min(row0 + r, n_rows - 1);
-        row_ptr[r] = qweight + row * row_bytes;
-        group_base[r] = static_cast<i64>(row) * n_groups;
-    }
-
-    // one Q8 block b of every row and token
-    auto accumulate = [&](const Block (&w)[kRows], int b) {
+    // one Q8 block b of every row of row group g and every token
+    auto accumulate = [&](const Block (&w)[kRows], int g, int b) {
         const int group = b >> group_shift;
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            s[r] = to_float(scales[group_base[r] + group]);
-            z[r] = kHasZeros ? to_float(zeros[group_base[r] + group]) : implicit_zero;
+            const i64 at = static_cast<i64>(row_of(g, r)) * n_groups + group;
+            s[r] = to_float(scales[at]);
+            z[r] = kHasZeros ? to_float(zeros[at]) : implicit_zero;
         }
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -123,50 +125,69 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         }
     };
 
-    // Lanes stride over the K blocks, kUnroll blocks per lane per step, and the
-    // next step's weights are loaded before this step's math (register double
-    // buffering), so every lane always has a step of loads in flight.
-    Block cur[kUnroll][kRows], next[kUnroll][kRows];
-    auto load_step = [&](Block (&w)[kUnroll][kRows], int b) {
+    // warp reduction of row group g; lane r * kMaxM + m stores (row r, token m)
+    auto reduce_and_store = [&](int g) {
+        float mine = 0.0f;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (b + u * 32 < n_blocks)
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int m = 0; m < kMaxM; ++m) {
+                float v = acc[r][m];
+#pragma unroll
+                for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+                if (lane == r * kMaxM + m) mine = v;
+            }
+        static_assert(kRows * kMaxM <= 32, "one output per lane");
+        if (lane < kRows * kMaxM) {
+            const int r = lane / kMaxM, m = lane % kMaxM;
+            const int row = g * kRows + r;
+            if (row < n_rows && m < m_tokens) {
+                float v = mine;
+                if (bias != nullptr) v += load_as_float(bias, row, out_kind);
+                store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
+            }
+        }
+    };
+
+    // The grid is sized to the GPU (persistent warps): each warp walks row groups
+    // rg, rg + warps_total, ... in steps of kUnroll blocks per lane, and loads the
+    // next step's weights (of the same or the next row group) before this step's
+    // math, so its loads stay in flight across row-group boundaries and the GPU
+    // ramps up once per launch rather than once per row group.
+    Block cur[kUnroll][kRows], next[kUnroll][kRows];
+    auto load_step = [&](Block (&w)[kUnroll][kRows], int g, int step) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int b = step * kStepBlocks + u * 32 + lane;
+            if (b < n_blocks)
 #pragma unroll
                 for (int r = 0; r < kRows; ++r)
-                    w[u][r].load(row_ptr[r] + static_cast<i64>(b + u * 32) * Block::kBytes);
+                    w[u][r].load(qweight + row_of(g, r) * row_bytes + static_cast<i64>(b) * Block::kBytes);
+        }
     };
-    load_step(cur, lane);
-    for (int b = lane; b < n_blocks; b += kUnroll * 32) {
-        if (b + kUnroll * 32 < n_blocks) load_step(next, b + kUnroll * 32);
+    int step = 0;
+    load_step(cur, rg, 0);
+    while (true) {
+        int next_rg = rg, next_step = step + 1;
+        if (next_step == steps) { next_rg = rg + warps_total; next_step = 0; }
+        const bool more = next_rg < n_row_groups;
+        if (more) load_step(next, next_rg, next_step);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (b + u * 32 < n_blocks) accumulate(cur[u], b + u * 32);
+        for (int u = 0; u < kUnroll; ++u) {
+            const int b = step * kStepBlocks + u * 32 + lane;
+            if (b < n_blocks) accumulate(cur[u], rg, b);
+        }
+        if (next_step == 0) {   // row group done
+            reduce_and_store(rg);
+            clear();
+        }
+        if (!more) break;
+        rg = next_rg;
+        step = next_step;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
             for (int r = 0; r < kRows; ++r) cur[u][r] = next[u][r];
-    }
-
-    // warp reduction; lane r * kMaxM + m ends up owning (row r, token m)
-    float mine = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int m = 0; m < kMaxM; ++m) {
-            float v = acc[r][m];
-#pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-            if (lane == r * kMaxM + m) mine = v;
-        }
-    static_assert(kRows * kMaxM <= 32, "one output per lane");
-    if (lane < kRows * kMaxM) {
-        const int r = lane / kMaxM, m = lane % kMaxM;
-        const int row = row0 + r;
-        if (row < n_rows && m < m_tokens) {
-            float v = mine;
-            if (bias != nullptr) v += load_as_float(bias, row, out_kind);
-            store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
-        }
     }
 }
 

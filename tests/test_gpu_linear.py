@@ -49,14 +49,15 @@ def tolerance(x_ref, weight):
 
 
 def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per_sm=None, bias=False,
-          matvec_config=None):
+          matvec_config=None, matvec_ctas=None):
     """Run one kernel on fresh random x and compare with the reference."""
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 20.0])).astype(dtype)
     n = weight.shape[0]
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     out = cp.full((m, n), np.nan, dtype=np.float32)
     got = _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out=out,
-                  bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm, matvec_config=matvec_config)
+                  bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm, matvec_config=matvec_config,
+                  matvec_ctas=matvec_ctas)
     assert got is out
     x_ref = w4kern.quantize_q8(x) if act == "q8" else x
     expected = reference.linear(x_ref, weight, b)
@@ -102,6 +103,18 @@ def test_one_token_matvec_every_instance(cp, rng, bits, config):
             weight = (w4kern.quantize_int4(w, group_size=group_size, symmetric=False) if bits == 4
                       else w4kern.quantize_int8(w, group_size=group_size))
             check(cp, rng, weight, 1, k, act="q8", kernel="matvec", matvec_config=config, bias=True)
+
+
+@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}".format(*c))
+def test_matvec_warps_walk_many_row_groups(cp, rng, config):
+    """A grid of 1 or 3 CTAs makes each warp walk many row groups (the persistent
+    loop, its prefetch across row groups and the per-group reset), and a
+    GPU-filling grid on N = 20011 rows does the same at full size."""
+    for group_size, n, k, ctas in [(32, 333, 96, 1), (64, 257, 2112, 3), (128, 20011, 384, None), (-1, 99, 1056, 1)]:
+        weight = make_int4(rng, n, k, group_size, group_size != 64, np.float16)
+        for m in sorted({1, config[0]}):
+            check(cp, rng, weight, m, k, act="q8", kernel="matvec", matvec_config=config, matvec_ctas=ctas,
+                  bias=(m == 1))
 
 
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])

@@ -77,6 +77,12 @@ SMALL_M_STAGES = 4
 SMALL_M_TILE_ROWS = 64
 SMALL_M_MAX_TOKENS = 8
 SMALL_M_STAGE_CHUNKS = 8
+#: gemm_small_m family per group size: name suffix -> kGroupShift (31: per-channel)
+SMALL_M_GROUP_FAMILIES = {"g32": 0, "g64": 1, "g128": 2, "gch": 31}
+
+
+def small_m_family(group_size: int) -> str:
+    return f"gemm_small_m_{'gch' if group_size == -1 else f'g{group_size}'}"
 
 
 def small_m_window_pieces(scale_itemsize: int, group_size: int) -> int:
@@ -133,19 +139,23 @@ FAMILIES: dict[str, KernelFamily] = {
                 for max_m, rows, unroll in MATVEC_CONFIGS
             ),
         ),
+    ) + tuple(
+        # one family per group size: a first call compiles only the instances it can use
         KernelFamily(
-            name="gemm_small_m",
+            name=f"gemm_small_m_{label}",
             source="gemm_small_m.cu",
             template="w4kern::gemm_small_m_kernel",
-            # (activation type, scale type, has zeros)
+            # (activation type, scale type, has zeros, log2(chunks of 32 per group) or 31)
             instances=tuple(
-                (act, cxx_type(scale), cxx_bool(has_zeros))
+                (act, cxx_type(scale), cxx_bool(has_zeros), str(shift))
                 for act in (Q8_ACT, cxx_type(bfloat16), cxx_type(np.float16))
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
             ),
             max_dynamic_smem=SMALL_M_STAGES * small_m_stage_bytes(False, 8, True),
-        ),
+        )
+        for label, shift in SMALL_M_GROUP_FAMILIES.items()
+    ) + (
         KernelFamily(
             name="membench",
             source="membench.cu",

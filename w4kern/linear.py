@@ -214,9 +214,10 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 
 
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
-            matvec_config=None):
+            matvec_config=None, matvec_ctas=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
-    'matvec' / 'small_m' / 'dense' and the small-M kernel's CTAs per SM)."""
+    'matvec' / 'small_m' / 'dense', the small-M kernel's CTAs per SM, the matvec
+    instance and its grid size)."""
     call = _check(x, weight, act, bias, out, out_dtype)
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
@@ -230,7 +231,7 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
-                        matvec_config=matvec_config)
+                        matvec_config=matvec_config, matvec_ctas=matvec_ctas)
 
 
 def _linear_numpy(call, x, weight, bias, out):
@@ -302,6 +303,21 @@ def _pointer(a):
     return np.uint64(0) if a is None else a
 
 
+_RESIDENT: dict[int, int] = {}
+
+
+def _resident_ctas(kernel, threads: int, smem: int) -> int:
+    """CTAs of ``kernel`` one SM holds at once (the driver's occupancy calculator), cached."""
+    key = id(kernel)
+    n = _RESIDENT.get(key)
+    if n is None:
+        import cupy
+
+        n = _RESIDENT[key] = max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            kernel.kernel.ptr, threads, smem))
+    return n
+
+
 def _group_shift(weight) -> int:
     """log2(Q8 blocks per group); 31 marks one group per row."""
     if weight.group_size == -1:
@@ -325,7 +341,8 @@ def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int
     return -(-n_stages // per_split), per_split
 
 
-def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, matvec_config=None):
+def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, matvec_config=None,
+                 matvec_ctas=None):
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
@@ -346,13 +363,13 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
-        _launch_matvec(call, act, weight, bias, out, matvec_config)
+        _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas)
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
 
 
-def _launch_matvec(call, act, weight, bias, out, config=None):
+def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
     from . import _runtime
     from ._registry import MATVEC_CONFIGS, cxx_bool, cxx_type
 
@@ -373,8 +390,12 @@ def _launch_matvec(call, act, weight, bias, out, config=None):
          str(unroll)),
     )
     n_groups = weight.scales.shape[-1]
+    row_groups = -(-call.n // rows)
+    # persistent warps: no more CTAs than the GPU keeps resident at once
+    if ctas is None:
+        ctas = min(-(-row_groups // 4), _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
     kernel(
-        (-(-call.n // (4 * rows)),), (128,),
+        (ctas,), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
          _pointer(bias), out, np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
          np.int32(n_groups), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out.dtype])),
@@ -389,6 +410,7 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
         SMALL_M_TILE_ROWS,
         cxx_bool,
         cxx_type,
+        small_m_family,
         small_m_stage_bytes,
         small_m_window_pieces,
     )
@@ -396,7 +418,8 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
     zeros = weight.zeros
     act_type = Q8_ACT if call.act == "q8" else cxx_type(act.dtype)
     kernel = _runtime.get_kernel(
-        "gemm_small_m", (act_type, cxx_type(weight.scales.dtype), cxx_bool(zeros is not None))
+        small_m_family(weight.group_size),
+        (act_type, cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(_group_shift(weight))),
     )
     if ctas_per_sm is None:
         ctas_per_sm = SMALL_M_CTAS_PER_SM.get(_gpu_name(), SMALL_M_CTAS_PER_SM["default"])
@@ -409,7 +432,7 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
         (n_tiles, splits), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act, _pointer(bias), out,
          partials, tickets, np.int32(call.n), np.int32(call.k), np.int32(call.m),
-         np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(pieces),
+         np.int32(weight.scales.shape[-1]), np.int32(pieces),
          np.int32(stage_bytes), np.int32(per_split), np.int32(_OUT_KIND[out.dtype])),
         shared_mem=SMALL_M_STAGES * stage_bytes,
     )
