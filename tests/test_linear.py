@@ -61,6 +61,18 @@ def test_dispatch_table_covers_every_small_m():
             assert set(kernels) <= {"matvec", "small_m"}, (gpu, key)
 
 
+def test_matvec_config_by_rows():
+    from w4kern._registry import MATVEC_CONFIGS
+    from w4kern.linear import MATVEC_M1_CANDIDATES, matvec_m1_config
+
+    for kind, candidates in MATVEC_M1_CANDIDATES.items():
+        assert set(candidates) <= set(MATVEC_CONFIGS)
+        assert matvec_m1_config(kind, 10**6, 132, 16) == candidates[0]      # many rows: most rows per warp
+        assert matvec_m1_config(kind, 7, 132, 16) == candidates[-1]         # few rows: fewest
+    assert matvec_m1_config("int4", 28672, 132, 16) == (1, 8, 1)
+    assert matvec_m1_config("int4", 4096, 132, 16) == (1, 1, 4)
+
+
 def test_small_m_splits_never_leave_a_split_empty():
     for n in (1, 64, 65, 4096, 28672, 43008):
         for k in (32, 256, 288, 4096, 14336, 21504):

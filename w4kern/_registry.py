@@ -67,7 +67,7 @@ MATVEC_MAX_M = (1, 4, 8)
 #: (kMaxM, kRows, kUnroll) instances of matvec_q8: kRows weight rows per warp (each
 #: activation block a lane loads serves them all) and kUnroll blocks per lane per
 #: step (double-buffered); both set how many loads each lane keeps in flight
-MATVEC_CONFIGS = ((1, 4, 2), (1, 8, 1), (4, 4, 1), (8, 4, 1))
+MATVEC_CONFIGS = ((1, 1, 4), (1, 2, 2), (1, 4, 2), (1, 8, 1), (4, 4, 1), (8, 4, 1))
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
 #: shared memory of gemm_small_m (SmallMLayout in gemm_small_m.cu): 4 pipeline stages,

@@ -62,9 +62,25 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
 
 #: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
 SMALL_M_CTAS_PER_SM = {"default": 3}
-#: matvec_q8 instance (kMaxM, kRows, kUnroll) for one token, per weight kind
-#: (MATVEC_CONFIGS lists them; more tokens take the smallest kMaxM >= M)
-MATVEC_M1_CONFIG = {"default": {"int4": (1, 4, 2), "int8": (4, 4, 1)}}
+#: matvec_q8 instances (kMaxM, kRows, kUnroll) for one token, per weight kind, most
+#: rows per warp first: a layer takes the first that still gives every SM
+#: MATVEC_WARPS_PER_SM warps (few rows per warp keep a small-N layer's loads in
+#: flight; many rows share each activation load). More tokens take the smallest
+#: kMaxM >= M of MATVEC_CONFIGS.
+MATVEC_M1_CANDIDATES = {
+    "int4": ((1, 8, 1), (1, 4, 2), (1, 2, 2), (1, 1, 4)),
+    "int8": ((4, 4, 1), (1, 2, 2), (1, 1, 4)),   # (1, 8, 1) and (1, 4, 2) need 166+ registers with INT8
+}
+MATVEC_WARPS_PER_SM = {"default": 16}
+
+
+def matvec_m1_config(kind: str, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int]:
+    """The one-token matvec instance for an N-row layer (see MATVEC_M1_CANDIDATES)."""
+    candidates = MATVEC_M1_CANDIDATES[kind]
+    for config in candidates:
+        if -(-n // config[1]) >= warps_per_sm * sm_count:
+            return config
+    return candidates[-1]
 
 
 def _gpu_name() -> str:
@@ -377,7 +393,8 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
     zeros = getattr(weight, "zeros", None)
     if config is None:
         if call.m == 1:
-            config = _table(MATVEC_M1_CONFIG, call.kind)
+            warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+            config = matvec_m1_config(call.kind, call.n, _sm_count(call.xp), warps)
         else:
             config = min((c for c in MATVEC_CONFIGS if c[0] >= call.m), key=lambda c: c[0])
     config = tuple(config)
