@@ -1,13 +1,15 @@
 // matvec_q8: y[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) for INT4 or INT8
 // weights against Q8 activation blocks, with dp4a (llama.cpp's MMVQ idea).
 //
-// Work split: a warp handles kRows consecutive weight rows at a time (a row
-// group) and its lanes stride over the K/32 Q8 blocks, so consecutive lanes
-// read consecutive 16-byte pieces of each row (coalesced), and every
-// activation block a lane loads is reused for kRows rows. Warps reduce with
-// shuffles only (no shared memory, no CTA barrier) and are persistent: the
-// grid holds as many warps as the GPU keeps resident, each walking many row
-// groups with its next loads always in flight.
+// Work split: kSplit warps of a CTA share kRows consecutive weight rows (a row
+// group) and split its K; their lanes stride over the K/32 Q8 blocks, so
+// consecutive lanes read consecutive 16-byte pieces of each row (coalesced),
+// and every activation block a lane loads is reused for kRows rows. Many rows
+// per warp save activation loads; splitting K keeps enough warps (and loads
+// in flight) on layers with few rows. Warps reduce with shuffles, and split
+// warps through shared memory. CTAs are persistent: the grid holds as many as
+// the GPU keeps resident, each walking many row groups with its next loads
+// always in flight.
 //
 // One Q8 block of 32 activations meets, per weight row:
 //   INT4: 16 bytes (4 words); word j & 0x0F0F0F0F holds the even-k weights
@@ -57,7 +59,7 @@ struct WeightBlock<8> {
     __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
 };
 
-template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll>
+template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll, int kSplit>
 __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const u8* __restrict__ qweight,      // [N, K * kWeightBits / 8]
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -71,28 +73,33 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 {
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
+    static_assert(kMatvecWarps % kSplit == 0, "a CTA's warps split evenly over its row groups");
+    static_assert(kRows * kMaxM <= 32, "one output per lane");
     using Block = WeightBlock<kWeightBits>;
-    const int lane = threadIdx.x & 31;
+    constexpr int kGroupsPerCta = kMatvecWarps / kSplit;   // row groups a CTA works on at once
+    constexpr int kStepBlocks = kUnroll * 32;              // K blocks a warp covers per step
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int part = warp % kSplit;                        // this warp's share of K
     const int n_row_groups = (n_rows + kRows - 1) / kRows;
-    const int warps_total = gridDim.x * kMatvecWarps;
-    int rg = blockIdx.x * kMatvecWarps + (threadIdx.x >> 5);   // this warp's first row group
-    if (rg >= n_row_groups) return;   // whole warp: nothing below synchronizes across warps
+    const int n_sets = (n_row_groups + kGroupsPerCta - 1) / kGroupsPerCta;
+    const int steps = (n_blocks + kStepBlocks - 1) / kStepBlocks;    // per row group
+    const int my_steps = (steps + kSplit - 1) / kSplit;              // per warp, the same for all
     const i64 row_bytes = static_cast<i64>(n_blocks) * Block::kBytes;
     const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
-    constexpr int kStepBlocks = kUnroll * 32;
-    const int steps = (n_blocks + kStepBlocks - 1) / kStepBlocks;   // per row group, the same for every lane
+    __shared__ float partial[kMatvecWarps][kRows * kMaxM];
 
+    // a task is (row-group set, step): the warp's row group in the set and the
+    // first K block of the step for this lane
+    auto group_of = [&](int set) { return set * kGroupsPerCta + warp / kSplit; };
+    auto block_of = [&](int step, int u) { return (step * kSplit + part) * kStepBlocks + u * 32 + lane; };
     // row r of row group g, clamped so every load is in bounds (only real rows are stored)
     auto row_of = [&](int g, int r) { return min(g * kRows + r, n_rows - 1); };
 
     float acc[kRows][kMaxM];
-    auto clear = [&] {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
-            for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
-    };
-    clear();
+        for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
 
     // one Q8 block b of every row of row group g and every token
     auto accumulate = [&](const Block (&w)[kRows], int g, int b) {
@@ -125,9 +132,11 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         }
     };
 
-    // warp reduction of row group g; lane r * kMaxM + m stores (row r, token m)
-    auto reduce_and_store = [&](int g) {
-        float mine = 0.0f;
+    // Row group g is done: reduce the warp's sums with shuffles, then (kSplit > 1)
+    // across the warps that split its K through shared memory, in a fixed order.
+    // Every warp of the CTA calls this at the same time (the barriers need it).
+    auto finish_group = [&](int g) {
+        float mine = 0.0f;   // lane r * kMaxM + m ends up holding (row r, token m)
 #pragma unroll
         for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -136,9 +145,17 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 #pragma unroll
                 for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
                 if (lane == r * kMaxM + m) mine = v;
+                acc[r][m] = 0.0f;
             }
-        static_assert(kRows * kMaxM <= 32, "one output per lane");
-        if (lane < kRows * kMaxM) {
+        if constexpr (kSplit > 1) {
+            if (lane < kRows * kMaxM) partial[warp][lane] = mine;
+            __syncthreads();
+            if (part == 0 && lane < kRows * kMaxM) {
+                for (int p = 1; p < kSplit; ++p) mine += partial[warp + p][lane];
+            }
+            __syncthreads();   // partial[] is free for the next row group
+        }
+        if (part == 0 && lane < kRows * kMaxM && g < n_row_groups) {
             const int r = lane / kMaxM, m = lane % kMaxM;
             const int row = g * kRows + r;
             if (row < n_rows && m < m_tokens) {
@@ -149,40 +166,44 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         }
     };
 
-    // The grid is sized to the GPU (persistent warps): each warp walks row groups
-    // rg, rg + warps_total, ... in steps of kUnroll blocks per lane, and loads the
-    // next step's weights (of the same or the next row group) before this step's
-    // math, so its loads stay in flight across row-group boundaries and the GPU
-    // ramps up once per launch rather than once per row group.
+    // The grid is sized to the GPU (persistent CTAs): each CTA walks row-group
+    // sets blockIdx.x, blockIdx.x + gridDim.x, ...; each warp steps through its
+    // part of K, kUnroll blocks per lane per step, and loads the next step's
+    // weights (of the same or the next row group) before this step's math, so
+    // its loads stay in flight across row-group boundaries and the GPU ramps up
+    // once per launch rather than once per row group.
     Block cur[kUnroll][kRows], next[kUnroll][kRows];
-    auto load_step = [&](Block (&w)[kUnroll][kRows], int g, int step) {
+    auto load_step = [&](Block (&w)[kUnroll][kRows], int set, int step) {
+        const int g = group_of(set);
+        if (g >= n_row_groups) return;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int b = step * kStepBlocks + u * 32 + lane;
+            const int b = block_of(step, u);
             if (b < n_blocks)
 #pragma unroll
                 for (int r = 0; r < kRows; ++r)
                     w[u][r].load(qweight + row_of(g, r) * row_bytes + static_cast<i64>(b) * Block::kBytes);
         }
     };
-    int step = 0;
-    load_step(cur, rg, 0);
+    int set = blockIdx.x, step = 0;
+    if (set >= n_sets) return;   // whole CTA
+    load_step(cur, set, 0);
     while (true) {
-        int next_rg = rg, next_step = step + 1;
-        if (next_step == steps) { next_rg = rg + warps_total; next_step = 0; }
-        const bool more = next_rg < n_row_groups;
-        if (more) load_step(next, next_rg, next_step);
+        int next_set = set, next_step = step + 1;
+        if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
+        const bool more = next_set < n_sets;   // the same for every warp of the CTA
+        if (more) load_step(next, next_set, next_step);
+        const int g = group_of(set);
+        if (g < n_row_groups) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int b = step * kStepBlocks + u * 32 + lane;
-            if (b < n_blocks) accumulate(cur[u], rg, b);
+            for (int u = 0; u < kUnroll; ++u) {
+                const int b = block_of(step, u);
+                if (b < n_blocks) accumulate(cur[u], g, b);
+            }
         }
-        if (next_step == 0) {   // row group done
-            reduce_and_store(rg);
-            clear();
-        }
+        if (next_step == 0) finish_group(g);
         if (!more) break;
-        rg = next_rg;
+        set = next_set;
         step = next_step;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)

@@ -94,7 +94,7 @@ def test_int8_matvec_matches_reference(cp, rng, group_size, scale_dtype):
             check(cp, rng, weight, m, k, act="q8", kernel="matvec", bias=(m == 2))
 
 
-@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}".format(*c))
+@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}-s{}".format(*c))
 @pytest.mark.parametrize("bits", [4, 8])
 def test_one_token_matvec_every_instance(cp, rng, bits, config):
     for group_size, cases in CASES.items():
@@ -105,7 +105,7 @@ def test_one_token_matvec_every_instance(cp, rng, bits, config):
             check(cp, rng, weight, 1, k, act="q8", kernel="matvec", matvec_config=config, bias=True)
 
 
-@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}".format(*c))
+@pytest.mark.parametrize("config", MATVEC_CONFIGS, ids=lambda c: "m{}-r{}-u{}-s{}".format(*c))
 def test_matvec_warps_walk_many_row_groups(cp, rng, config):
     """A grid of 1 or 3 CTAs makes each warp walk many row groups (the persistent
     loop, its prefetch across row groups and the per-group reset), and a

@@ -63,14 +63,16 @@ def test_dispatch_table_covers_every_small_m():
 
 def test_matvec_config_by_rows():
     from w4kern._registry import MATVEC_CONFIGS
-    from w4kern.linear import MATVEC_M1_CANDIDATES, matvec_m1_config
+    from w4kern.linear import MATVEC_CANDIDATES, matvec_config
 
-    for kind, candidates in MATVEC_M1_CANDIDATES.items():
+    for (kind, max_m), candidates in MATVEC_CANDIDATES.items():
         assert set(candidates) <= set(MATVEC_CONFIGS)
-        assert matvec_m1_config(kind, 10**6, 132, 16) == candidates[0]      # many rows: most rows per warp
-        assert matvec_m1_config(kind, 7, 132, 16) == candidates[-1]         # few rows: fewest
-    assert matvec_m1_config("int4", 28672, 132, 16) == (1, 8, 1)
-    assert matvec_m1_config("int4", 4096, 132, 16) == (1, 1, 4)
+        assert all(c[0] >= max_m for c in candidates)
+        assert matvec_config(kind, max_m, 10**6, 132, 16) == candidates[0]      # many rows
+        assert matvec_config(kind, max_m, 7, 132, 16) == candidates[-1]         # few rows
+    assert matvec_config("int4", 1, 28672, 132, 16) == (1, 8, 1, 1)
+    assert matvec_config("int4", 1, 4096, 132, 16) == (1, 4, 2, 4)
+    assert matvec_config("int4", 3, 4096, 132, 16)[0] == 4
 
 
 def test_small_m_splits_never_leave_a_split_empty():

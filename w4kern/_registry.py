@@ -64,10 +64,10 @@ Q8_CHUNKS_PER_THREAD = (1, 2, 4)
 _HALF_TYPES = (np.float16, bfloat16)
 #: tokens a matvec_q8 instance handles per launch (M <= kMaxM; it masks the rest)
 MATVEC_MAX_M = (1, 4, 8)
-#: (kMaxM, kRows, kUnroll) instances of matvec_q8: kRows weight rows per warp (each
-#: activation block a lane loads serves them all) and kUnroll blocks per lane per
-#: step (double-buffered); both set how many loads each lane keeps in flight
-MATVEC_CONFIGS = ((1, 1, 4), (1, 2, 2), (1, 4, 2), (1, 8, 1), (4, 4, 1), (8, 4, 1))
+#: (kMaxM, kRows, kUnroll, kSplit) instances of matvec_q8: kRows weight rows per warp
+#: (each activation block a lane loads serves them all), kUnroll blocks per lane per
+#: step (double-buffered), kSplit warps splitting one row group's K
+MATVEC_CONFIGS = ((1, 8, 1, 1), (1, 8, 1, 4), (1, 4, 2, 4), (4, 4, 1, 1), (4, 4, 1, 4), (8, 4, 1, 1))
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
 #: shared memory of gemm_small_m (SmallMLayout in gemm_small_m.cu): 4 pipeline stages,
@@ -131,12 +131,13 @@ FAMILIES: dict[str, KernelFamily] = {
             name="matvec_q8",
             source="matvec_q8.cu",
             template="w4kern::matvec_q8_kernel",
-            # (weight bits, scale type, has zeros, max tokens, rows per warp, blocks per lane per step)
+            # (weight bits, scale type, has zeros, max tokens, rows per warp, blocks per lane
+            # per step, warps per row group)
             instances=tuple(
-                (str(bits), cxx_type(scale), cxx_bool(has_zeros), str(max_m), str(rows), str(unroll))
+                (str(bits), cxx_type(scale), cxx_bool(has_zeros), *map(str, config))
                 for bits, has_zeros in ((4, False), (4, True), (8, False))
                 for scale in _FLOAT_TYPES
-                for max_m, rows, unroll in MATVEC_CONFIGS
+                for config in MATVEC_CONFIGS
             ),
         ),
     ) + tuple(

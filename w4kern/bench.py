@@ -463,7 +463,7 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
             xq = w4kern.quantize_q8(x)     # the kernels alone, on pre-quantized activations
             configs = [c for c in MATVEC_CONFIGS if c[0] >= m] if m == 1 else [None]
             for config in configs:
-                label = "matvec" if config is None else "matvec-m{}-r{}-u{}".format(*config)
+                label = "matvec" if config is None else "matvec-m{}-r{}-u{}-s{}".format(*config)
                 rows += _measure(timer, label, "linear_q8", shape,
                                  lambda i, c=config: _linear(xq, weights[i % copies], kernel="matvec", out=out,
                                                              matvec_config=c),

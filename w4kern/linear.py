@@ -62,23 +62,27 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
 
 #: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
 SMALL_M_CTAS_PER_SM = {"default": 3}
-#: matvec_q8 instances (kMaxM, kRows, kUnroll) for one token, per weight kind, most
-#: rows per warp first: a layer takes the first that still gives every SM
-#: MATVEC_WARPS_PER_SM warps (few rows per warp keep a small-N layer's loads in
-#: flight; many rows share each activation load). More tokens take the smallest
-#: kMaxM >= M of MATVEC_CONFIGS.
-MATVEC_M1_CANDIDATES = {
-    "int4": ((1, 8, 1), (1, 4, 2), (1, 2, 2), (1, 1, 4)),
-    "int8": ((4, 4, 1), (1, 2, 2), (1, 1, 4)),   # (1, 8, 1) and (1, 4, 2) need 166+ registers with INT8
+#: matvec_q8 instances (kMaxM, kRows, kUnroll, kSplit) per token count and weight
+#: kind, preferred first: a layer takes the first that still gives every SM
+#: MATVEC_WARPS_PER_SM warps (N / kRows * kSplit warps in all). Many rows per warp
+#: share each activation load; splitting K keeps a layer with few rows busy.
+MATVEC_CANDIDATES = {
+    ("int4", 1): ((1, 8, 1, 1), (1, 8, 1, 4), (1, 4, 2, 4)),
+    ("int8", 1): ((4, 4, 1, 1), (4, 4, 1, 4)),   # INT8 rows take twice the registers
+    ("int4", 4): ((4, 4, 1, 1), (4, 4, 1, 4)),
+    ("int8", 4): ((4, 4, 1, 1), (4, 4, 1, 4)),
+    ("int4", 8): ((8, 4, 1, 1),),
+    ("int8", 8): ((8, 4, 1, 1),),
 }
 MATVEC_WARPS_PER_SM = {"default": 16}
 
 
-def matvec_m1_config(kind: str, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int]:
-    """The one-token matvec instance for an N-row layer (see MATVEC_M1_CANDIDATES)."""
-    candidates = MATVEC_M1_CANDIDATES[kind]
+def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int, int]:
+    """The matvec instance for M tokens and an N-row layer (see MATVEC_CANDIDATES)."""
+    max_m = 1 if m == 1 else 4 if m <= 4 else 8
+    candidates = MATVEC_CANDIDATES[(kind, max_m)]
     for config in candidates:
-        if -(-n // config[1]) >= warps_per_sm * sm_count:
+        if -(-n // config[1]) * config[3] >= warps_per_sm * sm_count:
             return config
     return candidates[-1]
 
@@ -392,25 +396,20 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
     bits = 4 if call.kind == "int4" else 8
     zeros = getattr(weight, "zeros", None)
     if config is None:
-        if call.m == 1:
-            warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
-            config = matvec_m1_config(call.kind, call.n, _sm_count(call.xp), warps)
-        else:
-            config = min((c for c in MATVEC_CONFIGS if c[0] >= call.m), key=lambda c: c[0])
+        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+        config = matvec_config(call.kind, call.m, call.n, _sm_count(call.xp), warps)
     config = tuple(config)
     if config not in MATVEC_CONFIGS or config[0] < call.m:
         raise ValueError(f"matvec config {config} is not one of {MATVEC_CONFIGS} with kMaxM >= M={call.m}")
-    max_m, rows, unroll = config
+    rows, split = config[1], config[3]
     kernel = _runtime.get_kernel(
-        "matvec_q8",
-        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(max_m), str(rows),
-         str(unroll)),
+        "matvec_q8", (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config))
     )
     n_groups = weight.scales.shape[-1]
-    row_groups = -(-call.n // rows)
-    # persistent warps: no more CTAs than the GPU keeps resident at once
+    row_group_sets = -(-(-(-call.n // rows)) // (4 // split))
+    # persistent CTAs: no more than the GPU keeps resident at once
     if ctas is None:
-        ctas = min(-(-row_groups // 4), _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
+        ctas = min(row_group_sets, _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
     kernel(
         (ctas,), (128,),
         (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
