@@ -473,7 +473,7 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                      lambda i, c=config: _linear(xq, weights8[i % copies8], kernel="matvec",
                                                                  out=out, matvec_config=c),
                                      _linear_bytes(w8, m, k, n, "q8"), ceilings, ("graph",))
-            for per_sm in ((2, 3, 4) if m in (1, 8) else (3,)):
+            for per_sm in ((1, 3, 4, 8) if m in (1, 8) else (3,)):
                 for act in ("q8", "bf16"):
                     rows += _measure(timer, f"small_m-c{per_sm}", f"linear_{act}", shape,
                                      lambda i, a=act, c=per_sm: _linear(xq if a == "q8" else x, weights[i % copies],

@@ -356,7 +356,7 @@ def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int
 
     n_tiles = -(-n // SMALL_M_TILE_ROWS)
     n_stages = -(-k // 256)
-    splits = max(1, min(n_stages, round(ctas_per_sm * sm_count / n_tiles)))
+    splits = max(1, min(n_stages, -(-ctas_per_sm * sm_count // n_tiles)))
     per_split = -(-n_stages // splits)
     return -(-n_stages // per_split), per_split
 
