@@ -98,12 +98,6 @@ template <> struct NibbleMagic<f16_t> {
 
 __device__ __forceinline__ u32 lop_and_or(u32 a, u32 mask, u32 bits) { return (a & mask) | bits; }
 
-// float(i) for |i| < 2^22 with two full-rate ops (I2F runs at quarter rate):
-// i + 1.5 * 2^23 as float bits, minus 1.5 * 2^23, is exact.
-__device__ __forceinline__ float small_int_to_float(i32 i) {
-    return __int_as_float(i + 0x4B400000) - 12582912.0f;
-}
-
 // Each thread's share of one stage's copies, computed once: global sources
 // advance by a fixed number of bytes per stage, shared destinations are fixed.
 template <typename ActT>
@@ -305,10 +299,10 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
             mma_s8_m16n8k32(dot, a, b0, b1);
             const float2 ds0 = lds_f32x2(abase + (2 * t) * kTokenStride + c * 48 + 32);
             const float2 ds1 = lds_f32x2(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
-            gacc[0] += ds0.x * small_int_to_float(dot[0]);
-            gacc[1] += ds1.x * small_int_to_float(dot[1]);
-            gacc[2] += ds0.x * small_int_to_float(dot[2]);
-            gacc[3] += ds1.x * small_int_to_float(dot[3]);
+            gacc[0] += ds0.x * static_cast<float>(dot[0]);
+            gacc[1] += ds1.x * static_cast<float>(dot[1]);
+            gacc[2] += ds0.x * static_cast<float>(dot[2]);
+            gacc[3] += ds1.x * static_cast<float>(dot[3]);
             gx[0] += ds0.y; gx[1] += ds1.y;      // the same for both rows: copied at the fold
         } else {
             using M = NibbleMagic<ActT>;

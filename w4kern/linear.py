@@ -58,6 +58,12 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     "default": {
         ("int4", "q8"): ("matvec",) + ("small_m",) * 7,
     },
+    # linear_tuning on an H200 (benchmarks/results/2026-11-22-h200-linear/): dp4a is
+    # faster up to M = 4 on the five dense shapes summed (M = 4: 157 vs 181 us), the
+    # tensor-core kernel from M = 5 (M = 8: 2x faster)
+    "NVIDIA H200": {
+        ("int4", "q8"): ("matvec",) * 4 + ("small_m",) * 4,
+    },
 }
 
 #: CTAs the small-M kernel aims to launch per SM (split-K fills the rest)
@@ -74,7 +80,9 @@ MATVEC_CANDIDATES = {
     ("int4", 8): ((8, 4, 1, 1),),
     ("int8", 8): ((8, 4, 1, 1),),
 }
-MATVEC_WARPS_PER_SM = {"default": 16}
+#: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
+#: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
+MATVEC_WARPS_PER_SM = {"default": 12}
 
 
 def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int, int]:
