@@ -247,63 +247,72 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     const int s_end = min(s_begin + stages_per_split, n_stages);
     const int n_local = s_end - s_begin;
 
-    // rows of this thread's C fragment (clamped for scale reads) and where
-    // their scales start inside a stage's window
-    const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
-    int row[2], window_start[2];
+    // The (local row, token) of each of this thread's 4 accumulators. W4A16 uses
+    // the weights as the MMA's 16-row A operand: rows g and g + 8, tokens 2t and
+    // 2t + 1. W4A8 uses them as the 8-column B operand of two MMAs (rows 0-7 and
+    // 8-15), with the tokens as A's rows: rows 2t, 2t + 1, 8 + 2t, 9 + 2t, token g.
+    // That costs one nibble split per 8 rows per chunk, and a single per-token
+    // block scale d per thread per chunk.
+    int acc_row[4], acc_token[4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        row[h] = min(row0 + local_row[h], n_rows - 1);
-        window_start[h] = Layout::kWindowOffset + local_row[h] * window_bytes +
-                          static_cast<int>((static_cast<i64>(row[h]) * n_groups * sizeof(ScaleT)) & 3);
+    for (int i = 0; i < 4; ++i) {
+        acc_row[i] = warp * 16 + (kQ8 ? (i >> 1) * 8 + 2 * t + (i & 1) : (i >> 1) * 8 + g);
+        acc_token[i] = kQ8 ? g : 2 * t + (i & 1);
+    }
+    // rows clamped for scale reads, and where their scales start inside a stage's window
+    int row[4], window_start[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        row[i] = min(row0 + acc_row[i], n_rows - 1);
+        window_start[i] = Layout::kWindowOffset + acc_row[i] * window_bytes +
+                          static_cast<int>((static_cast<i64>(row[i]) * n_groups * sizeof(ScaleT)) & 3);
     }
 
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};    // (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};    // by (acc_row, acc_token)
     float gacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // this group's sum of q~ * x (Q8: d-scaled)
-    float gx[4] = {0.0f, 0.0f, 0.0f, 0.0f};     // this group's sum of x for (col 2t, 2t+1, 2t, 2t+1)
+    float gx[4] = {0.0f, 0.0f, 0.0f, 0.0f};     // this group's sum of x for acc_token (Q8: gx[0] only)
 
-    auto fold = [&](float s0, float s1, float z0, float z1) {
-        acc[0] += s0 * (gacc[0] - z0 * gx[0]);
-        acc[1] += s0 * (gacc[1] - z0 * gx[1]);
-        acc[2] += s1 * (gacc[2] - z1 * gx[2]);
-        acc[3] += s1 * (gacc[3] - z1 * gx[3]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) { gacc[i] = 0.0f; gx[i] = 0.0f; }
-    };
     // z: the zero point in q units, implicit 8 (symmetric) or the zeros array;
     // the 16-bit symmetric path already subtracted 8 inside the MMA operand
     constexpr float kImplicitZero = kQ8 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+    auto fold = [&](const float (&s)[4], const float (&z)[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float x_sum = kQ8 ? gx[0] : gx[i];
+            acc[i] += s[i] * (gacc[i] - z[i] * x_sum);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { gacc[i] = 0.0f; gx[i] = 0.0f; }
+    };
 
     auto fold_stage_group = [&](u32 stage_base, int c) {
         const u32 offset = (c >> group_shift) * static_cast<u32>(sizeof(ScaleT));
-        float s[2], z[2];
+        float s[4], z[4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            s[h] = lds_scale<ScaleT>(stage_base + window_start[h] + offset);
-            z[h] = kHasZeros ? lds_scale<ScaleT>(stage_base + window_start[h] + kSmallMTileRows * window_bytes + offset)
+        for (int i = 0; i < 4; ++i) {
+            s[i] = lds_scale<ScaleT>(stage_base + window_start[i] + offset);
+            z[i] = kHasZeros ? lds_scale<ScaleT>(stage_base + window_start[i] + kSmallMTileRows * window_bytes + offset)
                              : kImplicitZero;
         }
-        if constexpr (kQ8) { gx[2] = gx[0]; gx[3] = gx[1]; }
-        fold(s[0], s[1], z[0], z[1]);
+        fold(s, z);
     };
 
     auto mma_chunk = [&](u32 abase, int c, u32 w_lo_row, u32 w_hi_row) {
         // w_lo_row: word t of this chunk for row g; w_hi_row: for row g + 8
         if constexpr (kQ8) {
-            const u32 a[4] = {w_lo_row & kLowNibbles, w_hi_row & kLowNibbles,
-                              (w_lo_row >> 4) & kLowNibbles, (w_hi_row >> 4) & kLowNibbles};
-            const u32 tok = abase + g * kTokenStride + c * 48 + 4 * t;
-            const u32 b0 = lds_u32(tok);        // qs_even word t
-            const u32 b1 = lds_u32(tok + 16);   // qs_odd word t
-            i32 dot[4];
-            mma_s8_m16n8k32(dot, a, b0, b1);
-            const float2 ds0 = lds_f32x2(abase + (2 * t) * kTokenStride + c * 48 + 32);
-            const float2 ds1 = lds_f32x2(abase + (2 * t + 1) * kTokenStride + c * 48 + 32);
-            gacc[0] += ds0.x * static_cast<float>(dot[0]);
-            gacc[1] += ds1.x * static_cast<float>(dot[1]);
-            gacc[2] += ds0.x * static_cast<float>(dot[2]);
-            gacc[3] += ds1.x * static_cast<float>(dot[3]);
-            gx[0] += ds0.y; gx[1] += ds1.y;      // the same for both rows: copied at the fold
+            // A: token g's Q8 block (even-k word t in slots 4t.., odd-k word t in 16 + 4t..);
+            // rows 8-15 of A are padding (zero). B: word t of weight row g of each 8-row half.
+            const u32 tok = abase + g * kTokenStride + c * 48;
+            const u32 a[4] = {lds_u32(tok + 4 * t), 0u, lds_u32(tok + 16 + 4 * t), 0u};
+            i32 dot_lo[4], dot_hi[4];   // [0], [1]: token g x rows 2t, 2t + 1 of each half
+            mma_s8_m16n8k32(dot_lo, a, w_lo_row & kLowNibbles, (w_lo_row >> 4) & kLowNibbles);
+            mma_s8_m16n8k32(dot_hi, a, w_hi_row & kLowNibbles, (w_hi_row >> 4) & kLowNibbles);
+            const float2 ds = lds_f32x2(tok + 32);   // token g's d and sum
+            gacc[0] += ds.x * static_cast<float>(dot_lo[0]);
+            gacc[1] += ds.x * static_cast<float>(dot_lo[1]);
+            gacc[2] += ds.x * static_cast<float>(dot_hi[0]);
+            gacc[3] += ds.x * static_cast<float>(dot_hi[1]);
+            gx[0] += ds.y;
         } else {
             using M = NibbleMagic<ActT>;
             constexpr u32 kShift = kHasZeros ? M::kMinusBase : M::kMinusBaseAnd8;
@@ -383,14 +392,13 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     }
     cp_async_wait<0>();
     if constexpr (kGroupShift == kNoGroups) {   // per-channel: one scale per row, applied once
-        float s[2], z[2];
+        float s[4], z[4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            s[h] = to_float(scales[row[h]]);
-            z[h] = kHasZeros ? to_float(zeros[row[h]]) : kImplicitZero;
+        for (int i = 0; i < 4; ++i) {
+            s[i] = to_float(scales[row[i]]);
+            z[i] = kHasZeros ? to_float(zeros[row[i]]) : kImplicitZero;
         }
-        if constexpr (kQ8) { gx[2] = gx[0]; gx[3] = gx[1]; }
-        fold(s[0], s[1], z[0], z[1]);
+        fold(s, z);
     }
 
     // epilogue
@@ -398,7 +406,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     if (gridDim.y == 1) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int r = row0 + local_row[i >> 1], m = 2 * t + (i & 1);
+            const int r = row0 + acc_row[i], m = acc_token[i];
             if (r < n_rows && m < m_tokens) {
                 float v = acc[i];
                 if (bias != nullptr) v += load_as_float(bias, r, out_kind);
@@ -409,7 +417,7 @@ __global__ void __launch_bounds__(kSmallMThreads, 3) gemm_small_m_kernel(
     }
     float* mine = workspace + (static_cast<i64>(blockIdx.y) * n_tiles + blockIdx.x) * kSmallMMaxTokens * kSmallMTileRows;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) mine[(2 * t + (i & 1)) * kSmallMTileRows + local_row[i >> 1]] = acc[i];
+    for (int i = 0; i < 4; ++i) mine[acc_token[i] * kSmallMTileRows + acc_row[i]] = acc[i];
     __threadfence();
     __syncthreads();
     __shared__ u32 is_last;
