@@ -172,7 +172,7 @@ def test_loaded_kernels_do_not_spill(cp, family):
     for args in fam.instances:
         kernel = _runtime.get_kernel(family, args)
         assert kernel.local_size_bytes == 0, f"{family}<{args}> uses local memory"
-        assert 0 < kernel.num_regs <= 64
+        assert 0 < kernel.num_regs <= 255
 
 
 def test_edited_header_recompiles_on_the_gpu(cp, tmp_path, monkeypatch, rng):
