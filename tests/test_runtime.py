@@ -29,6 +29,9 @@ def test_compile_check_every_instance(arch):
     bad = [(r.instance, r.error, r.resources) for r in rows if not r.ok]
     assert not bad
     for r in rows:
+        if r.resources is None:   # tolerated only where NVRTC 13 printed no ptxas log at all
+            assert _runtime.nvrtc_version() >= (13, 0), r
+            continue
         assert 0 < r.resources.registers <= 255 and not r.resources.spills
 
 
