@@ -43,7 +43,7 @@ def array_module(**named: Any):
             kinds[name] = "numpy"
         elif is_cupy(a):
             kinds[name] = "cupy"
-            devices[name] = a.device.id
+            devices[name] = a.data.device_id
         else:
             raise TypeError(
                 f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__module__}."
@@ -57,7 +57,7 @@ def array_module(**named: Any):
         raise ValueError(f"CuPy arguments live on different devices ({listing})")
     if devices:
         cp = cupy_module()
-        current = cp.cuda.Device().id
+        current = cp.cuda.runtime.getDevice()
         device = next(iter(devices.values()))
         if device != current:
             raise ValueError(

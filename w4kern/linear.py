@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import numpy as np
 
@@ -382,9 +383,12 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         if isinstance(x, Q8Activations):
             act = x.blocks
         else:
-            from .quant import quantize_q8
+            from .quant import _quantize_q8_cuda
 
-            act = quantize_q8(x.reshape(call.m, call.k), out=ws.q8_blocks(call.m, call.k)).blocks
+            # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
+            check_aligned("x", x)
+            act = ws.q8_blocks(call.m, call.k)
+            _quantize_q8_cuda(x, act)
         check_aligned("x", act)
     else:
         act = x
@@ -397,7 +401,13 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     return out
 
 
-def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
+# Launch plans: everything a launch needs besides the arrays, computed once per
+# (device, shapes, dtypes, choice). Plain-launch decode is host-bound, so the hot
+# path is a dict lookup plus CuPy's launch.
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _matvec_plan(call, weight, out_dtype, config, ctas):
     from . import _runtime
     from ._registry import MATVEC_CONFIGS, cxx_bool, cxx_type
 
@@ -413,20 +423,28 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
     kernel = _runtime.get_kernel(
         "matvec_q8", (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config))
     )
-    n_groups = weight.scales.shape[-1]
     row_group_sets = -(-(-(-call.n // rows)) // (4 // split))
     # persistent CTAs: no more than the GPU keeps resident at once
     if ctas is None:
         ctas = min(row_group_sets, _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
-    kernel(
-        (ctas,), (128,),
-        (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-         _pointer(bias), out, np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
-         np.int32(n_groups), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out.dtype])),
-    )
+    tail = (np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
+            np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out_dtype]))
+    return kernel, (ctas,), tail
 
 
-def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
+def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
+    zeros = getattr(weight, "zeros", None)
+    key = ("matvec", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), call.kind, call.m, call.n, call.k, weight.group_size,
+           weight.scales.dtype, zeros is not None, out.dtype, None if config is None else tuple(config), ctas)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _matvec_plan(call, weight, out.dtype, config, ctas)
+    kernel, grid, tail = plan
+    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          _pointer(bias), out) + tail)
+
+
+def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):
     from . import _runtime
     from ._registry import (
         Q8_ACT,
@@ -440,7 +458,7 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
     )
 
     zeros = weight.zeros
-    act_type = Q8_ACT if call.act == "q8" else cxx_type(act.dtype)
+    act_type = Q8_ACT if call.act == "q8" else cxx_type(act_dtype)
     kernel = _runtime.get_kernel(
         small_m_family(weight.group_size),
         (act_type, cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), str(_group_shift(weight))),
@@ -449,17 +467,25 @@ def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
         ctas_per_sm = SMALL_M_CTAS_PER_SM.get(_gpu_name(), SMALL_M_CTAS_PER_SM["default"])
     n_tiles = -(-call.n // SMALL_M_TILE_ROWS)
     splits, per_split = small_m_splits(call.n, call.k, _sm_count(cp), ctas_per_sm)
-    partials, tickets = ws.split_k(splits * n_tiles * 8 * SMALL_M_TILE_ROWS if splits > 1 else 0, n_tiles)
     pieces = small_m_window_pieces(weight.scales.dtype.itemsize, weight.group_size)
     stage_bytes = small_m_stage_bytes(call.act == "q8", pieces, zeros is not None)
-    kernel(
-        (n_tiles, splits), (128,),
-        (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act, _pointer(bias), out,
-         partials, tickets, np.int32(call.n), np.int32(call.k), np.int32(call.m),
-         np.int32(weight.scales.shape[-1]), np.int32(pieces),
-         np.int32(stage_bytes), np.int32(per_split), np.int32(_OUT_KIND[out.dtype])),
-        shared_mem=SMALL_M_STAGES * stage_bytes,
-    )
+    tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
+            np.int32(pieces), np.int32(stage_bytes), np.int32(per_split), np.int32(_OUT_KIND[out_dtype]))
+    partial_floats = splits * n_tiles * 8 * SMALL_M_TILE_ROWS if splits > 1 else 0
+    return kernel, (n_tiles, splits), SMALL_M_STAGES * stage_bytes, partial_floats, n_tiles, tail
+
+
+def _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm):
+    zeros = weight.zeros
+    key = ("small_m", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), call.act, act.dtype, call.m, call.n, call.k, weight.group_size,
+           weight.scales.dtype, zeros is not None, out.dtype, ctas_per_sm)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _small_m_plan(cp, call, weight, act.dtype, out.dtype, ctas_per_sm)
+    kernel, grid, smem, partial_floats, n_tiles, tail = plan
+    partials, tickets = ws.split_k(partial_floats, n_tiles)
+    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          _pointer(bias), out, partials, tickets) + tail, shared_mem=smem)
 
 
 def _dense(cp, call, x, weight, bias, out):
