@@ -10,7 +10,6 @@
 // Bit-exact with the NumPy path (w4kern/quant.py): d = amax / 127 and x / d are
 // IEEE fp32 divisions here and there, roundf rounds half away from zero.
 #include "common/formats.cuh"
-#include "common/ptx.cuh"
 
 namespace w4kern {
 
@@ -146,32 +145,21 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
 // shuffles: the block's max, sum and byte gathering stay in registers. Each
 // load instruction of a warp touches 32 lines at a 64-byte stride, but the
 // four loads together use every byte, which L1 serves.
-template <typename InT, bool kStreaming>
+template <typename InT>
 __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kernel(
     const InT* __restrict__ x,    // [rows, K] contiguous, K % 32 == 0, 16-byte aligned
     Q8Block* __restrict__ out,    // [rows, K / 32] contiguous
     i64 n_blocks)                 // rows * K / 32
 {
-    // kStreaming: the input is read once and the output written once, so both
-    // go through L1-bypassing, evict-first accesses (ld.global.cs / st.global.cs)
-    // that leave the L2 to other traffic.
     const i64 block = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (block >= n_blocks) return;
     constexpr int kChunks = kQ8BlockValues / kQ8ValuesPerThread;   // 4 chunks of 8 values
     const Vec<InT, kQ8ValuesPerThread>* src =
         reinterpret_cast<const Vec<InT, kQ8ValuesPerThread>*>(x) + block * kChunks;
     Vec<InT, kQ8ValuesPerThread> in[kChunks];
-    static_assert(sizeof(in[0]) % 16 == 0, "chunks are whole 16-byte vectors");
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-        if constexpr (kStreaming) {
-#pragma unroll
-            for (int h = 0; h < static_cast<int>(sizeof(in[0]) / 16); ++h)
-                reinterpret_cast<uint4*>(&in[c])[h] = ldg_stream(reinterpret_cast<const uint4*>(src + c) + h);
-        } else {
-            in[c] = src[c];
-        }
-    }
+    for (int c = 0; c < kChunks; ++c) in[c] = src[c];
+
     float v[kQ8BlockValues];
     float amax = 0.0f;
     int non_finite = 0;
@@ -209,15 +197,9 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kerne
     tail.v[2] = 0u;
     tail.v[3] = 0u;
     Vec<u32, 4>* dst = reinterpret_cast<Vec<u32, 4>*>(out + block);
-    if constexpr (kStreaming) {
-        stg_stream(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(&even));
-        stg_stream(reinterpret_cast<uint4*>(dst) + 1, *reinterpret_cast<const uint4*>(&odd));
-        stg_stream(reinterpret_cast<uint4*>(dst) + 2, *reinterpret_cast<const uint4*>(&tail));
-    } else {
-        dst[0] = even;
-        dst[1] = odd;
-        dst[2] = tail;
-    }
+    dst[0] = even;
+    dst[1] = odd;
+    dst[2] = tail;
 }
 
 }  // namespace w4kern

@@ -114,8 +114,7 @@ FAMILIES: dict[str, KernelFamily] = {
             name="quantize_q8_thread_per_block",
             source="quantize_q8.cu",
             template="w4kern::quantize_q8_thread_per_block_kernel",
-            # (input type, streaming cache hints)
-            instances=tuple((cxx_type(t), cxx_bool(streaming)) for t in _FLOAT_TYPES for streaming in (False, True)),
+            instances=tuple((cxx_type(t),) for t in _FLOAT_TYPES),
         ),
         KernelFamily(
             name="dequant_int4",

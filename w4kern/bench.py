@@ -313,7 +313,7 @@ def suite_q8_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
         xs = [rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16) for _ in range(copies)]
         outs = [cp.empty((m, k // 32, 48), dtype=np.uint8) for _ in range(copies)]
         moved = x_bytes + m * (k // 32) * 48
-        for chunks in Q8_CHUNKS_PER_THREAD + (0, -1):
+        for chunks in Q8_CHUNKS_PER_THREAD + (0,):
             rows += _measure(timer, f"w4kern-c{chunks}", "quantize_q8", {"M": m, "K": k, "dtype": "bfloat16"},
                              lambda i, c=chunks: _quantize_q8_cuda(xs[i % copies], outs[i % copies], c),
                              moved, ceilings, ("plain", "graph"))

@@ -116,20 +116,18 @@ def _q8_variant(n_blocks: int) -> int:
 
 
 def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
-    """chunks_per_thread: 1, 2, 4 (four threads per Q8 block), 0 (one thread per
-    block) or -1 (one thread per block, streaming cache hints); None picks by size
-    (_q8_variant)."""
+    """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
+    block); None picks by size (_q8_variant)."""
     from . import _runtime
-    from ._registry import cxx_bool, cxx_type
+    from ._registry import cxx_type
 
     n_chunks = x.size // 8
     if n_chunks == 0:
         return
     if chunks_per_thread is None:
         chunks_per_thread = _q8_variant(n_chunks // 4)
-    if chunks_per_thread <= 0:
-        kernel = _runtime.get_kernel("quantize_q8_thread_per_block",
-                                     (cxx_type(x.dtype), cxx_bool(chunks_per_thread < 0)))
+    if chunks_per_thread == 0:
+        kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
         n_blocks = n_chunks // 4
         kernel(((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)))
         return

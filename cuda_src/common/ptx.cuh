@@ -42,19 +42,6 @@ __device__ __forceinline__ void cp_async4(u32 smem_dst, const void* src, u32 src
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_dst), "l"(src), "r"(src_bytes));
 }
 
-// Streaming global accesses for data touched once: cache-streaming (.cs),
-// evict-first in L1 and L2.
-__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ void stg_stream(uint4* p, uint4 v) {
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-}
-
 // Shared loads at 32-bit addresses. Volatile, so they stay ordered after the
 // cp.async waits and barriers that publish the data they read.
 __device__ __forceinline__ u32 lds_u32(u32 address) {
