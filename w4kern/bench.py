@@ -328,6 +328,20 @@ def _int4_copies(base, copies):
                      for _ in range(copies - 1)]
 
 
+def _decode_weights(rng, n, k, ceilings, timer):
+    """A random bf16 weight [n, k] and its INT4 (g128, asymmetric) and INT8 (per-channel)
+    forms, each copied often enough to rotate past 4x the L2."""
+    import w4kern
+
+    w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
+    w4 = w4kern.quantize_int4(w, group_size=128, symmetric=False)
+    w8 = w4kern.quantize_int8(w)
+    copies4 = rotation_count(w4.nbytes, ceilings.l2_bytes, timer.launches)
+    copies8 = rotation_count(w8.nbytes, ceilings.l2_bytes, timer.launches)
+    weights8 = [w8] + [w4kern.Int8Weight(w8.qweight.copy(), w8.scales.copy(), -1) for _ in range(copies8 - 1)]
+    return w, _int4_copies(w4, copies4), weights8
+
+
 def _linear_bytes(weight, m, k, n, act):
     act_bytes = m * (k // 32) * 48 if act == "q8" else m * k * 2
     return weight.nbytes + act_bytes + m * n * 2
@@ -352,14 +366,8 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
     rows: list[Row] = []
     shapes = list(DENSE_SHAPES.items())[:2] if quick else list(DENSE_SHAPES.items())
     for name, (n, k) in shapes:
-        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
-        base = w4kern.quantize_int4(w, group_size=128, symmetric=False)
-        copies = rotation_count(base.nbytes, ceilings.l2_bytes, timer.launches)
-        weights = _int4_copies(base, copies)
-        w8_base = w4kern.quantize_int8(w)
-        copies8 = rotation_count(w8_base.nbytes, ceilings.l2_bytes, timer.launches)
-        weights8 = [w8_base] + [w4kern.Int8Weight(w8_base.qweight.copy(), w8_base.scales.copy(), -1)
-                                for _ in range(copies8 - 1)]
+        w, weights, weights8 = _decode_weights(rng, n, k, ceilings, timer)
+        base, copies, w8_base, copies8 = weights[0], len(weights), weights8[0], len(weights8)
         for m in DECODE_MS:
             x = (rng.standard_normal((m, k), dtype=np.float32)).astype(w4kern.bfloat16)
             out = cp.empty((m, n), dtype=w4kern.bfloat16)
@@ -448,14 +456,9 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
     rows: list[Row] = []
     shapes = list(DENSE_SHAPES.items())[:2] if quick else list(DENSE_SHAPES.items())
     for name, (n, k) in shapes:
-        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat16)
-        base = w4kern.quantize_int4(w, group_size=128, symmetric=False)
-        w8 = w4kern.quantize_int8(w)
+        w, weights, weights8 = _decode_weights(rng, n, k, ceilings, timer)
         del w
-        copies = rotation_count(base.nbytes, ceilings.l2_bytes, timer.launches)
-        weights = _int4_copies(base, copies)
-        copies8 = rotation_count(w8.nbytes, ceilings.l2_bytes, timer.launches)
-        weights8 = [w8] + [w4kern.Int8Weight(w8.qweight.copy(), w8.scales.copy(), -1) for _ in range(copies8 - 1)]
+        base, copies, w8, copies8 = weights[0], len(weights), weights8[0], len(weights8)
         for m in (1, 2, 3, 4, 8):
             x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
             out = cp.empty((m, n), dtype=w4kern.bfloat16)
