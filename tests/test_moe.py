@@ -1,0 +1,136 @@
+"""w4kern.moe on the NumPy path: routing, alignment and the fused layer against the
+reference, and their bad-input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import w4kern
+from w4kern import reference
+
+
+def test_topk_route_softmax_matches_a_direct_computation(rng):
+    logits = rng.standard_normal((37, 16)).astype(np.float32)
+    weights, ids = w4kern.topk_route(logits, 4)
+    assert weights.dtype == np.float32 and ids.dtype == np.int32 and ids.shape == (37, 4)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected_ids = np.argsort(-p, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(ids, expected_ids)
+    top = np.take_along_axis(p, expected_ids, 1)
+    np.testing.assert_allclose(weights, top / top.sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
+    assert (np.diff(weights, axis=1) <= 0).all()          # descending
+
+
+def test_topk_route_sigmoid_without_renormalization(rng):
+    logits = rng.standard_normal((5, 8)).astype(w4kern.bfloat16)
+    weights, ids = w4kern.topk_route(logits, 2, scoring="sigmoid", renormalize=False)
+    s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_array_equal(ids, np.argsort(-s, axis=1, kind="stable")[:, :2])
+    np.testing.assert_allclose(weights, np.take_along_axis(s, ids.astype(np.int64), 1), rtol=1e-6)
+
+
+def test_topk_route_ties_keep_the_lower_expert_first():
+    logits = np.zeros((2, 6), np.float32)
+    logits[1, [1, 4]] = 3.0
+    _, ids = w4kern.topk_route(logits, 3)
+    np.testing.assert_array_equal(ids, [[0, 1, 2], [1, 4, 0]])
+
+
+def test_topk_route_bad_input(rng):
+    logits = rng.standard_normal((3, 4)).astype(np.float32)
+    for k in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an integer in \\[1, E=4\\]"):
+            w4kern.topk_route(logits, k)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        w4kern.topk_route(logits, 2, scoring="relu")
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        w4kern.topk_route(logits.astype(np.int32), 2)
+    with pytest.raises(ValueError, match=r"logits must be \[T, E\]"):
+        w4kern.topk_route(logits[0], 2)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_moe_align_block_size_is_the_reference(rng, block_size):
+    ids = rng.integers(0, 12, size=(33, 4)).astype(np.int32)
+    ids[:, 0] = 3                                   # a crowded expert; some get none
+    got = w4kern.moe_align_block_size(ids, 12, block_size)
+    expected = reference.moe_align_block_size(ids, 12, block_size)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    expert_map = np.full(12, -1, np.int32)
+    expert_map[[3, 5, 7]] = [0, 1, 2]
+    got = w4kern.moe_align_block_size(ids, 12, block_size, expert_map)
+    for g, e in zip(got, reference.moe_align_block_size(ids, 12, block_size, expert_map)):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_moe_align_bad_input(rng):
+    ids = rng.integers(0, 8, size=(4, 2)).astype(np.int32)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=8\), got values in \[-1, "):
+        w4kern.moe_align_block_size(np.where(ids == ids[0, 0], -1, ids).astype(np.int32), 8, 16)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=4\)"):
+        w4kern.moe_align_block_size(ids + 4, 4, 16)
+    with pytest.raises(TypeError, match="topk_ids must have dtype in \\(int32\\)"):
+        w4kern.moe_align_block_size(ids.astype(np.int64), 8, 16)
+    with pytest.raises(ValueError, match="k >= 1"):
+        w4kern.moe_align_block_size(np.zeros((4, 0), np.int32), 8, 16)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        w4kern.moe_align_block_size(ids, 8, 0)
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        w4kern.moe_align_block_size(ids, 0, 16)
+    with pytest.raises(ValueError, match=r"expert_map must have shape \(8,\)"):
+        w4kern.moe_align_block_size(ids, 8, 16, np.zeros(7, np.int32))
+
+
+def _experts(rng, n_experts=4, hidden=64, inter=32, group_size=32):
+    w13 = rng.standard_normal((n_experts, 2 * inter, hidden)).astype(np.float32)
+    w2 = rng.standard_normal((n_experts, hidden, inter)).astype(np.float32)
+    return (w4kern.quantize_int4(w13, group_size=group_size, symmetric=False),
+            w4kern.quantize_int4(w2, group_size=group_size))
+
+
+@pytest.mark.parametrize("activation", ["bf16", "int8"])
+def test_fused_moe_is_the_reference(rng, activation):
+    w13, w2 = _experts(rng)
+    x = rng.standard_normal((7, 64)).astype(w4kern.bfloat16)
+    weights, ids = w4kern.topk_route(rng.standard_normal((7, 4)).astype(np.float32), 2)
+    y = w4kern.fused_moe(x, w13, w2, weights, ids, activation=activation)
+    assert y.dtype == w4kern.bfloat16 and y.shape == (7, 64)
+    expected = reference.fused_moe(x, w13, w2, weights, ids, activation).astype(w4kern.bfloat16)
+    np.testing.assert_array_equal(y, expected)
+    out = np.full((7, 64), np.nan, w4kern.bfloat16)
+    assert w4kern.fused_moe(x, w13, w2, weights, ids, activation=activation, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_fused_moe_bad_input(rng):
+    w13, w2 = _experts(rng)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    weights, ids = w4kern.topk_route(rng.standard_normal((3, 4)).astype(np.float32), 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        w4kern.fused_moe(x, w13, w2, weights, ids, activation="fp8")
+    with pytest.raises(ValueError, match="x has H=32 but w13 expects H=64"):
+        w4kern.fused_moe(x[:, :32].copy(), w13, w2, weights, ids)
+    with pytest.raises(ValueError, match="topk_ids has T=2 tokens but x has T=3"):
+        w4kern.fused_moe(x, w13, w2, weights[:2].copy(), ids[:2].copy())
+    with pytest.raises(ValueError, match=r"topk_weights must have shape \(3, 2\)"):
+        w4kern.fused_moe(x, w13, w2, weights[:, :1].copy(), ids)
+    with pytest.raises(TypeError, match="topk_weights must have dtype in \\(float32\\)"):
+        w4kern.fused_moe(x, w13, w2, weights.astype(np.float16), ids)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=4\)"):
+        w4kern.fused_moe(x, w13, w2, weights, ids + 3)
+    other13, other2 = _experts(rng, n_experts=5)
+    with pytest.raises(ValueError, match="w2 has 5 experts, w13 has 4"):
+        w4kern.fused_moe(x, w13, other2, weights, ids)
+    _, narrow2 = _experts(rng, inter=64)
+    with pytest.raises(ValueError, match=r"w2 must be \[E, H=64, I=32\]"):
+        w4kern.fused_moe(x, w13, narrow2, weights, ids)
+    flat = w4kern.quantize_int4(rng.standard_normal((64, 64)).astype(np.float32), group_size=32)
+    with pytest.raises(ValueError, match="w13 must be stacked expert weights"):
+        w4kern.fused_moe(x, flat, w2, weights, ids)
+    with pytest.raises(TypeError, match="w13 must be an Int4Weight"):
+        w4kern.fused_moe(x, np.zeros((4, 64, 32), np.uint8), w2, weights, ids)
+    with pytest.raises(TypeError, match="out must have dtype in \\(float32\\)"):
+        w4kern.fused_moe(x, w13, w2, weights, ids, out=np.empty((3, 64), np.float16))

@@ -1,0 +1,155 @@
+"""Mixture-of-experts ops: routing, expert alignment and the fused layer.
+
+``topk_route`` runs on NumPy and CuPy arrays alike (array ops only).
+``moe_align_block_size`` and ``fused_moe`` validate their arguments on both
+sides and run the NumPy reference on NumPy arrays; their CUDA kernels are the
+work of issue 4 and not written yet, so CuPy arrays get a NotImplementedError
+that says so (never a silent fallback to the host).
+
+Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
+``topk_weights`` float32 [T, k]; expert weights are stacked Int4Weight
+[E, N, K // 2] (w13: [E, 2I, H], gate rows first; w2: [E, H, I]).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import array_module, check_contiguous, check_dtype, check_ndim, check_shape
+from .formats import FLOAT_DTYPES, Int4Weight
+
+SCORINGS = ("softmax", "sigmoid")
+ACTIVATIONS = ("bf16", "int8")
+
+
+def topk_route(logits, k: int, *, scoring: str = "softmax", renormalize: bool = True):
+    """Pick each token's top-k experts from router logits.
+
+    Parameters
+    ----------
+    logits : float32 | float16 | bfloat16 [T, E]
+    k : 1 <= k <= E
+    scoring : "softmax" (probabilities over all E experts) or "sigmoid"
+        (independent scores, as in DeepSeek-V3)
+    renormalize : scale each token's k weights to sum to 1
+
+    Returns (topk_weights float32 [T, k], topk_ids int32 [T, k]), experts in
+    descending score; equal scores keep the lower expert id first. Scores are
+    computed in float32.
+    """
+    xp = array_module(logits=logits)
+    check_dtype("logits", logits, FLOAT_DTYPES)
+    check_ndim("logits", logits, 2, "[T, E]")
+    n_experts = logits.shape[1]
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n_experts:
+        raise ValueError(f"k must be an integer in [1, E={n_experts}], got {k!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    z = logits.astype(np.float32)
+    if scoring == "softmax":
+        z = z - z.max(axis=1, keepdims=True)
+        e = xp.exp(z)
+        scores = e / e.sum(axis=1, keepdims=True)
+    else:
+        scores = np.float32(1) / (np.float32(1) + xp.exp(-z))
+    # a stable sort of -score: descending score, ties by ascending expert id
+    ids = xp.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int32)
+    weights = xp.take_along_axis(scores, ids.astype(np.int64), axis=1).astype(np.float32)
+    if renormalize:
+        total = weights.sum(axis=1, keepdims=True)
+        weights = weights / xp.where(total == 0, xp.ones_like(total), total)
+    return weights, ids
+
+
+def _check_ids(xp, topk_ids, num_experts):
+    check_dtype("topk_ids", topk_ids, [np.int32])
+    check_ndim("topk_ids", topk_ids, 2, "[T, k]")
+    if topk_ids.shape[1] == 0:
+        raise ValueError("topk_ids must have k >= 1 columns, got shape " + str(tuple(topk_ids.shape)))
+    check_contiguous("topk_ids", topk_ids)
+    if not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+    # the ids' range needs a device read on the GPU: checked on the NumPy path only
+    if xp is np and topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+        raise ValueError(
+            f"topk_ids must lie in [0, num_experts={num_experts}), got values in "
+            f"[{int(topk_ids.min())}, {int(topk_ids.max())}]"
+        )
+
+
+def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map=None):
+    """Group the flat (token, slot) indices t * k + j by expert, each expert's run
+    padded to a multiple of ``block_size`` (DESIGN.md): returns
+    (sorted_token_ids int32 [max_padded], expert_ids int32 [max_padded // block_size],
+    num_tokens_post_padded int32 [1]) with max_padded = T * k + E * (block_size - 1),
+    so the shapes are known without reading the device. See ``reference.moe_align_block_size``
+    for the order and the sentinel values.
+    """
+    xp = array_module(topk_ids=topk_ids, expert_map=expert_map)
+    _check_ids(xp, topk_ids, num_experts)
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if expert_map is not None:
+        check_dtype("expert_map", expert_map, [np.int32])
+        check_shape("expert_map", expert_map, (num_experts,), "[num_experts]")
+    if xp is not np:
+        raise NotImplementedError("moe_align_block_size has no CUDA kernel yet (issue 4); "
+                                  "call it on NumPy arrays for now")
+    from . import reference
+
+    return reference.moe_align_block_size(topk_ids, num_experts, block_size, expert_map)
+
+
+def _check_experts(name, w, n_experts=None):
+    if not isinstance(w, Int4Weight):
+        raise TypeError(f"{name} must be an Int4Weight, got {type(w).__name__}")
+    if w.qweight.ndim != 3:
+        raise ValueError(f"{name} must be stacked expert weights [E, N, K // 2], got qweight shape "
+                         f"{tuple(w.qweight.shape)}")
+    if n_experts is not None and w.qweight.shape[0] != n_experts:
+        raise ValueError(f"{name} has {w.qweight.shape[0]} experts, w13 has {n_experts}")
+
+
+def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, activation: str = "bf16",
+              out=None):
+    """The MoE layer: y[t] = sum_j topk_weights[t, j] * W2[e] @ (silu(g) * u), [g; u] = W13[e] @ x[t],
+    e = topk_ids[t, j].
+
+    x bfloat16 | float16 | float32 [T, H]; w13 Int4Weight [E, 2I, H]; w2
+    Int4Weight [E, H, I]; topk_weights float32 [T, k]; topk_ids int32 [T, k];
+    activation "bf16" (x as given) or "int8" (per-token INT8 before each GEMM,
+    as the A8 kernels will do). Returns [T, H] in x's dtype (``out`` when given).
+    """
+    xp = array_module(x=x, qweight=w13.qweight if isinstance(w13, Int4Weight) else None,
+                      topk_weights=topk_weights, topk_ids=topk_ids, out=out)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_ndim("x", x, 2, "[T, H]")
+    _check_experts("w13", w13)
+    n_experts, two_i, hidden = w13.shape
+    _check_experts("w2", w2, n_experts)
+    if two_i % 2:
+        raise ValueError(f"w13 must have 2 * I rows (gate, then up), got {two_i}")
+    if hidden != x.shape[1]:
+        raise ValueError(f"x has H={x.shape[1]} but w13 expects H={hidden} (w13 shape [E, 2I, H] = "
+                         f"{tuple(w13.shape)})")
+    if tuple(w2.shape[1:]) != (hidden, two_i // 2):
+        raise ValueError(f"w2 must be [E, H={hidden}, I={two_i // 2}], got {tuple(w2.shape)}")
+    _check_ids(xp, topk_ids, n_experts)
+    check_dtype("topk_weights", topk_weights, [np.float32])
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "[T, k], like topk_ids")
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids has T={topk_ids.shape[0]} tokens but x has T={x.shape[0]}")
+    if out is not None:
+        check_dtype("out", out, [x.dtype])
+        check_shape("out", out, tuple(x.shape), "[T, H]")
+        check_contiguous("out", out)
+    if xp is not np:
+        raise NotImplementedError("fused_moe has no CUDA kernels yet (issue 4); call it on NumPy arrays for now")
+    from . import reference
+
+    y = reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype)
+    if out is None:
+        return y
+    out[...] = y
+    return out
