@@ -1,0 +1,124 @@
+"""Import existing INT4 checkpoints into Int4Weight (the plain layout).
+
+Each importer documents the source layout it expects and checks the arrays
+against it before converting (NumPy in, NumPy out; this is load-time work).
+Both formats store the transposed weight W.T [K, N] (in_features x
+out_features) with 4-bit codes packed eight to an int32; w4kern stores
+W [N, K] with two codes per byte, so the importers unpack, transpose and
+repack. Dequantized values are unchanged: ``reference.dequantize_weight`` of
+the result equals the source format's own dequantization.
+
+- GPTQ (AutoGPTQ / GPTQModel, no act-order):
+  qweight int32 [K / 8, N]: nibble i (bits 4i..4i+3) of qweight[r, n] is the
+  code of k = 8r + i; qzeros int32 [K / g, N / 8]: nibble i of qzeros[j, c]
+  is the zero of column 8c + i; scales float16 [K / g, N]; optional g_idx
+  int32 [K] (must be k // g: act-order checkpoints are refused). w = (q - z) * s
+  with z = stored zero + ``zero_offset``: 1 for the original "gptq" format
+  (which stores z - 1), 0 for "gptq_v2".
+- AWQ (AutoAWQ "gemm" format):
+  qweight int32 [K, N / 8]: nibble i of qweight[k, c] is the code of column
+  8c + AWQ_ORDER[i] with AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7); qzeros int32
+  [K / g, N / 8] in the same order; scales float16 [K / g, N]. w = (q - z) * s.
+
+Zero points that are all 8 become a symmetric Int4Weight (no zeros array).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import check_dtype, check_ndim, check_shape
+from .formats import GROUP_SIZES, Int4Weight
+from .pack import pack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_SHIFTS = np.arange(8, dtype=np.uint32) * 4
+
+
+def _numpy(name, a):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (checkpoints load on the host), got "
+                        f"{type(a).__module__}.{type(a).__name__}")
+    return a
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """int32 [..., m] -> uint8 [..., m, 8]: nibble i of each word at index i."""
+    return ((packed.view(np.uint32)[..., None] >> _SHIFTS) & 0xF).astype(np.uint8)
+
+
+def _group_size(k: int, n_groups: int) -> int:
+    if n_groups < 1 or k % n_groups:
+        raise ValueError(f"scales have {n_groups} groups along K={k}, which does not divide K")
+    gs = k // n_groups
+    if n_groups == 1 and gs not in GROUP_SIZES:
+        return -1
+    if gs not in GROUP_SIZES:
+        raise ValueError(f"group size {gs} (K={k} / {n_groups} groups) is not supported; supported: "
+                         f"{[g for g in GROUP_SIZES if g > 0]} or one group per row")
+    return gs
+
+
+def _to_int4(q_kn: np.ndarray, z_gn: np.ndarray, scales_gn: np.ndarray, group_size: int) -> Int4Weight:
+    """codes [K, N], zeros [G, N] (q units), scales [G, N] -> Int4Weight W [N, K]."""
+    qweight = pack_int4(np.ascontiguousarray(q_kn.T))
+    scales = np.ascontiguousarray(scales_gn.T)
+    zeros = np.ascontiguousarray(z_gn.T)
+    if (zeros == 8).all():
+        return Int4Weight(qweight, scales, None, group_size)
+    if zeros.min() < 0 or zeros.max() > 15:
+        raise ValueError(f"zero points must lie in [0, 15] after the offset, got [{zeros.min()}, {zeros.max()}]")
+    return Int4Weight(qweight, scales, zeros.astype(scales.dtype), group_size)
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> Int4Weight:
+    """GPTQ tensors (see the module docstring) -> Int4Weight [N, K].
+
+    zero_offset : 1 for the original "gptq" checkpoint format (stored zero + 1),
+        0 for "gptq_v2".
+    """
+    qweight, qzeros, scales = (_numpy(n, a) for n, a in (("qweight", qweight), ("qzeros", qzeros),
+                                                         ("scales", scales)))
+    check_dtype("qweight", qweight, [np.int32])
+    check_dtype("qzeros", qzeros, [np.int32])
+    check_dtype("scales", scales, [np.float16, np.float32])
+    check_ndim("qweight", qweight, 2, "[K / 8, N]")
+    if zero_offset not in (0, 1):
+        raise ValueError(f"zero_offset must be 1 ('gptq') or 0 ('gptq_v2'), got {zero_offset!r}")
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    check_ndim("scales", scales, 2, "[K / group_size, N]")
+    if scales.shape[1] != n:
+        raise ValueError(f"scales must be [K / group_size, N={n}], got {tuple(scales.shape)}")
+    group_size = _group_size(k, scales.shape[0])
+    if n % 8:
+        raise ValueError(f"N={n} must be a multiple of 8 (qzeros packs 8 columns per int32)")
+    check_shape("qzeros", qzeros, (scales.shape[0], n // 8), "[K / group_size, N / 8]")
+    if g_idx is not None:
+        g_idx = _numpy("g_idx", g_idx)
+        check_shape("g_idx", g_idx, (k,), "[K]")
+        gs = k if group_size == -1 else group_size
+        if not np.array_equal(g_idx, np.arange(k) // gs):
+            raise ValueError("g_idx is not k // group_size: act-order (desc_act) checkpoints reorder K and "
+                             "are not supported; re-export without act-order")
+    q_kn = _nibbles(qweight).transpose(0, 2, 1).reshape(k, n)        # [K/8, 8, N] -> [K, N]
+    z_gn = _nibbles(qzeros).reshape(scales.shape[0], n).astype(np.int16) + zero_offset
+    return _to_int4(q_kn, z_gn, scales, group_size)
+
+
+def from_awq(qweight, qzeros, scales) -> Int4Weight:
+    """AWQ "gemm" tensors (see the module docstring) -> Int4Weight [N, K]."""
+    qweight, qzeros, scales = (_numpy(n, a) for n, a in (("qweight", qweight), ("qzeros", qzeros),
+                                                         ("scales", scales)))
+    check_dtype("qweight", qweight, [np.int32])
+    check_dtype("qzeros", qzeros, [np.int32])
+    check_dtype("scales", scales, [np.float16, np.float32])
+    check_ndim("qweight", qweight, 2, "[K, N / 8]")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    check_ndim("scales", scales, 2, "[K / group_size, N]")
+    if scales.shape[1] != n:
+        raise ValueError(f"scales must be [K / group_size, N={n}], got {tuple(scales.shape)}")
+    group_size = _group_size(k, scales.shape[0])
+    check_shape("qzeros", qzeros, (scales.shape[0], n // 8), "[K / group_size, N / 8]")
+    inverse = np.argsort(AWQ_ORDER)                 # nibble holding column 8c + j
+    q_kn = _nibbles(qweight)[..., inverse].reshape(k, n)
+    z_gn = _nibbles(qzeros)[..., inverse].reshape(scales.shape[0], n).astype(np.int16)
+    return _to_int4(q_kn, z_gn, scales, group_size)
