@@ -147,12 +147,28 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.results:   # plot earlier results: no GPU needed
+        if not args.plot:
+            print("--from needs --plot FILE.png", file=sys.stderr)
+            return 2
+        from . import plots
+
+        plots.plot(plots.load(args.results), mode=args.mode, path=args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     if not gpu_available():
-        print("bench needs a CUDA GPU and CuPy (pip install 'w4kern[cuda12]' or [cuda13])", file=sys.stderr)
+        print("bench needs a CUDA GPU and CuPy (pip install 'w4kern[cuda12]' or [cuda13]); "
+              "`bench --plot FILE.png --from RESULT.json` plots earlier results without one", file=sys.stderr)
         return 2
     from . import bench
 
-    bench.run(suites=tuple(args.suite), out_dir=args.out, quick=args.quick)
+    record = bench.run(suites=tuple(args.suite), out_dir=args.out, quick=args.quick)
+    if args.plot:
+        from . import plots
+
+        rows = [{**row, "gpu": record["environment"]["gpu"]} for row in record["rows"]]
+        plots.plot(rows, mode=args.mode, path=args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -177,6 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--suite", nargs="+", default=["foundation"])
     p.add_argument("--out", default=None, help="directory for the JSON record")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw efficiency (floor / time) per op, shape and system")
+    p.add_argument("--from", dest="results", nargs="+", default=None, metavar="RESULT.json",
+                   help="with --plot: plot these result files instead of running (no GPU needed)")
+    p.add_argument("--mode", default="graph", choices=("graph", "plain"), help="timing mode to plot")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
