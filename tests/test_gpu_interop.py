@@ -1,0 +1,45 @@
+"""DLPack hand-offs with torch and JAX on the GPU (skipped where they are not installed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import w4kern
+
+pytestmark = pytest.mark.gpu
+
+
+def test_torch_cuda_tensors_cross_without_copies(cp):
+    torch = pytest.importorskip("torch")
+    t = torch.arange(12, device="cuda").to(torch.bfloat16).reshape(3, 4)
+    a = w4kern.asarray(t)
+    assert isinstance(a, cp.ndarray) and a.dtype == w4kern.bfloat16 and a.shape == (3, 4)
+    assert a.data.ptr == t.data_ptr()
+    y = w4kern.quantize_q8(cp.ones((2, 64), dtype=w4kern.bfloat16)).blocks
+    ty = torch.from_dlpack(y)
+    assert ty.data_ptr() == y.data.ptr and ty.dtype == torch.uint8
+
+
+def test_fp8_bits_reinterpret_as_torch_float8(cp, rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    q = w4kern.quantize_per_token_fp8(cp.asarray(x)).q
+    t = w4kern.interop.fp8_to_torch(q)
+    assert t.dtype == torch.float8_e4m3fn and t.data_ptr() == q.data.ptr
+    expected = cp.asnumpy(q).view(w4kern.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(t.float().cpu().numpy(), expected)
+    back = w4kern.interop.fp8_from_torch(t)
+    assert isinstance(back, cp.ndarray) and back.data.ptr == q.data.ptr
+
+
+def test_jax_arrays_cross(cp, rng):
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    a = jax.numpy.arange(8, dtype=jax.numpy.float32)
+    b = w4kern.asarray(a)
+    assert isinstance(b, cp.ndarray)
+    np.testing.assert_array_equal(cp.asnumpy(b), np.arange(8, dtype=np.float32))
+    q = cp.asarray(np.arange(256, dtype=np.uint8))
+    f8 = w4kern.interop.fp8_to_jax(q)
+    np.testing.assert_array_equal(np.asarray(f8.astype(jax.numpy.float32))[0x38], 1.0)
