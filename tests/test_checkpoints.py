@@ -85,3 +85,45 @@ def test_import_bad_input(rng):
         from_awq(qweight, qzeros, s[:, :8].copy())
     with pytest.raises(TypeError, match="must be a NumPy array"):
         from_awq([1, 2], qzeros, s)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_gguf_import_matches_gguf_bit_for_bit(rng, qtype):
+    gguf = pytest.importorskip("gguf")
+    from w4kern.checkpoints import from_gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    w = (rng.standard_normal((24, 160)) * rng.choice([0.01, 1.0, 50.0])).astype(np.float32)
+    w[0, :32] = 0                                          # an all-zero block
+    raw = gguf.quants.quantize(w, kind)                    # uint8 [24, 5 * block bytes]
+    expected = gguf.quants.dequantize(raw, kind).astype(np.float32)
+    weight = from_gguf(raw, kind)
+    assert weight.shape == (24, 160) and weight.group_size == 32
+    got = reference.dequantize_weight(weight)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_gguf_q4_1_import_is_within_rounding(rng):
+    gguf = pytest.importorskip("gguf")
+    from w4kern.checkpoints import from_gguf
+
+    kind = gguf.GGMLQuantizationType.Q4_1
+    w = (rng.standard_normal((16, 96)) + 3.0).astype(np.float32)
+    raw = gguf.quants.quantize(w, kind)
+    expected = gguf.quants.dequantize(raw, kind).astype(np.float32)
+    got = reference.dequantize_weight(from_gguf(raw, "Q4_1"))
+    scale = np.abs(expected).reshape(16, 3, 32).max(-1, keepdims=True)
+    err = np.abs(got - expected).reshape(16, 3, 32) / scale
+    assert err.max() < 4 * 2.0 ** -23
+    assert not np.array_equal(got, np.zeros_like(got))
+
+
+def test_gguf_bad_input():
+    from w4kern.checkpoints import from_gguf
+
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        from_gguf(np.zeros((2, 18), np.uint8), "Q5_K")
+    with pytest.raises(ValueError, match=r"data must be \[N, K / 32 \* 18\]"):
+        from_gguf(np.zeros((2, 19), np.uint8), "Q4_0")
+    with pytest.raises(TypeError, match="data must have dtype in \\(uint8\\)"):
+        from_gguf(np.zeros((2, 18), np.int8), "Q4_0")

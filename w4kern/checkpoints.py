@@ -20,6 +20,16 @@ the result equals the source format's own dequantization.
   8c + AWQ_ORDER[i] with AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7); qzeros int32
   [K / g, N / 8] in the same order; scales float16 [K / g, N]. w = (q - z) * s.
 
+- GGUF (llama.cpp), one 2-D tensor's raw blocks, uint8 [N, K / 32 * block bytes]
+  (row-major: each of the N rows is K / 32 consecutive blocks of 32 values):
+  Q4_0 (18 B: fp16 d, 16 bytes whose low nibbles are values 0-15 and high
+  nibbles values 16-31; w = (q - 8) * d) -> symmetric Int4Weight, group 32;
+  Q8_0 (34 B: fp16 d, 32 int8; w = q * d) -> Int8Weight, group 32;
+  Q4_1 (20 B: fp16 d, fp16 m, 16 bytes as Q4_0; w = q * d + m) -> Int4Weight
+  with float32 scales d and zeros -m / d. Q4_0 and Q8_0 dequantize to exactly
+  gguf's values; Q4_1's (q + m / d) * d differs from q * d + m by float32
+  rounding (a few ulp of the block's largest value).
+
 Zero points that are all 8 become a symmetric Int4Weight (no zeros array).
 """
 from __future__ import annotations
@@ -27,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._arrays import check_dtype, check_ndim, check_shape
-from .formats import GROUP_SIZES, Int4Weight
+from .formats import GROUP_SIZES, Int4Weight, Int8Weight
 from .pack import pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -122,3 +132,48 @@ def from_awq(qweight, qzeros, scales) -> Int4Weight:
     q_kn = _nibbles(qweight)[..., inverse].reshape(k, n)
     z_gn = _nibbles(qzeros)[..., inverse].reshape(scales.shape[0], n).astype(np.int16)
     return _to_int4(q_kn, z_gn, scales, group_size)
+
+
+#: bytes per 32-value block of each GGUF type this module reads
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def from_gguf(data, qtype: str):
+    """Raw GGUF blocks of one 2-D tensor -> Int4Weight (Q4_0, Q4_1) or Int8Weight (Q8_0).
+
+    data : uint8 [N, K / 32 * block bytes] or [N, K / 32, block bytes] (what
+        ``gguf.GGUFReader`` returns as a tensor's ``data``); qtype : "Q4_0",
+        "Q4_1" or "Q8_0" (or a ``gguf.GGMLQuantizationType`` of those names).
+    """
+    data = _numpy("data", data)
+    qtype = getattr(qtype, "name", qtype)
+    if qtype not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"qtype must be one of {sorted(GGUF_BLOCK_BYTES)}, got {qtype!r}")
+    check_dtype("data", data, [np.uint8])
+    size = GGUF_BLOCK_BYTES[qtype]
+    if data.ndim == 3 and data.shape[2] == size:
+        blocks = data
+    elif data.ndim == 2 and data.shape[1] % size == 0:
+        blocks = data.reshape(data.shape[0], data.shape[1] // size, size)
+    else:
+        raise ValueError(f"data must be [N, K / 32 * {size}] or [N, K / 32, {size}] bytes of {qtype} blocks, "
+                         f"got shape {tuple(data.shape)}")
+    n, n_blocks = blocks.shape[:2]
+    if n_blocks == 0:
+        raise ValueError("data holds no blocks (K = 0)")
+    blocks = np.ascontiguousarray(blocks)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]                     # [N, K / 32]
+    if qtype == "Q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).reshape(n, n_blocks * 32)
+        return Int8Weight(q, d, 32)
+    nibbles = blocks[..., 4:] if qtype == "Q4_1" else blocks[..., 2:]       # [N, B, 16]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, n_blocks * 32)   # values 0-15, 16-31
+    qweight = pack_int4(q)
+    if qtype == "Q4_0":
+        return Int4Weight(qweight, d, None, 32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    d32 = d.astype(np.float32)
+    if ((d32 == 0) & (m != 0)).any():
+        raise ValueError("a Q4_1 block has d = 0 and m != 0 (every value m), which (q - z) * s cannot express")
+    zeros = np.where(d32 == 0, np.float32(0), -m / np.where(d32 == 0, np.float32(1), d32)).astype(np.float32)
+    return Int4Weight(qweight, d32, zeros, 32)
