@@ -127,3 +127,30 @@ def test_gguf_bad_input():
         from_gguf(np.zeros((2, 19), np.uint8), "Q4_0")
     with pytest.raises(TypeError, match="data must have dtype in \\(uint8\\)"):
         from_gguf(np.zeros((2, 18), np.int8), "Q4_0")
+
+
+def test_load_gguf_file(rng, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from w4kern.checkpoints import load_gguf
+
+    w = rng.standard_normal((24, 160)).astype(np.float32)
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, qtype in (("q4", "Q4_0"), ("q8", "Q8_0")):
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        raw = gguf.quants.quantize(w, kind)
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+    writer.add_tensor("norm", np.ones(160, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    loaded = load_gguf(path, progress=False)
+    assert isinstance(loaded["q4"], w4kern.Int4Weight) and isinstance(loaded["q8"], w4kern.Int8Weight)
+    np.testing.assert_array_equal(loaded["norm"], np.ones(160, np.float32))
+    for name, qtype in (("q4", "Q4_0"), ("q8", "Q8_0")):
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        expected = gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
+        np.testing.assert_array_equal(reference.dequantize_weight(loaded[name]), expected)
+    with pytest.raises(KeyError, match="no tensors named"):
+        load_gguf(path, names=["nope"], progress=False)

@@ -34,6 +34,8 @@ Zero points that are all 8 become a symmetric Int4Weight (no zeros array).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ._arrays import check_dtype, check_ndim, check_shape
@@ -177,3 +179,38 @@ def from_gguf(data, qtype: str):
         raise ValueError("a Q4_1 block has d = 0 and m != 0 (every value m), which (q - z) * s cannot express")
     zeros = np.where(d32 == 0, np.float32(0), -m / np.where(d32 == 0, np.float32(1), d32)).astype(np.float32)
     return Int4Weight(qweight, d32, zeros, 32)
+
+
+def load_gguf(path, names=None, *, progress: bool = True) -> dict:
+    """Read a GGUF file with the ``gguf`` package: Q4_0 / Q4_1 / Q8_0 tensors become
+    Int4Weight / Int8Weight (``from_gguf``), all other tensors NumPy arrays.
+
+    names : optional iterable of tensor names to convert (default: all).
+    progress : a tqdm progress bar over the tensors, when tqdm is installed.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise RuntimeError("reading GGUF files needs the gguf package: pip install gguf") from e
+    reader = gguf.GGUFReader(str(path))
+    wanted = None if names is None else set(names)
+    tensors = [t for t in reader.tensors if wanted is None or t.name in wanted]
+    if wanted is not None:
+        missing = wanted - {t.name for t in tensors}
+        if missing:
+            raise KeyError(f"{path}: no tensors named {sorted(missing)}")
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            tensors = tqdm(tensors, desc=f"converting {Path(path).name}", unit="tensor")
+        except ImportError:
+            pass
+    result = {}
+    for t in tensors:
+        qtype = t.tensor_type.name
+        if qtype in GGUF_BLOCK_BYTES:
+            result[t.name] = from_gguf(np.asarray(t.data), qtype)
+        else:
+            result[t.name] = np.array(t.data)
+    return result
