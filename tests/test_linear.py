@@ -147,7 +147,7 @@ def test_rejects_non_contiguous_x(rng, weight):
         w4kern.linear(x, weight)
 
 
-def test_rejects_mixed_array_modules(rng, weight):
+def test_rejects_objects_that_are_not_arrays(rng, weight):
     class NotAnArray:
         dtype = np.dtype(np.float32)
 
