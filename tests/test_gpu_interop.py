@@ -43,3 +43,16 @@ def test_jax_arrays_cross(cp, rng):
     q = cp.asarray(np.arange(256, dtype=np.uint8))
     f8 = w4kern.interop.fp8_to_jax(q)
     np.testing.assert_array_equal(np.asarray(f8.astype(jax.numpy.float32))[0x38], 1.0)
+
+
+def test_linear_takes_torch_tensors_and_writes_torch_out(cp, rng):
+    torch = pytest.importorskip("torch")
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    qw = w4kern.quantize_int4(cp.asarray(w), group_size=128)
+    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    out = torch.full((2, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y = w4kern.linear(x, qw, out=out)
+    torch.cuda.synchronize()
+    assert y.data.ptr == out.data_ptr()
+    expected = w4kern.linear(cp.asarray(x.float().cpu().numpy()).astype(w4kern.bfloat16), qw)
+    np.testing.assert_array_equal(out.view(torch.int16).cpu().numpy(), cp.asnumpy(expected).view(np.int16))

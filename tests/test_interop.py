@@ -56,3 +56,24 @@ def test_fp8_round_trip_through_torch_on_the_host():
     assert float(t[0x38]) == 1.0            # 0x38 is 1.0 in e4m3fn
     back = w4kern.interop.fp8_from_torch(t)
     np.testing.assert_array_equal(back, bits)
+
+
+def test_public_ops_take_dlpack_tensors(rng):
+    """Every op's array arguments may be foreign DLPack tensors (here host ones): the
+    results equal the NumPy call's, and out= tensors are written in place."""
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(w4kern.quantize_q8(HostTensor(x)).blocks, w4kern.quantize_q8(x).blocks)
+    np.testing.assert_array_equal(w4kern.quantize_per_token_int8(HostTensor(x)).q, w4kern.quantize_per_token_int8(x).q)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    qw = w4kern.quantize_int4(HostTensor(w), group_size=32)
+    np.testing.assert_array_equal(qw.qweight, w4kern.quantize_int4(w, group_size=32).qweight)
+    rebuilt = w4kern.Int4Weight(HostTensor(qw.qweight), HostTensor(qw.scales), HostTensor(qw.zeros), 32)
+    assert isinstance(rebuilt.qweight, np.ndarray)
+    out = np.full((3, 16), np.nan, np.float32)
+    got = w4kern.linear(HostTensor(x), rebuilt, out=HostTensor(out), bias=HostTensor(np.ones(16, np.float32)))
+    np.testing.assert_array_equal(out, w4kern.linear(x, qw, bias=np.ones(16, np.float32)))   # written in place
+    np.testing.assert_array_equal(got, out)
+    weights, ids = w4kern.topk_route(HostTensor(rng.standard_normal((5, 8)).astype(np.float32)), 2)
+    assert ids.shape == (5, 2)
+    sorted_ids, _, _ = w4kern.moe_align_block_size(HostTensor(ids), 8, 4)
+    assert sorted_ids.size == 5 * 2 + 8 * 3

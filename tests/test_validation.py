@@ -44,7 +44,7 @@ def test_quantize_int4_bad_scale_dtype():
 
 
 def test_quantize_int4_not_an_array():
-    with pytest.raises(TypeError, match=r"^w must be a numpy.ndarray or cupy.ndarray, got builtins.list"):
+    with pytest.raises(TypeError, match=r"^w must be a numpy.ndarray or cupy.ndarray \(or a DLPack tensor\), got builtins.list"):
         w4kern.quantize_int4([[0.0] * 64])
 
 

@@ -8,6 +8,7 @@ and the value given.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,38 @@ def is_cupy(a: Any) -> bool:
     return cp is not None and isinstance(a, cp.ndarray)
 
 
+def _foreign(v) -> bool:
+    """An object to import through DLPack: not a NumPy/CuPy array, but speaks DLPack."""
+    return not isinstance(v, np.ndarray) and not is_cupy(v) and hasattr(v, "__dlpack__")
+
+
+def accepts_dlpack(*names: str):
+    """Decorator: the named array arguments may be any DLPack object (torch and JAX
+    arrays); they are imported without a copy (``w4kern.asarray``) before the
+    function runs, so results come back as CuPy (GPU) or NumPy (host) arrays and
+    an ``out=`` tensor is written in place. Calls with NumPy/CuPy arrays only
+    take a fast path (no signature binding)."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        missing = [n for n in names if n not in sig.parameters]
+        if missing:
+            raise TypeError(f"{fn.__name__} has no parameters {missing}")
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if not any(_foreign(v) for v in args) and not any(_foreign(v) for v in kwargs.values()):
+                return fn(*args, **kwargs)
+            from .interop import asarray
+
+            bound = sig.bind(*args, **kwargs)
+            for name in names:
+                if _foreign(bound.arguments.get(name)):
+                    bound.arguments[name] = asarray(bound.arguments[name])
+            return fn(*bound.args, **bound.kwargs)
+        return inner
+    return wrap
+
+
 def array_module(**named: Any):
     """The module (numpy or cupy) of the named arrays; None entries are ignored.
 
@@ -46,8 +79,8 @@ def array_module(**named: Any):
             devices[name] = a.data.device_id
         else:
             raise TypeError(
-                f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(a).__module__}."
-                f"{type(a).__qualname__} (convert torch/JAX tensors with cupy.from_dlpack)"
+                f"{name} must be a numpy.ndarray or cupy.ndarray (or a DLPack tensor), got "
+                f"{type(a).__module__}.{type(a).__qualname__}"
             )
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{n}={k}" for n, k in kinds.items())

@@ -17,7 +17,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ._arrays import array_module, check_contiguous, check_dtype, check_ndim, check_shape
+from ._arrays import _foreign, array_module, check_contiguous, check_dtype, check_ndim, check_shape
+
+
+def _import_fields(obj, *fields):
+    """Replace DLPack tensors (torch, JAX) in a format's fields by NumPy/CuPy views."""
+    for field in fields:
+        value = getattr(obj, field)
+        if _foreign(value):
+            from .interop import asarray
+
+            object.__setattr__(obj, field, asarray(value))
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -83,6 +93,7 @@ class Int4Weight:
     group_size: int
 
     def __post_init__(self):
+        _import_fields(self, "qweight", "scales", "zeros")
         array_module(qweight=self.qweight, scales=self.scales, zeros=self.zeros)
         check_dtype("qweight", self.qweight, [np.uint8])
         check_ndim("qweight", self.qweight, (2, 3), "[N, K // 2] or [E, N, K // 2]")
@@ -143,6 +154,7 @@ class Int8Weight:
     group_size: int
 
     def __post_init__(self):
+        _import_fields(self, "qweight", "scales")
         array_module(qweight=self.qweight, scales=self.scales)
         check_dtype("qweight", self.qweight, [np.int8])
         check_ndim("qweight", self.qweight, (2, 3), "[N, K] or [E, N, K]")
@@ -183,6 +195,7 @@ class Q8Activations:
     blocks: Any
 
     def __post_init__(self):
+        _import_fields(self, "blocks")
         array_module(blocks=self.blocks)
         check_dtype("blocks", self.blocks, [np.uint8])
         if self.blocks.ndim < 2 or self.blocks.shape[-1] != Q8_BLOCK_BYTES:
@@ -237,6 +250,7 @@ class PerTokenInt8:
     scales: Any
 
     def __post_init__(self):
+        _import_fields(self, "q", "scales")
         array_module(q=self.q, scales=self.scales)
         check_dtype("q", self.q, [np.int8])
         check_ndim("q", self.q, 2, "[M, K]")
@@ -258,6 +272,7 @@ class PerTokenFp8:
     fp8_format: str = "e4m3fn"
 
     def __post_init__(self):
+        _import_fields(self, "q", "scales")
         array_module(q=self.q, scales=self.scales)
         if self.fp8_format != "e4m3fn":
             raise ValueError(f"fp8_format must be 'e4m3fn', got {self.fp8_format!r}")

@@ -35,7 +35,7 @@ import os
 
 import numpy as np
 
-from ._arrays import array_module, check_aligned, check_contiguous, check_dtype, check_shape
+from ._arrays import accepts_dlpack, array_module, check_aligned, check_contiguous, check_dtype, check_shape
 from .formats import (
     FLOAT_DTYPES,
     Q8_BLOCK_BYTES,
@@ -220,6 +220,7 @@ def _check(x, weight, act, bias, out, out_dtype) -> _Call:
 # public op
 # ---------------------------------------------------------------------------
 
+@accepts_dlpack("x", "bias", "out")
 def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
     """y [..., N] = x [..., K] @ W.T (+ bias) for an Int4Weight or Int8Weight W [N, K].
 

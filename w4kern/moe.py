@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import array_module, check_contiguous, check_dtype, check_ndim, check_shape
+from ._arrays import accepts_dlpack, array_module, check_contiguous, check_dtype, check_ndim, check_shape
 from .formats import FLOAT_DTYPES, Int4Weight
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("bf16", "int8")
 
 
+@accepts_dlpack("logits")
 def topk_route(logits, k: int, *, scoring: str = "softmax", renormalize: bool = True):
     """Pick each token's top-k experts from router logits.
 
@@ -76,6 +77,7 @@ def _check_ids(xp, topk_ids, num_experts):
         )
 
 
+@accepts_dlpack("topk_ids", "expert_map")
 def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map=None):
     """Group the flat (token, slot) indices t * k + j by expert, each expert's run
     padded to a multiple of ``block_size`` (DESIGN.md): returns
@@ -109,6 +111,7 @@ def _check_experts(name, w, n_experts=None):
         raise ValueError(f"{name} has {w.qweight.shape[0]} experts, w13 has {n_experts}")
 
 
+@accepts_dlpack("x", "topk_weights", "topk_ids", "out")
 def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, activation: str = "bf16",
               out=None):
     """The MoE layer: y[t] = sum_j topk_weights[t, j] * W2[e] @ (silu(g) * u), [g; u] = W13[e] @ x[t],

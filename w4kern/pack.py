@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._arrays import (
+    accepts_dlpack,
     array_module,
     check_aligned,
     check_contiguous,
@@ -29,6 +30,7 @@ from .formats import (
 )
 
 
+@accepts_dlpack("q")
 def pack_int4(q):
     """Pack 4-bit values into bytes.
 
@@ -47,6 +49,7 @@ def pack_int4(q):
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+@accepts_dlpack("packed")
 def unpack_int4(packed):
     """Inverse of :func:`pack_int4`: uint8 [..., K // 2] -> uint8 [..., K] in [0, 15]."""
     xp = array_module(packed=packed)
@@ -81,6 +84,7 @@ def _grouped_f32(xp, w, group_size: int):
     return xp.where(finite, wf, xp.zeros_like(wf)), finite.all(axis=-1)
 
 
+@accepts_dlpack("w")
 def quantize_int4(w, group_size: int = 128, symmetric: bool = False, scale_dtype=None) -> Int4Weight:
     """Quantize a float weight to INT4 in the plain layout.
 
@@ -141,6 +145,7 @@ def dequantize_int4_xp(weight: Int4Weight, dtype):
     return w.reshape(weight.shape).astype(dtype)
 
 
+@accepts_dlpack("out")
 def dequantize_int4(weight: Int4Weight, dtype=None, *, out=None):
     """Expand an Int4Weight to a dense [..., N, K] array: w = (q - z) * s.
 
@@ -197,6 +202,7 @@ def _dequantize_int4_cuda(cp, weight: Int4Weight, dtype, out):
     return out
 
 
+@accepts_dlpack("w")
 def quantize_int8(w, group_size: int = -1, scale_dtype=None) -> Int8Weight:
     """Quantize a float weight to symmetric INT8: s = max|w| / 127 per group,
     q = clip(round(w / s), -127, 127) (half away from zero).

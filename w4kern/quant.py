@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._arrays import (
+    accepts_dlpack,
     array_module,
     check_aligned,
     check_contiguous,
@@ -66,6 +67,7 @@ def _q8_pack_xp(xp, q, d, s):
     return blocks
 
 
+@accepts_dlpack("x", "out")
 def quantize_q8(x, *, out=None) -> Q8Activations:
     """Quantize activations into 48-byte Q8 blocks of 32 values along K.
 
@@ -156,6 +158,7 @@ def _per_token_scale(xp, x, qmax):
     return xf, scale, finite
 
 
+@accepts_dlpack("x")
 def quantize_per_token_int8(x) -> PerTokenInt8:
     """Per-token symmetric INT8: scale = max|x_row| / 127, q = clip(round(x / scale), -127, 127).
 
@@ -178,6 +181,7 @@ def dequantize_per_token_int8(xq: PerTokenInt8, dtype=np.float32):
     return (xq.q.astype(F32) * xq.scales[:, None]).astype(dtype)
 
 
+@accepts_dlpack("x")
 def quantize_per_token_fp8(x) -> PerTokenFp8:
     """Per-token FP8 (e4m3fn): scale = max|x_row| / 448, q = e4m3(x / scale) rounded to nearest even.
 
