@@ -56,3 +56,26 @@ def test_linear_takes_torch_tensors_and_writes_torch_out(cp, rng):
     assert y.data.ptr == out.data_ptr()
     expected = w4kern.linear(cp.asarray(x.float().cpu().numpy()).astype(w4kern.bfloat16), qw)
     np.testing.assert_array_equal(out.view(torch.int16).cpu().numpy(), cp.asnumpy(expected).view(np.int16))
+
+
+def test_torch_stream_orders_work_and_captures_in_torch_graphs(cp, rng):
+    torch = pytest.importorskip("torch")
+    qw = w4kern.quantize_int4(cp.asarray(rng.standard_normal((256, 512)).astype(np.float32)), group_size=128)
+    x = torch.randn(4, 512, device="cuda").to(torch.bfloat16)
+    out = torch.empty(4, 256, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), w4kern.interop.torch_stream():
+        eager = torch.empty_like(out)
+        w4kern.linear(x, qw, out=eager)             # on the side stream: ordered before the copy below
+        doubled = eager.float() * 2
+        w4kern.linear(x, qw, out=out)               # warm-up: sizes this stream's workspace
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(doubled, eager.float() * 2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side), w4kern.interop.torch_stream():
+        w4kern.linear(x, qw, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.view(torch.int16), eager.view(torch.int16))

@@ -10,10 +10,17 @@ FP8 has no CuPy dtype: w4kern holds e4m3fn values as uint8 bit patterns
 reinterpret those bytes as the framework's float8_e4m3fn: a view of the same
 memory, never a numeric conversion.
 
+w4kern ops run on CuPy's current stream. ``torch_stream()`` makes that torch's
+current stream for a block, so a torch caller's work and w4kern's are ordered
+without a device-wide synchronization (and both land in a ``torch.cuda.graph``
+capture).
+
 torch and JAX are imported inside these functions only: ``import w4kern``
 never imports them.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -87,3 +94,20 @@ def fp8_from_jax(a):
     if getattr(a, "dtype", None) != jnp.float8_e4m3fn:
         raise TypeError(f"a must be a JAX float8_e4m3fn array, got {getattr(a, 'dtype', type(a).__name__)}")
     return asarray(jax.lax.bitcast_convert_type(a, jnp.uint8))
+
+
+@contextlib.contextmanager
+def torch_stream(stream=None):
+    """Run the w4kern ops of a ``with`` block on a torch stream (default: torch's
+    current stream on the current device)::
+
+        with w4kern.interop.torch_stream():
+            y = w4kern.linear(x_torch, weight)     # ordered with the torch work around it
+    """
+    import cupy
+    import torch
+
+    stream = torch.cuda.current_stream() if stream is None else stream
+    with cupy.cuda.Device(stream.device.index):
+        with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+            yield
