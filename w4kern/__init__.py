@@ -38,6 +38,7 @@ from . import moe  # noqa: E402
 from . import io  # noqa: E402
 from . import checkpoints  # noqa: E402
 from . import interop  # noqa: E402
+from .attention import decode_attention  # noqa: E402
 from .interop import asarray  # noqa: E402
 from .moe import fused_moe, moe_align_block_size, topk_route  # noqa: E402
 from . import reference  # noqa: E402
@@ -48,6 +49,6 @@ __all__ = [
     "dequantize_int4", "dequantize_int8", "pack_int4", "quantize_int4", "quantize_int8",
     "unpack_int4", "dequantize_per_token_fp8", "dequantize_per_token_int8", "dequantize_q8",
     "quantize_per_token_fp8", "quantize_per_token_int8", "quantize_q8", "reference", "linear",
-    "moe", "fused_moe", "moe_align_block_size", "topk_route", "io", "checkpoints", "interop", "asarray",
+    "moe", "fused_moe", "moe_align_block_size", "topk_route", "io", "checkpoints", "interop", "asarray", "decode_attention",
     "__version__",
 ]
