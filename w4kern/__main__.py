@@ -111,7 +111,6 @@ def cmd_demo(args) -> int:
 
     qw = w4kern.quantize_int4(w, group_size=128, symmetric=True)
     xq = w4kern.quantize_q8(x)
-    w_dq = w4kern.dequantize_int4(qw, np.float32)
 
     y_bf16 = x.astype(np.float32) @ w.astype(np.float32).T
     # w4kern.linear: CUDA kernels on the GPU, the NumPy reference otherwise

@@ -144,3 +144,18 @@ def check_aligned(name: str, a, alignment: int = 16) -> None:
 def check_multiple(name: str, value: int, multiple: int, what: str) -> None:
     if value % multiple:
         raise ValueError(f"{name}={value} must be a multiple of {what}={multiple}")
+
+
+def check_out(out, dtype, shape: tuple, layout: str) -> None:
+    """An ``out=`` argument: the given dtype and shape, C-contiguous."""
+    check_dtype("out", out, [dtype])
+    check_shape("out", out, shape, layout)
+    check_contiguous("out", out)
+
+
+def deliver(result, out):
+    """Return ``result``, or copy it into ``out`` and return ``out`` (the NumPy paths)."""
+    if out is None:
+        return result
+    out[...] = result
+    return out

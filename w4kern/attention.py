@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import accepts_dlpack, array_module, check_contiguous, check_dtype, check_ndim, check_shape
+from ._arrays import (
+    accepts_dlpack,
+    array_module,
+    check_contiguous,
+    check_dtype,
+    check_ndim,
+    check_out,
+    check_shape,
+    deliver,
+)
 from .formats import bfloat16
 
 HEAD_DIMS = (64, 96, 128, 256)
@@ -74,9 +83,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, scale=None, block_table=No
     if scale is not None and not np.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale!r}")
     if out is not None:
-        check_dtype("out", out, [q.dtype])
-        check_shape("out", out, tuple(q.shape), "[B, Hq, D]")
-        check_contiguous("out", out)
+        check_out(out, q.dtype, tuple(q.shape), "[B, Hq, D]")
     if xp is not np:
         raise NotImplementedError("decode_attention has no CUDA kernels yet (issue 6); "
                                   "call it on NumPy arrays for now")
@@ -94,8 +101,4 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, scale=None, block_table=No
     from . import reference
 
     y = reference.decode_attention(q, k_cache, v_cache, kv_lens, scale=scale, block_table=block_table)
-    y = y.astype(q.dtype)
-    if out is None:
-        return y
-    out[...] = y
-    return out
+    return deliver(y.astype(q.dtype), out)

@@ -82,21 +82,18 @@ def _to_int4(q_kn: np.ndarray, z_gn: np.ndarray, scales_gn: np.ndarray, group_si
     return Int4Weight(qweight, scales, zeros.astype(scales.dtype), group_size)
 
 
-def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> Int4Weight:
-    """GPTQ tensors (see the module docstring) -> Int4Weight [N, K].
-
-    zero_offset : 1 for the original "gptq" checkpoint format (stored zero + 1),
-        0 for "gptq_v2".
-    """
+def _check_packed(qweight, qzeros, scales, *, k_per_row: int, n_per_col: int):
+    """Validate the three int32-packed tensors both formats share: qweight
+    [K / k_per_row, N / n_per_col] (8 codes per int32 along K for GPTQ, along N for
+    AWQ), qzeros [K / g, N / 8], scales [K / g, N]. Returns them with K, N and g."""
     qweight, qzeros, scales = (_numpy(n, a) for n, a in (("qweight", qweight), ("qzeros", qzeros),
                                                          ("scales", scales)))
     check_dtype("qweight", qweight, [np.int32])
     check_dtype("qzeros", qzeros, [np.int32])
     check_dtype("scales", scales, [np.float16, np.float32])
-    check_ndim("qweight", qweight, 2, "[K / 8, N]")
-    if zero_offset not in (0, 1):
-        raise ValueError(f"zero_offset must be 1 ('gptq') or 0 ('gptq_v2'), got {zero_offset!r}")
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    layout = f"[K / {k_per_row}, N / {n_per_col}]".replace(" / 1", "")
+    check_ndim("qweight", qweight, 2, layout)
+    k, n = qweight.shape[0] * k_per_row, qweight.shape[1] * n_per_col
     check_ndim("scales", scales, 2, "[K / group_size, N]")
     if scales.shape[1] != n:
         raise ValueError(f"scales must be [K / group_size, N={n}], got {tuple(scales.shape)}")
@@ -104,6 +101,18 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> I
     if n % 8:
         raise ValueError(f"N={n} must be a multiple of 8 (qzeros packs 8 columns per int32)")
     check_shape("qzeros", qzeros, (scales.shape[0], n // 8), "[K / group_size, N / 8]")
+    return qweight, qzeros, scales, k, n, group_size
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> Int4Weight:
+    """GPTQ tensors (see the module docstring) -> Int4Weight [N, K].
+
+    zero_offset : 1 for the original "gptq" checkpoint format (stored zero + 1),
+        0 for "gptq_v2".
+    """
+    if zero_offset not in (0, 1):
+        raise ValueError(f"zero_offset must be 1 ('gptq') or 0 ('gptq_v2'), got {zero_offset!r}")
+    qweight, qzeros, scales, k, n, group_size = _check_packed(qweight, qzeros, scales, k_per_row=8, n_per_col=1)
     if g_idx is not None:
         g_idx = _numpy("g_idx", g_idx)
         check_shape("g_idx", g_idx, (k,), "[K]")
@@ -118,18 +127,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> I
 
 def from_awq(qweight, qzeros, scales) -> Int4Weight:
     """AWQ "gemm" tensors (see the module docstring) -> Int4Weight [N, K]."""
-    qweight, qzeros, scales = (_numpy(n, a) for n, a in (("qweight", qweight), ("qzeros", qzeros),
-                                                         ("scales", scales)))
-    check_dtype("qweight", qweight, [np.int32])
-    check_dtype("qzeros", qzeros, [np.int32])
-    check_dtype("scales", scales, [np.float16, np.float32])
-    check_ndim("qweight", qweight, 2, "[K, N / 8]")
-    k, n = qweight.shape[0], qweight.shape[1] * 8
-    check_ndim("scales", scales, 2, "[K / group_size, N]")
-    if scales.shape[1] != n:
-        raise ValueError(f"scales must be [K / group_size, N={n}], got {tuple(scales.shape)}")
-    group_size = _group_size(k, scales.shape[0])
-    check_shape("qzeros", qzeros, (scales.shape[0], n // 8), "[K / group_size, N / 8]")
+    qweight, qzeros, scales, k, n, group_size = _check_packed(qweight, qzeros, scales, k_per_row=1, n_per_col=8)
     inverse = np.argsort(AWQ_ORDER)                 # nibble holding column 8c + j
     q_kn = _nibbles(qweight)[..., inverse].reshape(k, n)
     z_gn = _nibbles(qzeros)[..., inverse].reshape(scales.shape[0], n).astype(np.int16)

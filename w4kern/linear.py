@@ -35,7 +35,15 @@ import os
 
 import numpy as np
 
-from ._arrays import accepts_dlpack, array_module, check_aligned, check_contiguous, check_dtype, check_shape
+from ._arrays import (
+    accepts_dlpack,
+    array_module,
+    check_aligned,
+    check_contiguous,
+    check_dtype,
+    check_shape,
+    deliver,
+)
 from .formats import (
     FLOAT_DTYPES,
     Q8_BLOCK_BYTES,
@@ -179,7 +187,7 @@ def _check(x, weight, act, bias, out, out_dtype) -> _Call:
                 f"{getattr(x, 'dtype', type(x).__name__)}"
             )
         if x.ndim < 1:
-            raise ValueError(f"x must be [..., K], got a 0-d array")
+            raise ValueError("x must be [..., K], got a 0-d array")
         if act == "bf16" and x.dtype not in (np.dtype(np.float16), bfloat16):
             raise TypeError(
                 f"act='bf16' feeds x to the kernel unrounded, so x must be bfloat16 or float16, got "
@@ -276,11 +284,7 @@ def _linear_numpy(call, x, weight, bias, out):
         x2 = x.reshape(call.m, call.k)
         if call.act == "q8" and call.m <= MAX_SMALL_M:
             x2 = quantize_q8(x2)
-    y = reference.linear(x2, weight, bias).astype(call.out_dtype).reshape(call.lead + (call.n,))
-    if out is None:
-        return y
-    out[...] = y
-    return out
+    return deliver(reference.linear(x2, weight, bias).astype(call.out_dtype).reshape(call.lead + (call.n,)), out)
 
 
 # ---------------------------------------------------------------------------
@@ -388,12 +392,11 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
 
             # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
             check_aligned("x", x)
-            act = ws.q8_blocks(call.m, call.k)
+            act = ws.q8_blocks(call.m, call.k)    # the workspace is 16-byte aligned
             _quantize_q8_cuda(x, act)
-        check_aligned("x", act)
     else:
         act = x
-        check_aligned("x", act)
+    check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
         _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas)

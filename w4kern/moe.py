@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import accepts_dlpack, array_module, check_contiguous, check_dtype, check_ndim, check_shape
+from ._arrays import (
+    accepts_dlpack,
+    array_module,
+    check_contiguous,
+    check_dtype,
+    check_ndim,
+    check_out,
+    check_shape,
+    deliver,
+)
 from .formats import FLOAT_DTYPES, Int4Weight
 
 SCORINGS = ("softmax", "sigmoid")
@@ -144,15 +153,9 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids has T={topk_ids.shape[0]} tokens but x has T={x.shape[0]}")
     if out is not None:
-        check_dtype("out", out, [x.dtype])
-        check_shape("out", out, tuple(x.shape), "[T, H]")
-        check_contiguous("out", out)
+        check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
         raise NotImplementedError("fused_moe has no CUDA kernels yet (issue 4); call it on NumPy arrays for now")
     from . import reference
 
-    y = reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype)
-    if out is None:
-        return y
-    out[...] = y
-    return out
+    return deliver(reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype), out)

@@ -13,10 +13,10 @@ from ._arrays import (
     accepts_dlpack,
     array_module,
     check_aligned,
-    check_contiguous,
     check_dtype,
     check_ndim,
-    check_shape,
+    check_out,
+    deliver,
 )
 from ._numeric import F32, round_half_away
 from .formats import (
@@ -39,7 +39,7 @@ def pack_int4(q):
     q[2j + 1] in its high nibble. Raises ValueError on values above 15
     (this reads the values; it is a load-time utility, not a hot-path op).
     """
-    xp = array_module(q=q)
+    array_module(q=q)
     check_dtype("q", q, [np.uint8])
     check_ndim("q", q, range(1, 8), "[..., K]")
     if q.shape[-1] % 2:
@@ -163,15 +163,9 @@ def dequantize_int4(weight: Int4Weight, dtype=None, *, out=None):
         )
     xp = array_module(qweight=weight.qweight, out=out)
     if out is not None:
-        check_dtype("out", out, [dtype])
-        check_shape("out", out, weight.shape, "[..., N, K]")
-        check_contiguous("out", out)
+        check_out(out, dtype, weight.shape, "[..., N, K]")
     if xp is np:
-        result = dequantize_int4_xp(weight, dtype)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+        return deliver(dequantize_int4_xp(weight, dtype), out)
     return _dequantize_int4_cuda(xp, weight, dtype, out)
 
 
