@@ -7,8 +7,9 @@
 // the whole [rows, K] input is one flat run of chunks and a chunk's block is
 // simply chunk / 4.
 //
-// Bit-exact with the NumPy path (w4kern/quant.py): d = amax / 127 and x / d are
-// IEEE fp32 divisions here and there, roundf rounds half away from zero.
+// Bit-exact with the NumPy path (w4kern/quant.py): d = amax / 127 is an IEEE
+// fp32 division here and there, and q = roundf(x / d) (half away from zero) is
+// reached without a division per value (quantize_values_q8 says how).
 #include "common/formats.cuh"
 
 namespace w4kern {
@@ -19,26 +20,81 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 // q = roundf(x / d) clamped to [-127, 127]; d == 0 (all-zero block, or a
 // max|x| so small that max|x| / 127 underflows) gives 0, as llama.cpp does for
-// amax == 0.
-//
-// An IEEE division per value made the kernel instruction-bound, so the
-// quotient comes from x * (1/d) instead. That product is within a few ulp of
-// x / d (|x / d| <= 127, so within ~3e-5), and only a quotient that close to a
-// rounding tie k + 0.5 can round differently: those (and a non-finite product
-// when 1/d overflows for a subnormal d) take the exact division, so q is
-// exactly roundf(x / d) and matches the NumPy path bit for bit.
-__device__ __forceinline__ int quantize_value_q8(float x, float d, float inv_d) {
+// amax == 0. This is the definition; the kernels take it only where the fast
+// path below cannot prove it gets the same q.
+__device__ __forceinline__ int quantize_value_q8_exact(float x, float d) {
     if (d == 0.0f) return 0;
-    float r = x * inv_d;
-    const float distance_to_tie = fabsf(fabsf(r - truncf(r)) - 0.5f);
-    if (!(distance_to_tie >= 1.0e-3f)) r = x / d;   // near a tie, or NaN: divide exactly
-    const float q = roundf(r);
+    const float q = roundf(x / d);
     return static_cast<int>(fminf(fmaxf(q, -127.0f), 127.0f));
 }
 
-__device__ __forceinline__ u32 pack_4_int8(int a, int b, int c, int e) {
-    return (static_cast<u32>(a) & 0xFFu) | ((static_cast<u32>(b) & 0xFFu) << 8) |
-           ((static_cast<u32>(c) & 0xFFu) << 16) | ((static_cast<u32>(e) & 0xFFu) << 24);
+// The fast path: no division and no conversion instruction per value (F2I and
+// FRND issue at a quarter of the fp32 rate, and three of them per value made
+// the kernel instruction-bound).
+//
+// Adding 1.5 * 2^23 to |r| < 2^22 rounds r to the nearest integer q (ties to
+// even) and leaves it in the mantissa: the bits of r + kRoundMagic are
+// kRoundMagicBits + q. So the low byte of those bits is q as an int8 (packed
+// with byte_perm) and summing the bits sums q (minus a known constant).
+constexpr float kRoundMagic = 12582912.0f;          // 1.5 * 2^23
+constexpr u32 kRoundMagicBits = 0x4B400000u;        // its bits
+
+// r = x * (1/d) is within 1.6e-5 of x / d (|x / d| <= 127 and two roundings
+// of 2^-24 relative each) and NumPy's fp32 x / d within 4e-6 of it, so when r
+// is farther than kTieMargin from a rounding tie k + 0.5, both round to the
+// same q and ties-to-even equals half-away-from-zero. Closer than that (about
+// 2 values in 10^4), or r not finite, the value takes the exact division.
+constexpr float kTieMargin = 0.4999f;
+
+// A scale d the fast path handles: 0 (then 1/d is replaced by 0, so every q is
+// 0 as in the exact rule) or normal and finite, so that 1/d is finite and
+// |x / d| <= 127 (1 + 3 * 2^-24) rounds to at most 127 without a clamp. A
+// subnormal d (the block's max|x| is below 127 * FLT_MIN) or an infinite one
+// (the block holds an Inf) sends the whole block down the exact path.
+__device__ __forceinline__ bool q8_scale_is_fast(float d) {
+    return d == 0.0f || (d >= 1.17549435e-38f && d <= 3.40282347e+38f);
+}
+
+// Quantizes kN values of one block with scale d. Returns the bits of
+// kRoundMagic + q per value; sets non_finite if a value is NaN or Inf (the
+// block is then written as the NaN block, whatever these bits are).
+template <int kN>
+__device__ __forceinline__ void quantize_values_q8(const float (&v)[kN], float d, u32 (&bits)[kN],
+                                                   int& non_finite) {
+    if (q8_scale_is_fast(d)) {
+        const float inv_d = d == 0.0f ? 0.0f : __frcp_rn(d);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+            // _rn intrinsics: no FMA contraction, so r, t and the fraction are
+            // the roundings the margin above was computed for.
+            const float r = __fmul_rn(v[i], inv_d);
+            const float t = __fadd_rn(r, kRoundMagic);
+            const float fraction = __fadd_rn(r, -__fadd_rn(t, -kRoundMagic));
+            if (fabsf(fraction) < kTieMargin) {
+                bits[i] = __float_as_uint(t);
+            } else {   // near a tie, or r is NaN/Inf
+                non_finite |= !isfinite(v[i]);
+                bits[i] = kRoundMagicBits + static_cast<u32>(quantize_value_q8_exact(v[i], d));
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+            non_finite |= !isfinite(v[i]);
+            bits[i] = kRoundMagicBits + static_cast<u32>(quantize_value_q8_exact(v[i], d));
+        }
+    }
+}
+
+// The low bytes of four magic-rounded values, b0 in the lowest byte.
+__device__ __forceinline__ u32 pack_low_bytes(u32 b0, u32 b1, u32 b2, u32 b3) {
+    return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+}
+
+// sum(q) from the sum of kN magic-rounded bit patterns (wrapping u32 sums).
+template <int kN>
+__device__ __forceinline__ int q_sum_from_bits(u32 bits_sum) {
+    return static_cast<int>(bits_sum - static_cast<u32>(kN) * kRoundMagicBits);
 }
 
 // kChunksPerThread chunks (of 8 values) per thread: their loads are all
@@ -83,15 +139,23 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
         for (int i = 0; i < kQ8ValuesPerThread; ++i) v[i] = to_float(in[it].v[i]);
 
         float amax = 0.0f;
-        int non_finite = 0;
 #pragma unroll
-        for (int i = 0; i < kQ8ValuesPerThread; ++i) {
-            amax = fmaxf(amax, fabsf(v[i]));
-            non_finite |= !isfinite(v[i]);
-        }
+        for (int i = 0; i < kQ8ValuesPerThread; ++i) amax = fmaxf(amax, fabsf(v[i]));   // NaN is ignored here
+#pragma unroll
+        for (int offset = 1; offset < kQ8ThreadsPerBlock; offset <<= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
+        const float d_finite = amax / 127.0f;   // inf if the block holds an Inf
+
+        u32 bits[kQ8ValuesPerThread];
+        int non_finite = 0;
+        quantize_values_q8(v, d_finite, bits, non_finite);
+        u32 bits_sum = 0;
+#pragma unroll
+        for (int i = 0; i < kQ8ValuesPerThread; ++i) bits_sum += bits[i];
+        int q_sum = q_sum_from_bits<kQ8ValuesPerThread>(bits_sum);
 #pragma unroll
         for (int offset = 1; offset < kQ8ThreadsPerBlock; offset <<= 1) {
-            amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
+            q_sum += __shfl_xor_sync(kFullWarp, q_sum, offset);
             non_finite |= __shfl_xor_sync(kFullWarp, non_finite, offset);
         }
 
@@ -99,24 +163,11 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
         // 0x7FC00000, as NumPy writes it) and q = 0, so any dot product with it
         // is NaN (documented in quantize_q8).
         const float nan = __int_as_float(0x7FC00000);
-        const float d = non_finite ? nan : amax / 127.0f;
-        const float d_for_q = non_finite ? 0.0f : d;
-        const float inv_d = __frcp_rn(d_for_q);   // inf for d == 0, unused then
-
-        int q[kQ8ValuesPerThread];
-        int q_sum = 0;
-#pragma unroll
-        for (int i = 0; i < kQ8ValuesPerThread; ++i) {
-            q[i] = quantize_value_q8(v[i], d_for_q, inv_d);
-            q_sum += q[i];
-        }
-#pragma unroll
-        for (int offset = 1; offset < kQ8ThreadsPerBlock; offset <<= 1)
-            q_sum += __shfl_xor_sync(kFullWarp, q_sum, offset);
+        const float d = non_finite ? nan : d_finite;
 
         // The even values are qs_even[4t .. 4t+3], the odd ones qs_odd[4t .. 4t+3].
-        const u32 even_word = pack_4_int8(q[0], q[2], q[4], q[6]);
-        const u32 odd_word = pack_4_int8(q[1], q[3], q[5], q[7]);
+        const u32 even_word = non_finite ? 0u : pack_low_bytes(bits[0], bits[2], bits[4], bits[6]);
+        const u32 odd_word = non_finite ? 0u : pack_low_bytes(bits[1], bits[3], bits[5], bits[7]);
 
         // Gather so that each 16-byte part of the block is one 128-bit store:
         // lane t=0 stores qs_even, t=1 qs_odd, t=2 (d, sum, reserved), t=3 nothing.
@@ -162,34 +213,33 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kerne
 
     float v[kQ8BlockValues];
     float amax = 0.0f;
-    int non_finite = 0;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
 #pragma unroll
         for (int i = 0; i < kQ8ValuesPerThread; ++i) {
             const float f = to_float(in[c].v[i]);
             v[c * kQ8ValuesPerThread + i] = f;
-            amax = fmaxf(amax, fabsf(f));
-            non_finite |= !isfinite(f);
+            amax = fmaxf(amax, fabsf(f));   // NaN is ignored here
         }
     }
-    const float nan = __int_as_float(0x7FC00000);
-    const float d = non_finite ? nan : amax / 127.0f;
-    const float d_for_q = non_finite ? 0.0f : d;
-    const float inv_d = __frcp_rn(d_for_q);
+    const float d_finite = amax / 127.0f;   // inf if the block holds an Inf
 
+    u32 bits[kQ8BlockValues];
+    int non_finite = 0;
+    quantize_values_q8(v, d_finite, bits, non_finite);
+    u32 bits_sum = 0;
+#pragma unroll
+    for (int i = 0; i < kQ8BlockValues; ++i) bits_sum += bits[i];
+    const int q_sum = q_sum_from_bits<kQ8BlockValues>(bits_sum);
+
+    const float nan = __int_as_float(0x7FC00000);
+    const float d = non_finite ? nan : d_finite;
     Vec<u32, 4> even, odd;
-    int q_sum = 0;
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-        int q[kQ8ValuesPerThread];
-#pragma unroll
-        for (int i = 0; i < kQ8ValuesPerThread; ++i) {
-            q[i] = quantize_value_q8(v[c * kQ8ValuesPerThread + i], d_for_q, inv_d);
-            q_sum += q[i];
-        }
-        even.v[c] = pack_4_int8(q[0], q[2], q[4], q[6]);   // qs_even[4c .. 4c+3] = q[8c + 2j]
-        odd.v[c] = pack_4_int8(q[1], q[3], q[5], q[7]);
+    for (int c = 0; c < kChunks; ++c) {   // qs_even[4c .. 4c+3] = q[8c + 2j], qs_odd the odd ones
+        const u32* b = bits + c * kQ8ValuesPerThread;
+        even.v[c] = non_finite ? 0u : pack_low_bytes(b[0], b[2], b[4], b[6]);
+        odd.v[c] = non_finite ? 0u : pack_low_bytes(b[1], b[3], b[5], b[7]);
     }
     Vec<u32, 4> tail;
     tail.v[0] = __float_as_uint(d);

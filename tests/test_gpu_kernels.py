@@ -48,6 +48,10 @@ def test_quantize_q8_non_finite_blocks_bit_identical(cp, rng, dtype):
     x[0, 3] = np.nan
     x[2, 100] = np.inf
     x[4, 255] = -np.inf
+    x[1, 32:64] = 0
+    x[1, 40] = np.nan                                    # NaN in an otherwise all-zero block
+    x[3, 64:96] = np.float32(2.0 ** -140)
+    x[3, 70] = np.nan                                    # NaN in a block whose d is subnormal
     x = x.astype(dtype)
     expected = w4kern.quantize_q8(x).blocks
     got = w4kern.quantize_q8(cp.asarray(x)).blocks
@@ -69,6 +73,32 @@ def test_quantize_q8_every_instance_on_ties_and_tiny_values(cp, rng, dtype, chun
     x[3, :32] = np.float32(2.0 ** -140)                  # every value subnormal
     x[4, 32:64] = rng.integers(-127, 128, 32) + 0.5      # ties relative to d = max/127
     x = x.astype(dtype)
+    expected = w4kern.quantize_q8(x).blocks
+    out = cp.full(expected.shape, POISON, dtype=np.uint8)
+    _quantize_q8_cuda(cp.asarray(x), out, chunks)
+    np.testing.assert_array_equal(cp.asnumpy(out), expected)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4, 0])
+def test_quantize_q8_every_instance_one_ulp_from_ties(cp, rng, chunks):
+    """The kernels skip the division per value unless x * (1/d) lands near a rounding
+    tie: quotients at k + 0.5 and one or two ulps either side of it, in blocks at
+    scales from 1e-30 to 1e30, must still give NumPy's q = roundf(x / d)."""
+    from w4kern.quant import _quantize_q8_cuda
+
+    rows = []
+    for scale in (1e-30, 1e-3, 1.0, 7.0, 1e30):
+        d = np.float32(scale / 127) * rng.uniform(0.5, 2.0, (64, 1)).astype(np.float32)
+        k = rng.integers(-127, 127, (64, 32)).astype(np.float32)
+        x = ((k + np.float32(0.5)) * d).astype(np.float32)
+        x[:, 0] = np.float32(127) * d[:, 0]                  # max|x| = 127 d
+        step = rng.integers(-2, 3, x.shape)
+        for _ in range(2):                                   # move 0, 1 or 2 ulps
+            towards = np.where(step > 0, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+            x = np.where(step == 0, x, np.nextafter(x, towards)).astype(np.float32)
+            step = np.where(np.abs(step) == 2, step, 0)
+        rows.append(x.reshape(-1))
+    x = np.concatenate(rows).reshape(-1, 2048)
     expected = w4kern.quantize_q8(x).blocks
     out = cp.full(expected.shape, POISON, dtype=np.uint8)
     _quantize_q8_cuda(cp.asarray(x), out, chunks)
