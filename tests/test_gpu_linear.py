@@ -13,7 +13,7 @@ import pytest
 
 import w4kern
 from w4kern import reference
-from w4kern._registry import MATVEC_CONFIGS
+from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
 from w4kern.linear import _linear
 
 pytestmark = pytest.mark.gpu
@@ -73,7 +73,7 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
-@pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16"])
+@pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16", "a16-bf16", "a16-f16"])
 def test_int4_kernels_match_reference(cp, rng, path, group_size, scale_dtype, symmetric):
     kernel, act = path.split("-")
     dtype = np.float16 if act == "f16" else w4kern.bfloat16
@@ -117,6 +117,19 @@ def test_matvec_warps_walk_many_row_groups(cp, rng, config):
                   bias=(m == 1))
 
 
+@pytest.mark.parametrize("config", A16_CONFIGS, ids=lambda c: "t{}-s{}".format(*c))
+def test_a16_every_instance_walks_many_row_blocks(cp, rng, config):
+    """Every (tiles, split) instance on 1 or 3 CTAs (each warp walks many row blocks,
+    prefetching across them) and on a GPU-filling grid; per-channel K = 1056 ends
+    inside a 128-k step, so some threads of the last step load nothing."""
+    for group_size, n, k, ctas in [(32, 333, 96, 1), (64, 257, 2112, 3), (128, 20011, 384, None), (-1, 99, 1056, 1),
+                                   (-1, 40, 4128, None)]:
+        weight = make_int4(rng, n, k, group_size, group_size != 64, np.float16)
+        for m in (1, 8):
+            check(cp, rng, weight, m, k, act="bf16", kernel="a16", matvec_config=config, matvec_ctas=ctas,
+                  bias=(m == 1))
+
+
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])
 @pytest.mark.parametrize("act", ["q8", "bf16"])
 def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
@@ -133,15 +146,17 @@ def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
 
 
 @pytest.mark.parametrize("out_dtype", [np.float32, np.float16, w4kern.bfloat16], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("kernel", ["matvec", "small_m"])
+@pytest.mark.parametrize("kernel", ["matvec", "small_m", "a16"])
 def test_output_dtypes_and_bias(cp, rng, kernel, out_dtype):
     weight = make_int4(rng, 77, 512, 64, True, np.float16)
     x = rng.standard_normal((3, 512)).astype(w4kern.bfloat16)
     b = rng.standard_normal(77).astype(out_dtype)
     out = cp.full((3, 77), np.nan, dtype=out_dtype)
-    _linear(cp.asarray(x), to_gpu(cp, weight), kernel=kernel, bias=cp.asarray(b), out=out)
-    expected = reference.linear(w4kern.quantize_q8(x), weight, b.astype(np.float32))
-    tol = tolerance(w4kern.quantize_q8(x), weight) + np.abs(expected) * (2.0 ** -7)
+    act = "bf16" if kernel == "a16" else "q8"
+    _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, bias=cp.asarray(b), out=out)
+    x_ref = x if act == "bf16" else w4kern.quantize_q8(x)
+    expected = reference.linear(x_ref, weight, b.astype(np.float32))
+    tol = tolerance(x_ref, weight) + np.abs(expected) * (2.0 ** -7)
     np.testing.assert_array_less(np.abs(cp.asnumpy(out).astype(np.float32) - expected), tol)
 
 
@@ -195,7 +210,7 @@ def test_nan_in_one_token_stays_in_that_token(cp, rng, act):
     weight = make_int4(rng, 64, 256, 128, True, np.float16)
     x = rng.standard_normal((4, 256)).astype(w4kern.bfloat16)
     x[2, 77] = np.nan
-    for kernel in (("matvec", "small_m") if act == "q8" else ("small_m",)):
+    for kernel in (("matvec", "small_m") if act == "q8" else ("small_m", "a16")):
         y = cp.asnumpy(_linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out_dtype=np.float32))
         assert np.isnan(y[2]).all(), kernel
         assert np.isfinite(np.delete(y, 2, axis=0)).all(), kernel

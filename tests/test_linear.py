@@ -58,7 +58,19 @@ def test_dispatch_table_covers_every_small_m():
     for gpu, table in DISPATCH.items():
         for key, kernels in table.items():
             assert len(kernels) == MAX_SMALL_M, (gpu, key)
-            assert set(kernels) <= {"matvec", "small_m"}, (gpu, key)
+            allowed = {"matvec", "small_m"} if key[1] == "q8" else {"small_m", "a16"}
+            assert set(kernels) <= allowed, (gpu, key)
+
+
+def test_a16_config_by_rows():
+    from w4kern._registry import A16_CONFIGS
+    from w4kern.linear import A16_CANDIDATES, a16_config
+
+    assert set(A16_CANDIDATES) <= set(A16_CONFIGS)
+    assert a16_config(10**6, 132, 12) == A16_CANDIDATES[0]
+    assert a16_config(7, 132, 12) == A16_CANDIDATES[-1]
+    assert a16_config(28672, 132, 12) == (2, 2)        # 1792 warps
+    assert a16_config(4096, 132, 12) == (1, 8)         # 2048 warps
 
 
 def test_matvec_config_by_rows():

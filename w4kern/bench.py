@@ -444,12 +444,13 @@ _torch_decode_peers.dense = {}
 
 
 def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
-    """The data behind ``w4kern.linear.DISPATCH`` and ``SMALL_M_CTAS_PER_SM``: dp4a matvec
-    vs the tensor-core small-M kernel per M, and the small-M kernel's CTAs per SM."""
+    """The data behind ``w4kern.linear.DISPATCH``: dp4a matvec (every instance at M = 1)
+    vs the tensor-core small-M kernel per M, and for W4A16 the small-M kernel vs every
+    matvec_a16 instance."""
     import cupy as cp
 
     import w4kern
-    from w4kern._registry import MATVEC_CONFIGS
+    from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
     from w4kern.linear import _linear
 
     rng = cp.random.default_rng(3)
@@ -476,13 +477,16 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                      lambda i, c=config: _linear(xq, weights8[i % copies8], kernel="matvec",
                                                                  out=out, matvec_config=c),
                                      _linear_bytes(w8, m, k, n, "q8"), ceilings, ("graph",))
-            for per_sm in ((1, 3, 4, 8) if m in (1, 8) else (3,)):
-                for act in ("q8", "bf16"):
-                    rows += _measure(timer, f"small_m-c{per_sm}", f"linear_{act}", shape,
-                                     lambda i, a=act, c=per_sm: _linear(xq if a == "q8" else x, weights[i % copies],
-                                                                        act=a, kernel="small_m", out=out,
-                                                                        ctas_per_sm=c),
-                                     _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
+            for act in ("q8", "bf16"):
+                rows += _measure(timer, "small_m-c3", f"linear_{act}", shape,
+                                 lambda i, a=act: _linear(xq if a == "q8" else x, weights[i % copies], act=a,
+                                                          kernel="small_m", out=out, ctas_per_sm=3),
+                                 _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
+            for config in A16_CONFIGS:   # W4A16 on tensor cores without shared memory
+                rows += _measure(timer, "a16-t{}-s{}".format(*config), "linear_bf16", shape,
+                                 lambda i, c=config: _linear(x, weights[i % copies], act="bf16", kernel="a16",
+                                                             out=out, matvec_config=c),
+                                 _linear_bytes(base, m, k, n, "bf16"), ceilings, ("graph",))
         del base, weights, w8, weights8
         cp.get_default_memory_pool().free_all_blocks()
     return rows

@@ -109,5 +109,23 @@ def torch_stream(stream=None):
 
     stream = torch.cuda.current_stream() if stream is None else stream
     with cupy.cuda.Device(stream.device.index):
-        with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+        with _cupy_stream(cupy, stream.cuda_stream, stream.device.index):
             yield
+
+
+class _StreamHandle:
+    """A raw cudaStream_t in the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def _cupy_stream(cupy, ptr: int, device_index: int):
+    """A CuPy stream over a foreign cudaStream_t: ``Stream.from_external`` where CuPy
+    has it (CuPy 14 deprecates ExternalStream), ExternalStream before that."""
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr, device_index)

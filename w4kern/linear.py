@@ -10,11 +10,14 @@ tokens). On CuPy arrays it picks one of three paths by M:
   (``cuda_src/gemm_small_m.cu``), INT4 weights against Q8 blocks (int8 MMA) or
   bf16/fp16 activations (16-bit MMA), up to 8 tokens per launch; its time is
   flat in M (speculative-decoding verification).
+- ``a16``: INT4 weights against bf16/fp16 activations (W4A16) on tensor cores
+  fed straight from global memory (``cuda_src/matvec_a16.cu``), M <= 8, flat
+  in M.
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
 
-Which of matvec / small_m serves a given M is a measured, per-GPU table
+Which kernel serves a given M is a measured, per-GPU table
 (:data:`DISPATCH`), not a guess; ``python -m w4kern bench --suite
 linear_tuning`` prints the numbers it comes from.
 
@@ -66,6 +69,7 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     # default until a GPU has its own row: dp4a at M = 1, tensor cores above
     "default": {
         ("int4", "q8"): ("matvec",) + ("small_m",) * 7,
+        ("int4", "bf16"): ("a16",) * 8,
     },
     # linear_tuning on an H200 (benchmarks/results/2026-11-22-h200-linear/): dp4a is
     # faster up to M = 4 on the five dense shapes summed (M = 4: 157 vs 181 us), the
@@ -89,6 +93,10 @@ MATVEC_CANDIDATES = {
     ("int4", 8): ((8, 4, 1, 1),),
     ("int8", 8): ((8, 4, 1, 1),),
 }
+#: matvec_a16 instances (kTiles, kSplit), preferred first, chosen the same way
+#: (N / (16 kTiles) * kSplit warps against A16_WARPS_PER_SM per SM)
+A16_CANDIDATES = ((2, 2), (1, 4), (1, 8))
+A16_WARPS_PER_SM = {"default": 12}
 #: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
 #: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
 MATVEC_WARPS_PER_SM = {"default": 12}
@@ -102,6 +110,14 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
         if -(-n // config[1]) * config[3] >= warps_per_sm * sm_count:
             return config
     return candidates[-1]
+
+
+def a16_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
+    """The matvec_a16 instance for an N-row layer (see A16_CANDIDATES)."""
+    for tiles, split in A16_CANDIDATES:
+        if -(-n // (16 * tiles)) * split >= warps_per_sm * sm_count:
+            return tiles, split
+    return A16_CANDIDATES[-1]
 
 
 def _gpu_name() -> str:
@@ -130,13 +146,11 @@ def _table(table: dict, key):
 
 
 def choose_kernel(weight_kind: str, act: str, m: int) -> str:
-    """'matvec', 'small_m' or 'dense' for M tokens on the current GPU."""
+    """'matvec', 'small_m', 'a16' or 'dense' for M tokens on the current GPU."""
     if m > MAX_SMALL_M:
         return "dense"
     if weight_kind == "int8":
         return "matvec"
-    if act == "bf16":
-        return "small_m"
     return _table(DISPATCH, (weight_kind, act))[m - 1]
 
 
@@ -254,20 +268,22 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
             matvec_config=None, matvec_ctas=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
-    'matvec' / 'small_m' / 'dense', the small-M kernel's CTAs per SM, the matvec
-    instance and its grid size)."""
+    'matvec' / 'small_m' / 'a16' / 'dense', the small-M kernel's CTAs per SM, the
+    matvec or a16 instance and its grid size)."""
     call = _check(x, weight, act, bias, out, out_dtype)
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
     if kernel is not None:
-        if kernel not in ("matvec", "small_m", "dense"):
-            raise ValueError(f"kernel must be 'matvec', 'small_m' or 'dense', got {kernel!r}")
+        if kernel not in ("matvec", "small_m", "a16", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16' or 'dense', got {kernel!r}")
         if kernel != "dense" and call.m > MAX_SMALL_M:
             raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
         if kernel == "small_m" and call.kind == "int8":
             raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
+        if kernel == "a16" and (call.act != "bf16" or call.kind != "int4"):
+            raise ValueError("the a16 kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
                         matvec_config=matvec_config, matvec_ctas=matvec_ctas)
 
@@ -400,6 +416,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
         _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas)
+    elif kernel == "a16":
+        _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas)
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
@@ -445,6 +463,45 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
         plan = _PLANS[key] = _matvec_plan(call, weight, out.dtype, config, ctas)
     kernel, grid, tail = plan
     kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          _pointer(bias), out) + tail)
+
+
+def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
+    from . import _runtime
+    from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, cxx_bool, cxx_type
+
+    family = a16_family(weight.group_size)
+    chunk, per_channel = A16_GROUP_FAMILIES[family.rsplit("_", 1)[1]]
+    if config is None:
+        warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
+        config = a16_config(call.n, _sm_count(call.xp), warps)
+    config = tuple(config)
+    if config not in A16_CONFIGS:
+        raise ValueError(f"a16 config {config} is not one of {A16_CONFIGS}")
+    tiles, split = config
+    kernel = _runtime.get_kernel(
+        family,
+        (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
+         cxx_bool(per_channel), str(tiles), str(split)),
+    )
+    block_sets = -(-(-(-call.n // (16 * tiles))) // (8 // split))   # 8 warps per CTA
+    if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
+        ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
+    tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
+            np.int32(_OUT_KIND[out_dtype]))
+    return kernel, (ctas,), tail
+
+
+def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
+    zeros = weight.zeros
+    key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
+           call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
+           None if config is None else tuple(config), ctas)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
+    kernel, grid, tail = plan
+    kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(bias), out) + tail)
 
 
