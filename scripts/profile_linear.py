@@ -1,7 +1,10 @@
 """Run each linear kernel a few times on one decode shape, for ncu / nsys.
 
     ncu --kernel-name regex:"matvec|gemm_small" python3 scripts/profile_linear.py [N K]
+
+W4KERN_PROFILE_PATHS="a16-bf16 matvec-q8" limits the (kernel, act) pairs.
 """
+import os
 import sys
 
 import cupy as cp
@@ -16,7 +19,8 @@ w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(w4kern.bfloat1
 weight = w4kern.quantize_int4(w, group_size=128, symmetric=False)
 for m in (1, 8):
     x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
-    for kernel, act in (("matvec", "q8"), ("small_m", "q8"), ("small_m", "bf16")):
+    paths = os.environ.get("W4KERN_PROFILE_PATHS", "matvec-q8 small_m-q8 small_m-bf16 a16-bf16").split()
+    for kernel, act in (p.split("-") for p in paths):
         for _ in range(2):
             _linear(x, weight, act=act, kernel=kernel)
 cp.cuda.Device().synchronize()
