@@ -13,7 +13,7 @@ import pytest
 
 import w4kern
 from w4kern import reference
-from w4kern._registry import A16_SPLITS, MATVEC_CONFIGS
+from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
 from w4kern.linear import _linear
 
 pytestmark = pytest.mark.gpu
@@ -117,16 +117,16 @@ def test_matvec_warps_walk_many_row_groups(cp, rng, config):
                   bias=(m == 1))
 
 
-@pytest.mark.parametrize("split", A16_SPLITS, ids=lambda s: f"s{s}")
-def test_a16_every_instance_walks_many_row_blocks(cp, rng, split):
-    """Every split on 1 or 3 CTAs (each warp walks many row blocks, prefetching across
-    them) and on a GPU-filling grid; K = 96, 2112 and 4128 end inside a 512-k step,
-    and per-channel K = 1056 inside a 128-k slice, so some threads load nothing."""
+@pytest.mark.parametrize("config", A16_CONFIGS, ids=lambda c: "t{}-s{}".format(*c))
+def test_a16_every_instance_walks_many_row_blocks(cp, rng, config):
+    """Every (tiles, split) instance on 1 or 3 CTAs (each warp walks many row blocks,
+    prefetching across them) and on a GPU-filling grid; per-channel K = 1056 ends
+    inside a 128-k step, so some threads of the last step load nothing."""
     for group_size, n, k, ctas in [(32, 333, 96, 1), (64, 257, 2112, 3), (128, 20011, 384, None), (-1, 99, 1056, 1),
                                    (-1, 40, 4128, None)]:
         weight = make_int4(rng, n, k, group_size, group_size != 64, np.float16)
         for m in (1, 8):
-            check(cp, rng, weight, m, k, act="bf16", kernel="a16", matvec_config=split, matvec_ctas=ctas,
+            check(cp, rng, weight, m, k, act="bf16", kernel="a16", matvec_config=config, matvec_ctas=ctas,
                   bias=(m == 1))
 
 

@@ -63,14 +63,14 @@ def test_dispatch_table_covers_every_small_m():
 
 
 def test_a16_config_by_rows():
-    from w4kern._registry import A16_SPLITS
+    from w4kern._registry import A16_CONFIGS
     from w4kern.linear import A16_CANDIDATES, a16_config
 
-    assert set(A16_CANDIDATES) <= set(A16_SPLITS)
+    assert set(A16_CANDIDATES) <= set(A16_CONFIGS)
     assert a16_config(10**6, 132, 12) == A16_CANDIDATES[0]
     assert a16_config(7, 132, 12) == A16_CANDIDATES[-1]
-    assert a16_config(28672, 132, 12) == 1        # 1792 warps
-    assert a16_config(4096, 132, 12) == 8         # 2048 warps
+    assert a16_config(28672, 132, 12) == (2, 2)        # 1792 warps
+    assert a16_config(4096, 132, 12) == (1, 8)         # 2048 warps
 
 
 def test_matvec_config_by_rows():

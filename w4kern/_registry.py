@@ -100,8 +100,9 @@ def small_m_stage_bytes(act_is_q8: bool, window_pieces: int, has_zeros: bool) ->
     windows = SMALL_M_TILE_ROWS * 4 * window_pieces * (2 if has_zeros else 1)
     return SMALL_M_TILE_ROWS * SMALL_M_STAGE_CHUNKS * 16 + SMALL_M_MAX_TOKENS * token_stride + windows
 
-#: kSplit instances of matvec_a16: warps of a CTA splitting one 16-row block's K
-A16_SPLITS = (1, 4, 8)
+#: (kTiles, kSplit) instances of matvec_a16: 16-row tiles per warp (each activation
+#: load and sum-of-x MMA serves them all), warps of a CTA splitting one row block's K
+A16_CONFIGS = ((2, 2), (1, 4), (1, 8))
 #: matvec_a16 family per group size: name suffix -> (bytes of a row per thread and
 #: step = group_size / 8, per-channel)
 A16_GROUP_FAMILIES = {"g32": (4, False), "g64": (8, False), "g128": (16, False), "gch": (16, True)}
@@ -172,14 +173,14 @@ FAMILIES: dict[str, KernelFamily] = {
             name=f"matvec_a16_{label}",
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, split)
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split)
             instances=tuple(
                 (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 str(split))
+                 *map(str, config))
                 for act in (bfloat16, np.float16)
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
-                for split in A16_SPLITS
+                for config in A16_CONFIGS
             ),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()

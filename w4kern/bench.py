@@ -450,7 +450,7 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
     import cupy as cp
 
     import w4kern
-    from w4kern._registry import A16_SPLITS, MATVEC_CONFIGS
+    from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
     from w4kern.linear import _linear
 
     rng = cp.random.default_rng(3)
@@ -482,10 +482,10 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                  lambda i, a=act: _linear(xq if a == "q8" else x, weights[i % copies], act=a,
                                                           kernel="small_m", out=out, ctas_per_sm=3),
                                  _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
-            for split in A16_SPLITS:   # W4A16 on tensor cores without shared memory
-                rows += _measure(timer, f"a16-s{split}", "linear_bf16", shape,
-                                 lambda i, c=split: _linear(x, weights[i % copies], act="bf16", kernel="a16",
-                                                            out=out, matvec_config=c),
+            for config in A16_CONFIGS:   # W4A16 on tensor cores without shared memory
+                rows += _measure(timer, "a16-t{}-s{}".format(*config), "linear_bf16", shape,
+                                 lambda i, c=config: _linear(x, weights[i % copies], act="bf16", kernel="a16",
+                                                             out=out, matvec_config=c),
                                  _linear_bytes(base, m, k, n, "bf16"), ceilings, ("graph",))
         del base, weights, w8, weights8
         cp.get_default_memory_pool().free_all_blocks()

@@ -93,9 +93,9 @@ MATVEC_CANDIDATES = {
     ("int4", 8): ((8, 4, 1, 1),),
     ("int8", 8): ((8, 4, 1, 1),),
 }
-#: matvec_a16 splits (warps per 16-row block), preferred first, chosen the same way
-#: (N / 16 * kSplit warps against A16_WARPS_PER_SM per SM)
-A16_CANDIDATES = (1, 4, 8)
+#: matvec_a16 instances (kTiles, kSplit), preferred first, chosen the same way
+#: (N / (16 kTiles) * kSplit warps against A16_WARPS_PER_SM per SM)
+A16_CANDIDATES = ((2, 2), (1, 4), (1, 8))
 A16_WARPS_PER_SM = {"default": 12}
 #: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
 #: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
@@ -112,11 +112,11 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
     return candidates[-1]
 
 
-def a16_config(n: int, sm_count: int, warps_per_sm: int) -> int:
-    """The matvec_a16 split for an N-row layer (see A16_CANDIDATES)."""
-    for split in A16_CANDIDATES:
-        if -(-n // 16) * split >= warps_per_sm * sm_count:
-            return split
+def a16_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
+    """The matvec_a16 instance for an N-row layer (see A16_CANDIDATES)."""
+    for tiles, split in A16_CANDIDATES:
+        if -(-n // (16 * tiles)) * split >= warps_per_sm * sm_count:
+            return tiles, split
     return A16_CANDIDATES[-1]
 
 
@@ -468,22 +468,23 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
-    from ._registry import A16_GROUP_FAMILIES, A16_SPLITS, a16_family, cxx_bool, cxx_type
+    from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, cxx_bool, cxx_type
 
     family = a16_family(weight.group_size)
     chunk, per_channel = A16_GROUP_FAMILIES[family.rsplit("_", 1)[1]]
-    split = config
-    if split is None:
+    if config is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
-        split = a16_config(call.n, _sm_count(call.xp), warps)
-    if split not in A16_SPLITS:
-        raise ValueError(f"a16 split {split} is not one of {A16_SPLITS}")
+        config = a16_config(call.n, _sm_count(call.xp), warps)
+    config = tuple(config)
+    if config not in A16_CONFIGS:
+        raise ValueError(f"a16 config {config} is not one of {A16_CONFIGS}")
+    tiles, split = config
     kernel = _runtime.get_kernel(
         family,
         (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
-         cxx_bool(per_channel), str(split)),
+         cxx_bool(per_channel), str(tiles), str(split)),
     )
-    block_sets = -(-(-(-call.n // 16)) // (8 // split))   # 8 warps per CTA
+    block_sets = -(-(-(-call.n // (16 * tiles))) // (8 // split))   # 8 warps per CTA
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
     tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
@@ -494,7 +495,8 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
 def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
     zeros = weight.zeros
     key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
-           call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype, config, ctas)
+           call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
+           None if config is None else tuple(config), ctas)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
