@@ -107,8 +107,8 @@ def quantize_q8(x, *, out=None) -> Q8Activations:
 
 #: Kernel variant by size, from the q8_tuning suite on an H200 (benchmarks/README.md):
 #: with at least this many Q8 blocks, one thread per block (variant 0) was fastest
-#: (43.9 vs 47.3 us at M=4096, K=8192, graph mode); below it, four threads per block
-#: with one chunk each (variant 1) was (8.3 vs 9.2 us at M=1024, K=4096). The
+#: (33.8 vs 38.3 us at M=4096, K=8192, graph mode); below it, four threads per block
+#: with one chunk each (variant 1) was (7.3 vs 8.1 us at M=1024, K=4096). The
 #: threshold is the smallest measured size where variant 0 won.
 Q8_THREAD_PER_BLOCK_MIN_BLOCKS = 4096 * 8192 // 32
 
