@@ -59,6 +59,11 @@ if command -v compute-sanitizer >/dev/null; then
       -k "(kernels_match_reference and float16 and not asym and (g32 or g-1)) or (int8_matvec_matches_reference and g64) or (split_k and 64) or walk_many or (walks_many and t1-s8)" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  compute-sanitizer --tool memcheck --error-exitcode 7 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py \
+      -k "out_of_contract or (paged and bfloat16) or (every_head_dim and 32x8) or (batches and 7)" \
+      2>&1 | tee -a "$OUTDIR/sanitizer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "compute-sanitizer not found" | tee "$OUTDIR/sanitizer.log"; status=1
 fi
@@ -66,7 +71,7 @@ fi
 
 if want bench; then
 step benchmarks
-python3 -m w4kern bench --suite ${W4KERN_SUITES:-foundation q8_tuning decode linear_tuning} --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
+python3 -m w4kern bench --suite ${W4KERN_SUITES:-foundation q8_tuning decode linear_tuning attention} --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

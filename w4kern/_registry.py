@@ -112,6 +112,12 @@ def a16_family(group_size: int) -> str:
     return f"matvec_a16_{'gch' if group_size == -1 else f'g{group_size}'}"
 
 
+#: decode_attention: head dims, and query heads of one KV head a CTA takes (more
+#: heads per KV head take several CTAs, each reading the same K/V rows)
+ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
+ATTENTION_HEADS_PER_CTA = (1, 2, 4)
+
+
 FAMILIES: dict[str, KernelFamily] = {
     family.name: family
     for family in (
@@ -184,6 +190,26 @@ FAMILIES: dict[str, KernelFamily] = {
             ),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
+    ) + (
+        KernelFamily(
+            name="decode_attention",
+            source="decode_attention.cu",
+            template="w4kern::decode_attention_kernel",
+            # (cache type, head dim, query heads per CTA, paged)
+            instances=tuple(
+                (cxx_type(t), str(d), str(heads), cxx_bool(paged))
+                for t in _HALF_TYPES
+                for d in ATTENTION_HEAD_DIMS
+                for heads in ATTENTION_HEADS_PER_CTA
+                for paged in (False, True)
+            ),
+        ),
+        KernelFamily(
+            name="decode_attention_merge",
+            source="decode_attention.cu",
+            template="w4kern::decode_attention_merge_kernel",
+            instances=tuple((cxx_type(t), str(d)) for t in _HALF_TYPES for d in ATTENTION_HEAD_DIMS),
+        ),
     ) + (
         KernelFamily(
             name="membench",

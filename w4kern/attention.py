@@ -1,11 +1,18 @@
 """Decode attention: one query token per sequence over its KV cache, with GQA.
 
-``decode_attention`` validates its arguments on both sides and runs the
-NumPy reference on NumPy arrays. Its split-K CUDA kernels are the work of
-issue 6 and not written yet: CuPy arrays get a NotImplementedError that says
-so (never a silent fallback to the host).
+``decode_attention`` validates its arguments on both sides. On NumPy arrays it
+runs the NumPy reference; on CuPy arrays the flash-decoding kernels of
+``cuda_src/decode_attention.cu``: one CTA per (split of a sequence, KV head,
+up to 4 of its query heads), so every K/V row loaded serves the query heads
+that share it, and a merge kernel that combines the splits by their
+log-sum-exp. The split count comes from :func:`choose_splits` (or
+``num_splits``); the partials live in a per-stream workspace, so after a first
+call of the same size the op allocates nothing and is CUDA-graph capturable.
 """
 from __future__ import annotations
+
+import math
+import os
 
 import numpy as np
 
@@ -24,6 +31,31 @@ from .formats import bfloat16
 HEAD_DIMS = (64, 96, 128, 256)
 DTYPES = (bfloat16, np.dtype(np.float16))
 PAGE_SIZES = (16, 256)   # inclusive range
+
+#: Split-K rule: a cache of at least SPLIT_MIN_TOKENS tokens is split until the grid
+#: has about SPLIT_CTAS_PER_SM CTAs per SM, each split keeping at least
+#: MIN_SPLIT_TOKENS tokens (the design documents found splitting pays from
+#: L = 256 under CUDA-graph timing). ``num_splits`` overrides it.
+SPLIT_MIN_TOKENS = 256
+SPLIT_CTAS_PER_SM = 2
+MIN_SPLIT_TOKENS = 64
+MAX_SPLITS = 256
+#: query heads of one KV head that one CTA takes (instances of the kernel)
+HEADS_PER_CTA = (1, 2, 4)
+
+
+def heads_per_cta(group: int) -> int:
+    """Query heads per CTA for a GQA group of ``group`` query heads per KV head."""
+    return group if group in HEADS_PER_CTA else HEADS_PER_CTA[-1]
+
+
+def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int) -> int:
+    """KV splits per sequence for a cache of ``capacity`` tokens (see SPLIT_MIN_TOKENS)."""
+    if capacity < SPLIT_MIN_TOKENS:
+        return 1
+    ctas = batch * hkv * -(-group // heads_per_cta(group))
+    want = -(-SPLIT_CTAS_PER_SM * sm_count // max(ctas, 1))
+    return max(1, min(want, capacity // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
 @accepts_dlpack("q", "k_cache", "v_cache", "kv_lens", "block_table", "out")
@@ -85,9 +117,22 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, scale=None, block_table=No
     if out is not None:
         check_out(out, q.dtype, tuple(q.shape), "[B, Hq, D]")
     if xp is not np:
-        raise NotImplementedError("decode_attention has no CUDA kernels yet (issue 6); "
-                                  "call it on NumPy arrays for now")
-    # values that need a device read on the GPU are checked here, on the host
+        if os.environ.get("W4KERN_DEBUG"):
+            # the values need a device read (a synchronization): checked only on request
+            _check_values(k_cache, xp.asnumpy(kv_lens), None if block_table is None else xp.asnumpy(block_table),
+                          capacity, paged)
+        return _decode_attention_cuda(xp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out,
+                                      hkv, capacity, paged)
+    _check_values(k_cache, kv_lens, block_table, capacity, paged)
+    from . import reference
+
+    y = reference.decode_attention(q, k_cache, v_cache, kv_lens, scale=scale, block_table=block_table)
+    return deliver(y.astype(q.dtype), out)
+
+
+def _check_values(k_cache, kv_lens, block_table, capacity, paged):
+    """kv_lens and the used block_table entries against the cache (host arrays)."""
+    b = kv_lens.shape[0]
     if b and (kv_lens.min() < 0 or kv_lens.max() > capacity):
         raise ValueError(f"kv_lens must lie in [0, {capacity}] (the cache length), got values in "
                          f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
@@ -98,7 +143,44 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, scale=None, block_table=No
         if pages.size and (pages.min() < 0 or pages.max() >= k_cache.shape[0]):
             raise ValueError(f"block_table's used entries must be page indices in [0, {k_cache.shape[0]}), "
                              f"got values in [{int(pages.min())}, {int(pages.max())}]")
-    from . import reference
 
-    y = reference.decode_attention(q, k_cache, v_cache, kv_lens, scale=scale, block_table=block_table)
-    return deliver(y.astype(q.dtype), out)
+
+def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,
+                           paged):
+    from . import _runtime
+    from ._registry import cxx_bool, cxx_type
+    from .linear import _sm_count, _Workspace
+
+    b, hq, d = q.shape
+    if out is None:
+        out = cp.empty(q.shape, dtype=q.dtype)
+    if b == 0:
+        return out
+    for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if a.data.ptr % 16:
+            raise ValueError(f"{name} must be 16-byte aligned for the kernel's vector loads")
+    group = hq // hkv
+    heads = heads_per_cta(group)
+    splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, _sm_count(cp))
+    splits = int(min(splits, MAX_SPLITS))
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), str(heads), cxx_bool(paged)))
+    if paged:
+        rows, max_pages, n_pages = k_cache.shape[1], block_table.shape[1], k_cache.shape[0]
+        table = block_table
+        if n_pages == 0:
+            capacity = 0         # nothing to read: every sequence attends to nothing
+    else:
+        rows, max_pages, n_pages = k_cache.shape[2], 0, 0
+        table = kv_lens          # any int32 pointer: the contiguous kernel never reads it
+    n_o = b * hq * splits * d if splits > 1 else 0
+    scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if splits > 1 else 1)
+    part_o, part_ml = scratch[:n_o], scratch[n_o:]
+    grid = (splits, hkv * -(-group // heads), b)
+    kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out, part_o, part_ml, np.int32(hq), np.int32(hkv),
+                          np.int32(rows), np.int32(max_pages), np.int32(n_pages), np.int32(capacity),
+                          np.int32(splits), np.float32(scale * math.log2(math.e))))
+    if splits > 1:
+        merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
+        merge((b * hq,), (d,), (part_o, part_ml, out, np.int32(splits)))
+    return out

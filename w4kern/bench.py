@@ -492,8 +492,85 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
     return rows
 
 
+ATTENTION_CONFIGS = {"32/8/128": (32, 8, 128), "32/16/256": (32, 16, 256), "64/8/128": (64, 8, 128)}
+ATTENTION_BATCHES = (1, 8, 64)
+ATTENTION_LENGTHS = (256, 2048, 8192, 32768, 131072)
+#: largest K + V cache a row allocates (larger (B, L) pairs are left out)
+ATTENTION_MAX_CACHE_BYTES = 8 << 30
+
+
+def suite_attention(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """decode_attention (contiguous caches, every sequence at length L) beside torch SDPA
+    (flash backend, enable_gqa=True) on the same tensors, plus the paged layout at
+    page_size 64; caches rotated past 4x L2. Floor: K and V bytes / read bandwidth."""
+    import cupy as cp
+
+    import w4kern
+
+    torch = _try_torch()
+    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
+                        launches=timer.launches) if torch else None
+    modes = ("plain", "graph")
+    rng = cp.random.default_rng(4)
+    rows: list[Row] = []
+    configs = list(ATTENTION_CONFIGS.items())[:1] if quick else list(ATTENTION_CONFIGS.items())
+    for name, (hq, hkv, d) in configs:
+        for b in ((1,) if quick else ATTENTION_BATCHES):
+            for length in ((2048, 32768) if quick else ATTENTION_LENGTHS):
+                cache_bytes = 2 * b * hkv * length * d * 2
+                if cache_bytes > ATTENTION_MAX_CACHE_BYTES:
+                    continue
+                copies = rotation_count(cache_bytes, ceilings.l2_bytes, timer.launches)
+                copies = max(1, min(copies, ATTENTION_MAX_CACHE_BYTES // cache_bytes))
+                shape = {"name": name, "B": b, "L": length}
+                q = rng.standard_normal((b, hq, d), dtype=np.float32).astype(w4kern.bfloat16)
+                ks = [rng.standard_normal((b, hkv, length, d), dtype=np.float32).astype(w4kern.bfloat16)
+                      for _ in range(copies)]
+                vs = [rng.standard_normal((b, hkv, length, d), dtype=np.float32).astype(w4kern.bfloat16)
+                      for _ in range(copies)]
+                lens = cp.full(b, length, dtype=np.int32)
+                out = cp.empty((b, hq, d), dtype=w4kern.bfloat16)
+                rows += _measure(timer, "w4kern", "decode_attention", shape,
+                                 lambda i: w4kern.decode_attention(q, ks[i % copies], vs[i % copies], lens, out=out),
+                                 cache_bytes, ceilings, modes)
+                if length == 8192 and b == 8:
+                    page = 64
+                    pages = b * length // page
+                    kp = [k.reshape(b, hkv, pages // b, page, d).transpose(0, 2, 3, 1, 4).reshape(pages, page, hkv, d)
+                          .copy() for k in ks]
+                    vp = [v.reshape(b, hkv, pages // b, page, d).transpose(0, 2, 3, 1, 4).reshape(pages, page, hkv, d)
+                          .copy() for v in vs]
+                    table = cp.arange(pages, dtype=np.int32).reshape(b, pages // b)
+                    rows += _measure(timer, "w4kern-paged64", "decode_attention", shape,
+                                     lambda i: w4kern.decode_attention(q, kp[i % copies], vp[i % copies], lens,
+                                                                       block_table=table, out=out),
+                                     cache_bytes, ceilings, modes)
+                    del kp, vp
+                if torch is not None:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    tq = torch.from_dlpack(q).unsqueeze(2)
+                    tks = [torch.from_dlpack(k) for k in ks]
+                    tvs = [torch.from_dlpack(v) for v in vs]
+
+                    def sdpa(i, backend=SDPBackend.FLASH_ATTENTION):
+                        with sdpa_kernel(backend):
+                            return torch.nn.functional.scaled_dot_product_attention(
+                                tq, tks[i % copies], tvs[i % copies], enable_gqa=True)
+
+                    try:
+                        rows += _measure(ttimer, "torch-sdpa-flash", "decode_attention", shape, sdpa, cache_bytes,
+                                         ceilings, modes)
+                    except RuntimeError as e:   # no flash kernel for this shape in this torch
+                        print(f"torch SDPA flash unavailable for {shape}: {str(e).splitlines()[0]}")
+                    del tks, tvs
+                del ks, vs
+                cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
 SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning, "decode": suite_decode,
-          "linear_tuning": suite_linear_tuning}
+          "linear_tuning": suite_linear_tuning, "attention": suite_attention}
 
 
 def _git_commit() -> str:

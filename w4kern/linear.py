@@ -308,7 +308,8 @@ def _linear_numpy(call, x, weight, bias, out):
 # ---------------------------------------------------------------------------
 
 class _Workspace:
-    """Per (device, stream) scratch: Q8 blocks of x, split-K partials and tickets.
+    """Per (device, stream) scratch: Q8 blocks of x, split-K partials and tickets,
+    and decode_attention's split partials.
 
     Grown on demand and then reused, so repeated calls (and CUDA-graph
     capture after a first eager call) allocate nothing. Keyed by stream so
@@ -322,6 +323,7 @@ class _Workspace:
         self.q8 = cp.empty(0, dtype=np.uint8)
         self.partials = cp.empty(0, dtype=np.float32)
         self.tickets = cp.zeros(0, dtype=np.uint32)
+        self.attention = cp.empty(0, dtype=np.float32)
 
     @classmethod
     def get(cls, cp):
@@ -336,6 +338,12 @@ class _Workspace:
         if self.q8.size < n:
             self.q8 = self.cp.empty(n, dtype=np.uint8)
         return self.q8[:n].reshape(m, k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+
+    def attention_partials(self, n):
+        """float32 scratch of decode_attention's split-K partials."""
+        if self.attention.size < n:
+            self.attention = self.cp.empty(n, dtype=np.float32)
+        return self.attention[:n]
 
     def split_k(self, n_partials, n_tiles):
         if self.partials.size < n_partials:
