@@ -4,12 +4,15 @@
 //
 // A CTA owns one (split of the sequence, KV head, tile of up to kHeads query
 // heads of that KV head, sequence): every K and V row it loads serves all the
-// query heads of the tile (GQA packing). Its lanes form groups of kGroupLanes
-// lanes, each lane holding 8 consecutive head-dim values (one 16-byte load),
-// so a group covers one token row; each group walks its own tokens, kTokens
-// consecutive ones per iteration (their K and V rows all in flight at once),
-// and keeps an online softmax per head: running max m, sum l and unnormalized
-// output acc, in fp32, in the log2 domain (q is pre-scaled by scale * log2 e).
+// query heads of the tile (GQA packing). It walks its tokens in tiles of
+// kTokensPerIter rows of K and V, brought into shared memory by a kAttnStages
+// deep cp.async pipeline (every thread copies a few 16-byte pieces; a whole
+// tile is in flight at once, and the next ones while this one is used). Its
+// lanes form groups of kGroupLanes lanes, each lane holding 8 consecutive
+// head-dim values, so a group covers one token row; each group takes
+// kAttnTokens consecutive rows of a tile and keeps an online softmax per head:
+// running max m, sum l and unnormalized output acc, in fp32, in the log2
+// domain (q is pre-scaled by scale * log2 e).
 // The groups' states merge through shared memory at the end. With one split
 // the CTA writes the normalized output; with several it writes (acc, m, l)
 // to a workspace and decode_attention_merge_kernel combines the splits.
@@ -17,13 +20,14 @@
 // Lengths are clamped to [0, capacity] and page indices to [0, pages) on the
 // device, so no kv_lens or block_table value can send a load out of bounds
 // (values outside the contract give garbage, never a fault).
-#include "common/types.cuh"
+#include "common/ptx.cuh"
 
 namespace w4kern {
 
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kAttnTokens = 4;     // consecutive tokens a lane group takes per iteration
+constexpr int kAttnTokens = 4;     // consecutive tokens a lane group takes per tile
+constexpr int kAttnStages = 3;     // K/V tiles in flight
 constexpr int kAttnValues = 8;     // head-dim values per lane (16 bytes)
 // -inf, the max of no scores (NVRTC has no INFINITY without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
@@ -39,12 +43,33 @@ __device__ __forceinline__ void load8(float (&f)[kAttnValues], const T* p) {
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void lds8(float (&f)[kAttnValues], u32 address) {
+    const uint4 v = lds_u32x4(address);
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[2 * j] = to_float(T{static_cast<u16>(w[j] & 0xFFFFu)});
+        f[2 * j + 1] = to_float(T{static_cast<u16>(w[j] >> 16)});
+    }
+}
+
 template <int kDim>
 struct AttnShape {
     static constexpr int kGroupLanes = kDim <= 64 ? 8 : kDim <= 128 ? 16 : 32;   // lanes per token row
     static constexpr int kGroupsPerWarp = 32 / kGroupLanes;
     static constexpr int kStates = kAttnWarps * kGroupsPerWarp;   // softmax states per CTA
+    static constexpr int kTokensPerIter = kStates * kAttnTokens;  // K/V rows per tile
+    static constexpr int kRowBytes = kDim * 2;
+    static constexpr int kTileBytes = kTokensPerIter * kRowBytes;  // one of K or V
+    static constexpr int kStageBytes = 2 * kTileBytes;
+    static constexpr int kPiecesPerRow = kDim / 8;                 // 16-byte pieces
+    static constexpr int kPiecesPerThread = kTokensPerIter * kPiecesPerRow / kAttnThreads;
     static_assert(kGroupLanes * kAttnValues >= kDim, "a lane group covers a row");
+    static_assert(kTokensPerIter * kPiecesPerRow % kAttnThreads == 0, "a tile splits evenly over the threads");
+    // dynamic shared memory of decode_attention_kernel: kAttnStages K/V tiles
+    // (w4kern/_registry.py attention_smem_bytes mirrors it)
+    static constexpr int kSmemBytes = kAttnStages * kStageBytes;
 };
 
 template <typename T, int kDim, int kHeads, bool kPaged>
@@ -64,7 +89,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     using Shape = AttnShape<kDim>;
     constexpr int kGroupLanes = Shape::kGroupLanes;
     constexpr int kStates = Shape::kStates;
-    constexpr int kTokensPerIter = kStates * kAttnTokens;
+    constexpr int kTokensPerIter = Shape::kTokensPerIter;
     __shared__ float sm_acc[kStates][kHeads][kDim];
     __shared__ float sm_m[kStates][kHeads], sm_l[kStates][kHeads];
 
@@ -114,17 +139,44 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         }
     };
 
-    // The warp's first group has its smallest tokens, so "it has tokens left"
-    // is the same for every lane of the warp: the shuffles below never diverge.
-    const int warp_first = (warp * Shape::kGroupsPerWarp) * kAttnTokens;
-    for (int it = begin; it + warp_first < end; it += kTokensPerIter) {
-        const int base = it + state * kAttnTokens;
+    extern __shared__ __align__(16) unsigned char attn_smem[];
+    const u32 smem = smem_address(attn_smem);
+    const int n_tiles = (end - begin + kTokensPerIter - 1) / kTokensPerIter;   // the same for the whole CTA
+    // Issue tile `tile` into stage tile % kAttnStages; rows past `end` are zero-filled.
+    auto issue_tile = [&](int tile) {
+        if (tile < n_tiles) {
+            const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
+#pragma unroll
+            for (int i = 0; i < Shape::kPiecesPerThread; ++i) {
+                const int piece = i * kAttnThreads + threadIdx.x;
+                const int r = piece / Shape::kPiecesPerRow, c = piece % Shape::kPiecesPerRow;
+                const int tok = begin + tile * kTokensPerIter + r;
+                const bool in = tok < end;
+                const T* k_src = in ? row_of(k_cache, tok) + c * 8 : k_cache;
+                const T* v_src = in ? row_of(v_cache, tok) + c * 8 : v_cache;
+                const u32 dst = stage + r * Shape::kRowBytes + c * 16;
+                cp_async16(dst, k_src, in ? 16u : 0u);
+                cp_async16(dst + Shape::kTileBytes, v_src, in ? 16u : 0u);
+            }
+        }
+        cp_async_commit();   // an empty group past the last tile keeps the wait count uniform
+    };
+#pragma unroll
+    for (int t = 0; t < kAttnStages - 1; ++t) issue_tile(t);
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        cp_async_wait<kAttnStages - 2>();   // this thread's pieces of `tile` have landed
+        __syncthreads();                     // everyone's have, and the stage read last round is free
+        issue_tile(tile + kAttnStages - 1);
+        const int base = begin + tile * kTokensPerIter + state * kAttnTokens;
+        const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
         float kf[kAttnTokens][kAttnValues], vf[kAttnTokens][kAttnValues];
 #pragma unroll
         for (int u = 0; u < kAttnTokens; ++u) {
-            if (base + u < end && has_d) {
-                load8(kf[u], row_of(k_cache, base + u) + d0);
-                load8(vf[u], row_of(v_cache, base + u) + d0);
+            const u32 row = stage + (state * kAttnTokens + u) * Shape::kRowBytes + d0 * 2;
+            if (has_d) {
+                lds8<T>(kf[u], row);
+                lds8<T>(vf[u], row + Shape::kTileBytes);
             } else {
 #pragma unroll
                 for (int e = 0; e < kAttnValues; ++e) kf[u][e] = vf[u][e] = 0.0f;
@@ -169,6 +221,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
             m[h] = m_new;
         }
     }
+    cp_async_wait<0>();
 
     // Merge the CTA's kStates softmax states.
 #pragma unroll

@@ -18,7 +18,7 @@ for (hq, hkv, d), b, length in [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768
     vs = [rng.standard_normal((b, hkv, length, d), dtype=np.float32).astype(w4kern.bfloat16) for _ in range(copies)]
     lens = cp.full(b, length, dtype=np.int32)
     out = cp.empty((b, hq, d), dtype=w4kern.bfloat16)
-    floor = 2 * b * hkv * length * d * 2 / 4.5e3
+    floor = 2 * b * hkv * length * d * 2 / 4.5e6   # us at 4.5 TB/s
     line = [f"{hq}/{hkv}/{d} B={b} L={length} floor={floor:.1f}us"]
     for splits in (None, 1, 8, 16, 33, 49, 66, 99, 132, 198, 264):
         t = timer.graph(lambda i, s=splits: w4kern.decode_attention(q, ks[i % copies], vs[i % copies], lens,

@@ -107,3 +107,22 @@ def test_bad_input(rng):
     tiny = np.zeros((4, 8, 2, 64), BF16)
     with pytest.raises(ValueError, match=r"page_size=8 must lie in \[16, 256\]"):
         call(q, tiny, tiny, lens, block_table=np.zeros((3, 1), np.int32))
+
+
+def test_split_rule():
+    from w4kern.attention import choose_splits, heads_per_cta
+
+    assert [heads_per_cta(g) for g in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 4, 4, 4, 4, 4]
+    assert choose_splits(1, 8, 4, 255, 132) == 1                 # short caches are not split
+    assert choose_splits(1, 8, 4, 32768, 132) == 49              # 3 CTAs per SM
+    assert choose_splits(1, 8, 4, 2048, 132) == 16               # at least 128 tokens per split
+    assert choose_splits(64, 8, 8, 2048, 132) == 1               # the batch fills the GPU
+    assert choose_splits(1, 1, 1, 10**7, 132) == 256             # capped
+
+
+def test_shared_memory_mirror():
+    """attention_smem_bytes mirrors AttnShape<kDim>::kSmemBytes (3 stages of K and V tiles)."""
+    from w4kern._registry import FAMILIES, attention_smem_bytes
+
+    assert [attention_smem_bytes(d) for d in (64, 96, 128, 256)] == [49152, 36864, 49152, 49152]
+    assert FAMILIES["decode_attention"].max_dynamic_smem == 49152

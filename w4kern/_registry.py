@@ -116,6 +116,16 @@ def a16_family(group_size: int) -> str:
 #: heads per KV head take several CTAs, each reading the same K/V rows)
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
 ATTENTION_HEADS_PER_CTA = (1, 2, 4)
+ATTENTION_STAGES = 3     # kAttnStages
+
+
+def attention_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of decode_attention_kernel (attention_smem_bytes<kDim> in
+    decode_attention.cu): ATTENTION_STAGES tiles of K and V, each 4 warps x (32 / lanes
+    per row) lane groups x 4 rows of head_dim 2-byte values."""
+    group_lanes = 8 if head_dim <= 64 else 16 if head_dim <= 128 else 32
+    rows = 4 * (32 // group_lanes) * 4
+    return ATTENTION_STAGES * 2 * rows * head_dim * 2
 
 
 FAMILIES: dict[str, KernelFamily] = {
@@ -203,6 +213,7 @@ FAMILIES: dict[str, KernelFamily] = {
                 for heads in ATTENTION_HEADS_PER_CTA
                 for paged in (False, True)
             ),
+            max_dynamic_smem=max(attention_smem_bytes(d) for d in ATTENTION_HEAD_DIMS),
         ),
         KernelFamily(
             name="decode_attention_merge",

@@ -32,13 +32,16 @@ HEAD_DIMS = (64, 96, 128, 256)
 DTYPES = (bfloat16, np.dtype(np.float16))
 PAGE_SIZES = (16, 256)   # inclusive range
 
-#: Split-K rule: a cache of at least SPLIT_MIN_TOKENS tokens is split until the grid
-#: has about SPLIT_CTAS_PER_SM CTAs per SM, each split keeping at least
-#: MIN_SPLIT_TOKENS tokens (the design documents found splitting pays from
-#: L = 256 under CUDA-graph timing). ``num_splits`` overrides it.
+#: Split-K rule, from scripts/attention_splits.py on an H200 (graph mode; the
+#: results are in benchmarks/results/2026-11-22-h200-attention/): a cache of at
+#: least SPLIT_MIN_TOKENS tokens is split until the grid holds about
+#: SPLIT_CTAS_PER_SM CTAs per SM (what one SM keeps resident: B=1, 32/8/128,
+#: L=32768 was fastest at 49 splits, 49.0 us against 53.6 at 33 and 63.2 at 66),
+#: each split keeping at least MIN_SPLIT_TOKENS tokens (L=2048 was fastest at 16
+#: splits, 11.6 us against 15.0 at 49). ``num_splits`` overrides it.
 SPLIT_MIN_TOKENS = 256
-SPLIT_CTAS_PER_SM = 2
-MIN_SPLIT_TOKENS = 64
+SPLIT_CTAS_PER_SM = 3
+MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
 #: query heads of one KV head that one CTA takes (instances of the kernel)
 HEADS_PER_CTA = (1, 2, 4)
@@ -54,7 +57,7 @@ def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int
     if capacity < SPLIT_MIN_TOKENS:
         return 1
     ctas = batch * hkv * -(-group // heads_per_cta(group))
-    want = -(-SPLIT_CTAS_PER_SM * sm_count // max(ctas, 1))
+    want = SPLIT_CTAS_PER_SM * sm_count // max(ctas, 1)
     return max(1, min(want, capacity // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
@@ -148,7 +151,7 @@ def _check_values(k_cache, kv_lens, block_table, capacity, paged):
 def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,
                            paged):
     from . import _runtime
-    from ._registry import cxx_bool, cxx_type
+    from ._registry import attention_smem_bytes, cxx_bool, cxx_type
     from .linear import _sm_count, _Workspace
 
     b, hq, d = q.shape
@@ -179,7 +182,8 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     grid = (splits, hkv * -(-group // heads), b)
     kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out, part_o, part_ml, np.int32(hq), np.int32(hkv),
                           np.int32(rows), np.int32(max_pages), np.int32(n_pages), np.int32(capacity),
-                          np.int32(splits), np.float32(scale * math.log2(math.e))))
+                          np.int32(splits), np.float32(scale * math.log2(math.e))),
+           shared_mem=attention_smem_bytes(d))
     if splits > 1:
         merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
         merge((b * hq,), (d,), (part_o, part_ml, out, np.int32(splits)))
