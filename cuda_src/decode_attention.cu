@@ -90,8 +90,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     constexpr int kGroupLanes = Shape::kGroupLanes;
     constexpr int kStates = Shape::kStates;
     constexpr int kTokensPerIter = Shape::kTokensPerIter;
-    __shared__ float sm_acc[kStates][kHeads][kDim];
+    constexpr int kPass = kHeads >= 8 ? 2 : kAttnTokens;
     __shared__ float sm_m[kStates][kHeads], sm_l[kStates][kHeads];
+    static_assert(kStates * kHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the pipeline's memory");
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = hq / hkv;
@@ -168,62 +169,68 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         cp_async_wait<kAttnStages - 2>();   // this thread's pieces of `tile` have landed
         __syncthreads();                     // everyone's have, and the stage read last round is free
         issue_tile(tile + kAttnStages - 1);
-        const int base = begin + tile * kTokensPerIter + state * kAttnTokens;
         const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
-        float kf[kAttnTokens][kAttnValues], vf[kAttnTokens][kAttnValues];
+        // the group's kAttnTokens rows, kPass at a time (8 heads leave registers for 2)
 #pragma unroll
-        for (int u = 0; u < kAttnTokens; ++u) {
-            const u32 row = stage + (state * kAttnTokens + u) * Shape::kRowBytes + d0 * 2;
-            if (has_d) {
-                lds8<T>(kf[u], row);
-                lds8<T>(vf[u], row + Shape::kTileBytes);
-            } else {
+        for (int u0 = 0; u0 < kAttnTokens; u0 += kPass) {
+            const int base = begin + tile * kTokensPerIter + state * kAttnTokens + u0;
+            float kf[kPass][kAttnValues], vf[kPass][kAttnValues];
 #pragma unroll
-                for (int e = 0; e < kAttnValues; ++e) kf[u][e] = vf[u][e] = 0.0f;
+            for (int u = 0; u < kPass; ++u) {
+                const u32 row = stage + (state * kAttnTokens + u0 + u) * Shape::kRowBytes + d0 * 2;
+                if (has_d) {
+                    lds8<T>(kf[u], row);
+                    lds8<T>(vf[u], row + Shape::kTileBytes);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < kAttnValues; ++e) kf[u][e] = vf[u][e] = 0.0f;
+                }
             }
-        }
-        float s[kAttnTokens][kHeads];
+            float s[kPass][kHeads];
 #pragma unroll
-        for (int u = 0; u < kAttnTokens; ++u)
+            for (int u = 0; u < kPass; ++u)
+#pragma unroll
+                for (int h = 0; h < kHeads; ++h) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < kAttnValues; ++e) dot = fmaf(qv[h][e], kf[u][e], dot);
+#pragma unroll
+                    for (int offset = kGroupLanes / 2; offset > 0; offset >>= 1)
+                        dot += __shfl_xor_sync(0xFFFFFFFFu, dot, offset);
+                    s[u][h] = base + u < end ? dot : neg_inf();
+                }
 #pragma unroll
             for (int h = 0; h < kHeads; ++h) {
-                float dot = 0.0f;
+                float m_new = m[h];
 #pragma unroll
-                for (int e = 0; e < kAttnValues; ++e) dot = fmaf(qv[h][e], kf[u][e], dot);
+                for (int u = 0; u < kPass; ++u) m_new = fmaxf(m_new, s[u][h]);
+                // a group that has seen no token yet keeps m = -inf, l = 0, acc = 0
+                const float m_ref = m_new == neg_inf() ? 0.0f : m_new;
+                const float alpha = exp2f(m[h] - m_ref);
+                float p[kPass];
+                float p_sum = 0.0f;
 #pragma unroll
-                for (int offset = kGroupLanes / 2; offset > 0; offset >>= 1)
-                    dot += __shfl_xor_sync(0xFFFFFFFFu, dot, offset);
-                s[u][h] = base + u < end ? dot : neg_inf();
+                for (int u = 0; u < kPass; ++u) {
+                    p[u] = exp2f(s[u][h] - m_ref);
+                    p_sum += p[u];
+                }
+                l[h] = l[h] * alpha + p_sum;
+#pragma unroll
+                for (int e = 0; e < kAttnValues; ++e) {
+                    float a = acc[h][e] * alpha;
+#pragma unroll
+                    for (int u = 0; u < kPass; ++u) a = fmaf(p[u], vf[u][e], a);
+                    acc[h][e] = a;
+                }
+                m[h] = m_new;
             }
-#pragma unroll
-        for (int h = 0; h < kHeads; ++h) {
-            float m_new = m[h];
-#pragma unroll
-            for (int u = 0; u < kAttnTokens; ++u) m_new = fmaxf(m_new, s[u][h]);
-            // a group that has seen no token yet keeps m = -inf, l = 0, acc = 0
-            const float m_ref = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = exp2f(m[h] - m_ref);
-            float p[kAttnTokens];
-            float p_sum = 0.0f;
-#pragma unroll
-            for (int u = 0; u < kAttnTokens; ++u) {
-                p[u] = exp2f(s[u][h] - m_ref);
-                p_sum += p[u];
-            }
-            l[h] = l[h] * alpha + p_sum;
-#pragma unroll
-            for (int e = 0; e < kAttnValues; ++e) {
-                float a = acc[h][e] * alpha;
-#pragma unroll
-                for (int u = 0; u < kAttnTokens; ++u) a = fmaf(p[u], vf[u][e], a);
-                acc[h][e] = a;
-            }
-            m[h] = m_new;
         }
     }
     cp_async_wait<0>();
+    __syncthreads();   // the pipeline's memory now holds the states' outputs
 
     // Merge the CTA's kStates softmax states.
+    auto sm_acc = reinterpret_cast<float (*)[kHeads][kDim]>(attn_smem);
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
         if (has_d)

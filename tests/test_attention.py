@@ -112,11 +112,11 @@ def test_bad_input(rng):
 def test_split_rule():
     from w4kern.attention import choose_splits, heads_per_cta
 
-    assert [heads_per_cta(g) for g in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 4, 4, 4, 4, 4]
+    assert [heads_per_cta(g) for g in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 4, 4, 8, 8, 8]
     assert choose_splits(1, 8, 4, 255, 132) == 1                 # short caches are not split
     assert choose_splits(1, 8, 4, 32768, 132) == 49              # 3 CTAs per SM
     assert choose_splits(1, 8, 4, 2048, 132) == 16               # at least 128 tokens per split
-    assert choose_splits(64, 8, 8, 2048, 132) == 1               # the batch fills the GPU
+    assert choose_splits(64, 8, 16, 2048, 132) == 1              # the batch fills the GPU
     assert choose_splits(1, 1, 1, 10**7, 132) == 256             # capped
 
 

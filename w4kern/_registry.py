@@ -115,7 +115,7 @@ def a16_family(group_size: int) -> str:
 #: decode_attention: head dims, and query heads of one KV head a CTA takes (more
 #: heads per KV head take several CTAs, each reading the same K/V rows)
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
-ATTENTION_HEADS_PER_CTA = (1, 2, 4)
+ATTENTION_HEADS_PER_CTA = (1, 2, 4, 8)
 ATTENTION_STAGES = 3     # kAttnStages
 
 

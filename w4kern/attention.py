@@ -44,12 +44,14 @@ SPLIT_CTAS_PER_SM = 3
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
 #: query heads of one KV head that one CTA takes (instances of the kernel)
-HEADS_PER_CTA = (1, 2, 4)
+HEADS_PER_CTA = (1, 2, 4, 8)
 
 
 def heads_per_cta(group: int) -> int:
-    """Query heads per CTA for a GQA group of ``group`` query heads per KV head."""
-    return group if group in HEADS_PER_CTA else HEADS_PER_CTA[-1]
+    """Query heads per CTA for a GQA group of ``group`` query heads per KV head: the
+    smallest instance that takes the whole group (one CTA reads each K/V row), else
+    the largest (groups of more than 8 take several CTAs)."""
+    return next((h for h in HEADS_PER_CTA if h >= group), HEADS_PER_CTA[-1])
 
 
 def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int) -> int:
