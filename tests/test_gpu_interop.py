@@ -79,3 +79,19 @@ def test_torch_stream_orders_work_and_captures_in_torch_graphs(cp, rng):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out.view(torch.int16), eager.view(torch.int16))
+
+
+def test_decode_attention_takes_torch_tensors_and_matches_torch_sdpa(cp, rng):
+    """torch tensors straight in (no copies), out= a torch tensor written in place,
+    and the result close to torch's own SDPA on the same tensors."""
+    torch = pytest.importorskip("torch")
+    q = torch.randn(2, 32, 128, device="cuda").to(torch.bfloat16)
+    k = torch.randn(2, 8, 1000, 128, device="cuda").to(torch.bfloat16)
+    v = torch.randn(2, 8, 1000, 128, device="cuda").to(torch.bfloat16)
+    lens = torch.full((2,), 1000, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    got = w4kern.decode_attention(q, k, v, lens, out=out)
+    assert got.data.ptr == out.data_ptr()
+    cp.cuda.Device().synchronize()
+    expected = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
