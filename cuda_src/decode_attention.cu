@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     constexpr int kGroupLanes = Shape::kGroupLanes;
     constexpr int kStates = Shape::kStates;
     constexpr int kTokensPerIter = Shape::kTokensPerIter;
-    constexpr int kPass = kHeads >= 8 ? 2 : kAttnTokens;
+    constexpr int kPass = kHeads >= 4 ? 2 : kAttnTokens;
     __shared__ float sm_m[kStates][kHeads], sm_l[kStates][kHeads];
     static_assert(kStates * kHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the pipeline's memory");
 
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         __syncthreads();                     // everyone's have, and the stage read last round is free
         issue_tile(tile + kAttnStages - 1);
         const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
-        // the group's kAttnTokens rows, kPass at a time (8 heads leave registers for 2)
+        // the group's kAttnTokens rows, kPass at a time (4 or 8 heads leave registers for 2)
 #pragma unroll
         for (int u0 = 0; u0 < kAttnTokens; u0 += kPass) {
             const int base = begin + tile * kTokensPerIter + state * kAttnTokens + u0;
