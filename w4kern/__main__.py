@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -146,9 +148,23 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.table or args.write_readme:   # the README's performance table: no GPU needed
+        if not args.results or len(args.results) != 1:
+            print("--table / --write-readme need --from RESULT.json (one file)", file=sys.stderr)
+            return 2
+        from . import report
+
+        if args.write_readme:
+            readme = Path(args.write_readme)
+            result = os.path.relpath(args.results[0], readme.parent)
+            report.write_readme(readme, result)
+            print(f"wrote the performance table of {result} into {readme}")
+        else:
+            print(report.table(args.results[0]), end="")
+        return 0
     if args.results:   # plot earlier results: no GPU needed
         if not args.plot:
-            print("--from needs --plot FILE.png", file=sys.stderr)
+            print("--from needs --plot FILE.png (or --table)", file=sys.stderr)
             return 2
         from . import plots
 
@@ -197,6 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="results", nargs="+", default=None, metavar="RESULT.json",
                    help="with --plot: plot these result files instead of running (no GPU needed)")
     p.add_argument("--mode", default="graph", choices=("graph", "plain"), help="timing mode to plot")
+    p.add_argument("--table", action="store_true",
+                   help="with --from: print the README's performance table of one result file")
+    p.add_argument("--write-readme", default=None, metavar="README.md",
+                   help="with --from: write that table into README.md's perf-table block")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
