@@ -143,14 +143,10 @@ def test_dequantize_q8_wrong_type():
         w4kern.dequantize_q8(np.zeros((1, 48), np.uint8))
 
 
-def test_mixed_numpy_and_cupy_arguments(qw):
-    cupy = pytest.importorskip("cupy")
-    from w4kern.__main__ import gpu_available
-
-    if not gpu_available():
-        pytest.skip("needs a GPU to create a CuPy array")
+@pytest.mark.gpu
+def test_mixed_numpy_and_cupy_arguments(cp, qw):
     with pytest.raises(TypeError, match=r"^arguments mix NumPy and CuPy arrays \(qweight=numpy, scales=cupy\)"):
-        w4kern.Int4Weight(qw.qweight, cupy.asarray(qw.scales), None, 32)
+        w4kern.Int4Weight(qw.qweight, cp.asarray(qw.scales), None, 32)
 
 
 def test_unregistered_kernel_instance_names_supported_ones():
