@@ -32,9 +32,9 @@ constexpr int kAttnValues = 8;     // head-dim values per lane (16 bytes)
 // -inf, the max of no scores (NVRTC has no INFINITY without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
 
-// Eight 16-bit values (four words) as floats.
 template <typename T>
-__device__ __forceinline__ void unpack8(float (&f)[kAttnValues], uint4 v) {
+__device__ __forceinline__ void load8(float (&f)[kAttnValues], const T* p) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -44,13 +44,14 @@ __device__ __forceinline__ void unpack8(float (&f)[kAttnValues], uint4 v) {
 }
 
 template <typename T>
-__device__ __forceinline__ void load8(float (&f)[kAttnValues], const T* p) {
-    unpack8<T>(f, *reinterpret_cast<const uint4*>(p));
-}
-
-template <typename T>
 __device__ __forceinline__ void lds8(float (&f)[kAttnValues], u32 address) {
-    unpack8<T>(f, lds_u32x4(address));
+    const uint4 v = lds_u32x4(address);
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[2 * j] = to_float(T{static_cast<u16>(w[j] & 0xFFFFu)});
+        f[2 * j + 1] = to_float(T{static_cast<u16>(w[j] >> 16)});
+    }
 }
 
 template <int kDim>
