@@ -26,9 +26,10 @@ from ._arrays import (
     check_shape,
     deliver,
 )
+from ._registry import ATTENTION_HEAD_DIMS as HEAD_DIMS          # head dims of the kernel instances
+from ._registry import ATTENTION_HEADS_PER_CTA as HEADS_PER_CTA  # query heads of one KV head a CTA takes
 from .formats import bfloat16
 
-HEAD_DIMS = (64, 96, 128, 256)
 DTYPES = (bfloat16, np.dtype(np.float16))
 PAGE_SIZES = (16, 256)   # inclusive range
 
@@ -43,8 +44,6 @@ SPLIT_MIN_TOKENS = 256
 SPLIT_CTAS_PER_SM = 3
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
-#: query heads of one KV head that one CTA takes (instances of the kernel)
-HEADS_PER_CTA = (1, 2, 4, 8)
 
 
 def heads_per_cta(group: int) -> int:

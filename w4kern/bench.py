@@ -203,6 +203,14 @@ def rotation_count(bytes_per_copy: int, l2_bytes: int, launches: int) -> int:
     return max(1, min(math.ceil(4 * l2_bytes / max(bytes_per_copy, 1)) + 1, launches))
 
 
+def _torch_and_timer(timer):
+    """torch (None when it is missing or sees no GPU) and a TorchTimer timing like ``timer``."""
+    torch = _try_torch()
+    if torch is None:
+        return None, None
+    return torch, TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats, launches=timer.launches)
+
+
 def _try_torch():
     try:
         import torch
@@ -237,9 +245,7 @@ def suite_foundation(ceilings: Ceilings, timer: Timer, quick: bool = False) -> l
 
     import w4kern
 
-    torch = _try_torch()
-    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
-                        launches=timer.launches) if torch else None
+    torch, ttimer = _torch_and_timer(timer)
     modes = ("plain", "graph")
     rows: list[Row] = []
     rng = cp.random.default_rng(0)
@@ -358,9 +364,7 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
 
     import w4kern
 
-    torch = _try_torch()
-    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
-                        launches=timer.launches) if torch else None
+    torch, ttimer = _torch_and_timer(timer)
     modes = ("plain", "graph")
     rng = cp.random.default_rng(2)
     rows: list[Row] = []
@@ -507,9 +511,7 @@ def suite_attention(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
 
     import w4kern
 
-    torch = _try_torch()
-    ttimer = TorchTimer(torch, warmup=timer.warmup, repeats=timer.repeats,
-                        launches=timer.launches) if torch else None
+    torch, ttimer = _torch_and_timer(timer)
     modes = ("plain", "graph")
     rng = cp.random.default_rng(4)
     rows: list[Row] = []
