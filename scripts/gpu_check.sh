@@ -69,6 +69,11 @@ if command -v compute-sanitizer >/dev/null; then
       -k "out_of_contract or (paged and bfloat16) or (every_head_dim and 32x8) or (batches and 7)" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  compute-sanitizer --tool memcheck --error-exitcode 7 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_moe.py \
+      -k "moe_align and (out_of_range or expert_map or many_experts or (bit_identical and 33-))" \
+      2>&1 | tee -a "$OUTDIR/sanitizer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "compute-sanitizer not found" | tee "$OUTDIR/sanitizer.log"; status=1
 fi

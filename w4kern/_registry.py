@@ -128,6 +128,12 @@ def attention_smem_bytes(head_dim: int) -> int:
     return ATTENTION_STAGES * 2 * rows * head_dim * 2
 
 
+#: moe_align_block_size: flat indices per warp (a row of the count matrix), and the
+#: threads of the one-CTA offsets kernel
+MOE_ALIGN_CHUNK = 256
+MOE_OFFSETS_THREADS = 1024
+
+
 FAMILIES: dict[str, KernelFamily] = {
     family.name: family
     for family in (
@@ -220,6 +226,25 @@ FAMILIES: dict[str, KernelFamily] = {
             source="decode_attention.cu",
             template="w4kern::decode_attention_merge_kernel",
             instances=tuple((cxx_type(t), str(d)) for t in _HALF_TYPES for d in ATTENTION_HEAD_DIMS),
+        ),
+    ) + (
+        KernelFamily(
+            name="moe_count",
+            source="moe_align.cu",
+            template="w4kern::moe_count_kernel",
+            instances=((str(MOE_ALIGN_CHUNK),),),
+        ),
+        KernelFamily(
+            name="moe_offsets",
+            source="moe_align.cu",
+            template="w4kern::moe_offsets_kernel",
+            instances=((str(MOE_OFFSETS_THREADS),),),
+        ),
+        KernelFamily(
+            name="moe_scatter",
+            source="moe_align.cu",
+            template="w4kern::moe_scatter_kernel",
+            instances=((str(MOE_ALIGN_CHUNK),),),
         ),
     ) + (
         KernelFamily(

@@ -324,6 +324,7 @@ class _Workspace:
         self.partials = cp.empty(0, dtype=np.float32)
         self.tickets = cp.zeros(0, dtype=np.uint32)
         self.attention = cp.empty(0, dtype=np.float32)
+        self.moe = cp.empty(0, dtype=np.int32)
 
     @classmethod
     def get(cls, cp):
@@ -344,6 +345,12 @@ class _Workspace:
         if self.attention.size < n:
             self.attention = self.cp.empty(n, dtype=np.float32)
         return self.attention[:n]
+
+    def moe_counts(self, n):
+        """int32 scratch of moe_align_block_size's per-chunk expert counts."""
+        if self.moe.size < n:
+            self.moe = self.cp.empty(n, dtype=np.int32)
+        return self.moe[:n]
 
     def split_k(self, n_partials, n_tiles):
         if self.partials.size < n_partials:

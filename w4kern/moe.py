@@ -1,10 +1,12 @@
 """Mixture-of-experts ops: routing, expert alignment and the fused layer.
 
 ``topk_route`` runs on NumPy and CuPy arrays alike (array ops only).
-``moe_align_block_size`` and ``fused_moe`` validate their arguments on both
-sides and run the NumPy reference on NumPy arrays; their CUDA kernels are the
-work of issue 4 and not written yet, so CuPy arrays get a NotImplementedError
-that says so (never a silent fallback to the host).
+``moe_align_block_size`` runs ``cuda_src/moe_align.cu`` on CuPy arrays (three
+launches, output shapes known without a device read) and the NumPy reference
+on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
+the NumPy reference; its CUDA kernels are the work of issue 4 and not written
+yet, so CuPy arrays get a NotImplementedError that says so (never a silent
+fallback to the host).
 
 Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
 ``topk_weights`` float32 [T, k]; expert weights are stacked Int4Weight
@@ -103,11 +105,41 @@ def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map
         check_dtype("expert_map", expert_map, [np.int32])
         check_shape("expert_map", expert_map, (num_experts,), "[num_experts]")
     if xp is not np:
-        raise NotImplementedError("moe_align_block_size has no CUDA kernel yet (issue 4); "
-                                  "call it on NumPy arrays for now")
+        return _moe_align_cuda(xp, topk_ids, int(num_experts), int(block_size), expert_map)
     from . import reference
 
     return reference.moe_align_block_size(topk_ids, num_experts, block_size, expert_map)
+
+
+def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
+    """cuda_src/moe_align.cu: count per chunk, offsets in one CTA, scatter per chunk.
+    Expert ids outside [0, num_experts) are the caller's error: they are dropped."""
+    from . import _runtime
+    from ._registry import MOE_ALIGN_CHUNK, MOE_OFFSETS_THREADS
+    from .linear import _pointer, _Workspace
+
+    t, k = topk_ids.shape
+    n = t * k
+    max_padded = n + num_experts * (block_size - 1)
+    sorted_ids = cp.empty(max_padded, dtype=np.int32)
+    expert_ids = cp.empty(max_padded // block_size, dtype=np.int32)
+    post_padded = cp.empty(1, dtype=np.int32)
+    chunks = -(-n // MOE_ALIGN_CHUNK)
+    counts = _Workspace.get(cp).moe_counts(max(chunks, 1) * num_experts)
+    emap = _pointer(expert_map)
+    ctas = -(-chunks // 4)   # kMoeWarpsPerCta
+    if chunks:
+        _runtime.get_kernel("moe_count", (str(MOE_ALIGN_CHUNK),))(
+            (ctas,), (128,), (topk_ids, emap, counts, np.int32(n), np.int32(num_experts), np.int32(chunks)))
+    _runtime.get_kernel("moe_offsets", (str(MOE_OFFSETS_THREADS),))(
+        (1,), (MOE_OFFSETS_THREADS,), (counts, sorted_ids, expert_ids, post_padded, np.int32(chunks),
+                                       np.int32(num_experts), np.int32(block_size), np.int32(max_padded),
+                                       np.int32(n)))
+    if chunks:
+        _runtime.get_kernel("moe_scatter", (str(MOE_ALIGN_CHUNK),))(
+            (ctas,), (128,), (topk_ids, emap, counts, sorted_ids, np.int32(n), np.int32(num_experts),
+                              np.int32(chunks)))
+    return sorted_ids, expert_ids, post_padded
 
 
 def _check_experts(name, w, n_experts=None):
