@@ -137,3 +137,19 @@ def test_cuda_graph_replay_gives_eager_bits(cp, rng):
         graph.launch()
     stream.synchronize()
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+
+
+def test_repeat_calls_reuse_their_plan_across_workspace_growth(cp, rng):
+    # a plan keeps its split-K scratch views: a bigger call in between grows the
+    # stream's workspace, and the first shape's later calls (new data, new lengths)
+    # must still be right, as must a call on another stream
+    small = contiguous_case(rng, 1, 32, 8, 2048, 128, w4kern.bfloat16, [2048])
+    big = contiguous_case(rng, 4, 32, 8, 8192, 128, w4kern.bfloat16, [8192, 1, 4000, 8191])
+    check(cp, run(cp, *small), *small)
+    check(cp, run(cp, *big), *big)
+    for lens in ([1999], [1], [0], [2048]):
+        q, k, v, _ = contiguous_case(rng, 1, 32, 8, 2048, 128, w4kern.bfloat16, lens)
+        lens = np.asarray(lens, dtype=np.int32)
+        check(cp, run(cp, q, k, v, lens), q, k, v, lens)
+    with cp.cuda.Stream(non_blocking=True):
+        check(cp, run(cp, *small), *small)

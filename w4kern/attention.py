@@ -149,13 +149,15 @@ def _check_values(k_cache, kv_lens, block_table, capacity, paged):
                              f"got values in [{int(pages.min())}, {int(pages.max())}]")
 
 
+#: launch plans by (device, stream, shapes, dtype, layout, num_splits, scale): a plain
+#: (non-graph) call is host-bound at short contexts, so a repeat call only validates,
+#: looks its plan up and launches
+_PLANS: dict[tuple, tuple] = {}
+
+
 def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,
                            paged):
-    from . import _runtime
-    from ._registry import attention_smem_bytes, cxx_bool, cxx_type
-    from .linear import _sm_count, _Workspace
-
-    b, hq, d = q.shape
+    b = q.shape[0]
     if out is None:
         out = cp.empty(q.shape, dtype=q.dtype)
     if b == 0:
@@ -163,6 +165,27 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if a.data.ptr % 16:
             raise ValueError(f"{name} must be 16-byte aligned for the kernel's vector loads")
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, os.environ.get("W4KERN_CUDA_SRC"), q.shape,
+           q.dtype, k_cache.shape, None if block_table is None else block_table.shape, num_splits, scale)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged)
+    kernel, grid, smem, head, tail, merge, merge_args = plan
+    table = block_table if paged else kv_lens   # any int32 pointer: the contiguous kernel never reads it
+    kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out) + head + tail, shared_mem=smem)
+    if merge is not None:
+        merge((b * q.shape[1],), (q.shape[2],), merge_args[:2] + (out,) + merge_args[2:])
+    return out
+
+
+def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged):
+    """(kernel, grid, shared memory, split-K scratch, scalar arguments, merge kernel
+    or None, its arguments but the output) of one decode_attention call."""
+    from . import _runtime
+    from ._registry import attention_smem_bytes, cxx_bool, cxx_type
+    from .linear import _sm_count, _Workspace
+
+    b, hq, d = q.shape
     group = hq // hkv
     heads = heads_per_cta(group)
     splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, _sm_count(cp))
@@ -171,21 +194,20 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), str(heads), cxx_bool(paged)))
     if paged:
         rows, max_pages, n_pages = k_cache.shape[1], block_table.shape[1], k_cache.shape[0]
-        table = block_table
         if n_pages == 0:
             capacity = 0         # nothing to read: every sequence attends to nothing
     else:
         rows, max_pages, n_pages = k_cache.shape[2], 0, 0
-        table = kv_lens          # any int32 pointer: the contiguous kernel never reads it
     n_o = b * hq * splits * d if splits > 1 else 0
+    # the plan keeps its views of the stream's workspace: if the workspace grows
+    # later, they keep the old buffer alive and stay this plan's alone
     scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if splits > 1 else 1)
     part_o, part_ml = scratch[:n_o], scratch[n_o:]
     grid = (splits, hkv * -(-group // heads), b)
-    kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out, part_o, part_ml, np.int32(hq), np.int32(hkv),
-                          np.int32(rows), np.int32(max_pages), np.int32(n_pages), np.int32(capacity),
-                          np.int32(splits), np.float32(scale * math.log2(math.e))),
-           shared_mem=attention_smem_bytes(d))
+    tail = (np.int32(hq), np.int32(hkv), np.int32(rows), np.int32(max_pages), np.int32(n_pages),
+            np.int32(capacity), np.int32(splits), np.float32(scale * math.log2(math.e)))
+    merge, merge_args = None, ()
     if splits > 1:
         merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
-        merge((b * hq,), (d,), (part_o, part_ml, out, np.int32(splits)))
-    return out
+        merge_args = (part_o, part_ml, np.int32(splits))
+    return kernel, grid, attention_smem_bytes(d), (part_o, part_ml), tail, merge, merge_args

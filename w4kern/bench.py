@@ -555,14 +555,16 @@ def suite_attention(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
                     tks = [torch.from_dlpack(k) for k in ks]
                     tvs = [torch.from_dlpack(v) for v in vs]
 
-                    def sdpa(i, backend=SDPBackend.FLASH_ATTENTION):
-                        with sdpa_kernel(backend):
-                            return torch.nn.functional.scaled_dot_product_attention(
-                                tq, tks[i % copies], tvs[i % copies], enable_gqa=True)
+                    def sdpa(i):
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            tq, tks[i % copies], tvs[i % copies], enable_gqa=True)
 
                     try:
-                        rows += _measure(ttimer, "torch-sdpa-flash", "decode_attention", shape, sdpa, cache_bytes,
-                                         ceilings, modes)
+                        # the backend is chosen once, outside the timed calls (its context
+                        # manager would add host time to torch's plain-launch rows)
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            rows += _measure(ttimer, "torch-sdpa-flash", "decode_attention", shape, sdpa,
+                                             cache_bytes, ceilings, modes)
                     except RuntimeError as e:   # no flash kernel for this shape in this torch
                         print(f"torch SDPA flash unavailable for {shape}: {str(e).splitlines()[0]}")
                     del tks, tvs
@@ -571,8 +573,50 @@ def suite_attention(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
     return rows
 
 
+#: MoE routing shapes: (experts, experts per token)
+MOE_MODELS = {"qwen3-30b-a3b": (128, 8), "deepseek-v3": (256, 8)}
+MOE_TOKENS = (1, 16, 128, 1024, 4096)
+MOE_BLOCK_SIZE = 64
+
+
+def suite_moe_align(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """moe_align_block_size on uniformly random top-k ids, beside torch's sort-based
+    grouping (stable sort of the flat ids, bincount, cumsum: the first step of the
+    grouped_mm pipeline, doing less than the padded layout). Floor: ids read plus the
+    padded outputs written, over read bandwidth (the op is latency-bound at small T)."""
+    import cupy as cp
+
+    import w4kern
+
+    torch, ttimer = _torch_and_timer(timer)
+    modes = ("plain", "graph")
+    rng = cp.random.default_rng(5)
+    rows: list[Row] = []
+    for name, (experts, k) in list(MOE_MODELS.items())[: 1 if quick else None]:
+        for t in ((1, 1024) if quick else MOE_TOKENS):
+            ids = cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
+            max_padded = t * k + experts * (MOE_BLOCK_SIZE - 1)
+            nbytes = 4 * (t * k + max_padded + max_padded // MOE_BLOCK_SIZE + 1)
+            shape = {"name": name, "T": t, "E": experts, "k": k, "block_size": MOE_BLOCK_SIZE}
+            rows += _measure(timer, "w4kern", "moe_align_block_size", shape,
+                             lambda i: w4kern.moe_align_block_size(ids, experts, MOE_BLOCK_SIZE), nbytes,
+                             ceilings, modes)
+            if torch is not None:
+                tids = torch.from_dlpack(ids)
+
+                def torch_group(i):
+                    flat = tids.flatten()
+                    order = torch.sort(flat, stable=True).indices
+                    counts = torch.bincount(flat, minlength=experts)
+                    return order, torch.cumsum(counts, 0)
+
+                rows += _measure(ttimer, "torch-sort", "moe_align_block_size", shape, torch_group, nbytes,
+                                 ceilings, modes)
+    return rows
+
+
 SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning, "decode": suite_decode,
-          "linear_tuning": suite_linear_tuning, "attention": suite_attention}
+          "linear_tuning": suite_linear_tuning, "attention": suite_attention, "moe_align": suite_moe_align}
 
 
 def _git_commit() -> str:
