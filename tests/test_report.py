@@ -24,7 +24,8 @@ def test_table_has_every_section_and_the_gpu():
     path, _, _, _ = report.readme_block((REPO / "README.md").read_text())
     table = report.table(REPO / path)
     assert table.startswith("NVIDIA ")
-    for heading in ("| linear, INT4 g128 |", "| kernel | shape |", "| decode_attention Hq/Hkv/D |"):
+    for heading in ("| linear, INT4 g128 |", "| kernel | shape |", "| decode_attention Hq/Hkv/D |",
+                    "| moe_align_block_size |"):
         assert heading in table
 
 

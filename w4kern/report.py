@@ -89,6 +89,16 @@ def table(path: str | Path) -> str:
                        f"{_cell(rows.get(('decode_attention', shape, 'torch-sdpa-flash')), False)} | "
                        f"{_us(ours['floor_us'])} |")
         out.append("")
+
+    moe = [r for (op, _, system), r in rows.items() if op == "moe_align_block_size" and system == "w4kern"]
+    if moe:
+        out += ["| moe_align_block_size | T | w4kern | torch sort + count |", "|---|---|---|---|"]
+        for r in moe:
+            shape = tuple(sorted(r["shape"].items()))
+            label = f"{r['shape']['name']} (E={r['shape']['E']}, k={r['shape']['k']}, block {r['shape']['block_size']})"
+            out.append(f"| {label} | {r['shape']['T']} | {_us(r['time_us'])} | "
+                       f"{_cell(rows.get(('moe_align_block_size', shape, 'torch-sort')), False)} |")
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
