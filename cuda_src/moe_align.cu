@@ -65,8 +65,14 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32* __restrict__ num_tokens_post_padded,   // [1]
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
+    // chunks per batch of independent loads: the column walk over the chunks is a
+    // chain of L2 round trips otherwise
+    constexpr int kBatch = 8;
+    constexpr int kWarps = kThreads / 32;
     __shared__ i32 scan[kThreads];
+    __shared__ i32 run_start[kThreads], run_used[kThreads];   // this round's experts
     __shared__ i32 carry;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) carry = 0;
     __syncthreads();
     // experts in rounds of kThreads, each round's padded lengths scanned
@@ -74,11 +80,17 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         const int e = round + static_cast<int>(threadIdx.x);
         i32 total = 0;
         if (e < n_experts)
-            for (int c = 0; c < n_chunks; ++c) {   // exclusive prefix over the chunks
-                i32* at = counts + static_cast<i64>(c) * n_experts + e;
-                const i32 v = *at;
-                *at = total;
-                total += v;
+            for (int c0 = 0; c0 < n_chunks; c0 += kBatch) {   // exclusive prefix over the chunks
+                i32 v[kBatch];
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u)
+                    v[u] = c0 + u < n_chunks ? counts[static_cast<i64>(c0 + u) * n_experts + e] : 0;
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u)
+                    if (c0 + u < n_chunks) {
+                        counts[static_cast<i64>(c0 + u) * n_experts + e] = total;
+                        total += v[u];
+                    }
             }
         const i32 padded = (total + block_size - 1) / block_size * block_size;
         scan[threadIdx.x] = padded;
@@ -90,14 +102,28 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
             __syncthreads();
         }
         const i32 start = carry + scan[threadIdx.x] - padded;
-        if (e < n_experts) {
-            for (int c = 0; c < n_chunks; ++c) counts[static_cast<i64>(c) * n_experts + e] += start;
-            for (int p = start + total; p < start + padded; ++p) sorted_token_ids[p] = sentinel;
-            for (int b = start / block_size; b < (start + padded) / block_size; ++b) expert_ids[b] = e;
+        run_start[threadIdx.x] = start;
+        run_used[threadIdx.x] = total;
+        if (e < n_experts)
+            for (int c0 = 0; c0 < n_chunks; c0 += kBatch) {   // prefix -> absolute position
+                i32 v[kBatch];
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u)
+                    v[u] = c0 + u < n_chunks ? counts[static_cast<i64>(c0 + u) * n_experts + e] : 0;
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u)
+                    if (c0 + u < n_chunks) counts[static_cast<i64>(c0 + u) * n_experts + e] = v[u] + start;
+            }
+        __syncthreads();   // everyone has read carry and scan[]; run_* are complete
+        // each warp writes whole experts' padding and block ids, lanes on consecutive entries
+        for (int r = warp; r < kThreads && round + r < n_experts; r += kWarps) {
+            const i32 s = run_start[r], used = run_used[r];
+            const i32 end = s + (used + block_size - 1) / block_size * block_size;
+            for (int p = s + used + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
+            for (int b = s / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + r;
         }
-        __syncthreads();   // everyone has read carry and scan[]
         if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
-        __syncthreads();
+        __syncthreads();   // carry is final and run_* free for the next round
     }
     const i32 used = carry;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
