@@ -5,25 +5,27 @@
 // the sentinel T * k in padding and in the unused tail, expert id -1 for unused
 // blocks.
 //
-// Three launches, each using the whole GPU at large T:
-//   1. moe_count_kernel: warp c counts the experts of chunk c (kChunk
-//      consecutive indices) into row c of a [chunks, E] matrix.
-//   2. moe_offsets_kernel (one CTA): per expert, a prefix over the chunks (so
-//      chunk c's entries of expert e start after those of chunks < c, which
-//      keeps indices ascending), the padded run lengths, their scan over the
-//      experts, expert_ids, the padding and the tail; the matrix now holds
-//      where chunk c's first entry of expert e goes.
-//   3. moe_scatter_kernel: warp c walks its chunk again, 32 indices a step;
-//      __match_any_sync finds the lanes of one expert, a lane's rank among
-//      them (lower lanes = lower indices) places it, and their leader advances
-//      the expert's position by their count.
+// Three launches. The flat indices are cut into at most 32 chunks (of at least
+// 256 indices; the host picks the chunk length), one warp each, so that every
+// expert's per-chunk counts fit one warp-wide load and scan:
+//   1. moe_count_kernel: warp c counts the experts of chunk c in a shared-memory
+//      row and writes it to column c of an [E, chunks] matrix.
+//   2. moe_offsets_kernel (one CTA): per expert, one warp scans its row of the
+//      matrix (an exclusive prefix over the chunks keeps indices ascending); the
+//      CTA scans the padded run lengths over the experts, then writes where each
+//      chunk's first entry of each expert goes, the padding, expert_ids and the
+//      tail.
+//   3. moe_scatter_kernel: warp c loads column c into a shared-memory row and
+//      walks its chunk again, 32 indices a step; __match_any_sync finds the lanes
+//      of one expert, a lane's rank among them (lower lanes = lower indices)
+//      places it, and their leader advances the expert's position by their count.
+// The per-step read-modify-writes stay in shared memory: in global memory each
+// would be a round trip on the warp's critical path.
 // Expert ids outside [0, E) and experts that expert_map sends to -1 (or past
 // E) are dropped, so no input can make a kernel write out of bounds.
 #include "common/types.cuh"
 
 namespace w4kern {
-
-constexpr int kMoeWarpsPerCta = 4;
 
 // The local expert of flat index i, or -1 when it is dropped.
 __device__ __forceinline__ int moe_local_expert(const i32* ids, const i32* expert_map, int i, int n_experts) {
@@ -33,21 +35,24 @@ __device__ __forceinline__ int moe_local_expert(const i32* ids, const i32* exper
     return e >= 0 && e < n_experts ? e : -1;
 }
 
-// kChunk: indices per warp (per row of the count matrix)
-template <int kChunk>
-__global__ void __launch_bounds__(32 * kMoeWarpsPerCta) moe_count_kernel(
+constexpr int kMoeMaxChunks = 32;   // one chunk per lane of a warp (host: MOE_ALIGN_MAX_CHUNKS)
+
+// Dynamic shared memory: kWarps rows of n_experts counters.
+template <int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
     const i32* __restrict__ topk_ids,     // [T * k]
     const i32* __restrict__ expert_map,   // [E] or null
-    i32* __restrict__ counts,             // [chunks, E]
-    i32 n, i32 n_experts, i32 n_chunks)
+    i32* __restrict__ counts,             // [E, chunks]
+    i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
 {
-    const int lane = threadIdx.x & 31;
-    const int chunk = blockIdx.x * kMoeWarpsPerCta + (threadIdx.x >> 5);
-    if (chunk >= n_chunks) return;   // whole warp
-    i32* row = counts + static_cast<i64>(chunk) * n_experts;
+    extern __shared__ i32 moe_rows[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunk = blockIdx.x * kWarps + warp;
+    if (chunk >= n_chunks) return;   // whole warp; no CTA-wide barrier follows
+    i32* row = moe_rows + warp * n_experts;
     for (int e = lane; e < n_experts; e += 32) row[e] = 0;
     __syncwarp();
-    const int begin = chunk * kChunk, end = min(n, begin + kChunk);
+    const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
     for (int base = begin; base < end; base += 32) {
         const int i = base + lane;
         const int e = i < end ? moe_local_expert(topk_ids, expert_map, i, n_experts) : -1;
@@ -55,44 +60,57 @@ __global__ void __launch_bounds__(32 * kMoeWarpsPerCta) moe_count_kernel(
         if (e >= 0 && lane == __ffs(peers) - 1) row[e] += __popc(peers);
         __syncwarp();   // the next step's leader reads what this one wrote
     }
+    for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(e) * n_chunks + chunk] = row[e];
+}
+
+// Exclusive prefix of v over the lanes, and the warp's total.
+__device__ __forceinline__ i32 warp_exclusive_scan(i32 v, int lane, i32& total) {
+    i32 incl = v;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const i32 up = __shfl_up_sync(0xFFFFFFFFu, incl, offset);
+        if (lane >= offset) incl += up;
+    }
+    total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+    return incl - v;
 }
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
-    i32* __restrict__ counts,              // [chunks, E]: counts in, start positions out
+    i32* __restrict__ counts,              // [E, chunks]: counts in, start positions out
     i32* __restrict__ sorted_token_ids,    // [max_padded]
     i32* __restrict__ expert_ids,          // [max_padded / block_size]
     i32* __restrict__ num_tokens_post_padded,   // [1]
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
-    // chunks per batch of independent loads: the column walk over the chunks is a
-    // chain of L2 round trips otherwise
-    constexpr int kBatch = 8;
     constexpr int kWarps = kThreads / 32;
+    constexpr int kBatch = kThreads / kWarps / 4;   // experts a warp loads at once (independent loads)
     __shared__ i32 scan[kThreads];
-    __shared__ i32 run_start[kThreads], run_used[kThreads];   // this round's experts
+    __shared__ i32 run_used[kThreads], run_start[kThreads];   // this round's experts
     __shared__ i32 carry;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) carry = 0;
     __syncthreads();
-    // experts in rounds of kThreads, each round's padded lengths scanned
+    // experts in rounds of kThreads; expert round + r belongs to warp r % kWarps,
+    // whose lane c holds its count of chunk c
     for (int round = 0; round < n_experts; round += kThreads) {
-        const int e = round + static_cast<int>(threadIdx.x);
-        i32 total = 0;
-        if (e < n_experts)
-            for (int c0 = 0; c0 < n_chunks; c0 += kBatch) {   // exclusive prefix over the chunks
-                i32 v[kBatch];
+        for (int r0 = warp; r0 < kThreads; r0 += kWarps * kBatch) {
+            i32 v[kBatch];
 #pragma unroll
-                for (int u = 0; u < kBatch; ++u)
-                    v[u] = c0 + u < n_chunks ? counts[static_cast<i64>(c0 + u) * n_experts + e] : 0;
-#pragma unroll
-                for (int u = 0; u < kBatch; ++u)
-                    if (c0 + u < n_chunks) {
-                        counts[static_cast<i64>(c0 + u) * n_experts + e] = total;
-                        total += v[u];
-                    }
+            for (int u = 0; u < kBatch; ++u) {
+                const int e = round + r0 + u * kWarps;
+                v[u] = e < n_experts && lane < n_chunks ? counts[static_cast<i64>(e) * n_chunks + lane] : 0;
             }
-        const i32 padded = (total + block_size - 1) / block_size * block_size;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                i32 total;
+                warp_exclusive_scan(v[u], lane, total);
+                if (lane == 0 && r0 + u * kWarps < kThreads) run_used[r0 + u * kWarps] = total;
+            }
+        }
+        __syncthreads();
+        const i32 used = run_used[threadIdx.x];
+        const i32 padded = (used + block_size - 1) / block_size * block_size;
         scan[threadIdx.x] = padded;
         __syncthreads();
         for (int offset = 1; offset < kThreads; offset <<= 1) {   // inclusive scan
@@ -101,26 +119,27 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
             scan[threadIdx.x] += v;
             __syncthreads();
         }
-        const i32 start = carry + scan[threadIdx.x] - padded;
-        run_start[threadIdx.x] = start;
-        run_used[threadIdx.x] = total;
-        if (e < n_experts)
-            for (int c0 = 0; c0 < n_chunks; c0 += kBatch) {   // prefix -> absolute position
-                i32 v[kBatch];
+        run_start[threadIdx.x] = carry + scan[threadIdx.x] - padded;
+        __syncthreads();   // everyone has read carry; run_start is complete
+        for (int r0 = warp; r0 < kThreads; r0 += kWarps * kBatch) {
+            i32 v[kBatch];
 #pragma unroll
-                for (int u = 0; u < kBatch; ++u)
-                    v[u] = c0 + u < n_chunks ? counts[static_cast<i64>(c0 + u) * n_experts + e] : 0;
-#pragma unroll
-                for (int u = 0; u < kBatch; ++u)
-                    if (c0 + u < n_chunks) counts[static_cast<i64>(c0 + u) * n_experts + e] = v[u] + start;
+            for (int u = 0; u < kBatch; ++u) {
+                const int e = round + r0 + u * kWarps;
+                v[u] = e < n_experts && lane < n_chunks ? counts[static_cast<i64>(e) * n_chunks + lane] : 0;
             }
-        __syncthreads();   // everyone has read carry and scan[]; run_* are complete
-        // each warp writes whole experts' padding and block ids, lanes on consecutive entries
-        for (int r = warp; r < kThreads && round + r < n_experts; r += kWarps) {
-            const i32 s = run_start[r], used = run_used[r];
-            const i32 end = s + (used + block_size - 1) / block_size * block_size;
-            for (int p = s + used + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
-            for (int b = s / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + r;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int r = r0 + u * kWarps, e = round + r;
+                if (r >= kThreads || e >= n_experts) continue;   // the same for the whole warp
+                i32 total;
+                const i32 before = warp_exclusive_scan(v[u], lane, total);
+                const i32 start = run_start[r];
+                if (lane < n_chunks) counts[static_cast<i64>(e) * n_chunks + lane] = start + before;
+                const i32 end = start + (total + block_size - 1) / block_size * block_size;
+                for (int p = start + total + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
+                for (int b = start / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = e;
+            }
         }
         if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
         __syncthreads();   // carry is final and run_* free for the next round
@@ -134,20 +153,24 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         expert_ids[b] = -1;
 }
 
-template <int kChunk>
-__global__ void __launch_bounds__(32 * kMoeWarpsPerCta) moe_scatter_kernel(
+// Dynamic shared memory: kWarps rows of n_experts positions.
+template <int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) moe_scatter_kernel(
     const i32* __restrict__ topk_ids,
     const i32* __restrict__ expert_map,
-    i32* __restrict__ positions,           // [chunks, E]: where chunk c's next entry of expert e goes
+    const i32* __restrict__ positions,     // [E, chunks]: where chunk c's first entry of expert e goes
     i32* __restrict__ sorted_token_ids,
-    i32 n, i32 n_experts, i32 n_chunks)
+    i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
 {
-    const int lane = threadIdx.x & 31;
-    const int chunk = blockIdx.x * kMoeWarpsPerCta + (threadIdx.x >> 5);
+    extern __shared__ i32 moe_rows[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunk = blockIdx.x * kWarps + warp;
     if (chunk >= n_chunks) return;
-    i32* row = positions + static_cast<i64>(chunk) * n_experts;
+    i32* row = moe_rows + warp * n_experts;
+    for (int e = lane; e < n_experts; e += 32) row[e] = positions[static_cast<i64>(e) * n_chunks + chunk];
+    __syncwarp();
     const unsigned lower_lanes = (1u << lane) - 1u;
-    const int begin = chunk * kChunk, end = min(n, begin + kChunk);
+    const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
     for (int base = begin; base < end; base += 32) {
         const int i = base + lane;
         const int e = i < end ? moe_local_expert(topk_ids, expert_map, i, n_experts) : -1;

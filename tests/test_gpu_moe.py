@@ -59,6 +59,14 @@ def test_moe_align_many_experts_and_block_size_one(cp, rng):
     check_align(cp, align_case(rng, 1, 1, 1), 1, 256)
 
 
+def test_moe_align_benchmark_shapes_and_the_expert_limit(cp, rng):
+    check_align(cp, align_case(rng, 4096, 8, 256), 256, 64)             # DeepSeek-V3 routing, 32 chunks
+    check_align(cp, align_case(rng, 4096, 8, 256, skew=True), 256, 128)
+    check_align(cp, align_case(rng, 50, 8, 4096), 4096, 16)             # the most experts the GPU takes
+    with pytest.raises(ValueError, match="num_experts=4097"):
+        w4kern.moe_align_block_size(cp.asarray(align_case(rng, 5, 2, 4097)), 4097, 16)
+
+
 def test_moe_align_out_of_range_ids_are_dropped_not_written(cp, rng):
     """Ids outside [0, E) are the caller's error (checking needs a device read): the
     kernels drop them; compute-sanitizer runs this."""

@@ -128,10 +128,24 @@ def attention_smem_bytes(head_dim: int) -> int:
     return ATTENTION_STAGES * 2 * rows * head_dim * 2
 
 
-#: moe_align_block_size: flat indices per warp (a row of the count matrix), and the
-#: threads of the one-CTA offsets kernel
-MOE_ALIGN_CHUNK = 256
+#: moe_align_block_size: the flat indices are cut into at most MOE_ALIGN_MAX_CHUNKS
+#: chunks (one per lane of a warp in the offsets kernel; kMoeMaxChunks in
+#: moe_align.cu) of at least MOE_ALIGN_MIN_CHUNK indices, one warp each, in CTAs of
+#: MOE_ALIGN_WARPS warps that keep a row of E counters per warp in shared memory
+#: (hence at most MOE_ALIGN_MAX_EXPERTS experts on the GPU); the one-CTA offsets
+#: kernel has MOE_OFFSETS_THREADS threads
+MOE_ALIGN_MIN_CHUNK = 256
+MOE_ALIGN_MAX_CHUNKS = 32
+MOE_ALIGN_WARPS = 4
+MOE_ALIGN_MAX_EXPERTS = 4096
 MOE_OFFSETS_THREADS = 1024
+
+
+def moe_align_chunk(n: int) -> int:
+    """Indices per chunk for n flat indices: a multiple of 32, at least
+    MOE_ALIGN_MIN_CHUNK, and at most MOE_ALIGN_MAX_CHUNKS chunks."""
+    per = -(-n // MOE_ALIGN_MAX_CHUNKS)
+    return max(MOE_ALIGN_MIN_CHUNK, -(-per // 32) * 32)
 
 
 FAMILIES: dict[str, KernelFamily] = {
@@ -232,7 +246,8 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_count",
             source="moe_align.cu",
             template="w4kern::moe_count_kernel",
-            instances=((str(MOE_ALIGN_CHUNK),),),
+            instances=((str(MOE_ALIGN_WARPS),),),
+            max_dynamic_smem=MOE_ALIGN_WARPS * MOE_ALIGN_MAX_EXPERTS * 4,
         ),
         KernelFamily(
             name="moe_offsets",
@@ -244,7 +259,8 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_scatter",
             source="moe_align.cu",
             template="w4kern::moe_scatter_kernel",
-            instances=((str(MOE_ALIGN_CHUNK),),),
+            instances=((str(MOE_ALIGN_WARPS),),),
+            max_dynamic_smem=MOE_ALIGN_WARPS * MOE_ALIGN_MAX_EXPERTS * 4,
         ),
     ) + (
         KernelFamily(

@@ -95,7 +95,9 @@ def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map
     (sorted_token_ids int32 [max_padded], expert_ids int32 [max_padded // block_size],
     num_tokens_post_padded int32 [1]) with max_padded = T * k + E * (block_size - 1),
     so the shapes are known without reading the device. See ``reference.moe_align_block_size``
-    for the order and the sentinel values.
+    for the order and the sentinel values. On the GPU, num_experts is at most
+    ``_registry.MOE_ALIGN_MAX_EXPERTS`` (4096; ValueError beyond) and ids outside
+    [0, num_experts) are the caller's contract (dropped, never written out of bounds).
     """
     xp = array_module(topk_ids=topk_ids, expert_map=expert_map)
     _check_ids(xp, topk_ids, num_experts)
@@ -115,30 +117,46 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     """cuda_src/moe_align.cu: count per chunk, offsets in one CTA, scatter per chunk.
     Expert ids outside [0, num_experts) are the caller's error: they are dropped."""
     from . import _runtime
-    from ._registry import MOE_ALIGN_CHUNK, MOE_OFFSETS_THREADS
+    from ._registry import (
+        MOE_ALIGN_MAX_CHUNKS,
+        MOE_ALIGN_MAX_EXPERTS,
+        MOE_ALIGN_WARPS,
+        MOE_OFFSETS_THREADS,
+        moe_align_chunk,
+    )
     from .linear import _pointer, _Workspace
 
+    if num_experts > MOE_ALIGN_MAX_EXPERTS:
+        raise ValueError(f"num_experts={num_experts}: the GPU kernels take at most {MOE_ALIGN_MAX_EXPERTS} "
+                         "experts (a shared-memory counter row per warp); the NumPy path takes any number")
     t, k = topk_ids.shape
     n = t * k
     max_padded = n + num_experts * (block_size - 1)
     sorted_ids = cp.empty(max_padded, dtype=np.int32)
     expert_ids = cp.empty(max_padded // block_size, dtype=np.int32)
     post_padded = cp.empty(1, dtype=np.int32)
-    chunks = -(-n // MOE_ALIGN_CHUNK)
+    chunk = moe_align_chunk(n)
+    chunks = -(-n // chunk)
+    assert chunks <= MOE_ALIGN_MAX_CHUNKS
     counts = _Workspace.get(cp).moe_counts(max(chunks, 1) * num_experts)
     emap = _pointer(expert_map)
-    ctas = -(-chunks // 4)   # kMoeWarpsPerCta
+    ctas = -(-chunks // MOE_ALIGN_WARPS)
+    rows_smem = MOE_ALIGN_WARPS * num_experts * 4
     if chunks:
-        _runtime.get_kernel("moe_count", (str(MOE_ALIGN_CHUNK),))(
-            (ctas,), (128,), (topk_ids, emap, counts, np.int32(n), np.int32(num_experts), np.int32(chunks)))
+        _runtime.get_kernel("moe_count", (str(MOE_ALIGN_WARPS),))(
+            (ctas,), (32 * MOE_ALIGN_WARPS,),
+            (topk_ids, emap, counts, np.int32(n), np.int32(num_experts), np.int32(chunks), np.int32(chunk)),
+            shared_mem=rows_smem)
     _runtime.get_kernel("moe_offsets", (str(MOE_OFFSETS_THREADS),))(
         (1,), (MOE_OFFSETS_THREADS,), (counts, sorted_ids, expert_ids, post_padded, np.int32(chunks),
                                        np.int32(num_experts), np.int32(block_size), np.int32(max_padded),
                                        np.int32(n)))
     if chunks:
-        _runtime.get_kernel("moe_scatter", (str(MOE_ALIGN_CHUNK),))(
-            (ctas,), (128,), (topk_ids, emap, counts, sorted_ids, np.int32(n), np.int32(num_experts),
-                              np.int32(chunks)))
+        _runtime.get_kernel("moe_scatter", (str(MOE_ALIGN_WARPS),))(
+            (ctas,), (32 * MOE_ALIGN_WARPS,),
+            (topk_ids, emap, counts, sorted_ids, np.int32(n), np.int32(num_experts), np.int32(chunks),
+             np.int32(chunk)),
+            shared_mem=rows_smem)
     return sorted_ids, expert_ids, post_padded
 
 
