@@ -27,15 +27,24 @@
 
 namespace w4kern {
 
-// The local expert of flat index i, or -1 when it is dropped.
-__device__ __forceinline__ int moe_local_expert(const i32* ids, const i32* expert_map, int i, int n_experts) {
-    int e = ids[i];
-    if (e < 0 || e >= n_experts) return -1;
-    if (expert_map != nullptr) e = expert_map[e];
-    return e >= 0 && e < n_experts ? e : -1;
-}
-
 constexpr int kMoeMaxChunks = 32;   // one chunk per lane of a warp (host: MOE_ALIGN_MAX_CHUNKS)
+constexpr int kMoeSteps = 8;        // 32-index steps whose ids a warp loads at once
+
+// The local experts of flat indices i, i + 32, ..., i + 32 (kMoeSteps - 1): -1 past
+// end and for a dropped id (outside [0, E), or sent outside [0, E) by expert_map).
+// Independent loads, so a warp waits for memory once per kMoeSteps steps.
+__device__ __forceinline__ void moe_load_steps(int (&ev)[kMoeSteps], const i32* ids, const i32* expert_map, int i,
+                                               int end, int n_experts) {
+#pragma unroll
+    for (int u = 0; u < kMoeSteps; ++u) ev[u] = i + 32 * u < end ? ids[i + 32 * u] : -1;
+#pragma unroll
+    for (int u = 0; u < kMoeSteps; ++u) {
+        int e = ev[u];
+        if (e < 0 || e >= n_experts) { ev[u] = -1; continue; }
+        if (expert_map != nullptr) e = expert_map[e];
+        ev[u] = e >= 0 && e < n_experts ? e : -1;
+    }
+}
 
 // Dynamic shared memory: kWarps rows of n_experts counters.
 template <int kWarps>
@@ -53,12 +62,16 @@ __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
     for (int e = lane; e < n_experts; e += 32) row[e] = 0;
     __syncwarp();
     const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
-    for (int base = begin; base < end; base += 32) {
-        const int i = base + lane;
-        const int e = i < end ? moe_local_expert(topk_ids, expert_map, i, n_experts) : -1;
-        const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
-        if (e >= 0 && lane == __ffs(peers) - 1) row[e] += __popc(peers);
-        __syncwarp();   // the next step's leader reads what this one wrote
+    for (int base = begin; base < end; base += 32 * kMoeSteps) {
+        int ev[kMoeSteps];
+        moe_load_steps(ev, topk_ids, expert_map, base + lane, end, n_experts);
+#pragma unroll
+        for (int u = 0; u < kMoeSteps; ++u) {
+            const int e = ev[u];
+            const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
+            if (e >= 0 && lane == __ffs(peers) - 1) row[e] += __popc(peers);
+            __syncwarp();   // the next step's leader reads what this one wrote
+        }
     }
     for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(e) * n_chunks + chunk] = row[e];
 }
@@ -94,7 +107,10 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     // experts in rounds of kThreads; expert round + r belongs to warp r % kWarps,
     // whose lane c holds its count of chunk c
     for (int round = 0; round < n_experts; round += kThreads) {
-        for (int r0 = warp; r0 < kThreads; r0 += kWarps * kBatch) {
+        run_used[threadIdx.x] = 0;   // experts past n_experts stay empty
+        __syncthreads();
+        const int round_experts = min(kThreads, n_experts - round);
+        for (int r0 = warp; r0 < round_experts; r0 += kWarps * kBatch) {
             i32 v[kBatch];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
@@ -103,9 +119,11 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
             }
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
+                const int r = r0 + u * kWarps;
+                if (r >= round_experts) continue;   // the same for the whole warp
                 i32 total;
                 warp_exclusive_scan(v[u], lane, total);
-                if (lane == 0 && r0 + u * kWarps < kThreads) run_used[r0 + u * kWarps] = total;
+                if (lane == 0) run_used[r] = total;
             }
         }
         __syncthreads();
@@ -121,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         }
         run_start[threadIdx.x] = carry + scan[threadIdx.x] - padded;
         __syncthreads();   // everyone has read carry; run_start is complete
-        for (int r0 = warp; r0 < kThreads; r0 += kWarps * kBatch) {
+        for (int r0 = warp; r0 < round_experts; r0 += kWarps * kBatch) {
             i32 v[kBatch];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
@@ -131,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
                 const int r = r0 + u * kWarps, e = round + r;
-                if (r >= kThreads || e >= n_experts) continue;   // the same for the whole warp
+                if (r >= round_experts) continue;   // the same for the whole warp
                 i32 total;
                 const i32 before = warp_exclusive_scan(v[u], lane, total);
                 const i32 start = run_start[r];
@@ -171,17 +189,21 @@ __global__ void __launch_bounds__(32 * kWarps) moe_scatter_kernel(
     __syncwarp();
     const unsigned lower_lanes = (1u << lane) - 1u;
     const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
-    for (int base = begin; base < end; base += 32) {
-        const int i = base + lane;
-        const int e = i < end ? moe_local_expert(topk_ids, expert_map, i, n_experts) : -1;
-        const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
-        const int at = e >= 0 ? row[e] : 0;    // every peer reads the same position
-        __syncwarp();
-        if (e >= 0) {
-            sorted_token_ids[at + __popc(peers & lower_lanes)] = i;
-            if (lane == __ffs(peers) - 1) row[e] = at + __popc(peers);
+    for (int base = begin; base < end; base += 32 * kMoeSteps) {
+        int ev[kMoeSteps];
+        moe_load_steps(ev, topk_ids, expert_map, base + lane, end, n_experts);
+#pragma unroll
+        for (int u = 0; u < kMoeSteps; ++u) {
+            const int i = base + 32 * u + lane, e = ev[u];
+            const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
+            const int at = e >= 0 ? row[e] : 0;    // every peer reads the same position
+            __syncwarp();
+            if (e >= 0) {
+                sorted_token_ids[at + __popc(peers & lower_lanes)] = i;
+                if (lane == __ffs(peers) - 1) row[e] = at + __popc(peers);
+            }
+            __syncwarp();
         }
-        __syncwarp();
     }
 }
 
