@@ -97,39 +97,42 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
     constexpr int kWarps = kThreads / 32;
-    constexpr int kBatch = kThreads / kWarps / 4;   // experts a warp loads at once (independent loads)
-    __shared__ i32 scan[kThreads];
-    __shared__ i32 run_used[kThreads], run_start[kThreads];   // this round's experts
-    __shared__ i32 carry;
+    constexpr int kPerWarp = kThreads / kWarps;   // experts of a round per warp: r = warp + kWarps * q
+    constexpr int kBatch = 8;                     // of them loaded at once (independent loads)
+    static_assert(kPerWarp % kBatch == 0, "whole batches");
+    __shared__ i32 scan[kThreads];                // blocks of this round's experts, scanned
+    __shared__ i32 run_used[kThreads], run_blocks[kThreads], run_first[kThreads];
+    __shared__ i32 carry;                         // blocks of the earlier rounds' experts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) carry = 0;
-    __syncthreads();
-    // experts in rounds of kThreads; expert round + r belongs to warp r % kWarps,
-    // whose lane c holds its count of chunk c
+    // experts in rounds of kThreads; lane c of expert r's warp holds its count of chunk c
     for (int round = 0; round < n_experts; round += kThreads) {
+        const int round_experts = min(kThreads, n_experts - round);
         run_used[threadIdx.x] = 0;   // experts past n_experts stay empty
         __syncthreads();
-        const int round_experts = min(kThreads, n_experts - round);
-        for (int r0 = warp; r0 < round_experts; r0 += kWarps * kBatch) {
+        i32 before[kPerWarp];        // exclusive prefix over the chunks, kept for the last phase
+#pragma unroll
+        for (int q0 = 0; q0 < kPerWarp; q0 += kBatch) {
             i32 v[kBatch];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
-                const int e = round + r0 + u * kWarps;
-                v[u] = e < n_experts && lane < n_chunks ? counts[static_cast<i64>(e) * n_chunks + lane] : 0;
+                const int r = warp + kWarps * (q0 + u);
+                v[u] = r < round_experts && lane < n_chunks
+                       ? counts[static_cast<i64>(round + r) * n_chunks + lane] : 0;
             }
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
-                const int r = r0 + u * kWarps;
-                if (r >= round_experts) continue;   // the same for the whole warp
-                i32 total;
-                warp_exclusive_scan(v[u], lane, total);
-                if (lane == 0) run_used[r] = total;
+                const int r = warp + kWarps * (q0 + u);
+                i32 total = 0;
+                before[q0 + u] = r < round_experts ? warp_exclusive_scan(v[u], lane, total) : 0;
+                if (lane == 0 && r < round_experts) run_used[r] = total;
             }
         }
         __syncthreads();
-        const i32 used = run_used[threadIdx.x];
-        const i32 padded = (used + block_size - 1) / block_size * block_size;
-        scan[threadIdx.x] = padded;
+        // padded run lengths in blocks (the one division per expert), scanned over the round
+        const i32 blocks = (run_used[threadIdx.x] + block_size - 1) / block_size;
+        run_blocks[threadIdx.x] = blocks;
+        scan[threadIdx.x] = blocks;
         __syncthreads();
         for (int offset = 1; offset < kThreads; offset <<= 1) {   // inclusive scan
             const i32 v = threadIdx.x >= static_cast<unsigned>(offset) ? scan[threadIdx.x - offset] : 0;
@@ -137,37 +140,27 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
             scan[threadIdx.x] += v;
             __syncthreads();
         }
-        run_start[threadIdx.x] = carry + scan[threadIdx.x] - padded;
-        __syncthreads();   // everyone has read carry; run_start is complete
-        for (int r0 = warp; r0 < round_experts; r0 += kWarps * kBatch) {
-            i32 v[kBatch];
+        run_first[threadIdx.x] = carry + scan[threadIdx.x] - blocks;   // the expert's first block
+        __syncthreads();   // everyone has read carry; run_first is complete
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
-                const int e = round + r0 + u * kWarps;
-                v[u] = e < n_experts && lane < n_chunks ? counts[static_cast<i64>(e) * n_chunks + lane] : 0;
-            }
-#pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
-                const int r = r0 + u * kWarps, e = round + r;
-                if (r >= round_experts) continue;   // the same for the whole warp
-                i32 total;
-                const i32 before = warp_exclusive_scan(v[u], lane, total);
-                const i32 start = run_start[r];
-                if (lane < n_chunks) counts[static_cast<i64>(e) * n_chunks + lane] = start + before;
-                const i32 end = start + (total + block_size - 1) / block_size * block_size;
-                for (int p = start + total + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
-                for (int b = start / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = e;
-            }
+        for (int q = 0; q < kPerWarp; ++q) {
+            const int r = warp + kWarps * q;
+            if (r >= round_experts) break;   // the same for the whole warp; r grows with q
+            const i32 first = run_first[r], n_blocks = run_blocks[r], used = run_used[r];
+            const i32 start = first * block_size;
+            if (lane < n_chunks) counts[static_cast<i64>(round + r) * n_chunks + lane] = start + before[q];
+            for (int p = start + used + lane; p < start + n_blocks * block_size; p += 32)
+                sorted_token_ids[p] = sentinel;
+            for (int b = first + lane; b < first + n_blocks; b += 32) expert_ids[b] = round + r;
         }
         if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
         __syncthreads();   // carry is final and run_* free for the next round
     }
-    const i32 used = carry;
+    const i32 used_blocks = carry, used = carry * block_size;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
     for (int p = used + static_cast<int>(threadIdx.x); p < max_padded; p += kThreads)
         sorted_token_ids[p] = sentinel;
-    for (int b = used / block_size + static_cast<int>(threadIdx.x); b < max_padded / block_size;
-         b += kThreads)
+    for (int b = used_blocks + static_cast<int>(threadIdx.x); b < max_padded / block_size; b += kThreads)
         expert_ids[b] = -1;
 }
 
