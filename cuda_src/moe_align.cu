@@ -28,7 +28,7 @@
 namespace w4kern {
 
 constexpr int kMoeMaxChunks = 32;   // one chunk per lane of a warp (host: MOE_ALIGN_MAX_CHUNKS)
-constexpr int kMoeSteps = 8;        // 32-index steps whose ids a warp loads at once
+constexpr int kMoeSteps = 16;       // 32-index steps whose ids a warp loads at once
 
 // The local experts of flat indices i, i + 32, ..., i + 32 (kMoeSteps - 1): -1 past
 // end and for a dropped id (outside [0, E), or sent outside [0, E) by expert_map).
