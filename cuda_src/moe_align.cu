@@ -10,11 +10,12 @@
 // expert's per-chunk counts fit one warp-wide load and scan:
 //   1. moe_count_kernel: warp c counts the experts of chunk c in a shared-memory
 //      row and writes it to column c of an [E, chunks] matrix.
-//   2. moe_offsets_kernel (one CTA): per expert, one warp scans its row of the
-//      matrix (an exclusive prefix over the chunks keeps indices ascending); the
-//      CTA scans the padded run lengths over the experts, then writes where each
-//      chunk's first entry of each expert goes, the padding, expert_ids and the
-//      tail.
+//   2. moe_offsets_kernel (one CTA): per expert, one thread loads its row of the
+//      matrix (at most 32 contiguous counts, loaded at once) and keeps an
+//      exclusive prefix over the chunks in registers (indices stay ascending);
+//      the CTA scans the padded run lengths over the experts, then each thread
+//      writes where each chunk's first entry of its expert goes, the padding and
+//      expert_ids, and the CTA the tail.
 //   3. moe_scatter_kernel: warp c loads column c into a shared-memory row and
 //      walks its chunk again, 32 indices a step; __match_any_sync finds the lanes
 //      of one expert, a lane's rank among them (lower lanes = lower indices)
@@ -28,7 +29,7 @@
 namespace w4kern {
 
 constexpr int kMoeMaxChunks = 32;   // one chunk per lane of a warp (host: MOE_ALIGN_MAX_CHUNKS)
-constexpr int kMoeSteps = 16;       // 32-index steps whose ids a warp loads at once
+constexpr int kMoeSteps = 8;        // 32-index steps whose ids a warp loads at once
 
 // The local experts of flat indices i, i + 32, ..., i + 32 (kMoeSteps - 1): -1 past
 // end and for a dropped id (outside [0, E), or sent outside [0, E) by expert_map).
@@ -76,18 +77,6 @@ __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
     for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(e) * n_chunks + chunk] = row[e];
 }
 
-// Exclusive prefix of v over the lanes, and the warp's total.
-__device__ __forceinline__ i32 warp_exclusive_scan(i32 v, int lane, i32& total) {
-    i32 incl = v;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const i32 up = __shfl_up_sync(0xFFFFFFFFu, incl, offset);
-        if (lane >= offset) incl += up;
-    }
-    total = __shfl_sync(0xFFFFFFFFu, incl, 31);
-    return incl - v;
-}
-
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32* __restrict__ counts,              // [E, chunks]: counts in, start positions out
@@ -96,43 +85,27 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32* __restrict__ num_tokens_post_padded,   // [1]
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
-    constexpr int kWarps = kThreads / 32;
-    constexpr int kPerWarp = kThreads / kWarps;   // experts of a round per warp: r = warp + kWarps * q
-    constexpr int kBatch = 8;                     // of them loaded at once (independent loads)
-    static_assert(kPerWarp % kBatch == 0, "whole batches");
-    __shared__ i32 scan[kThreads];                // blocks of this round's experts, scanned
-    __shared__ i32 run_used[kThreads], run_blocks[kThreads], run_first[kThreads];
-    __shared__ i32 carry;                         // blocks of the earlier rounds' experts
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ i32 scan[kThreads];   // padded run lengths of this round's experts, scanned
+    __shared__ i32 carry;            // padded lengths of the earlier rounds' experts
     if (threadIdx.x == 0) carry = 0;
-    // experts in rounds of kThreads; lane c of expert r's warp holds its count of chunk c
+    __syncthreads();
+    // experts in rounds of kThreads, a thread each; its row of the count matrix is
+    // at most kMoeMaxChunks contiguous counts, loaded at once and kept in registers
     for (int round = 0; round < n_experts; round += kThreads) {
-        const int round_experts = min(kThreads, n_experts - round);
-        run_used[threadIdx.x] = 0;   // experts past n_experts stay empty
-        __syncthreads();
-        i32 before[kPerWarp];        // exclusive prefix over the chunks, kept for the last phase
+        const int e = round + static_cast<int>(threadIdx.x);
+        i32* row = counts + static_cast<i64>(e) * n_chunks;
+        i32 before[kMoeMaxChunks];   // exclusive prefix over the chunks
+        i32 total = 0;
 #pragma unroll
-        for (int q0 = 0; q0 < kPerWarp; q0 += kBatch) {
-            i32 v[kBatch];
+        for (int c = 0; c < kMoeMaxChunks; ++c) before[c] = e < n_experts && c < n_chunks ? row[c] : 0;
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
-                const int r = warp + kWarps * (q0 + u);
-                v[u] = r < round_experts && lane < n_chunks
-                       ? counts[static_cast<i64>(round + r) * n_chunks + lane] : 0;
-            }
-#pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
-                const int r = warp + kWarps * (q0 + u);
-                i32 total = 0;
-                before[q0 + u] = r < round_experts ? warp_exclusive_scan(v[u], lane, total) : 0;
-                if (lane == 0 && r < round_experts) run_used[r] = total;
-            }
+        for (int c = 0; c < kMoeMaxChunks; ++c) {
+            const i32 v = before[c];
+            before[c] = total;
+            total += v;
         }
-        __syncthreads();
-        // padded run lengths in blocks (the one division per expert), scanned over the round
-        const i32 blocks = (run_used[threadIdx.x] + block_size - 1) / block_size;
-        run_blocks[threadIdx.x] = blocks;
-        scan[threadIdx.x] = blocks;
+        const i32 padded = (total + block_size - 1) / block_size * block_size;
+        scan[threadIdx.x] = padded;
         __syncthreads();
         for (int offset = 1; offset < kThreads; offset <<= 1) {   // inclusive scan
             const i32 v = threadIdx.x >= static_cast<unsigned>(offset) ? scan[threadIdx.x - offset] : 0;
@@ -140,27 +113,24 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
             scan[threadIdx.x] += v;
             __syncthreads();
         }
-        run_first[threadIdx.x] = carry + scan[threadIdx.x] - blocks;   // the expert's first block
-        __syncthreads();   // everyone has read carry; run_first is complete
+        const i32 start = carry + scan[threadIdx.x] - padded;
+        if (e < n_experts) {
 #pragma unroll
-        for (int q = 0; q < kPerWarp; ++q) {
-            const int r = warp + kWarps * q;
-            if (r >= round_experts) break;   // the same for the whole warp; r grows with q
-            const i32 first = run_first[r], n_blocks = run_blocks[r], used = run_used[r];
-            const i32 start = first * block_size;
-            if (lane < n_chunks) counts[static_cast<i64>(round + r) * n_chunks + lane] = start + before[q];
-            for (int p = start + used + lane; p < start + n_blocks * block_size; p += 32)
-                sorted_token_ids[p] = sentinel;
-            for (int b = first + lane; b < first + n_blocks; b += 32) expert_ids[b] = round + r;
+            for (int c = 0; c < kMoeMaxChunks; ++c)
+                if (c < n_chunks) row[c] = start + before[c];
+            for (int p = start + total; p < start + padded; ++p) sorted_token_ids[p] = sentinel;
+            for (int b = start / block_size; b < (start + padded) / block_size; ++b) expert_ids[b] = e;
         }
+        __syncthreads();   // everyone has read carry and scan[]
         if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
-        __syncthreads();   // carry is final and run_* free for the next round
+        __syncthreads();
     }
-    const i32 used_blocks = carry, used = carry * block_size;
+    const i32 used = carry;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
     for (int p = used + static_cast<int>(threadIdx.x); p < max_padded; p += kThreads)
         sorted_token_ids[p] = sentinel;
-    for (int b = used_blocks + static_cast<int>(threadIdx.x); b < max_padded / block_size; b += kThreads)
+    for (int b = used / block_size + static_cast<int>(threadIdx.x); b < max_padded / block_size;
+         b += kThreads)
         expert_ids[b] = -1;
 }
 
