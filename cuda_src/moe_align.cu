@@ -9,14 +9,14 @@
 // 256 indices; the host picks the chunk length), one warp each, so that every
 // expert's per-chunk counts fit one warp-wide load and scan:
 //   1. moe_count_kernel: warp c counts the experts of chunk c in a shared-memory
-//      row and writes it to column c of an [E, chunks] matrix.
-//   2. moe_offsets_kernel (one CTA): per expert, one thread loads its row of the
-//      matrix (at most 32 contiguous counts, loaded at once) and keeps an
-//      exclusive prefix over the chunks in registers (indices stay ascending);
-//      the CTA scans the padded run lengths over the experts, then each thread
-//      writes where each chunk's first entry of its expert goes, the padding and
-//      expert_ids, and the CTA the tail.
-//   3. moe_scatter_kernel: warp c loads column c into a shared-memory row and
+//      row and writes it to row c of a [chunks, E] matrix.
+//   2. moe_offsets_kernel (one CTA): per expert, one thread loads its column of
+//      the matrix (at most 32 counts, loaded at once, coalesced over the threads)
+//      and keeps an exclusive prefix over the chunks in registers (indices stay
+//      ascending); the CTA scans the padded run lengths over the experts, each
+//      thread writes where each chunk's first entry of its expert goes, and
+//      warps write the padding and expert_ids, lanes on consecutive entries.
+//   3. moe_scatter_kernel: warp c loads row c into a shared-memory row and
 //      walks its chunk again, 32 indices a step; __match_any_sync finds the lanes
 //      of one expert, a lane's rank among them (lower lanes = lower indices)
 //      places it, and their leader advances the expert's position by their count.
@@ -52,7 +52,7 @@ template <int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
     const i32* __restrict__ topk_ids,     // [T * k]
     const i32* __restrict__ expert_map,   // [E] or null
-    i32* __restrict__ counts,             // [E, chunks]
+    i32* __restrict__ counts,             // [chunks, E]
     i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
 {
     extern __shared__ i32 moe_rows[];
@@ -74,30 +74,34 @@ __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
             __syncwarp();   // the next step's leader reads what this one wrote
         }
     }
-    for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(e) * n_chunks + chunk] = row[e];
+    for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(chunk) * n_experts + e] = row[e];
 }
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
-    i32* __restrict__ counts,              // [E, chunks]: counts in, start positions out
+    i32* __restrict__ counts,              // [chunks, E]: counts in, start positions out
     i32* __restrict__ sorted_token_ids,    // [max_padded]
     i32* __restrict__ expert_ids,          // [max_padded / block_size]
     i32* __restrict__ num_tokens_post_padded,   // [1]
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
+    constexpr int kWarps = kThreads / 32;
     __shared__ i32 scan[kThreads];   // padded run lengths of this round's experts, scanned
+    __shared__ i32 run_start[kThreads], run_used[kThreads], run_padded[kThreads];
     __shared__ i32 carry;            // padded lengths of the earlier rounds' experts
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) carry = 0;
     __syncthreads();
-    // experts in rounds of kThreads, a thread each; its row of the count matrix is
-    // at most kMoeMaxChunks contiguous counts, loaded at once and kept in registers
+    // experts in rounds of kThreads, a thread each: its column of the count matrix
+    // (at most kMoeMaxChunks counts, loads coalesced over the threads) is loaded at
+    // once and prefixed in registers
     for (int round = 0; round < n_experts; round += kThreads) {
         const int e = round + static_cast<int>(threadIdx.x);
-        i32* row = counts + static_cast<i64>(e) * n_chunks;
         i32 before[kMoeMaxChunks];   // exclusive prefix over the chunks
         i32 total = 0;
 #pragma unroll
-        for (int c = 0; c < kMoeMaxChunks; ++c) before[c] = e < n_experts && c < n_chunks ? row[c] : 0;
+        for (int c = 0; c < kMoeMaxChunks; ++c)
+            before[c] = e < n_experts && c < n_chunks ? counts[static_cast<i64>(c) * n_experts + e] : 0;
 #pragma unroll
         for (int c = 0; c < kMoeMaxChunks; ++c) {
             const i32 v = before[c];
@@ -117,13 +121,20 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         if (e < n_experts) {
 #pragma unroll
             for (int c = 0; c < kMoeMaxChunks; ++c)
-                if (c < n_chunks) row[c] = start + before[c];
-            for (int p = start + total; p < start + padded; ++p) sorted_token_ids[p] = sentinel;
-            for (int b = start / block_size; b < (start + padded) / block_size; ++b) expert_ids[b] = e;
+                if (c < n_chunks) counts[static_cast<i64>(c) * n_experts + e] = start + before[c];
         }
-        __syncthreads();   // everyone has read carry and scan[]
+        run_start[threadIdx.x] = start;
+        run_used[threadIdx.x] = total;
+        run_padded[threadIdx.x] = padded;
+        __syncthreads();   // everyone has read carry and scan[]; run_* are complete
+        // the padding and block ids, a warp per expert with lanes on consecutive entries
+        for (int r = warp; r < kThreads && round + r < n_experts; r += kWarps) {
+            const i32 s0 = run_start[r], end = s0 + run_padded[r];
+            for (int p = s0 + run_used[r] + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
+            for (int b = s0 / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + r;
+        }
         if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
-        __syncthreads();
+        __syncthreads();   // carry is final and run_* free for the next round
     }
     const i32 used = carry;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
@@ -139,7 +150,7 @@ template <int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) moe_scatter_kernel(
     const i32* __restrict__ topk_ids,
     const i32* __restrict__ expert_map,
-    const i32* __restrict__ positions,     // [E, chunks]: where chunk c's first entry of expert e goes
+    const i32* __restrict__ positions,     // [chunks, E]: where chunk c's first entry of expert e goes
     i32* __restrict__ sorted_token_ids,
     i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
 {
@@ -148,7 +159,7 @@ __global__ void __launch_bounds__(32 * kWarps) moe_scatter_kernel(
     const int chunk = blockIdx.x * kWarps + warp;
     if (chunk >= n_chunks) return;
     i32* row = moe_rows + warp * n_experts;
-    for (int e = lane; e < n_experts; e += 32) row[e] = positions[static_cast<i64>(e) * n_chunks + chunk];
+    for (int e = lane; e < n_experts; e += 32) row[e] = positions[static_cast<i64>(chunk) * n_experts + e];
     __syncwarp();
     const unsigned lower_lanes = (1u << lane) - 1u;
     const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
