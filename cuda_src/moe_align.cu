@@ -8,18 +8,17 @@
 // Three launches. The flat indices are cut into at most 32 chunks (of at least
 // 256 indices; the host picks the chunk length), one warp each, so that every
 // expert's per-chunk counts fit one warp-wide load and scan:
-//   1. moe_count_kernel: warp c counts the experts of chunk c in a shared-memory
-//      row and writes it to row c of a [chunks, E] matrix.
+//   1. moe_chunk_kernel<.., false>: warp c counts the experts of chunk c in a
+//      shared-memory row and writes it to row c of a [chunks, E] matrix.
 //   2. moe_offsets_kernel (one CTA): per expert, one thread loads its column of
 //      the matrix (at most 32 counts, loaded at once, coalesced over the threads)
 //      and keeps an exclusive prefix over the chunks in registers (indices stay
 //      ascending); the CTA scans the padded run lengths over the experts, each
 //      thread writes where each chunk's first entry of its expert goes, and
 //      warps write the padding and expert_ids, lanes on consecutive entries.
-//   3. moe_scatter_kernel: warp c loads row c into a shared-memory row and
-//      walks its chunk again, 32 indices a step; __match_any_sync finds the lanes
-//      of one expert, a lane's rank among them (lower lanes = lower indices)
-//      places it, and their leader advances the expert's position by their count.
+//   3. moe_chunk_kernel<.., true>: warp c loads row c into a shared-memory row
+//      and walks its chunk again; a lane's rank among the lanes of its expert
+//      (lower lanes = lower indices) places it.
 // The per-step read-modify-writes stay in shared memory: in global memory each
 // would be a round trip on the warp's critical path.
 // Expert ids outside [0, E) and experts that expert_map sends to -1 (or past
@@ -47,12 +46,19 @@ __device__ __forceinline__ void moe_load_steps(int (&ev)[kMoeSteps], const i32* 
     }
 }
 
-// Dynamic shared memory: kWarps rows of n_experts counters.
-template <int kWarps>
-__global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
+// Steps 1 and 3: warp c walks chunk c, 32 indices a step, with a row of E
+// counters (kScatter: positions) in dynamic shared memory (kWarps rows).
+// __match_any_sync finds the lanes of one expert; their leader advances the row
+// entry by their count. Counting starts the row at zero and stores it into row c
+// of the [chunks, E] matrix; scattering starts it at the positions the offsets
+// kernel stored there, and each lane writes its index at the row entry plus its
+// rank among its peers (lower lanes hold lower indices).
+template <int kWarps, bool kScatter>
+__global__ void __launch_bounds__(32 * kWarps) moe_chunk_kernel(
     const i32* __restrict__ topk_ids,     // [T * k]
     const i32* __restrict__ expert_map,   // [E] or null
-    i32* __restrict__ counts,             // [chunks, E]
+    i32* __restrict__ matrix,             // [chunks, E]: counts out, or positions in (kScatter)
+    i32* __restrict__ sorted_token_ids,   // [max_padded] (kScatter)
     i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
 {
     extern __shared__ i32 moe_rows[];
@@ -60,8 +66,10 @@ __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
     const int chunk = blockIdx.x * kWarps + warp;
     if (chunk >= n_chunks) return;   // whole warp; no CTA-wide barrier follows
     i32* row = moe_rows + warp * n_experts;
-    for (int e = lane; e < n_experts; e += 32) row[e] = 0;
+    i32* column = matrix + static_cast<i64>(chunk) * n_experts;
+    for (int e = lane; e < n_experts; e += 32) row[e] = kScatter ? column[e] : 0;
     __syncwarp();
+    const unsigned lower_lanes = (1u << lane) - 1u;
     const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
     for (int base = begin; base < end; base += 32 * kMoeSteps) {
         int ev[kMoeSteps];
@@ -70,11 +78,17 @@ __global__ void __launch_bounds__(32 * kWarps) moe_count_kernel(
         for (int u = 0; u < kMoeSteps; ++u) {
             const int e = ev[u];
             const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
-            if (e >= 0 && lane == __ffs(peers) - 1) row[e] += __popc(peers);
+            const int at = e >= 0 ? row[e] : 0;    // every peer reads the same entry
+            __syncwarp();                          // read before the leader writes
+            if (e >= 0) {
+                if constexpr (kScatter) sorted_token_ids[at + __popc(peers & lower_lanes)] = base + 32 * u + lane;
+                if (lane == __ffs(peers) - 1) row[e] = at + __popc(peers);
+            }
             __syncwarp();   // the next step's leader reads what this one wrote
         }
     }
-    for (int e = lane; e < n_experts; e += 32) counts[static_cast<i64>(chunk) * n_experts + e] = row[e];
+    if constexpr (!kScatter)
+        for (int e = lane; e < n_experts; e += 32) column[e] = row[e];
 }
 
 template <int kThreads>
@@ -143,42 +157,6 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     for (int b = used / block_size + static_cast<int>(threadIdx.x); b < max_padded / block_size;
          b += kThreads)
         expert_ids[b] = -1;
-}
-
-// Dynamic shared memory: kWarps rows of n_experts positions.
-template <int kWarps>
-__global__ void __launch_bounds__(32 * kWarps) moe_scatter_kernel(
-    const i32* __restrict__ topk_ids,
-    const i32* __restrict__ expert_map,
-    const i32* __restrict__ positions,     // [chunks, E]: where chunk c's first entry of expert e goes
-    i32* __restrict__ sorted_token_ids,
-    i32 n, i32 n_experts, i32 n_chunks, i32 chunk_len)
-{
-    extern __shared__ i32 moe_rows[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunk = blockIdx.x * kWarps + warp;
-    if (chunk >= n_chunks) return;
-    i32* row = moe_rows + warp * n_experts;
-    for (int e = lane; e < n_experts; e += 32) row[e] = positions[static_cast<i64>(chunk) * n_experts + e];
-    __syncwarp();
-    const unsigned lower_lanes = (1u << lane) - 1u;
-    const int begin = chunk * chunk_len, end = min(n, begin + chunk_len);
-    for (int base = begin; base < end; base += 32 * kMoeSteps) {
-        int ev[kMoeSteps];
-        moe_load_steps(ev, topk_ids, expert_map, base + lane, end, n_experts);
-#pragma unroll
-        for (int u = 0; u < kMoeSteps; ++u) {
-            const int i = base + 32 * u + lane, e = ev[u];
-            const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);
-            const int at = e >= 0 ? row[e] : 0;    // every peer reads the same position
-            __syncwarp();
-            if (e >= 0) {
-                sorted_token_ids[at + __popc(peers & lower_lanes)] = i;
-                if (lane == __ffs(peers) - 1) row[e] = at + __popc(peers);
-            }
-            __syncwarp();
-        }
-    }
 }
 
 }  // namespace w4kern

@@ -243,10 +243,10 @@ FAMILIES: dict[str, KernelFamily] = {
         ),
     ) + (
         KernelFamily(
-            name="moe_count",
+            name="moe_chunks",
             source="moe_align.cu",
-            template="w4kern::moe_count_kernel",
-            instances=((str(MOE_ALIGN_WARPS),),),
+            template="w4kern::moe_chunk_kernel",
+            instances=tuple((str(MOE_ALIGN_WARPS), cxx_bool(scatter)) for scatter in (False, True)),
             max_dynamic_smem=MOE_ALIGN_WARPS * MOE_ALIGN_MAX_EXPERTS * 4,
         ),
         KernelFamily(
@@ -254,13 +254,6 @@ FAMILIES: dict[str, KernelFamily] = {
             source="moe_align.cu",
             template="w4kern::moe_offsets_kernel",
             instances=((str(MOE_OFFSETS_THREADS),),),
-        ),
-        KernelFamily(
-            name="moe_scatter",
-            source="moe_align.cu",
-            template="w4kern::moe_scatter_kernel",
-            instances=((str(MOE_ALIGN_WARPS),),),
-            max_dynamic_smem=MOE_ALIGN_WARPS * MOE_ALIGN_MAX_EXPERTS * 4,
         ),
     ) + (
         KernelFamily(

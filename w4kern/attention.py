@@ -165,7 +165,7 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if a.data.ptr % 16:
             raise ValueError(f"{name} must be 16-byte aligned for the kernel's vector loads")
-    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, os.environ.get("W4KERN_CUDA_SRC"), q.shape,
+    key = (cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr, os.environ.get("W4KERN_CUDA_SRC"), q.shape,
            q.dtype, k_cache.shape, None if block_table is None else block_table.shape, num_splits, scale)
     plan = _PLANS.get(key)
     if plan is None:

@@ -328,7 +328,7 @@ class _Workspace:
 
     @classmethod
     def get(cls, cp):
-        key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+        key = (cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr)
         ws = cls._by_key.get(key)
         if ws is None:
             ws = cls._by_key[key] = cls(cp)
@@ -391,7 +391,7 @@ def _group_shift(weight) -> int:
 
 
 def _sm_count(cp) -> int:
-    return _device_facts(cp.cuda.Device().id)[1]
+    return _device_facts(cp.cuda.runtime.getDevice())[1]
 
 
 def small_m_splits(n: int, k: int, sm_count: int, ctas_per_sm: int) -> tuple[int, int]:

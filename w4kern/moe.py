@@ -122,6 +122,7 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
         MOE_ALIGN_MAX_EXPERTS,
         MOE_ALIGN_WARPS,
         MOE_OFFSETS_THREADS,
+        cxx_bool,
         moe_align_chunk,
     )
     from .linear import _pointer, _Workspace
@@ -142,21 +143,21 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     emap = _pointer(expert_map)
     ctas = -(-chunks // MOE_ALIGN_WARPS)
     rows_smem = MOE_ALIGN_WARPS * num_experts * 4
-    if chunks:
-        _runtime.get_kernel("moe_count", (str(MOE_ALIGN_WARPS),))(
+    def walk_chunks(scatter):   # moe_chunk_kernel: count (False) or scatter (True)
+        _runtime.get_kernel("moe_chunks", (str(MOE_ALIGN_WARPS), cxx_bool(scatter)))(
             (ctas,), (32 * MOE_ALIGN_WARPS,),
-            (topk_ids, emap, counts, np.int32(n), np.int32(num_experts), np.int32(chunks), np.int32(chunk)),
+            (topk_ids, emap, counts, sorted_ids, np.int32(n), np.int32(num_experts), np.int32(chunks),
+             np.int32(chunk)),
             shared_mem=rows_smem)
+
+    if chunks:
+        walk_chunks(False)
     _runtime.get_kernel("moe_offsets", (str(MOE_OFFSETS_THREADS),))(
         (1,), (MOE_OFFSETS_THREADS,), (counts, sorted_ids, expert_ids, post_padded, np.int32(chunks),
                                        np.int32(num_experts), np.int32(block_size), np.int32(max_padded),
                                        np.int32(n)))
     if chunks:
-        _runtime.get_kernel("moe_scatter", (str(MOE_ALIGN_WARPS),))(
-            (ctas,), (32 * MOE_ALIGN_WARPS,),
-            (topk_ids, emap, counts, sorted_ids, np.int32(n), np.int32(num_experts), np.int32(chunks),
-             np.int32(chunk)),
-            shared_mem=rows_smem)
+        walk_chunks(True)
     return sorted_ids, expert_ids, post_padded
 
 
