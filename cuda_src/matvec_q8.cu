@@ -21,6 +21,12 @@
 // with z the weight zero point (8 for symmetric INT4, 0 for INT8), and s the
 // scale of the weight group holding the block. M tokens (1 <= M <= kMaxM)
 // share each weight load.
+//
+// Items (kItems, the MoE decode path): blockIdx.y is an item. Item i reads the
+// weights of expert item_experts[i] from stacked [E, N, ...] weights and the
+// activation rows of item i / act_item_div, and writes output rows i * M ...
+// An expert id outside [0, E) is the caller's error: that item reads expert 0
+// and writes zeros (never out of bounds).
 #include "common/formats.cuh"
 #include "common/ptx.cuh"
 
@@ -59,7 +65,8 @@ struct WeightBlock<8> {
     __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
 };
 
-template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll, int kSplit>
+template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll, int kSplit,
+          bool kItems>
 __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const u8* __restrict__ qweight,      // [N, K * kWeightBits / 8]
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -69,7 +76,9 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     void* __restrict__ out,              // [M, N]
     i32 n_rows, i32 m_tokens, i32 n_blocks, i32 n_groups,
     i32 group_shift,                     // log2(blocks per group); 31 for one group per row
-    i32 out_kind)
+    i32 out_kind,
+    const i32* __restrict__ item_experts,   // [items] expert of each item (kItems only)
+    i32 n_experts, i32 act_item_div)
 {
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
@@ -87,6 +96,23 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const i64 row_bytes = static_cast<i64>(n_blocks) * Block::kBytes;
     const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
     __shared__ float partial[kMatvecWarps][kRows * kMaxM];
+
+    // kItems: this CTA's item moves every base pointer to its expert, activations
+    // and outputs (a separate instance: the moved pointers cost registers that the
+    // plain layer's kernel-parameter pointers do not)
+    bool dropped = false;
+    i64 out_base = 0;
+    if constexpr (kItems) {
+        const int item = blockIdx.y;
+        int e = item_experts[item];
+        dropped = e < 0 || e >= n_experts;
+        e = dropped ? 0 : e;
+        qweight += static_cast<i64>(e) * n_rows * row_bytes;
+        scales += static_cast<i64>(e) * n_rows * n_groups;
+        if constexpr (kHasZeros) zeros += static_cast<i64>(e) * n_rows * n_groups;
+        act += static_cast<i64>(item / act_item_div) * m_tokens * n_blocks;
+        out_base = static_cast<i64>(item) * m_tokens * n_rows;
+    }
 
     // a task is (row-group set, step): the warp's row group in the set and the
     // first K block of the step for this lane
@@ -161,7 +187,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             if (row < n_rows && m < m_tokens) {
                 float v = mine;
                 if (bias != nullptr) v += load_as_float(bias, row, out_kind);
-                store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
+                store_from_float(out, out_base + static_cast<i64>(m) * n_rows + row, dropped ? 0.0f : v, out_kind);
             }
         }
     };

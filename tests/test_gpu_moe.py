@@ -90,10 +90,87 @@ def test_moe_align_captures_in_a_cuda_graph(cp, rng):
         np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
 
 
-def test_fused_moe_kernels_not_written_yet_say_so(cp, rng):
-    ids = cp.asarray(rng.integers(0, 8, size=(4, 2)).astype(np.int32))
-    w13 = w4kern.quantize_int4(cp.asarray(rng.standard_normal((8, 64, 64)).astype(np.float32)), group_size=32)
-    w2 = w4kern.quantize_int4(cp.asarray(rng.standard_normal((8, 64, 32)).astype(np.float32)), group_size=32)
-    x = cp.asarray(rng.standard_normal((4, 64)).astype(np.float32))
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        w4kern.fused_moe(x, w13, w2, cp.ones((4, 2), dtype=np.float32), ids)
+def moe_case(rng, t, e, k, hidden, inter, group_size, symmetric, skew=False):
+    x = rng.standard_normal((t, hidden)).astype(np.float32).astype(w4kern.bfloat16)
+    w13 = w4kern.quantize_int4(rng.standard_normal((e, 2 * inter, hidden)).astype(np.float32) * 0.05,
+                               group_size=group_size, symmetric=symmetric)
+    w2 = w4kern.quantize_int4(rng.standard_normal((e, hidden, inter)).astype(np.float32) * 0.05,
+                              group_size=group_size, symmetric=symmetric)
+    ids = np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int32)   # k distinct experts a token
+    if skew:   # every token on expert 0 first, most experts get no token
+        ids[:, 0] = 0
+    weights = rng.random((t, k)).astype(np.float32)
+    return x, w13, w2, weights / weights.sum(axis=1, keepdims=True), ids
+
+
+def to_gpu(cp, w):
+    return w4kern.Int4Weight(cp.asarray(w.qweight), cp.asarray(w.scales),
+                             None if w.zeros is None else cp.asarray(w.zeros), w.group_size)
+
+
+def check_fused_moe(cp, x, w13, w2, weights, ids):
+    expected = w4kern.reference.fused_moe(x, w13, w2, weights, ids, "int8")
+    out = cp.full(x.shape, np.nan, dtype=x.dtype)
+    got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                           activation="int8", out=out)
+    assert got is out
+    got = cp.asnumpy(got).astype(np.float32)
+    # fp32 accumulation, and the intermediate rows requantized to INT8 from fp32
+    # (not float64) values: a rounding flip moves an output by one INT8 step of one
+    # intermediate times a weight, far below this bound; bf16 rounding of the output
+    scale = float(np.abs(expected).max())
+    tol = 2.0 ** -7 * np.abs(expected) + 2e-3 * scale + 1e-6
+    bad = ~(np.abs(got - expected) <= tol)
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
+                           f"expected {expected[bad][:4]}")
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 16])
+@pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
+def test_fused_moe_decode_int8_matches_reference(cp, rng, t, e, k):
+    # H and I not multiples of any tile; asymmetric g64 and symmetric g32
+    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+
+
+def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng):
+    check_fused_moe(cp, *moe_case(rng, 16, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                  skew=True))
+    check_fused_moe(cp, *moe_case(rng, 5, 8, 2, hidden=128, inter=64, group_size=-1, symmetric=False))
+
+
+def test_fused_moe_decode_captures_in_a_cuda_graph(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 4, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
+    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = w4kern.fused_moe(*args, activation="int8").copy()   # plans and compiles
+        out = cp.empty_like(eager)
+        stream.begin_capture()
+        w4kern.fused_moe(*args, activation="int8", out=out)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+
+
+def test_fused_moe_paths_without_kernels_say_so(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 4, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
+    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    with pytest.raises(NotImplementedError, match="decode path only"):
+        w4kern.fused_moe(*args, activation="bf16")
+    big = moe_case(rng, 17, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
+    with pytest.raises(NotImplementedError, match="T=17"):
+        w4kern.fused_moe(cp.asarray(big[0]), to_gpu(cp, big[1]), to_gpu(cp, big[2]), cp.asarray(big[3]),
+                         cp.asarray(big[4]), activation="int8")
+
+
+def test_debug_mode_checks_ids_on_the_gpu(cp, rng, monkeypatch):
+    x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
+    ids[1, 1] = 8
+    monkeypatch.setenv("W4KERN_DEBUG", "1")
+    with pytest.raises(ValueError, match="topk_ids must lie in"):
+        w4kern.moe_align_block_size(cp.asarray(ids), 8, 16)
+    with pytest.raises(ValueError, match="topk_ids must lie in"):
+        w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                         activation="int8")

@@ -111,6 +111,27 @@ def test_per_token_int8_nan_row_and_zero_row():
     assert np.isnan(xq.scales[2]) and (xq.q[2] == 0).all()
 
 
+def test_per_token_q8_blocks_carry_the_row_scale(rng):
+    """The MoE decode path's activations: per-token INT8 in the Q8 block layout, so
+    the Q8 kernels compute exactly the per-token INT8 product."""
+    from w4kern.quant import per_token_q8_blocks
+
+    x = (rng.standard_normal((5, 96)) * 3).astype(np.float32)
+    x[2] = 0.0          # all-zero row: scale 0
+    x[3, 5] = np.nan    # non-finite row: scale NaN, q = 0
+    blocks = per_token_q8_blocks(x)
+    pq = w4kern.quantize_per_token_int8(x)
+    np.testing.assert_array_equal(w4kern.dequantize_q8(blocks), w4kern.dequantize_per_token_int8(pq))
+    raw = blocks.blocks.reshape(5, 3, 48)
+    d = raw[..., 32:36].copy().view(np.float32)[..., 0]
+    total = raw[..., 36:40].copy().view(np.float32)[..., 0]
+    np.testing.assert_array_equal(d, np.broadcast_to(pq.scales[:, None], (5, 3)))
+    np.testing.assert_array_equal(total, d * pq.q.reshape(5, 3, 32).sum(axis=-1).astype(np.float32))
+    assert not raw[..., 40:].any()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        per_token_q8_blocks(x[:, :40].copy())
+
+
 def test_e4m3_bits_match_ml_dtypes_on_every_value_and_midpoint():
     table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     finite = np.sort(table[np.isfinite(table)])

@@ -180,12 +180,14 @@ FAMILIES: dict[str, KernelFamily] = {
             source="matvec_q8.cu",
             template="w4kern::matvec_q8_kernel",
             # (weight bits, scale type, has zeros, max tokens, rows per warp, blocks per lane
-            # per step, warps per row group)
+            # per step, warps per row group, items): items (MoE decode, one token per
+            # (token, expert) item) for the one-token INT4 instances only
             instances=tuple(
-                (str(bits), cxx_type(scale), cxx_bool(has_zeros), *map(str, config))
+                (str(bits), cxx_type(scale), cxx_bool(has_zeros), *map(str, config), cxx_bool(items))
                 for bits, has_zeros in ((4, False), (4, True), (8, False))
                 for scale in _FLOAT_TYPES
                 for config in MATVEC_CONFIGS
+                for items in ((False, True) if bits == 4 and config[0] == 1 else (False,))
             ),
         ),
     ) + tuple(

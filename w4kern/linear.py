@@ -444,7 +444,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _matvec_plan(call, weight, out_dtype, config, ctas):
+def _matvec_plan(call, weight, out_dtype, config, ctas, items=False):
     from . import _runtime
     from ._registry import MATVEC_CONFIGS, cxx_bool, cxx_type
 
@@ -458,14 +458,16 @@ def _matvec_plan(call, weight, out_dtype, config, ctas):
         raise ValueError(f"matvec config {config} is not one of {MATVEC_CONFIGS} with kMaxM >= M={call.m}")
     rows, split = config[1], config[3]
     kernel = _runtime.get_kernel(
-        "matvec_q8", (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config))
+        "matvec_q8",
+        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config), cxx_bool(items)),
     )
     row_group_sets = -(-(-(-call.n // rows)) // (4 // split))
     # persistent CTAs: no more than the GPU keeps resident at once
     if ctas is None:
         ctas = min(row_group_sets, _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
     tail = (np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
-            np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out_dtype]))
+            np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out_dtype]),
+            np.uint64(0), np.int32(1), np.int32(1))   # item arguments (unused without kItems)
     return kernel, (ctas,), tail
 
 
@@ -518,6 +520,34 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(bias), out) + tail)
+
+
+#: items (grid y) one matvec_q8 launch takes
+MATVEC_MAX_ITEMS = 65535
+
+
+def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div):
+    """matvec_q8 over items (the MoE decode path): out[i] = W[item_experts[i]] @
+    x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], Q8 activation
+    rows ``act`` [rows, K // 32, 48] and out [items, N] (float32, bfloat16 or float16).
+    An expert id outside [0, E) gives a zero row (the kernels never read out of bounds)."""
+    n_experts, n, k = weight.shape
+    items = item_experts.shape[0]
+    if not 1 <= items <= MATVEC_MAX_ITEMS:
+        raise ValueError(f"{items} (token, expert) items: one launch takes 1..{MATVEC_MAX_ITEMS}")
+    call = _Call(cp, "int4", "q8", 1, n, k, (items,), out.dtype)
+    key = ("matvec_items", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, weight.group_size,
+           weight.scales.dtype, weight.zeros is not None, out.dtype, items)
+    plan = _PLANS.get(key)
+    if plan is None:
+        kernel, (ctas,), tail = _matvec_plan(call, weight, out.dtype, None, None, items=True)
+        # the GPU's resident CTAs shared among the items (grid y)
+        total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
+        plan = _PLANS[key] = (kernel, (max(1, min(ctas, -(-total // items))), items), tail[:-3])
+    kernel, grid, tail = plan
+    zeros = weight.zeros
+    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          np.uint64(0), out) + tail + (item_experts, np.int32(n_experts), np.int32(act_item_div)))
 
 
 def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):

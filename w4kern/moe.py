@@ -14,6 +14,7 @@ Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
 """
 from __future__ import annotations
 
+import os
 import numpy as np
 
 from ._arrays import (
@@ -88,6 +89,13 @@ def _check_ids(xp, topk_ids, num_experts):
         )
 
 
+def _debug_check_ids(xp, topk_ids, num_experts):
+    """W4KERN_DEBUG=1: the GPU path checks the ids' range too (a device read, so only
+    on request; otherwise ids outside [0, E) are the caller's contract)."""
+    if xp is not np and os.environ.get("W4KERN_DEBUG"):
+        _check_ids(np, xp.asnumpy(topk_ids), num_experts)
+
+
 @accepts_dlpack("topk_ids", "expert_map")
 def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map=None):
     """Group the flat (token, slot) indices t * k + j by expert, each expert's run
@@ -101,6 +109,7 @@ def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map
     """
     xp = array_module(topk_ids=topk_ids, expert_map=expert_map)
     _check_ids(xp, topk_ids, num_experts)
+    _debug_check_ids(xp, topk_ids, num_experts)
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if expert_map is not None:
@@ -161,6 +170,37 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     return sorted_ids, expert_ids, post_padded
 
 
+#: fused_moe runs the decode path (no sorting) up to this many tokens
+MOE_DECODE_MAX_TOKENS = 16
+
+
+def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
+    """The MoE decode path: every (token, slot) pair is one item of the dp4a matvec
+    over its expert's weights (no sorting, no host read). x is quantized per token to
+    INT8 (as Q8 blocks sharing the row scale), GEMM1 gives [g; u] in fp32, silu(g) * u
+    is quantized per (token, slot) row the same way, GEMM2 gives each pair's [H] row,
+    and the k rows of a token are summed with their weights in slot order
+    (deterministic). Ids outside [0, E) contribute zeros (the caller's contract)."""
+    from .linear import _launch_matvec_items
+    from .quant import per_token_q8_blocks
+
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    inter = w13.shape[1] // 2
+    if t == 0:
+        y = cp.zeros((0, hidden), dtype=x.dtype)
+        return deliver(y, out)
+    ids = topk_ids.reshape(t * k)
+    gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
+    _launch_matvec_items(cp, w13, per_token_q8_blocks(x).blocks, gate_up, ids, k)
+    g, u = gate_up[:, :inter], gate_up[:, inter:]
+    a = g / (np.float32(1) + cp.exp(-g)) * u
+    down = cp.empty((t * k, hidden), dtype=np.float32)
+    _launch_matvec_items(cp, w2, per_token_q8_blocks(a).blocks, down, ids, 1)
+    y = (down.reshape(t, k, hidden) * topk_weights[:, :, None]).sum(axis=1)
+    return deliver(y.astype(x.dtype), out)
+
+
 def _check_experts(name, w, n_experts=None):
     if not isinstance(w, Int4Weight):
         raise TypeError(f"{name} must be an Int4Weight, got {type(w).__name__}")
@@ -180,7 +220,13 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     x bfloat16 | float16 | float32 [T, H]; w13 Int4Weight [E, 2I, H]; w2
     Int4Weight [E, H, I]; topk_weights float32 [T, k]; topk_ids int32 [T, k];
     activation "bf16" (x as given) or "int8" (per-token INT8 before each GEMM,
-    as the A8 kernels will do). Returns [T, H] in x's dtype (``out`` when given).
+    as the A8 kernels do). Returns [T, H] in x's dtype (``out`` when given).
+
+    CuPy arrays: activation="int8" with T <= MOE_DECODE_MAX_TOKENS (16) runs the
+    decode path (one dp4a matvec item per (token, slot), no sorting, no host read;
+    graph-capturable); other cases raise NotImplementedError until the batched
+    expert GEMMs exist. Ids outside [0, E) are the caller's contract on the GPU
+    (they contribute zeros; W4KERN_DEBUG=1 checks them).
     """
     xp = array_module(x=x, qweight=w13.qweight if isinstance(w13, Int4Weight) else None,
                       topk_weights=topk_weights, topk_ids=topk_ids, out=out)
@@ -199,6 +245,7 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if tuple(w2.shape[1:]) != (hidden, two_i // 2):
         raise ValueError(f"w2 must be [E, H={hidden}, I={two_i // 2}], got {tuple(w2.shape)}")
     _check_ids(xp, topk_ids, n_experts)
+    _debug_check_ids(xp, topk_ids, n_experts)
     check_dtype("topk_weights", topk_weights, [np.float32])
     check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "[T, k], like topk_ids")
     if topk_ids.shape[0] != x.shape[0]:
@@ -206,7 +253,12 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if out is not None:
         check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
-        raise NotImplementedError("fused_moe has no CUDA kernels yet (issue 4); call it on NumPy arrays for now")
+        if activation == "int8" and x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+            return _fused_moe_decode_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
+        raise NotImplementedError(
+            f"fused_moe on the GPU runs the decode path only so far: activation='int8' and at most "
+            f"{MOE_DECODE_MAX_TOKENS} tokens (got activation={activation!r}, T={x.shape[0]}); the batched "
+            "expert GEMMs are issue 4's next step. Call it on NumPy arrays for the other cases.")
     from . import reference
 
     return deliver(reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype), out)

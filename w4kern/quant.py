@@ -174,6 +174,30 @@ def quantize_per_token_int8(x) -> PerTokenInt8:
     return PerTokenInt8(q=q, scales=xp.where(finite, scale, xp.full_like(scale, np.nan)))
 
 
+def per_token_q8_blocks(x):
+    """Per-token INT8 (``quantize_per_token_int8``) laid out as Q8 blocks: every
+    block of a row carries the row's scale as d and d * sum(q) as its sum, so the
+    Q8 kernels compute exactly the per-token INT8 product (the MoE decode path
+    feeds its matvec this way). x float [M, K], K a multiple of 32; returns
+    ``Q8Activations`` [M, K] (NumPy or CuPy, like x)."""
+    xp = _check_activations(x)
+    check_ndim("x", x, 2, "[M, K]")
+    m, k = x.shape
+    if k % Q8_BLOCK_VALUES:
+        raise ValueError(f"x's K={k} must be a multiple of {Q8_BLOCK_VALUES}")
+    pq = quantize_per_token_int8(x)
+    nb = k // Q8_BLOCK_VALUES
+    q = pq.q.reshape(m, nb, Q8_BLOCK_VALUES)
+    blocks = xp.zeros((m, nb, Q8_BLOCK_BYTES), dtype=np.uint8)
+    blocks[..., 0:16] = q[..., 0::2].view(np.uint8)
+    blocks[..., 16:32] = q[..., 1::2].view(np.uint8)
+    d = xp.ascontiguousarray(xp.broadcast_to(pq.scales.astype(F32)[:, None], (m, nb)))
+    total = d * q.sum(axis=-1, dtype=np.int32).astype(F32)
+    blocks[..., 32:36] = d.view(np.uint8).reshape(m, nb, 4)
+    blocks[..., 36:40] = xp.ascontiguousarray(total).view(np.uint8).reshape(m, nb, 4)
+    return Q8Activations(blocks)
+
+
 def dequantize_per_token_int8(xq: PerTokenInt8, dtype=np.float32):
     """x = scale * q, float32 math."""
     if not isinstance(xq, PerTokenInt8):
