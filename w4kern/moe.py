@@ -4,9 +4,11 @@
 ``moe_align_block_size`` runs ``cuda_src/moe_align.cu`` on CuPy arrays (three
 launches, output shapes known without a device read) and the NumPy reference
 on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
-the NumPy reference; its CUDA kernels are the work of issue 4 and not written
-yet, so CuPy arrays get a NotImplementedError that says so (never a silent
-fallback to the host).
+the NumPy reference on NumPy arrays; on CuPy arrays it runs the decode path
+(activation="int8", up to MOE_DECODE_MAX_TOKENS tokens: the dp4a matvec over
+each (token, expert) pair, ``_fused_moe_decode_cuda``), and the other cases get
+a NotImplementedError that says so until the batched expert GEMMs exist (never
+a silent fallback to the host).
 
 Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
 ``topk_weights`` float32 [T, k]; expert weights are stacked Int4Weight
