@@ -17,6 +17,7 @@ Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
 from __future__ import annotations
 
 import os
+
 import numpy as np
 
 from ._arrays import (
@@ -154,6 +155,7 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     emap = _pointer(expert_map)
     ctas = -(-chunks // MOE_ALIGN_WARPS)
     rows_smem = MOE_ALIGN_WARPS * num_experts * 4
+
     def walk_chunks(scatter):   # moe_chunk_kernel: count (False) or scatter (True)
         _runtime.get_kernel("moe_chunks", (str(MOE_ALIGN_WARPS), cxx_bool(scatter)))(
             (ctas,), (32 * MOE_ALIGN_WARPS,),
