@@ -81,7 +81,7 @@ fi
 
 if want bench; then
 step benchmarks
-python3 -m w4kern bench --suite ${W4KERN_SUITES:-foundation q8_tuning decode linear_tuning attention moe_align} --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
+python3 -m w4kern bench --suite ${W4KERN_SUITES:-foundation q8_tuning decode linear_tuning attention moe_align moe} --out "$OUTDIR" $QUICK 2>&1 | tee "$OUTDIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -95,3 +95,72 @@ def test_decode_attention_takes_torch_tensors_and_matches_torch_sdpa(cp, rng):
     cp.cuda.Device().synchronize()
     expected = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def _jax_gpu():
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    return jax
+
+
+def test_jax_bf16_crosses_both_ways_without_copies(cp):
+    jax = _jax_gpu()
+    jnp = jax.numpy
+    a = jnp.arange(16, dtype=jnp.float32).astype(jnp.bfloat16) * 0.5
+    b = w4kern.asarray(a)
+    assert isinstance(b, cp.ndarray) and b.dtype == w4kern.bfloat16 and b.data.ptr == a.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(cp.asnumpy(b).astype(np.float32), np.arange(16, dtype=np.float32) * 0.5)
+    c = (cp.arange(16, dtype=np.float32) * 0.25).astype(w4kern.bfloat16)
+    j = jax.dlpack.from_dlpack(c)
+    assert j.dtype == jnp.bfloat16 and j.unsafe_buffer_pointer() == c.data.ptr
+    np.testing.assert_array_equal(np.asarray(j.astype(jnp.float32)), np.arange(16, dtype=np.float32) * 0.25)
+
+
+def test_jax_fp8_bits_both_ways_byte_exact(cp):
+    jax = _jax_gpu()
+    codes = np.arange(256, dtype=np.uint8)
+    f8 = w4kern.interop.fp8_to_jax(cp.asarray(codes))
+    assert f8.dtype == jax.numpy.float8_e4m3fn
+    expected = codes.view(w4kern.float8_e4m3fn).astype(np.float32)     # NaN codes compare equal
+    np.testing.assert_array_equal(np.asarray(f8.astype(jax.numpy.float32)), expected)
+    back = w4kern.interop.fp8_from_jax(f8)
+    assert isinstance(back, cp.ndarray) and back.dtype == np.uint8
+    np.testing.assert_array_equal(cp.asnumpy(back), codes)
+
+
+def test_cupy_graph_of_a_decode_step_replays_eager_bits(cp, rng):
+    """quantize -> linear on the pre-quantized blocks -> fused_moe (decode path), captured
+    in one CuPy graph and replayed, gives the eager bits."""
+    hidden, inter, experts = 256, 64, 8
+    qw = w4kern.quantize_int4(cp.asarray(rng.standard_normal((hidden, 512)).astype(np.float32) * 0.05),
+                              group_size=128)
+    w13 = w4kern.quantize_int4(cp.asarray(rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) * 0.05),
+                               group_size=64)
+    w2 = w4kern.quantize_int4(cp.asarray(rng.standard_normal((experts, hidden, inter)).astype(np.float32) * 0.05),
+                              group_size=64)
+    x = cp.asarray(rng.standard_normal((1, 512)).astype(np.float32)).astype(w4kern.bfloat16)
+    ids = cp.asarray(np.array([[3, 5]], dtype=np.int32))
+    weights = cp.asarray(np.array([[0.25, 0.75]], dtype=np.float32))
+
+    def step(xq, h, y):
+        w4kern.quantize_q8(x, out=xq)
+        w4kern.linear(w4kern.Q8Activations(xq), qw, out=h)
+        w4kern.fused_moe(h, w13, w2, weights, ids, activation="int8", out=y)
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        bufs = [cp.empty((1, 512 // 32, 48), dtype=np.uint8), cp.empty((1, hidden), dtype=w4kern.bfloat16),
+                cp.empty((1, hidden), dtype=w4kern.bfloat16)]
+        step(*bufs)                                   # eager (and plans, compiles, sizes workspaces)
+        eager = [b.copy() for b in bufs]
+        for b in bufs:
+            b.fill(0)
+        stream.begin_capture()
+        step(*bufs)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    assert float(cp.abs(eager[2].astype(np.float32)).max()) > 0
+    for got, want in zip(bufs, eager):
+        np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint8), cp.asnumpy(want).view(np.uint8))

@@ -619,8 +619,108 @@ def suite_moe_align(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
     return rows
 
 
+#: MoE layer shapes: (experts, experts per token, hidden H, expert intermediate I)
+MOE_LAYERS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v3": (256, 8, 7168, 2048)}
+MOE_DECODE_TOKENS = (1, 16)
+
+
+def _random_int4_experts(cp, rng, experts, n, k, group_size=128):
+    """Stacked INT4 expert weights [E, N, K] with random codes, scales and zeros (no
+    float master weights: DeepSeek-V3's would not fit a float32 quantization pass)."""
+    import w4kern
+
+    qweight = rng.integers(0, 256, size=(experts, n, k // 2), dtype=np.uint8)
+    scales = (rng.random((experts, n, k // group_size), dtype=np.float32) * 0.01 + 0.001).astype(w4kern.bfloat16)
+    zeros = (rng.random((experts, n, k // group_size), dtype=np.float32) * 15).astype(w4kern.bfloat16)
+    return w4kern.Int4Weight(qweight, scales, zeros, group_size)
+
+
+def _expert_bytes(w) -> int:
+    return (w.qweight.nbytes + w.scales.nbytes + (0 if w.zeros is None else w.zeros.nbytes)) // w.qweight.shape[0]
+
+
+def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
+    """fused_moe's decode path (activation="int8", T <= 16) on the Qwen3-30B-A3B and
+    DeepSeek-V3 layers (random INT4 g128 asymmetric experts), beside torch's bf16
+    grouped_mm pipeline (sort, gather, two torch._grouped_mm, SiLU, weighted
+    scatter-add) on bf16 experts of the same shape. Floor: the touched experts' INT4
+    bytes (codes, scales, zeros) / read bandwidth. Routing rotates over disjoint
+    expert sets so no launch finds its experts in L2."""
+    import cupy as cp
+
+    import w4kern
+
+    torch, ttimer = _torch_and_timer(timer)
+    modes = ("plain", "graph")
+    rng = cp.random.default_rng(6)
+    rows: list[Row] = []
+    for name, (experts, k, hidden, inter) in list(MOE_LAYERS.items())[: 1 if quick else None]:
+        w13 = _random_int4_experts(cp, rng, experts, 2 * inter, hidden)
+        w2 = _random_int4_experts(cp, rng, experts, hidden, inter)
+        per_expert = _expert_bytes(w13) + _expert_bytes(w2)
+        for t in ((1,) if quick else MOE_DECODE_TOKENS):
+            # routing sets: T=1 takes k disjoint experts per set (rotated); larger T random
+            sets = max(1, min(experts // k, timer.launches)) if t == 1 else timer.launches
+            id_sets = []
+            perm = cp.asnumpy(rng.permutation(experts)).astype(np.int32)
+            for i in range(sets):
+                if t == 1:
+                    id_sets.append(cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)))
+                else:
+                    id_sets.append(cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k]
+                                   .astype(np.int32))
+            touched = int(np.mean([len(np.unique(cp.asnumpy(ids))) for ids in id_sets]))
+            nbytes = touched * per_expert
+            weights = cp.full((t, k), 1.0 / k, dtype=np.float32)
+            x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
+            out = cp.empty((t, hidden), dtype=w4kern.bfloat16)
+            shape = {"name": name, "T": t, "E": experts, "k": k, "H": hidden, "I": inter}
+            rows += _measure(timer, "w4kern-int8", "fused_moe", shape,
+                             lambda i: w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets], activation="int8",
+                                                        out=out),
+                             nbytes, ceilings, modes)
+            if torch is not None:
+                try:
+                    rows += _torch_grouped_mm_moe(torch, ttimer, ceilings, modes, shape, x, id_sets, weights,
+                                                  experts, k, hidden, inter, nbytes)
+                except (RuntimeError, TypeError, AttributeError) as e:   # an older torch, a layout it refuses
+                    print(f"torch grouped_mm peer unavailable for {shape}: {str(e).splitlines()[0]}")
+        del w13, w2
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def _torch_grouped_mm_moe(torch, ttimer, ceilings, modes, shape, x, id_sets, weights, experts, k, hidden, inter,
+                          nbytes) -> list[Row]:
+    """torch's bf16 MoE pipeline on the same routing: stable sort of the flat ids,
+    per-expert offsets (graph-capturable: no bincount), gather, grouped GEMMs, SiLU,
+    weighted scatter-add."""
+    w13 = torch.randn(experts, hidden, 2 * inter, device="cuda", dtype=torch.bfloat16) * 0.02   # [E, K, N]
+    w2 = torch.randn(experts, inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    tx = torch.from_dlpack(x)
+    tw = torch.from_dlpack(weights)
+    tids = [torch.from_dlpack(ids).flatten().long() for ids in id_sets]
+    ones = torch.ones_like(tids[0])
+    t = tx.shape[0]
+
+    def pipeline(i):
+        flat = tids[i % len(tids)]
+        order = torch.sort(flat, stable=True).indices
+        counts = torch.zeros(experts, dtype=torch.long, device=flat.device).index_add_(0, flat, ones)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        token = order // k
+        h = torch._grouped_mm(tx[token], w13, offs=offs)
+        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = torch._grouped_mm(a, w2, offs=offs)
+        scale = tw.flatten()[order].to(y.dtype)[:, None]
+        return torch.zeros(t, hidden, device=y.device, dtype=y.dtype).index_add_(0, token, y * scale)
+
+    return _measure(ttimer, "torch-grouped_mm-bf16", "fused_moe", shape, pipeline, nbytes, ceilings, modes)
+
+
 SUITES = {"foundation": suite_foundation, "q8_tuning": suite_q8_tuning, "decode": suite_decode,
-          "linear_tuning": suite_linear_tuning, "attention": suite_attention, "moe_align": suite_moe_align}
+          "linear_tuning": suite_linear_tuning, "attention": suite_attention, "moe_align": suite_moe_align,
+          "moe": suite_moe}
 
 
 def _git_commit() -> str:
