@@ -1,5 +1,6 @@
 """w4kern.moe on CuPy arrays: routing and expert alignment on the GPU against the NumPy
-path (bit-identical); fused_moe's kernels are not written yet."""
+path (bit-identical); fused_moe's decode path against the reference, and its glue
+kernels (moe_decode.cu) bit for bit against the CuPy steps they replace."""
 from __future__ import annotations
 
 import numpy as np
@@ -131,6 +132,87 @@ def test_fused_moe_decode_int8_matches_reference(cp, rng, t, e, k):
     # H and I not multiples of any tile; asymmetric g64 and symmetric g32
     check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
     check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+
+
+def q8_row_case(rng, dtype, rows, cols):
+    """Rows for the per-token quantizer: random magnitudes per row, an all-zero row,
+    a row with a NaN, one with an Inf, one whose max|x| / 127 is subnormal, and
+    values on rounding ties (x / scale = k + 0.5)."""
+    x = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 4, (rows, 1))
+    x[1] = 0
+    x[2, cols // 2] = np.nan
+    x[3, 0] = -np.inf
+    x[4] *= np.float32(1e-38)
+    x[5] = 0
+    x[5, :4] = [127.0, 0.5, -2.5, 63.5]   # scale 1: ties
+    return x.astype(dtype)
+
+
+def check_q8_blocks(cp, got, expected):
+    got, expected = cp.asnumpy(got), cp.asnumpy(expected)
+    assert got.shape == expected.shape and got.dtype == np.uint8
+    off = np.argwhere((got[..., :32] != expected[..., :32]).any(axis=-1))
+    assert not off.size, f"{len(off)} blocks differ, first (row, block) {off[0]}: {got[tuple(off[0])][:32]} vs " \
+                         f"{expected[tuple(off[0])][:32]}"
+    np.testing.assert_array_equal(got[..., 40:], expected[..., 40:], err_msg="reserved")
+    for name, lo in (("d", 32), ("sum", 36)):
+        g = np.ascontiguousarray(got[..., lo:lo + 4]).view(np.float32)
+        x = np.ascontiguousarray(expected[..., lo:lo + 4]).view(np.float32)
+        np.testing.assert_array_equal(g, x, err_msg=name)   # NaN == NaN here
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, w4kern.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cols", [32, 96, 2080, 7168])
+def test_moe_token_q8_kernel_matches_per_token_q8_blocks(cp, rng, dtype, cols):
+    from w4kern import _runtime
+    from w4kern._registry import MOE_ROW_THREADS, cxx_type
+
+    x = cp.asarray(q8_row_case(rng, dtype, 9, cols))
+    got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)   # poison
+    _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), "false"))((9,), (MOE_ROW_THREADS,),
+                                                                    (x, got, np.int32(cols)))
+    # against the NumPy definition (the CuPy path's own element-wise kernels may
+    # flush subnormals, NumPy does not)
+    check_q8_blocks(cp, got, w4kern.quant.per_token_q8_blocks(cp.asnumpy(x)).blocks)
+
+
+@pytest.mark.parametrize("cols", [32, 96, 768, 2048])
+def test_moe_token_q8_kernel_silu_gate_up_matches_cupy(cp, rng, cols):
+    from w4kern import _runtime
+    from w4kern._registry import MOE_ROW_THREADS
+
+    gate_up = cp.asarray(np.concatenate([q8_row_case(rng, np.float32, 9, cols) * np.float32(3),
+                                         q8_row_case(rng, np.float32, 9, cols)], axis=1))
+    got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)
+    _runtime.get_kernel("moe_token_q8", ("float", "true"))((9,), (MOE_ROW_THREADS,),
+                                                           (gate_up, got, np.int32(cols)))
+    g, u = gate_up[:, :cols], gate_up[:, cols:]
+    a = g / (np.float32(1) + cp.exp(-g)) * u      # the CuPy steps the kernel replaced (expf, as the kernel)
+    check_q8_blocks(cp, got, w4kern.quant.per_token_q8_blocks(cp.asnumpy(a)).blocks)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, w4kern.bfloat16], ids=["f32", "f16", "bf16"])
+def test_moe_combine_kernel_sums_slots_in_order(cp, rng, dtype):
+    from w4kern import _runtime
+    from w4kern._registry import MOE_COMBINE_THREADS, cxx_type
+
+    t, k, hidden = 5, 8, 1000   # H not a multiple of the CTA
+    down = (rng.standard_normal((t * k, hidden)) * 100).astype(np.float32)
+    weights = rng.random((t, k)).astype(np.float32)
+    expected = np.zeros((t, hidden), dtype=np.float32)
+    for j in range(k):   # float32 multiply, then float32 add, slot by slot
+        expected = expected + weights[:, j, None] * down.reshape(t, k, hidden)[:, j]
+    out = cp.full((t, hidden), np.nan, dtype=dtype)
+    _runtime.get_kernel("moe_combine", (cxx_type(dtype),))(
+        (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
+        (cp.asarray(down), cp.asarray(weights), out, np.int32(hidden), np.int32(k)))
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint8), expected.astype(dtype).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_fused_moe_decode_other_activation_dtypes(cp, rng, dtype):
+    x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=160, inter=64, group_size=32, symmetric=False)
+    check_fused_moe(cp, x.astype(dtype), w13, w2, weights, ids)
 
 
 def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng):

@@ -184,6 +184,9 @@ def cmd_bench(args) -> int:
         rows = [{**row, "gpu": record["environment"]["gpu"]} for row in record["rows"]]
         plots.plot(rows, mode=args.mode, path=args.plot)
         print(f"wrote {args.plot}")
+    if record.get("errors"):
+        print(f"suites that failed (their rows are missing): {', '.join(record['errors'])}", file=sys.stderr)
+        return 1
     return 0
 
 

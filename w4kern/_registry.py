@@ -141,6 +141,12 @@ MOE_ALIGN_MAX_EXPERTS = 4096
 MOE_OFFSETS_THREADS = 1024
 
 
+#: fused_moe decode glue (moe_decode.cu): threads of the one-CTA-per-row quantizer
+#: (kMoeRowThreads) and of the combine kernel (kMoeCombineThreads)
+MOE_ROW_THREADS = 256
+MOE_COMBINE_THREADS = 256
+
+
 def moe_align_chunk(n: int) -> int:
     """Indices per chunk for n flat indices: a multiple of 32, at least
     MOE_ALIGN_MIN_CHUNK, and at most MOE_ALIGN_MAX_CHUNKS chunks."""
@@ -256,6 +262,20 @@ FAMILIES: dict[str, KernelFamily] = {
             source="moe_align.cu",
             template="w4kern::moe_offsets_kernel",
             instances=((str(MOE_OFFSETS_THREADS),),),
+        ),
+        # fused_moe's decode path: per-token Q8 rows of x (each float type) and of
+        # silu(g) * u from GEMM1's fp32 rows; the slot-order combine into out's dtype
+        KernelFamily(
+            name="moe_token_q8",
+            source="moe_decode.cu",
+            template="w4kern::moe_token_q8_kernel",
+            instances=tuple((cxx_type(t), "false") for t in CXX_TYPES) + (("float", "true"),),
+        ),
+        KernelFamily(
+            name="moe_combine",
+            source="moe_decode.cu",
+            template="w4kern::moe_combine_kernel",
+            instances=tuple((cxx_type(t),) for t in CXX_TYPES),
         ),
     ) + (
         KernelFamily(

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -662,7 +663,7 @@ def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row
             # routing sets: T=1 takes k disjoint experts per set (rotated); larger T random
             sets = max(1, min(experts // k, timer.launches)) if t == 1 else timer.launches
             id_sets = []
-            perm = cp.asnumpy(rng.permutation(experts)).astype(np.int32)
+            perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
             for i in range(sets):
                 if t == 1:
                     id_sets.append(cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)))
@@ -767,14 +768,22 @@ def run(suites=("foundation",), out_dir: str | Path | None = None, quick: bool =
     env = environment()
     print(f"{env['gpu']}: read {ceilings.read_gbps:.0f} GB/s, copy {ceilings.copy_gbps:.0f} GB/s, "
           f"L2 {ceilings.l2_bytes / 2**20:.0f} MiB")
-    rows: list[Row] = []
     for name in suites:
         if name not in SUITES:
             raise ValueError(f"unknown suite {name!r}; available: {sorted(SUITES)}")
-        rows += SUITES[name](ceilings, timer, quick=quick)
+    rows: list[Row] = []
+    errors: dict[str, str] = {}
+    for name in suites:
+        try:
+            rows += SUITES[name](ceilings, timer, quick=quick)
+        except Exception as e:   # one broken suite must not discard the rows the others measured
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {e}"
     print(format_table(rows))
     record = {"environment": env, "ceilings": dataclasses.asdict(ceilings), "suites": list(suites),
               "rows": [r.to_json() for r in rows]}
+    if errors:
+        record["errors"] = errors
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,9 @@ A16_WARPS_PER_SM = {"default": 12}
 #: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
 #: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
 MATVEC_WARPS_PER_SM = {"default": 12}
+#: the MoE decode path skips a split-K candidate whose warps would find a K block
+#: in less than this share of their step slots (see matvec_items_config)
+MATVEC_MIN_K_USE = 0.75
 
 
 def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int, int]:
@@ -526,24 +529,50 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
 MATVEC_MAX_ITEMS = 65535
 
 
-def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div):
+def matvec_items_config(n: int, k: int, items: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int, int]:
+    """The M=1 matvec instance for ``items`` (token, expert) items of an N x K expert
+    layer: the grid holds items * N rows, and a candidate that splits K so finely
+    that some of its warps get no K block (short expert K, e.g. 2048) is skipped."""
+    n_blocks = k // Q8_BLOCK_VALUES
+    usable = [c for c in MATVEC_CANDIDATES[("int4", 1)] if c[3] == 1 or _k_use(c, n_blocks) >= MATVEC_MIN_K_USE]
+    for config in usable:
+        if -(-(n * items) // config[1]) * config[3] >= warps_per_sm * sm_count:
+            return config
+    return usable[-1]
+
+
+def _k_use(config, n_blocks: int) -> float:
+    """Share of a row group's warp-step slots (kSplit warps x steps x 32 kUnroll
+    lanes) that hold a K block."""
+    step_blocks = 32 * config[2]
+    steps = -(-n_blocks // step_blocks)
+    return n_blocks / (config[3] * -(-steps // config[3]) * step_blocks)
+
+
+def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, config=None, ctas=None):
     """matvec_q8 over items (the MoE decode path): out[i] = W[item_experts[i]] @
     x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], Q8 activation
     rows ``act`` [rows, K // 32, 48] and out [items, N] (float32, bfloat16 or float16).
-    An expert id outside [0, E) gives a zero row (the kernels never read out of bounds)."""
+    An expert id outside [0, E) gives a zero row (the kernels never read out of bounds).
+    ``config`` and ``ctas`` (CTAs per item, grid x) override the rules (sweeps)."""
     n_experts, n, k = weight.shape
     items = item_experts.shape[0]
     if not 1 <= items <= MATVEC_MAX_ITEMS:
         raise ValueError(f"{items} (token, expert) items: one launch takes 1..{MATVEC_MAX_ITEMS}")
     call = _Call(cp, "int4", "q8", 1, n, k, (items,), out.dtype)
     key = ("matvec_items", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, weight.group_size,
-           weight.scales.dtype, weight.zeros is not None, out.dtype, items)
+           weight.scales.dtype, weight.zeros is not None, out.dtype, items,
+           None if config is None else tuple(config), ctas)
     plan = _PLANS.get(key)
     if plan is None:
-        kernel, (ctas,), tail = _matvec_plan(call, weight, out.dtype, None, None, items=True)
-        # the GPU's resident CTAs shared among the items (grid y)
-        total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
-        plan = _PLANS[key] = (kernel, (max(1, min(ctas, -(-total // items))), items), tail[:-3])
+        if config is None:
+            warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+            config = matvec_items_config(n, k, items, _sm_count(cp), warps)
+        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, items=True)
+        if ctas is None:   # the GPU's resident CTAs shared among the items (grid y)
+            total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
+            ctas = max(1, min(sets, -(-total // items)))
+        plan = _PLANS[key] = (kernel, (ctas, items), tail[:-3])
     kernel, grid, tail = plan
     zeros = weight.zeros
     kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,

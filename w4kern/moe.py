@@ -30,7 +30,7 @@ from ._arrays import (
     check_shape,
     deliver,
 )
-from .formats import FLOAT_DTYPES, Int4Weight
+from .formats import FLOAT_DTYPES, Q8_BLOCK_BYTES, Q8_BLOCK_VALUES, Int4Weight
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("bf16", "int8")
@@ -180,29 +180,41 @@ MOE_DECODE_MAX_TOKENS = 16
 
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     """The MoE decode path: every (token, slot) pair is one item of the dp4a matvec
-    over its expert's weights (no sorting, no host read). x is quantized per token to
+    over its expert's weights (no sorting, no host read). Five launches
+    (cuda_src/moe_decode.cu has the three around the GEMMs): x quantized per token to
     INT8 (as Q8 blocks sharing the row scale), GEMM1 gives [g; u] in fp32, silu(g) * u
-    is quantized per (token, slot) row the same way, GEMM2 gives each pair's [H] row,
+    quantized per (token, slot) row the same way, GEMM2 gives each pair's [H] row,
     and the k rows of a token are summed with their weights in slot order
-    (deterministic). Ids outside [0, E) contribute zeros (the caller's contract)."""
+    (deterministic) straight into the output. Ids outside [0, E) contribute zeros
+    (the caller's contract). Bit-identical to the same steps written with
+    quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it)."""
+    from . import _runtime
+    from ._registry import MOE_COMBINE_THREADS, MOE_ROW_THREADS, cxx_bool, cxx_type
     from .linear import _launch_matvec_items
-    from .quant import per_token_q8_blocks
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
+    # H and I are the weights' K: Int4Weight keeps K a multiple of 32, a Q8 block
+    y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
-        y = cp.zeros((0, hidden), dtype=x.dtype)
-        return deliver(y, out)
+        return y
+    x = cp.ascontiguousarray(x)
     ids = topk_ids.reshape(t * k)
+    x_blocks = cp.empty((t, hidden // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
+    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), cxx_bool(False)))(
+        (t,), (MOE_ROW_THREADS,), (x, x_blocks, np.int32(hidden)))
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
-    _launch_matvec_items(cp, w13, per_token_q8_blocks(x).blocks, gate_up, ids, k)
-    g, u = gate_up[:, :inter], gate_up[:, inter:]
-    a = g / (np.float32(1) + cp.exp(-g)) * u
+    _launch_matvec_items(cp, w13, x_blocks, gate_up, ids, k)
+    a_blocks = cp.empty((t * k, inter // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
+    _runtime.get_kernel("moe_token_q8", ("float", cxx_bool(True)))(
+        (t * k,), (MOE_ROW_THREADS,), (gate_up, a_blocks, np.int32(inter)))
     down = cp.empty((t * k, hidden), dtype=np.float32)
-    _launch_matvec_items(cp, w2, per_token_q8_blocks(a).blocks, down, ids, 1)
-    y = (down.reshape(t, k, hidden) * topk_weights[:, :, None]).sum(axis=1)
-    return deliver(y.astype(x.dtype), out)
+    _launch_matvec_items(cp, w2, a_blocks, down, ids, 1)
+    _runtime.get_kernel("moe_combine", (cxx_type(x.dtype),))(
+        (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
+        (down, cp.ascontiguousarray(topk_weights), y, np.int32(hidden), np.int32(k)))
+    return y
 
 
 def _check_experts(name, w, n_experts=None):
