@@ -103,6 +103,11 @@ MATVEC_WARPS_PER_SM = {"default": 12}
 #: the MoE decode path skips a split-K candidate whose warps would find a K block
 #: in less than this share of their step slots (see matvec_items_config)
 MATVEC_MIN_K_USE = 0.75
+#: row-group sets each CTA of an items launch walks (H200 sweep, 2026-11-22,
+#: results/2026-11-22-h200-session4/sweep-moe-items.json: 4 was best or within noise
+#: on all four expert GEMMs of Qwen3-30B-A3B and DeepSeek-V3 at 128 items, 70-97% of
+#: read bandwidth, against 58-83% for the GPU's resident CTAs shared among items)
+MATVEC_ITEM_SETS_PER_CTA = 4
 
 
 def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int, int, int]:
@@ -569,9 +574,11 @@ def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, confi
             warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
             config = matvec_items_config(n, k, items, _sm_count(cp), warps)
         kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, items=True)
-        if ctas is None:   # the GPU's resident CTAs shared among the items (grid y)
+        if ctas is None:
+            # about MATVEC_ITEM_SETS_PER_CTA row-group sets per CTA, and at least the
+            # GPU's resident CTAs over all items (grid y)
             total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
-            ctas = max(1, min(sets, -(-total // items)))
+            ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // items))))
         plan = _PLANS[key] = (kernel, (ctas, items), tail[:-3])
     kernel, grid, tail = plan
     zeros = weight.zeros
