@@ -21,40 +21,85 @@ namespace w4kern {
 
 constexpr int kMoeRowThreads = 256;                       // one CTA per quantized row
 constexpr int kMoeRowWarps = kMoeRowThreads / 32;
+constexpr int kMoeChunkValues = 8;                        // a thread's values: a quarter of a Q8 block
+constexpr int kMoeUnroll = 4;                             // chunks a thread loads before using any
 constexpr int kMoeCombineThreads = 256;
 constexpr unsigned kMoeFullWarp = 0xFFFFFFFFu;
 
-// Value c of a row: x itself, or silu(g) * u for a [g; u] row of 2 * cols floats.
-// silu is written as CuPy's element-wise path wrote it (g / (1 + exp(-g)) * u).
+// The 8 values of chunk c of a row, loaded as raw 16-byte vectors (so that a
+// thread issues all its loads before the first use: at decode sizes every
+// round trip to memory is on the critical path). Values: x itself, or
+// silu(g) * u for a [g; u] row of 2 * cols floats, written as CuPy's
+// element-wise path wrote it (g / (1 + exp(-g)) * u). Rows are 16-byte aligned
+// (the host checks) and cols is a multiple of 32.
 template <typename In, bool kSiluGateUp>
-__device__ __forceinline__ float moe_row_value(const In* row, int c, int cols) {
-    if constexpr (kSiluGateUp) {
-        const float g = to_float(row[c]);
-        const float u = to_float(row[cols + c]);
-        return g / (1.0f + expf(-g)) * u;
-    } else {
-        return to_float(row[c]);
-    }
-}
+struct MoeChunk {
+    static constexpr int kVecs = kSiluGateUp ? 4 : kMoeChunkValues * static_cast<int>(sizeof(In)) / 16;
+    uint4 raw[kVecs];
 
-// One CTA per row: pass 1 finds max|v| and whether the row is finite, pass 2
-// (one warp per Q8 block, a lane per value) quantizes and packs. Pass 2
-// recomputes v rather than keeping the row in shared memory: rows are a few
-// KiB and the second read hits L1/L2. cols is a multiple of 32 (the host checks).
+    __device__ __forceinline__ void load(const In* row, int chunk, int cols) {
+        if constexpr (kSiluGateUp) {
+            const uint4* g = reinterpret_cast<const uint4*>(row + chunk * kMoeChunkValues);
+            const uint4* u = reinterpret_cast<const uint4*>(row + cols + chunk * kMoeChunkValues);
+            raw[0] = g[0]; raw[1] = g[1]; raw[2] = u[0]; raw[3] = u[1];
+        } else {
+            const uint4* p = reinterpret_cast<const uint4*>(row + chunk * kMoeChunkValues);
+#pragma unroll
+            for (int h = 0; h < kVecs; ++h) raw[h] = p[h];
+        }
+    }
+    __device__ __forceinline__ void values(float (&v)[kMoeChunkValues]) const {
+        if constexpr (kSiluGateUp) {
+            const float* f = reinterpret_cast<const float*>(raw);
+#pragma unroll
+            for (int i = 0; i < kMoeChunkValues; ++i) {
+                const float g = f[i];
+                v[i] = g / (1.0f + expf(-g)) * f[kMoeChunkValues + i];
+            }
+        } else {
+            const In* e = reinterpret_cast<const In*>(raw);
+#pragma unroll
+            for (int i = 0; i < kMoeChunkValues; ++i) v[i] = to_float(e[i]);
+        }
+    }
+};
+
+// One CTA per row. Pass 1 finds max|v| and whether the row is finite; pass 2
+// quantizes and packs. A thread holds values 8t .. 8t+7 of a Q8 block (t = lane
+// & 3): its even ones are exactly qs_even word t and its odd ones qs_odd word t,
+// and the block's sum(q) reduces over 4 adjacent lanes. Pass 2 loads the row
+// again rather than keeping it in registers or shared memory: rows are a few
+// KiB and the second read hits L1/L2. Every thread runs the same number of loop
+// iterations (full-warp shuffles); lanes past the row's end store nothing.
 template <typename In, bool kSiluGateUp>
 __global__ void __launch_bounds__(kMoeRowThreads)
 moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int cols) {
+    using Chunk = MoeChunk<In, kSiluGateUp>;
     const int row = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
+    const int n_chunks = cols / kMoeChunkValues;
+    constexpr int kStride = kMoeRowThreads * kMoeUnroll;
     const In* xr = x + static_cast<i64>(row) * (kSiluGateUp ? 2 * cols : cols);
 
     float amax = 0.0f;
     int non_finite = 0;
-    for (int c = threadIdx.x; c < cols; c += kMoeRowThreads) {
-        const float v = moe_row_value<In, kSiluGateUp>(xr, c, cols);
-        if (isfinite(v)) amax = fmaxf(amax, fabsf(v));
-        else non_finite = 1;
+    for (int base = threadIdx.x; base < n_chunks; base += kStride) {
+        Chunk chunk[kMoeUnroll];
+#pragma unroll
+        for (int u = 0; u < kMoeUnroll; ++u)
+            if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+#pragma unroll
+        for (int u = 0; u < kMoeUnroll; ++u) {
+            if (base + u * kMoeRowThreads >= n_chunks) break;
+            float v[kMoeChunkValues];
+            chunk[u].values(v);
+#pragma unroll
+            for (int i = 0; i < kMoeChunkValues; ++i) {
+                if (isfinite(v[i])) amax = fmaxf(amax, fabsf(v[i]));
+                else non_finite = 1;
+            }
+        }
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kMoeFullWarp, amax, off));
@@ -77,27 +122,41 @@ moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int col
     const float divisor = scale == 0.0f ? 1.0f : scale;
     const float d = non_finite ? __int_as_float(0x7FC00000) : scale;   // NaN marks the row
 
-    // Word w of a block (4 int8 each): w < 4 are qs_even (values 8w, 8w+2, 8w+4,
-    // 8w+6), 4 <= w < 8 are qs_odd (those + 1); so lane w gathers its 4 bytes from
-    // lanes src, src + 2, src + 4, src + 6 with src = 8 * (w & 3) + (w >> 2).
-    const int src = 8 * (lane & 3) + ((lane >> 2) & 1);
-    Q8Block* orow = out + static_cast<i64>(row) * (cols / kQ8BlockValues);
-    for (int b = warp; b < cols / kQ8BlockValues; b += kMoeRowWarps) {
-        const float v = moe_row_value<In, kSiluGateUp>(xr, b * kQ8BlockValues + lane, cols);
-        int q = 0;
-        if (!non_finite) q = static_cast<int>(fminf(fmaxf(roundf(v / divisor), -127.0f), 127.0f));
-        const int q_sum = __reduce_add_sync(kMoeFullWarp, q);
-        u32 word = 0;
+    const int t = lane & 3;
+    u32* row_words = reinterpret_cast<u32*>(out + static_cast<i64>(row) * (cols / kQ8BlockValues));
+    for (int base0 = warp * 32; base0 < n_chunks; base0 += kStride) {   // warp-uniform trip count
+        const int base = base0 + lane;
+        Chunk chunk[kMoeUnroll];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const u32 byte = static_cast<u32>(__shfl_sync(kMoeFullWarp, q, src + 2 * i)) & 0xFFu;
-            word |= byte << (8 * i);
+        for (int u = 0; u < kMoeUnroll; ++u)
+            if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+#pragma unroll
+        for (int u = 0; u < kMoeUnroll; ++u) {
+            if (base0 + u * kMoeRowThreads >= n_chunks) break;   // warp-uniform
+            const int c = base + u * kMoeRowThreads;
+            const bool valid = c < n_chunks;                     // the same for a block's 4 lanes
+            float v[kMoeChunkValues];
+            chunk[u].values(v);
+            int q[kMoeChunkValues];
+            int q_sum = 0;
+#pragma unroll
+            for (int i = 0; i < kMoeChunkValues; ++i) {
+                q[i] = (non_finite || !valid) ? 0
+                                              : static_cast<int>(fminf(fmaxf(roundf(v[i] / divisor), -127.0f), 127.0f));
+                q_sum += q[i];
+            }
+            q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 1);
+            q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 2);
+            if (!valid) continue;
+            const u32 even = (q[0] & 0xFF) | (q[2] & 0xFF) << 8 | (q[4] & 0xFF) << 16 | static_cast<u32>(q[6] & 0xFF) << 24;
+            const u32 odd = (q[1] & 0xFF) | (q[3] & 0xFF) << 8 | (q[5] & 0xFF) << 16 | static_cast<u32>(q[7] & 0xFF) << 24;
+            u32* block = row_words + (c >> 2) * (sizeof(Q8Block) / 4);
+            block[t] = even;        // qs_even word t
+            block[4 + t] = odd;     // qs_odd word t
+            if (t == 0)
+                *reinterpret_cast<uint4*>(block + 8) =
+                    make_uint4(__float_as_uint(d), __float_as_uint(d * static_cast<float>(q_sum)), 0u, 0u);
         }
-        u32* block_words = reinterpret_cast<u32*>(orow + b);
-        if (lane < 8) block_words[lane] = word;
-        else if (lane == 8) block_words[8] = __float_as_uint(d);
-        else if (lane == 9) block_words[9] = __float_as_uint(d * static_cast<float>(q_sum));
-        else if (lane < 12) block_words[lane] = 0u;
     }
 }
 

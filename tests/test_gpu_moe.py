@@ -162,7 +162,7 @@ def check_q8_blocks(cp, got, expected):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, w4kern.bfloat16], ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("cols", [32, 96, 2080, 7168])
+@pytest.mark.parametrize("cols", [32, 96, 2080, 7168, 8224])
 def test_moe_token_q8_kernel_matches_per_token_q8_blocks(cp, rng, dtype, cols):
     from w4kern import _runtime
     from w4kern._registry import MOE_ROW_THREADS, cxx_type
@@ -213,6 +213,18 @@ def test_moe_combine_kernel_sums_slots_in_order(cp, rng, dtype):
 def test_fused_moe_decode_other_activation_dtypes(cp, rng, dtype):
     x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=160, inter=64, group_size=32, symmetric=False)
     check_fused_moe(cp, x.astype(dtype), w13, w2, weights, ids)
+
+
+def test_fused_moe_decode_misaligned_x_gives_the_aligned_bits(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=64, inter=32, group_size=32, symmetric=False)
+    args = (to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    flat = cp.empty(x.size + 1, dtype=x.dtype)
+    flat[1:] = cp.asarray(x).ravel()
+    shifted = flat[1:].reshape(x.shape)   # 2 bytes past a 16-byte boundary
+    assert shifted.data.ptr % 16
+    got = w4kern.fused_moe(shifted, *args, activation="int8")
+    expected = w4kern.fused_moe(cp.asarray(x), *args, activation="int8")
+    np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(expected).view(np.uint16))
 
 
 def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng):

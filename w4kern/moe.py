@@ -200,6 +200,8 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     if t == 0:
         return y
     x = cp.ascontiguousarray(x)
+    if x.data.ptr % 16:   # moe_decode.cu loads 16-byte vectors (a DLPack view may start anywhere)
+        x = x.copy()
     ids = topk_ids.reshape(t * k)
     x_blocks = cp.empty((t, hidden // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
     _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), cxx_bool(False)))(
