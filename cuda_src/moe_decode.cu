@@ -6,7 +6,8 @@
 //   2. moe_token_q8_kernel<float, true>: GEMM1's fp32 [g; u] rows [T * k, 2I] ->
 //      silu(g) * u, quantized the same way into [T * k, I / 32] Q8 blocks.
 //   3. moe_combine_kernel<Out>: y[t] = sum_j topk_weights[t, j] * down[t * k + j],
-//      summed in slot order j = 0, 1, ... (the same bits every run).
+//      summed in slot order j = 0, 1, ... (the same bits every run). The batched
+//      path (moe_gemm.cu) uses it too.
 // Before these kernels the glue was ~30 CuPy element-wise and reduction
 // launches per call, which cost more than the GEMMs themselves.
 //
@@ -160,18 +161,21 @@ moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int col
     }
 }
 
-// y[t, h] = sum over slots j (in order) of topk_weights[t, j] * down[t * k + j, h].
-// grid (ceil(H / kMoeCombineThreads), T).
+// y[t, h] = sum over slots j (in order) of topk_weights[t, j] * down[t * k + j, h],
+// leaving out slots whose expert id is outside [0, E) (the batched path never
+// writes their rows; the decode path writes zeros there). grid (ceil(H / 256), T).
 template <typename Out>
 __global__ void __launch_bounds__(kMoeCombineThreads)
-moe_combine_kernel(const float* __restrict__ down, const float* __restrict__ topk_weights, Out* __restrict__ out,
-                   int hidden, int k) {
+moe_combine_kernel(const float* __restrict__ down, const float* __restrict__ topk_weights,
+                   const i32* __restrict__ topk_ids, Out* __restrict__ out, int hidden, int k, int n_experts) {
     const int t = blockIdx.y;
     const int h = blockIdx.x * kMoeCombineThreads + threadIdx.x;
     if (h >= hidden) return;
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) {
         const int item = t * k + j;
+        const int e = topk_ids[item];
+        if (e < 0 || e >= n_experts) continue;
         acc = __fadd_rn(acc, __fmul_rn(topk_weights[item], down[static_cast<i64>(item) * hidden + h]));
     }
     out[static_cast<i64>(t) * hidden + h] = from_float<Out>(acc);

@@ -199,13 +199,19 @@ def test_moe_combine_kernel_sums_slots_in_order(cp, rng, dtype):
     t, k, hidden = 5, 8, 1000   # H not a multiple of the CTA
     down = (rng.standard_normal((t * k, hidden)) * 100).astype(np.float32)
     weights = rng.random((t, k)).astype(np.float32)
+    ids = rng.integers(0, 60, size=(t, k)).astype(np.int32)
+    ids[1, 3] = 60   # out of range: the slot is left out (its row may hold anything)
+    ids[2, 0] = -1
+    down.reshape(t, k, hidden)[1, 3] = np.nan
+    down.reshape(t, k, hidden)[2, 0] = np.nan
     expected = np.zeros((t, hidden), dtype=np.float32)
     for j in range(k):   # float32 multiply, then float32 add, slot by slot
-        expected = expected + weights[:, j, None] * down.reshape(t, k, hidden)[:, j]
+        keep = ((ids[:, j] >= 0) & (ids[:, j] < 60))[:, None]
+        expected = np.where(keep, expected + weights[:, j, None] * down.reshape(t, k, hidden)[:, j], expected)
     out = cp.full((t, hidden), np.nan, dtype=dtype)
     _runtime.get_kernel("moe_combine", (cxx_type(dtype),))(
         (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
-        (cp.asarray(down), cp.asarray(weights), out, np.int32(hidden), np.int32(k)))
+        (cp.asarray(down), cp.asarray(weights), cp.asarray(ids), out, np.int32(hidden), np.int32(k), np.int32(60)))
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint8), expected.astype(dtype).view(np.uint8))
 
 
@@ -248,15 +254,93 @@ def test_fused_moe_decode_captures_in_a_cuda_graph(cp, rng):
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
-def test_fused_moe_paths_without_kernels_say_so(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 4, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
-    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
-    with pytest.raises(NotImplementedError, match="decode path only"):
-        w4kern.fused_moe(*args, activation="bf16")
+def test_fused_moe_int8_beyond_the_decode_path_says_so(cp, rng):
     big = moe_case(rng, 17, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
     with pytest.raises(NotImplementedError, match="T=17"):
         w4kern.fused_moe(cp.asarray(big[0]), to_gpu(cp, big[1]), to_gpu(cp, big[2]), cp.asarray(big[3]),
                          cp.asarray(big[4]), activation="int8")
+
+
+def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
+    # float32 x is rounded to bfloat16 by the op: the reference gets the same input
+    x_used = x.astype(w4kern.bfloat16) if x.dtype == np.float32 else x
+    expected = w4kern.reference.fused_moe(x_used, w13, w2, weights, ids, "bf16")
+    out = cp.full(x.shape, np.nan, dtype=x.dtype)
+    got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                           activation="bf16", out=out)
+    assert got is out
+    got = cp.asnumpy(got).astype(np.float32)
+    # weights dequantized to 16-bit floats, silu(g) * u rounded to them before GEMM2
+    # (2^-9 relative each, summed over K), fp32 accumulation, the output's rounding
+    scale = float(np.abs(expected).max())
+    tol = 2.0 ** -7 * np.abs(expected) + 4e-3 * scale + 1e-6
+    bad = ~(np.abs(got - expected) <= tol)
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
+                           f"expected {expected[bad][:4]}")
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 16, 33, 256, 1024])
+@pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
+def test_fused_moe_batched_bf16_matches_reference(cp, rng, t, e, k):
+    # H and I not multiples of the 64/128-wide tiles or of K's 64; both block sizes
+    # (16 below 1024 items, 64 from there); symmetric g32 and asymmetric g64
+    check_fused_moe_bf16(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused_moe_bf16(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+
+
+@pytest.mark.parametrize("t", [5, 300])
+def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, t):
+    # every token on expert 0 (many blocks of one expert), most experts without tokens
+    check_fused_moe_bf16(cp, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                       skew=True))
+    check_fused_moe_bf16(cp, *moe_case(rng, t, 8, 2, hidden=128, inter=64, group_size=-1, symmetric=False))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_fused_moe_batched_other_activation_dtypes(cp, rng, dtype):
+    x, w13, w2, weights, ids = moe_case(rng, 40, 8, 2, hidden=160, inter=64, group_size=32, symmetric=False)
+    check_fused_moe_bf16(cp, x.astype(dtype), w13, w2, weights, ids)
+
+
+def test_fused_moe_batched_scale_dtypes(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 20, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
+    for dtype in (np.float32, np.float16):
+        cast = [w4kern.Int4Weight(w.qweight, w.scales.astype(dtype), w.zeros.astype(dtype), w.group_size)
+                for w in (w13, w2)]
+        check_fused_moe_bf16(cp, x, *cast, weights, ids)
+
+
+def test_fused_moe_batched_out_of_range_ids_contribute_nothing(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 24, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
+    bad = ids.copy()
+    bad[3, 1] = 8
+    bad[5, 0] = -3
+    got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(bad),
+                           activation="bf16")
+    kept = weights.copy()
+    kept[3, 1] = kept[5, 0] = 0   # the reference with those slots weighted zero
+    fixed = bad.copy()
+    fixed[3, 1] = fixed[5, 0] = 0
+    expected = w4kern.reference.fused_moe(x, w13, w2, kept, fixed, "bf16")
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(cp.asnumpy(got).astype(np.float32), expected, rtol=2.0 ** -7, atol=4e-3 * scale)
+
+
+def test_fused_moe_batched_captures_in_a_cuda_graph(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 50, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
+    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = w4kern.fused_moe(*args, activation="bf16").copy()   # plans and compiles
+        again = w4kern.fused_moe(*args, activation="bf16")
+        out = cp.empty_like(eager)
+        stream.begin_capture()
+        w4kern.fused_moe(*args, activation="bf16", out=out)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(again).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
 def test_debug_mode_checks_ids_on_the_gpu(cp, rng, monkeypatch):

@@ -147,6 +147,23 @@ MOE_ROW_THREADS = 256
 MOE_COMBINE_THREADS = 256
 
 
+#: the batched expert GEMMs (moe_gemm.cu): m16 tiles per aligned block (block size
+#: 16 * tiles), 128 weight rows per CTA, 3 stages of K tiles of 64
+MOE_GEMM_M_TILES = (1, 4)
+MOE_GEMM_THREADS = 128
+MOE_GEMM_BN = 128
+MOE_GEMM_BK = 64
+MOE_GEMM_STAGES = 3
+
+
+def moe_gemm_smem_bytes(m_tiles: int) -> int:
+    """Dynamic shared memory of moe_gemm_a16_kernel (MoeGemmLayout in moe_gemm.cu):
+    the stages of A rows (padded to 144 bytes) and weight nibble rows (padded to 48
+    bytes), plus the block's item ids."""
+    rows = 16 * m_tiles
+    return MOE_GEMM_STAGES * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16)) + rows * 4
+
+
 def moe_align_chunk(n: int) -> int:
     """Indices per chunk for n flat indices: a multiple of 32, at least
     MOE_ALIGN_MIN_CHUNK, and at most MOE_ALIGN_MAX_CHUNKS chunks."""
@@ -270,6 +287,22 @@ FAMILIES: dict[str, KernelFamily] = {
             source="moe_decode.cu",
             template="w4kern::moe_token_q8_kernel",
             instances=tuple((cxx_type(t), "false") for t in CXX_TYPES) + (("float", "true"),),
+        ),
+        # the batched path's A16 expert GEMMs: (activation type, scale type, zeros,
+        # m16 tiles per aligned block, GEMM1 with the SiLU * up epilogue)
+        KernelFamily(
+            name="moe_gemm_a16",
+            source="moe_gemm.cu",
+            template="w4kern::moe_gemm_a16_kernel",
+            instances=tuple(
+                (cxx_type(a), cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
+                for a in _HALF_TYPES
+                for s in CXX_TYPES
+                for zeros in (True, False)
+                for m_tiles in MOE_GEMM_M_TILES
+                for silu in (True, False)
+            ),
+            max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_M_TILES)),
         ),
         KernelFamily(
             name="moe_combine",

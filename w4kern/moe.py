@@ -176,6 +176,9 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
 
 #: fused_moe runs the decode path (no sorting) up to this many tokens
 MOE_DECODE_MAX_TOKENS = 16
+#: the batched path aligns to 64-row blocks from this many (token, slot) items on
+#: (16-row blocks below: less padding while experts get few items each)
+MOE_GEMM_LARGE_BLOCK_ITEMS = 1024
 
 
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
@@ -189,7 +192,7 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     (the caller's contract). Bit-identical to the same steps written with
     quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it)."""
     from . import _runtime
-    from ._registry import MOE_COMBINE_THREADS, MOE_ROW_THREADS, cxx_bool, cxx_type
+    from ._registry import MOE_ROW_THREADS, cxx_bool, cxx_type
     from .linear import _launch_matvec_items
 
     t, hidden = x.shape
@@ -213,9 +216,75 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
         (t * k,), (MOE_ROW_THREADS,), (gate_up, a_blocks, np.int32(inter)))
     down = cp.empty((t * k, hidden), dtype=np.float32)
     _launch_matvec_items(cp, w2, a_blocks, down, ids, 1)
-    _runtime.get_kernel("moe_combine", (cxx_type(x.dtype),))(
+    _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
+    return y
+
+
+def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
+    """y[t] = sum_j topk_weights[t, j] * down[t * k + j] in slot order, slots with an
+    id outside [0, E) left out (moe_decode.cu, moe_combine_kernel)."""
+    from . import _runtime
+    from ._registry import MOE_COMBINE_THREADS, cxx_type
+
+    t, hidden = y.shape
+    _runtime.get_kernel("moe_combine", (cxx_type(y.dtype),))(
         (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
-        (down, cp.ascontiguousarray(topk_weights), y, np.int32(hidden), np.int32(k)))
+        (down, cp.ascontiguousarray(topk_weights), topk_ids, y, np.int32(hidden), np.int32(topk_ids.shape[1]),
+         np.int32(n_experts)))
+
+
+def moe_block_size(items: int) -> int:
+    """Alignment block of the batched path: 16 rows (one m16 tile) while the average
+    expert gets few items, 64 beyond (MOE_GEMM_LARGE_BLOCK_ITEMS items)."""
+    from ._registry import MOE_GEMM_M_TILES
+
+    return 16 * (max(MOE_GEMM_M_TILES) if items >= MOE_GEMM_LARGE_BLOCK_ITEMS else min(MOE_GEMM_M_TILES))
+
+
+def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
+    """The batched path (activation="bf16"): moe_align_block_size groups the (token,
+    slot) items by expert in blocks, GEMM1 (moe_gemm.cu, tensor cores, INT4 dequantized
+    in registers) writes silu(g) * u per item in x's 16-bit type, GEMM2 writes each
+    item's fp32 [H] row, and the combine kernel sums a token's rows in slot order.
+    float32 x is rounded to bfloat16 first (the A16 kernels take 16-bit activations)."""
+    from . import _runtime
+    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS, cxx_bool, cxx_type, moe_gemm_smem_bytes
+    from .formats import bfloat16
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    n_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    items = t * k
+    y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
+    if t == 0:
+        return y
+    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
+    if act.data.ptr % 16:   # 16-byte cp.async rows (a DLPack view may start anywhere)
+        act = act.copy()
+    block = moe_block_size(items)
+    m_tiles = block // 16
+    sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
+    blocks = expert_ids.shape[0]
+    smem = moe_gemm_smem_bytes(m_tiles)
+
+    def gemm(w, a, dst, silu, act_div):
+        n, kd = w.shape[1], w.shape[2]
+        zeros = w.zeros
+        kernel = _runtime.get_kernel("moe_gemm_a16", (cxx_type(a.dtype), cxx_type(w.scales.dtype),
+                                                      cxx_bool(zeros is not None), str(m_tiles), cxx_bool(silu)))
+        cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
+        kernel((cols, blocks), (MOE_GEMM_THREADS,),
+               (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
+                dst, np.int32(n), np.int32(kd), np.int32(w.scales.shape[-1]),
+                np.int32(31 if w.group_size == -1 else int(w.group_size).bit_length() - 1),
+                np.int32(items), np.int32(act_div), np.int32(n_experts)),
+               shared_mem=smem)
+
+    inter_rows = cp.empty((items, inter), dtype=act.dtype)
+    gemm(w13, act, inter_rows, True, k)
+    down = cp.empty((items, hidden), dtype=np.float32)
+    gemm(w2, inter_rows, down, False, 1)
+    _combine(cp, down, topk_weights, topk_ids, y, n_experts)
     return y
 
 
@@ -240,11 +309,17 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     activation "bf16" (x as given) or "int8" (per-token INT8 before each GEMM,
     as the A8 kernels do). Returns [T, H] in x's dtype (``out`` when given).
 
-    CuPy arrays: activation="int8" with T <= MOE_DECODE_MAX_TOKENS (16) runs the
-    decode path (one dp4a matvec item per (token, slot), no sorting, no host read;
-    graph-capturable); other cases raise NotImplementedError until the batched
-    expert GEMMs exist. Ids outside [0, E) are the caller's contract on the GPU
-    (they contribute zeros; W4KERN_DEBUG=1 checks them).
+    CuPy arrays (no host read, graph-capturable):
+    - activation="bf16": the batched path (moe_align_block_size, then two
+      tensor-core expert GEMMs over the aligned blocks with INT4 dequantized in
+      registers, SiLU * up fused into the first; float32 x is rounded to
+      bfloat16 first). Any T.
+    - activation="int8" with T <= MOE_DECODE_MAX_TOKENS (16): the decode path
+      (one dp4a matvec item per (token, slot), no sorting). Larger T raises
+      NotImplementedError until the batched INT8 GEMMs exist.
+    The k rows of a token are summed in slot order (the same bits every run).
+    Ids outside [0, E) are the caller's contract on the GPU (they contribute
+    zeros; W4KERN_DEBUG=1 checks them).
     """
     xp = array_module(x=x, qweight=w13.qweight if isinstance(w13, Int4Weight) else None,
                       topk_weights=topk_weights, topk_ids=topk_ids, out=out)
@@ -271,12 +346,14 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if out is not None:
         check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
-        if activation == "int8" and x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+        if activation == "bf16":
+            return _fused_moe_batched_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
+        if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
             return _fused_moe_decode_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
         raise NotImplementedError(
-            f"fused_moe on the GPU runs the decode path only so far: activation='int8' and at most "
-            f"{MOE_DECODE_MAX_TOKENS} tokens (got activation={activation!r}, T={x.shape[0]}); the batched "
-            "expert GEMMs are issue 4's next step. Call it on NumPy arrays for the other cases.")
+            f"fused_moe on the GPU runs activation='int8' for at most {MOE_DECODE_MAX_TOKENS} tokens so far "
+            f"(got T={x.shape[0]}); the batched INT8 expert GEMMs are issue 4's next step. Use "
+            "activation='bf16', or call it on NumPy arrays.")
     from . import reference
 
     return deliver(reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype), out)

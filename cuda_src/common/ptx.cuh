@@ -138,6 +138,25 @@ __device__ __forceinline__ u32 fma2<f16_t>(u32 a, u32 b, u32 c) {
     return d;
 }
 
+// Two floats as one packed pair of 16-bit floats (lo in the low half), each
+// rounded to nearest even; T is bf16_t or f16_t.
+template <typename T>
+__device__ __forceinline__ u32 pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ u32 pack2<bf16_t>(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+template <>
+__device__ __forceinline__ u32 pack2<f16_t>(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
 // Store one float as the output element type chosen at run time (the
 // epilogue is the only place that needs it, so it is not a template axis).
 enum OutKind : i32 { kOutF32 = 0, kOutF16 = 1, kOutBf16 = 2 };

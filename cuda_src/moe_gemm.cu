@@ -1,0 +1,250 @@
+// moe_gemm: fused_moe's batched expert GEMMs (w4kern/moe.py, the batched path)
+// over the blocks of moe_align_block_size: bf16/fp16 activations (A16), INT4
+// expert weights (stacked Int4Weight [E, N, K / 2]) dequantized in registers,
+// mma.sync m16n8k16 with fp32 accumulation.
+//
+// A CTA computes one (aligned block, column tile) pair: the block's BM = 16 *
+// kMTiles rows are flat (token, slot) items i (moe_align's sorted_token_ids,
+// sentinel >= n_items in the padding), all routed to the block's expert; row r
+// of the A tile is activation row i / act_div (GEMM1: the token's x row,
+// act_div = k; GEMM2: the item's own intermediate row, act_div = 1).
+//
+// A tile of kMoeBN = 128 weight rows has a low half (tile columns 0..63) and a
+// high half (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and
+// the matching up rows I + n0 .. I + n0 + 63, so that every thread holds the
+// gate and up accumulators of the same outputs and the epilogue writes
+// silu(g) * u straight away (as ActT, GEMM2's A operand); for GEMM2 simply 128
+// consecutive rows, written as fp32 per item (the combine kernel of
+// moe_decode.cu sums an item's k rows in slot order: deterministic).
+//
+// Warp w (of 4) owns tile columns 16w .. 16w + 15 of both halves (4 n8 MMA
+// tiles) and all BM rows. Each K tile (kMoeBK = 64) goes through a kMoeStages
+// cp.async ring in shared memory: the A rows (gathered; padding rows are
+// zero-filled) and the raw nibbles of the weight rows. A thread's B fragment
+// of an n8 tile and k16 step needs weights k = 2t, 2t + 1, 2t + 8, 2t + 9 of
+// weight row g (t = lane % 4, g = lane / 4): bytes t and 4 + t of the row's 8
+// bytes for that step, i.e. byte t of two consecutive words, so a thread reads
+// its row's 32 bytes as two 16-byte loads and dequantizes w = q * s - z * s in
+// fp32 (exact up to the final rounding to ActT). Scales and zeros of the next
+// K tile are loaded into registers while this one computes.
+#include "common/formats.cuh"
+#include "common/ptx.cuh"
+
+namespace w4kern {
+
+constexpr int kMoeGemmThreads = 128;
+constexpr int kMoeGemmWarps = kMoeGemmThreads / 32;
+constexpr int kMoeBN = 128;                  // weight rows per tile (two halves of 64)
+constexpr int kMoeHalf = kMoeBN / 2;
+constexpr int kMoeBK = 64;                   // k per K tile
+constexpr int kMoeStages = 3;
+constexpr int kMoeARowBytes = kMoeBK * 2 + 16;   // padded: 8 ldmatrix rows hit distinct banks
+constexpr int kMoeBRowBytes = kMoeBK / 2 + 16;   // 32 bytes of nibbles, padded to 48 (conflict-free)
+constexpr int kMoeNTiles = 4;                // n8 MMA tiles per warp: 2 low, 2 high
+
+template <int kMTiles>
+struct MoeGemmLayout {
+    static constexpr int kRows = 16 * kMTiles;                      // BM: the alignment block size
+    static constexpr int kABytes = kRows * kMoeARowBytes;
+    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
+    static constexpr int kStageBytes = kABytes + kBBytes;
+    static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;   // + the block's item ids
+};
+
+// Scale and zero * scale of one weight row for the two 32-k halves of a K tile.
+struct MoeGroupScales {
+    float s[kMoeNTiles][2], zs[kMoeNTiles][2];
+};
+
+template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
+__global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
+    const ActT* __restrict__ act,              // [rows, K]
+    const u8* __restrict__ qweight,            // [E, N, K / 2]
+    const ScaleT* __restrict__ scales,         // [E, N, n_groups]
+    const ScaleT* __restrict__ zeros,          // [E, N, n_groups] (asymmetric only)
+    const i32* __restrict__ sorted_ids,        // [max_blocks * BM]
+    const i32* __restrict__ expert_ids,        // [max_blocks], -1 for unused blocks
+    const i32* __restrict__ num_post_padded,   // [1]
+    void* __restrict__ out,                    // GEMM1: ActT [n_items, N / 2]; GEMM2: float [n_items, N]
+    i32 n_rows,                                // N (weight rows per expert)
+    i32 k_dim, i32 n_groups,
+    i32 group_shift,                           // log2(group size); 31 for one group per row
+    i32 n_items, i32 act_div, i32 n_experts)
+{
+    using Layout = MoeGemmLayout<kMTiles>;
+    constexpr int kBM = Layout::kRows;
+    extern __shared__ __align__(16) u8 smem[];
+    i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
+
+    const int block = blockIdx.y;
+    if (block * kBM >= num_post_padded[0]) return;     // past the used blocks
+    const int expert = expert_ids[block];
+    if (expert < 0 || expert >= n_experts) return;    // no expert (never written by moe_align here)
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    // column bases of the two halves, and where each half's rows end
+    const int out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
+    const int lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
+    const int hi_base = kSiluGateUp ? n_rows / 2 + lo_base : lo_base + kMoeHalf;
+    const int lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
+    // weight row of tile column c, clamped in bounds (only real columns are stored)
+    auto weight_row = [&](int c) {
+        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
+    };
+
+    const i64 row_bytes = k_dim / 2;
+    const u8* expert_q = qweight + static_cast<i64>(expert) * n_rows * row_bytes;
+    const ScaleT* expert_s = scales + static_cast<i64>(expert) * n_rows * n_groups;
+    const ScaleT* expert_z = kHasZeros ? zeros + static_cast<i64>(expert) * n_rows * n_groups : nullptr;
+
+    if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
+    __syncthreads();
+
+    // Loads: thread tid copies 16-byte chunk tid % 8 of A rows tid / 8 + 16 j,
+    // and both 16-byte halves of weight row tid.
+    const ActT* a_src[kMTiles];
+    bool a_valid[kMTiles];
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+        const int item = block_items[tid / 8 + 16 * j];
+        a_valid[j] = item >= 0 && item < n_items;
+        a_src[j] = act + static_cast<i64>(a_valid[j] ? item / act_div : 0) * k_dim + (tid % 8) * 8;
+    }
+    const u8* b_src = expert_q + static_cast<i64>(weight_row(tid)) * row_bytes;
+    const u32 smem_base = smem_address(smem);
+    const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
+
+    auto load_tile = [&](int kt, int stage) {
+        const u32 a_dst = smem_base + stage * Layout::kStageBytes;
+        const u32 b_dst = a_dst + Layout::kABytes;
+        const int k0 = kt * kMoeBK;
+        const bool a_in = k0 + (tid % 8) * 8 < k_dim;   // K is a multiple of 32: whole chunks
+#pragma unroll
+        for (int j = 0; j < kMTiles; ++j) {
+            const int r = tid / 8 + 16 * j;
+            cp_async16(a_dst + r * kMoeARowBytes + (tid % 8) * 16, a_src[j] + (a_in ? k0 : 0),
+                       a_valid[j] && a_in ? 16 : 0);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const i64 byte = static_cast<i64>(k0) / 2 + 16 * h;
+            const bool in = byte < row_bytes;
+            cp_async16(b_dst + tid * kMoeBRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
+        }
+    };
+
+    // this thread's weight row in n8 tile j (tile columns 16w + 8j + g, high half for j >= 2)
+    int my_row[kMoeNTiles];
+#pragma unroll
+    for (int j = 0; j < kMoeNTiles; ++j) my_row[j] = weight_row((j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g);
+    auto load_scales = [&](MoeGroupScales& sc, int kt) {
+#pragma unroll
+        for (int j = 0; j < kMoeNTiles; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int group = min((kt * kMoeBK + 32 * h) >> group_shift, n_groups - 1);
+                const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
+                const float s = to_float(expert_s[at]);
+                const float z = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
+                sc.s[j][h] = s;
+                sc.zs[j][h] = z * s;
+            }
+    };
+
+    float acc[kMTiles][kMoeNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < kMoeNTiles; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < kMoeStages - 1; ++s) {
+        if (s < k_tiles) load_tile(s, s);
+        cp_async_commit();
+    }
+    MoeGroupScales cur, next;
+    load_scales(cur, 0);
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<kMoeStages - 2>();
+        __syncthreads();   // tile kt is in shared memory; the slot of tile kt - 1 is free
+        if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
+        cp_async_commit();
+        if (kt + 1 < k_tiles) load_scales(next, kt + 1);
+
+        const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
+        const u32 b_tile = a_tile + Layout::kABytes;
+        // this thread's 32 nibble bytes of each of its 4 weight rows
+        u32 w[kMoeNTiles][8];
+#pragma unroll
+        for (int j = 0; j < kMoeNTiles; ++j) {
+            const int c = (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g;
+            const uint4 lo = lds_u32x4(b_tile + c * kMoeBRowBytes);
+            const uint4 hi = lds_u32x4(b_tile + c * kMoeBRowBytes + 16);
+            w[j][0] = lo.x; w[j][1] = lo.y; w[j][2] = lo.z; w[j][3] = lo.w;
+            w[j][4] = hi.x; w[j][5] = hi.y; w[j][6] = hi.z; w[j][7] = hi.w;
+        }
+#pragma unroll
+        for (int step = 0; step < kMoeBK / 16; ++step) {
+            u32 b[kMoeNTiles][2];
+#pragma unroll
+            for (int j = 0; j < kMoeNTiles; ++j) {
+                const float s = cur.s[j][step / 2], zs = cur.zs[j][step / 2];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const u32 byte = (w[j][2 * step + half] >> (8 * t)) & 0xFFu;
+                    const float lo = fmaf(static_cast<float>(byte & 0xFu), s, -zs);
+                    const float hi = fmaf(static_cast<float>(byte >> 4), s, -zs);
+                    b[j][half] = pack2<ActT>(lo, hi);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kMTiles; ++i) {
+                u32 a[4];
+                // lanes 0-15: rows 16i + lane at k 16 step; lanes 16-31: the same rows at + 8
+                ldmatrix_x4(a, a_tile + (16 * i + (lane & 15)) * kMoeARowBytes + step * 32 + (lane >> 4) * 16);
+#pragma unroll
+                for (int j = 0; j < kMoeNTiles; ++j) mma_m16n8k16<ActT>(acc[i][j], a, b[j][0], b[j][1]);
+            }
+        }
+        cur = next;
+    }
+
+    // Epilogue: accumulator c of tile (i, j) is row 16i + g + 8 (c / 2), tile
+    // column 16w + 8 (j & 1) + 2t + (c & 1) of half j / 2.
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+            const int item = block_items[16 * i + g + 8 * rh];
+            if (item < 0 || item >= n_items) continue;
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int col = 16 * warp + 8 * j + 2 * t;   // within a half; even, and out_cols is even
+                if constexpr (kSiluGateUp) {
+                    if (lo_base + col >= out_cols) continue;
+                    float v[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float gate = acc[i][j][2 * rh + e], up = acc[i][j + 2][2 * rh + e];
+                        v[e] = gate / (1.0f + expf(-gate)) * up;
+                    }
+                    *reinterpret_cast<u32*>(static_cast<ActT*>(out) + static_cast<i64>(item) * out_cols + lo_base +
+                                            col) = pack2<ActT>(v[0], v[1]);
+                } else {
+                    float* row = static_cast<float*>(out) + static_cast<i64>(item) * out_cols;
+                    if (lo_base + col < out_cols)
+                        *reinterpret_cast<float2*>(row + lo_base + col) =
+                            make_float2(acc[i][j][2 * rh], acc[i][j][2 * rh + 1]);
+                    if (hi_base + col < out_cols)
+                        *reinterpret_cast<float2*>(row + hi_base + col) =
+                            make_float2(acc[i][j + 2][2 * rh], acc[i][j + 2][2 * rh + 1]);
+                }
+            }
+        }
+}
+
+}  // namespace w4kern
