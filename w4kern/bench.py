@@ -622,7 +622,6 @@ def suite_moe_align(ceilings: Ceilings, timer: Timer, quick: bool = False) -> li
 
 #: MoE layer shapes: (experts, experts per token, hidden H, expert intermediate I)
 MOE_LAYERS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v3": (256, 8, 7168, 2048)}
-MOE_DECODE_TOKENS = (1, 16)
 
 
 def _random_int4_experts(cp, rng, experts, n, k, group_size=128):
@@ -641,27 +640,34 @@ def _expert_bytes(w) -> int:
 
 
 def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
-    """fused_moe's decode path (activation="int8", T <= 16) on the Qwen3-30B-A3B and
-    DeepSeek-V3 layers (random INT4 g128 asymmetric experts), beside torch's bf16
-    grouped_mm pipeline (sort, gather, two torch._grouped_mm, SiLU, weighted
-    scatter-add) on bf16 experts of the same shape. Floor: the touched experts' INT4
-    bytes (codes, scales, zeros) / read bandwidth. Routing rotates over disjoint
-    expert sets so no launch finds its experts in L2."""
+    """fused_moe on the Qwen3-30B-A3B and DeepSeek-V3 layers (random INT4 g128
+    asymmetric experts): activation="int8" (the decode path, T <= 16) and "bf16"
+    (the batched path, every T), beside torch's bf16 grouped_mm pipeline (sort,
+    gather, two torch._grouped_mm, SiLU, weighted scatter-add) on bf16 experts of
+    the same shape. Floor: the larger of the touched experts' INT4 bytes (codes,
+    scales, zeros) / read bandwidth and the GEMMs' operations / the bf16 tensor
+    rate measured here with torch (cuBLAS 8192^3); "tflop" in the shape is those
+    operations. Routing at T = 1 rotates over disjoint expert sets so no launch
+    finds its experts in L2."""
     import cupy as cp
 
     import w4kern
+    from .moe import MOE_DECODE_MAX_TOKENS
 
     torch, ttimer = _torch_and_timer(timer)
     modes = ("plain", "graph")
     rng = cp.random.default_rng(6)
+    tflops = _bf16_tensor_tflops(torch, ttimer) if torch is not None else None
+    if tflops:
+        print(f"bf16 tensor rate (torch matmul 8192^3): {tflops:.0f} TFLOP/s")
     rows: list[Row] = []
     for name, (experts, k, hidden, inter) in list(MOE_LAYERS.items())[: 1 if quick else None]:
         w13 = _random_int4_experts(cp, rng, experts, 2 * inter, hidden)
         w2 = _random_int4_experts(cp, rng, experts, hidden, inter)
         per_expert = _expert_bytes(w13) + _expert_bytes(w2)
-        for t in ((1,) if quick else MOE_DECODE_TOKENS):
+        for t in ((1, 1024) if quick else MOE_TOKENS):
             # routing sets: T=1 takes k disjoint experts per set (rotated); larger T random
-            sets = max(1, min(experts // k, timer.launches)) if t == 1 else timer.launches
+            sets = max(1, min(experts // k, timer.launches)) if t == 1 else min(timer.launches, 4)
             id_sets = []
             perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
             for i in range(sets):
@@ -672,22 +678,54 @@ def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row
                                    .astype(np.int32))
             touched = int(np.mean([len(np.unique(cp.asnumpy(ids))) for ids in id_sets]))
             nbytes = touched * per_expert
+            gflop = 2 * t * k * (2 * inter * hidden + hidden * inter) / 1e9
             weights = cp.full((t, k), 1.0 / k, dtype=np.float32)
             x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
             out = cp.empty((t, hidden), dtype=w4kern.bfloat16)
-            shape = {"name": name, "T": t, "E": experts, "k": k, "H": hidden, "I": inter}
-            rows += _measure(timer, "w4kern-int8", "fused_moe", shape,
-                             lambda i: w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets], activation="int8",
-                                                        out=out),
-                             nbytes, ceilings, modes)
+            shape = {"name": name, "T": t, "E": experts, "k": k, "H": hidden, "I": inter,
+                     "tflop": round(gflop / 1e3, 4)}
+            for activation in ("int8", "bf16"):
+                if activation == "int8" and t > MOE_DECODE_MAX_TOKENS:
+                    continue
+                rows += _with_compute_floor(
+                    _measure(timer, f"w4kern-{activation}", "fused_moe", shape,
+                             lambda i, a=activation: w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets],
+                                                                      activation=a, out=out),
+                             nbytes, ceilings, modes), gflop, tflops)
             if torch is not None:
                 try:
-                    rows += _torch_grouped_mm_moe(torch, ttimer, ceilings, modes, shape, x, id_sets, weights,
-                                                  experts, k, hidden, inter, nbytes)
+                    rows += _with_compute_floor(
+                        _torch_grouped_mm_moe(torch, ttimer, ceilings, modes, shape, x, id_sets, weights, experts,
+                                              k, hidden, inter, nbytes), gflop, tflops)
                 except (RuntimeError, TypeError, AttributeError) as e:   # an older torch, a layout it refuses
                     print(f"torch grouped_mm peer unavailable for {shape}: {str(e).splitlines()[0]}")
+            del x, out, weights, id_sets
+            cp.get_default_memory_pool().free_all_blocks()
         del w13, w2
         cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+MOE_TOKENS = (1, 16, 128, 1024, 4096)
+
+
+def _bf16_tensor_tflops(torch, ttimer) -> float | None:
+    """The bf16 tensor-core rate cuBLAS reaches through torch on 8192^3 (TFLOP/s)."""
+    try:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        us = ttimer.plain(lambda i: a @ b)
+        return 2 * 8192 ** 3 / us / 1e6
+    except RuntimeError as e:
+        print(f"no tensor rate measured: {str(e).splitlines()[0]}")
+        return None
+
+
+def _with_compute_floor(rows: list[Row], gflop: float, tflops: float | None) -> list[Row]:
+    """Raise each row's floor to operations / tensor rate where that is larger."""
+    if tflops:
+        for r in rows:
+            r.floor_us = max(r.floor_us, gflop / tflops * 1e3)
     return rows
 
 
