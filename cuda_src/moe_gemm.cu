@@ -24,9 +24,12 @@
 // of an n8 tile and k16 step needs weights k = 2t, 2t + 1, 2t + 8, 2t + 9 of
 // weight row g (t = lane % 4, g = lane / 4): bytes t and 4 + t of the row's 8
 // bytes for that step, i.e. byte t of two consecutive words, so a thread reads
-// its row's 32 bytes as two 16-byte loads and dequantizes w = q * s - z * s in
-// fp32 (exact up to the final rounding to ActT). Scales and zeros of the next
-// K tile are loaded into registers while this one computes.
+// its row's 32 bytes as two 16-byte loads. Dequantizing takes no int-to-float
+// conversion (a quarter-rate instruction): a rotate and a LOP3 put a nibble q
+// into mantissa bits 19..22 under the exponent of 1.0, giving m = 1 + q / 16
+// exactly, and w = (q - z) s = m * 16 s - (16 + z) s is one fp32 FMA (exact up
+// to the final rounding to ActT, bar 2^-19 s from rounding (16 + z) s). Scales
+// and zeros of the next K tile are loaded into registers while this one computes.
 #include "common/formats.cuh"
 #include "common/ptx.cuh"
 
@@ -41,6 +44,8 @@ constexpr int kMoeStages = 3;
 constexpr int kMoeARowBytes = kMoeBK * 2 + 16;   // padded: 8 ldmatrix rows hit distinct banks
 constexpr int kMoeBRowBytes = kMoeBK / 2 + 16;   // 32 bytes of nibbles, padded to 48 (conflict-free)
 constexpr int kMoeNTiles = 4;                // n8 MMA tiles per warp: 2 low, 2 high
+constexpr u32 kMoeNibbleBits = 0x00780000u;  // mantissa bits 19..22
+constexpr u32 kMoeOne = 0x3F800000u;         // 1.0f
 
 template <int kMTiles>
 struct MoeGemmLayout {
@@ -51,9 +56,10 @@ struct MoeGemmLayout {
     static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;   // + the block's item ids
 };
 
-// Scale and zero * scale of one weight row for the two 32-k halves of a K tile.
+// 16 * scale and -(16 + zero) * scale of a thread's weight rows for the two 32-k
+// halves of a K tile (the two constants of w = m * 16 s - (16 + z) s).
 struct MoeGroupScales {
-    float s[kMoeNTiles][2], zs[kMoeNTiles][2];
+    float s16[kMoeNTiles][2], offset[kMoeNTiles][2];
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
@@ -147,11 +153,13 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
                 const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
                 const float s = to_float(expert_s[at]);
                 const float z = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
-                sc.s[j][h] = s;
-                sc.zs[j][h] = z * s;
+                sc.s16[j][h] = 16.0f * s;
+                sc.offset[j][h] = -(16.0f + z) * s;
             }
     };
 
+    // rotations that bring the low / high nibble of byte t to bits 19..22
+    const u32 rot_lo = (19u - 8u * t) & 31u, rot_hi = (15u - 8u * t) & 31u;
     float acc[kMTiles][kMoeNTiles][4];
 #pragma unroll
     for (int i = 0; i < kMTiles; ++i)
@@ -192,13 +200,14 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
             u32 b[kMoeNTiles][2];
 #pragma unroll
             for (int j = 0; j < kMoeNTiles; ++j) {
-                const float s = cur.s[j][step / 2], zs = cur.zs[j][step / 2];
+                const float s16 = cur.s16[j][step / 2], offset = cur.offset[j][step / 2];
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    const u32 byte = (w[j][2 * step + half] >> (8 * t)) & 0xFFu;
-                    const float lo = fmaf(static_cast<float>(byte & 0xFu), s, -zs);
-                    const float hi = fmaf(static_cast<float>(byte >> 4), s, -zs);
-                    b[j][half] = pack2<ActT>(lo, hi);
+                    // byte t of the word: low nibble k even, high nibble k odd
+                    const u32 word = w[j][2 * step + half];
+                    const float m_lo = __uint_as_float((rotl(word, rot_lo) & kMoeNibbleBits) | kMoeOne);
+                    const float m_hi = __uint_as_float((rotl(word, rot_hi) & kMoeNibbleBits) | kMoeOne);
+                    b[j][half] = pack2<ActT>(fmaf(m_lo, s16, offset), fmaf(m_hi, s16, offset));
                 }
             }
 #pragma unroll

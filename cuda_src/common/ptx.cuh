@@ -138,6 +138,13 @@ __device__ __forceinline__ u32 fma2<f16_t>(u32 a, u32 b, u32 c) {
     return d;
 }
 
+// x rotated left by n (mod 32) bits: one funnel shift.
+__device__ __forceinline__ u32 rotl(u32 x, u32 n) {
+    u32 d;
+    asm("shf.l.wrap.b32 %0, %1, %1, %2;" : "=r"(d) : "r"(x), "r"(n));
+    return d;
+}
+
 // Two floats as one packed pair of 16-bit floats (lo in the low half), each
 // rounded to nearest even; T is bf16_t or f16_t.
 template <typename T>
