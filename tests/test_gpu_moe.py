@@ -287,10 +287,12 @@ def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
                            activation="bf16", out=out)
     assert got is out
     got = cp.asnumpy(got).astype(np.float64)
-    # the output's rounding (2^-9 for bfloat16), fp32 accumulation, and a silu(g) * u
-    # value that fp32 accumulators round to the neighbouring 16-bit float
+    # the output's rounding (2^-9 for bfloat16), fp32 accumulation, and silu(g) * u
+    # values that fp32 accumulators round to the neighbouring 16-bit float: one such
+    # flip moves a row by weight * w2[:, i] * ulp(a_i), seen up to 1.6e-3 * scale
+    # (T=1024, E=8, k=2); a wrong kernel is off by O(scale)
     scale = float(np.abs(expected).max())
-    tol = 2.0 ** -8 * np.abs(expected) + 1e-3 * scale + 1e-6
+    tol = 2.0 ** -8 * np.abs(expected) + 4e-3 * scale + 1e-6
     bad = ~(np.abs(got - expected) <= tol)
     assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
                            f"expected {expected[bad][:4]}")
@@ -340,7 +342,7 @@ def test_fused_moe_batched_out_of_range_ids_contribute_nothing(cp, rng):
                            activation="bf16")
     expected = a16_expected(x, w13, w2, weights, bad)   # the bad slots left out
     scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(cp.asnumpy(got).astype(np.float64), expected, rtol=2.0 ** -8, atol=1e-3 * scale)
+    np.testing.assert_allclose(cp.asnumpy(got).astype(np.float64), expected, rtol=2.0 ** -8, atol=4e-3 * scale)
 
 
 def test_fused_moe_batched_captures_in_a_cuda_graph(cp, rng):
