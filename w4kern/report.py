@@ -99,6 +99,18 @@ def table(path: str | Path) -> str:
             out.append(f"| {label} | {r['shape']['T']} | {_us(r['time_us'])} | "
                        f"{_cell(rows.get(('moe_align_block_size', shape, 'torch-sort')), False)} |")
         out.append("")
+
+    layers = [r for (op, _, system), r in rows.items() if op == "fused_moe" and system == "w4kern-bf16"]
+    if layers:
+        out += ["| fused_moe (INT4 g128 experts) | T | w4kern int8 | w4kern bf16 | torch grouped_mm bf16 | floor |",
+                "|---|---|---|---|---|---|"]
+        for r in layers:
+            shape = tuple(sorted(r["shape"].items()))
+            label = f"{r['shape']['name']} (E={r['shape']['E']}, k={r['shape']['k']})"
+            out.append(f"| {label} | {r['shape']['T']} | {_cell(rows.get(('fused_moe', shape, 'w4kern-int8')), True)} "
+                       f"| {_cell(r, True)} | {_cell(rows.get(('fused_moe', shape, 'torch-grouped_mm-bf16')), False)} "
+                       f"| {_us(r['floor_us'])} |")
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
