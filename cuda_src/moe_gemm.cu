@@ -256,4 +256,234 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
         }
 }
 
+// ---------------------------------------------------------------------------
+// A8: per-token INT8 activations (Q8 blocks whose d is the row's scale, as
+// moe_decode.cu's moe_token_q8_kernel writes them) against the same INT4
+// weights, with mma.sync m16n8k32 s8 and int32 accumulation.
+//
+// No dequantization: a Q8 block stores its 32 values as qs_even (k = 0, 2, ..)
+// then qs_odd (k = 1, 3, ..), and the MMA's k slots are taken in that order. So
+// B's slots 4t..4t+3 (k = 8t, 8t+2, 8t+4, 8t+6) are the low nibbles of weight
+// word t of the 16-byte k32 chunk and slots 16+4t.. (the odd k) its high
+// nibbles: b0 = word & 0x0F0F0F0F, b1 = (word >> 4) & 0x0F0F0F0F, the nibbles q
+// in [0, 15] as int8. The zero point and the scales come back per group, as in
+// matvec_q8: sum_k w x = s * (d * sum q_w q_x - z * S), with S the sum of the
+// blocks' `sum` fields (d * sum q_x) over the group, once the group's int32 dot
+// is complete (groups wider than 128 k, and per-channel weights, flush every 128
+// k: the int32 dot of 128 k stays below 2^22, so a magic-number add converts it
+// exactly). A tile's smem rows hold the blocks' 32 int8 values (80-byte rows,
+// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers.
+constexpr int kMoeA8RowBytes = kMoeBK + 16;         // 2 blocks of 32 int8, padded
+constexpr int kMoeA8HeaderBytes = 2 * 16;           // d, sum (and padding) of the 2 blocks
+constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
+constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
+constexpr i32 kMoeRoundMagicBits = 0x4B400000;
+
+template <int kMTiles>
+struct MoeGemmA8Layout {
+    static constexpr int kRows = 16 * kMTiles;
+    static constexpr int kABytes = kRows * kMoeA8RowBytes;
+    static constexpr int kHeaderBytes = kRows * kMoeA8HeaderBytes;
+    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
+    static constexpr int kStageBytes = kABytes + kHeaderBytes + kBBytes;
+    static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;
+};
+
+template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
+__global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a8_kernel(
+    const Q8Block* __restrict__ act,           // [rows, K / 32], per-token (one d per row)
+    const u8* __restrict__ qweight,            // [E, N, K / 2]
+    const ScaleT* __restrict__ scales,         // [E, N, n_groups]
+    const ScaleT* __restrict__ zeros,          // [E, N, n_groups] (asymmetric only)
+    const i32* __restrict__ sorted_ids,        // [max_blocks * BM]
+    const i32* __restrict__ expert_ids,        // [max_blocks], -1 for unused blocks
+    const i32* __restrict__ num_post_padded,   // [1]
+    float* __restrict__ out,                   // GEMM1: silu(g) * u [n_items, N / 2]; GEMM2: [n_items, N]
+    i32 n_rows, i32 k_dim, i32 n_groups,
+    i32 group_shift,                           // log2(group size); 31 for one group per row
+    i32 n_items, i32 act_div, i32 n_experts)
+{
+    using Layout = MoeGemmA8Layout<kMTiles>;
+    constexpr int kBM = Layout::kRows;
+    extern __shared__ __align__(16) u8 smem[];
+    i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
+
+    const int block = blockIdx.y;
+    if (block * kBM >= num_post_padded[0]) return;
+    const int expert = expert_ids[block];
+    if (expert < 0 || expert >= n_experts) return;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
+    const int lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
+    const int hi_base = kSiluGateUp ? n_rows / 2 + lo_base : lo_base + kMoeHalf;
+    const int lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
+    auto weight_row = [&](int c) {
+        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
+    };
+    const i64 row_bytes = k_dim / 2;
+    const int n_blocks = k_dim / kQ8BlockValues;
+    const u8* expert_q = qweight + static_cast<i64>(expert) * n_rows * row_bytes;
+    const ScaleT* expert_s = scales + static_cast<i64>(expert) * n_rows * n_groups;
+    const ScaleT* expert_z = kHasZeros ? zeros + static_cast<i64>(expert) * n_rows * n_groups : nullptr;
+
+    if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
+    __syncthreads();
+
+    const u8* b_src = expert_q + static_cast<i64>(weight_row(tid)) * row_bytes;
+    const u32 smem_base = smem_address(smem);
+    const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
+
+    // A: row r's chunks c = 0..3 are the two blocks' qs halves, c = 4, 5 their headers
+    auto load_tile = [&](int kt, int stage) {
+        const u32 a_dst = smem_base + stage * Layout::kStageBytes;
+        const u32 h_dst = a_dst + Layout::kABytes;
+        const u32 b_dst = h_dst + Layout::kHeaderBytes;
+        for (int i = tid; i < 6 * kBM; i += kMoeGemmThreads) {
+            const int r = i / 6, c = i % 6;
+            const int item = block_items[r];
+            const int blk = 2 * kt + (c < 4 ? c / 2 : c - 4);
+            const bool in = item >= 0 && item < n_items && blk < n_blocks;
+            const u8* row = reinterpret_cast<const u8*>(act + static_cast<i64>(in ? item / act_div : 0) * n_blocks);
+            const u8* src = row + static_cast<i64>(in ? blk : 0) * sizeof(Q8Block) + (c < 4 ? (c % 2) * 16 : 32);
+            const u32 dst = c < 4 ? a_dst + r * kMoeA8RowBytes + c * 16 : h_dst + r * kMoeA8HeaderBytes + (c - 4) * 16;
+            cp_async16(dst, src, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const i64 byte = static_cast<i64>(kt) * (kMoeBK / 2) + 16 * h;
+            const bool in = byte < row_bytes;
+            cp_async16(b_dst + tid * kMoeBRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
+        }
+    };
+
+    int my_col[kMoeNTiles], my_row[kMoeNTiles];
+#pragma unroll
+    for (int j = 0; j < kMoeNTiles; ++j) {
+        my_col[j] = (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g;
+        my_row[j] = weight_row(my_col[j]);
+    }
+    // scale and zero of this thread's 4 weight rows for the group holding k
+    float s_cur[kMoeNTiles], z_cur[kMoeNTiles];
+    auto load_group = [&](int k) {
+        const int group = min(k >> group_shift, n_groups - 1);
+#pragma unroll
+        for (int j = 0; j < kMoeNTiles; ++j) {
+            const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
+            s_cur[j] = to_float(expert_s[at]);
+            z_cur[j] = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
+        }
+    };
+    const int flush_k = min(group_shift >= 31 ? kMoeA8MaxFlushK : (1 << group_shift), kMoeA8MaxFlushK);
+
+    float acc[kMTiles][kMoeNTiles][4];
+    i32 dot[kMTiles][kMoeNTiles][4];
+    float block_sums[kMTiles][2];   // S of rows 16i + g (+ 8) over the blocks since the last flush
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i) {
+        block_sums[i][0] = block_sums[i][1] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kMoeNTiles; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                acc[i][j][c] = 0.0f;
+                dot[i][j][c] = 0;
+            }
+    }
+
+#pragma unroll
+    for (int st = 0; st < kMoeStages - 1; ++st) {
+        if (st < k_tiles) load_tile(st, st);
+        cp_async_commit();
+    }
+    load_group(0);
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<kMoeStages - 2>();
+        __syncthreads();
+        if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
+        cp_async_commit();
+
+        const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
+        const u32 h_tile = a_tile + Layout::kABytes;
+        const u32 b_tile = h_tile + Layout::kHeaderBytes;
+#pragma unroll
+        for (int step = 0; step < 2; ++step) {
+            const int k_end = kt * kMoeBK + 32 * (step + 1);   // k after this block
+            if (k_end - 32 >= k_dim) break;                     // K's last tile may hold one block
+            u32 b[kMoeNTiles][2];
+#pragma unroll
+            for (int j = 0; j < kMoeNTiles; ++j) {
+                const u32 word = lds_u32(b_tile + my_col[j] * kMoeBRowBytes + 16 * step + 4 * t);
+                b[j][0] = word & kLowNibbles;
+                b[j][1] = (word >> 4) & kLowNibbles;
+            }
+#pragma unroll
+            for (int i = 0; i < kMTiles; ++i) {
+                u32 a[4];
+                ldmatrix_x4(a, a_tile + (16 * i + (lane & 15)) * kMoeA8RowBytes + step * 32 + (lane >> 4) * 16);
+#pragma unroll
+                for (int j = 0; j < kMoeNTiles; ++j) mma_s8_m16n8k32_acc(dot[i][j], a, b[j][0], b[j][1]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    block_sums[i][h] += __uint_as_float(
+                        lds_u32(h_tile + (16 * i + g + 8 * h) * kMoeA8HeaderBytes + step * 16 + 4));
+            }
+            if ((k_end & (flush_k - 1)) == 0 || k_end >= k_dim) {
+                // acc += s * (d * dot - z * S); d is the row's scale (every block's d)
+#pragma unroll
+                for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const float d = __uint_as_float(
+                            lds_u32(h_tile + (16 * i + g + 8 * h) * kMoeA8HeaderBytes + step * 16));
+#pragma unroll
+                        for (int j = 0; j < kMoeNTiles; ++j)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                i32& v = dot[i][j][2 * h + e];
+                                const float f = __int_as_float(v + kMoeRoundMagicBits) - kMoeRoundMagic;
+                                acc[i][j][2 * h + e] = fmaf(s_cur[j], fmaf(d, f, -z_cur[j] * block_sums[i][h]),
+                                                            acc[i][j][2 * h + e]);
+                                v = 0;
+                            }
+                        block_sums[i][h] = 0.0f;
+                    }
+                if (k_end < k_dim) load_group(k_end);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+            const int item = block_items[16 * i + g + 8 * rh];
+            if (item < 0 || item >= n_items) continue;
+            float* row = out + static_cast<i64>(item) * out_cols;
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int col = 16 * warp + 8 * j + 2 * t;
+                if constexpr (kSiluGateUp) {
+                    if (lo_base + col >= out_cols) continue;
+                    float v[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float gate = acc[i][j][2 * rh + e], up = acc[i][j + 2][2 * rh + e];
+                        v[e] = gate / (1.0f + expf(-gate)) * up;
+                    }
+                    *reinterpret_cast<float2*>(row + lo_base + col) = make_float2(v[0], v[1]);
+                } else {
+                    if (lo_base + col < out_cols)
+                        *reinterpret_cast<float2*>(row + lo_base + col) =
+                            make_float2(acc[i][j][2 * rh], acc[i][j][2 * rh + 1]);
+                    if (hi_base + col < out_cols)
+                        *reinterpret_cast<float2*>(row + hi_base + col) =
+                            make_float2(acc[i][j + 2][2 * rh], acc[i][j + 2][2 * rh + 1]);
+                }
+            }
+        }
+}
+
 }  // namespace w4kern

@@ -254,11 +254,59 @@ def test_fused_moe_decode_captures_in_a_cuda_graph(cp, rng):
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
-def test_fused_moe_int8_beyond_the_decode_path_says_so(cp, rng):
-    big = moe_case(rng, 17, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
-    with pytest.raises(NotImplementedError, match="T=17"):
-        w4kern.fused_moe(cp.asarray(big[0]), to_gpu(cp, big[1]), to_gpu(cp, big[2]), cp.asarray(big[3]),
-                         cp.asarray(big[4]), activation="int8")
+@pytest.mark.parametrize("t", [17, 33, 256, 1024])
+@pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
+def test_fused_moe_batched_int8_matches_reference(cp, rng, t, e, k):
+    # past the decode path: the A8 batched GEMMs; both block sizes; g32 symmetric and
+    # g64 asymmetric, H and I off the tiles
+    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+
+
+@pytest.mark.parametrize("t", [20, 300])
+def test_fused_moe_batched_int8_skewed_g128_and_per_channel(cp, rng, t):
+    check_fused_moe(cp, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                  skew=True))
+    # per-channel K = 416 and 160: flushed every 128 k, then at K's end (not a multiple of 64 either)
+    check_fused_moe(cp, *moe_case(rng, t, 8, 2, hidden=416, inter=160, group_size=-1, symmetric=False))
+    check_fused_moe(cp, *moe_case(rng, t, 8, 2, hidden=416, inter=160, group_size=-1, symmetric=True))
+
+
+def test_fused_moe_batched_int8_scale_dtypes_and_float_x(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 40, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
+    for dtype in (np.float32, np.float16):
+        cast = [w4kern.Int4Weight(w.qweight, w.scales.astype(dtype), w.zeros.astype(dtype), w.group_size)
+                for w in (w13, w2)]
+        check_fused_moe(cp, x, *cast, weights, ids)
+    check_fused_moe(cp, x.astype(np.float32), w13, w2, weights, ids)
+
+
+def test_fused_moe_batched_int8_captures_in_a_cuda_graph(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 50, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
+    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = w4kern.fused_moe(*args, activation="int8").copy()
+        out = cp.empty_like(eager)
+        stream.begin_capture()
+        w4kern.fused_moe(*args, activation="int8", out=out)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+
+
+def test_fused_moe_int8_quality_against_bf16_math(cp, rng):
+    # issue 4: the A8 path's cosine similarity to fp32 math on the dequantized weights
+    # with bf16 activations is at least 0.9998
+    x, w13, w2, weights, ids = moe_case(rng, 256, 60, 4, hidden=512, inter=256, group_size=128, symmetric=False)
+    got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                           activation="int8")
+    exact = w4kern.reference.fused_moe(x, w13, w2, weights, ids, "bf16")
+    g, e = cp.asnumpy(got).astype(np.float64).ravel(), exact.astype(np.float64).ravel()
+    cosine = g @ e / np.linalg.norm(g) / np.linalg.norm(e)
+    print(f"fused_moe int8 vs bf16 math: cosine {cosine:.6f}")
+    assert cosine >= 0.9998
 
 
 def a16_expected(x, w13, w2, weights, ids):

@@ -164,6 +164,15 @@ def moe_gemm_smem_bytes(m_tiles: int) -> int:
     return MOE_GEMM_STAGES * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16)) + rows * 4
 
 
+def moe_gemm_a8_smem_bytes(m_tiles: int) -> int:
+    """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
+    A rows (2 blocks of 32 int8, padded to 80 bytes), their 2 x 16-byte block
+    headers and the weight nibble rows, plus the block's item ids."""
+    rows = 16 * m_tiles
+    return (MOE_GEMM_STAGES * (rows * (MOE_GEMM_BK + 16) + rows * 32 + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16))
+            + rows * 4)
+
+
 def moe_align_chunk(n: int) -> int:
     """Indices per chunk for n flat indices: a multiple of 32, at least
     MOE_ALIGN_MIN_CHUNK, and at most MOE_ALIGN_MAX_CHUNKS chunks."""
@@ -303,6 +312,21 @@ FAMILIES: dict[str, KernelFamily] = {
                 for silu in (True, False)
             ),
             max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_M_TILES)),
+        ),
+        # the batched path's A8 expert GEMMs: (scale type, zeros, m16 tiles per block,
+        # GEMM1 with the SiLU * up epilogue)
+        KernelFamily(
+            name="moe_gemm_a8",
+            source="moe_gemm.cu",
+            template="w4kern::moe_gemm_a8_kernel",
+            instances=tuple(
+                (cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
+                for s in CXX_TYPES
+                for zeros in (True, False)
+                for m_tiles in MOE_GEMM_M_TILES
+                for silu in (True, False)
+            ),
+            max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
         ),
         KernelFamily(
             name="moe_combine",

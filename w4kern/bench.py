@@ -641,8 +641,8 @@ def _expert_bytes(w) -> int:
 
 def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """fused_moe on the Qwen3-30B-A3B and DeepSeek-V3 layers (random INT4 g128
-    asymmetric experts): activation="int8" (the decode path, T <= 16) and "bf16"
-    (the batched path, every T), beside torch's bf16 grouped_mm pipeline (sort,
+    asymmetric experts): activation="int8" (the decode path up to T = 16, the
+    batched A8 path beyond) and "bf16" (the batched A16 path), beside torch's bf16 grouped_mm pipeline (sort,
     gather, two torch._grouped_mm, SiLU, weighted scatter-add) on bf16 experts of
     the same shape. Floor: the larger of the touched experts' INT4 bytes (codes,
     scales, zeros) / read bandwidth and the GEMMs' operations / the bf16 tensor
@@ -652,7 +652,6 @@ def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row
     import cupy as cp
 
     import w4kern
-    from .moe import MOE_DECODE_MAX_TOKENS
 
     torch, ttimer = _torch_and_timer(timer)
     modes = ("plain", "graph")
@@ -685,8 +684,6 @@ def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row
             shape = {"name": name, "T": t, "E": experts, "k": k, "H": hidden, "I": inter,
                      "tflop": round(gflop / 1e3, 4)}
             for activation in ("int8", "bf16"):
-                if activation == "int8" and t > MOE_DECODE_MAX_TOKENS:
-                    continue
                 rows += _with_compute_floor(
                     _measure(timer, f"w4kern-{activation}", "fused_moe", shape,
                              lambda i, a=activation: w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets],

@@ -191,8 +191,6 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     (deterministic) straight into the output. Ids outside [0, E) contribute zeros
     (the caller's contract). Bit-identical to the same steps written with
     quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it)."""
-    from . import _runtime
-    from ._registry import MOE_ROW_THREADS, cxx_bool, cxx_type
     from .linear import _launch_matvec_items
 
     t, hidden = x.shape
@@ -202,20 +200,11 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    x = cp.ascontiguousarray(x)
-    if x.data.ptr % 16:   # moe_decode.cu loads 16-byte vectors (a DLPack view may start anywhere)
-        x = x.copy()
     ids = topk_ids.reshape(t * k)
-    x_blocks = cp.empty((t, hidden // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
-    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), cxx_bool(False)))(
-        (t,), (MOE_ROW_THREADS,), (x, x_blocks, np.int32(hidden)))
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
-    _launch_matvec_items(cp, w13, x_blocks, gate_up, ids, k)
-    a_blocks = cp.empty((t * k, inter // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
-    _runtime.get_kernel("moe_token_q8", ("float", cxx_bool(True)))(
-        (t * k,), (MOE_ROW_THREADS,), (gate_up, a_blocks, np.int32(inter)))
+    _launch_matvec_items(cp, w13, _token_q8_blocks(cp, x), gate_up, ids, k)
     down = cp.empty((t * k, hidden), dtype=np.float32)
-    _launch_matvec_items(cp, w2, a_blocks, down, ids, 1)
+    _launch_matvec_items(cp, w2, _token_q8_blocks(cp, gate_up, silu_gate_up=True), down, ids, 1)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
 
@@ -241,15 +230,21 @@ def moe_block_size(items: int) -> int:
     return 16 * (max(MOE_GEMM_M_TILES) if items >= MOE_GEMM_LARGE_BLOCK_ITEMS else min(MOE_GEMM_M_TILES))
 
 
-def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
-    """The batched path (activation="bf16"): moe_align_block_size groups the (token,
-    slot) items by expert in blocks, GEMM1 (moe_gemm.cu, tensor cores, INT4 dequantized
-    in registers) writes silu(g) * u per item in x's 16-bit type, GEMM2 writes each
-    item's fp32 [H] row, and the combine kernel sums a token's rows in slot order.
-    float32 x is rounded to bfloat16 first (the A16 kernels take 16-bit activations)."""
+def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
+    """The batched path: moe_align_block_size groups the (token, slot) items by expert
+    in blocks, GEMM1 (moe_gemm.cu, tensor cores) computes [g; u] per item and writes
+    silu(g) * u, GEMM2 writes each item's fp32 [H] row, and the combine kernel sums a
+    token's rows in slot order.
+    - "bf16": INT4 dequantized to x's 16-bit type in registers, 16-bit MMAs; silu(g)
+      * u is rounded to that type (GEMM2's A operand). float32 x is rounded to
+      bfloat16 first.
+    - "int8": x quantized per token (moe_decode.cu, once, before GEMM1) and the fp32
+      silu(g) * u rows per item (once, before GEMM2), both as Q8 blocks; INT4 nibbles
+      feed int8 MMAs directly, scales and zero points per group."""
     from . import _runtime
-    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS, cxx_bool, cxx_type, moe_gemm_smem_bytes
+    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS, cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
     from .formats import bfloat16
+
     t, hidden = x.shape
     k = topk_ids.shape[1]
     n_experts, two_i, _ = w13.shape
@@ -258,20 +253,21 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
-    if act.data.ptr % 16:   # 16-byte cp.async rows (a DLPack view may start anywhere)
-        act = act.copy()
     block = moe_block_size(items)
     m_tiles = block // 16
     sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
     blocks = expert_ids.shape[0]
-    smem = moe_gemm_smem_bytes(m_tiles)
+    a8 = activation == "int8"
 
     def gemm(w, a, dst, silu, act_div):
         n, kd = w.shape[1], w.shape[2]
         zeros = w.zeros
-        kernel = _runtime.get_kernel("moe_gemm_a16", (cxx_type(a.dtype), cxx_type(w.scales.dtype),
-                                                      cxx_bool(zeros is not None), str(m_tiles), cxx_bool(silu)))
+        args = (cxx_type(w.scales.dtype), cxx_bool(zeros is not None), str(m_tiles), cxx_bool(silu))
+        if a8:
+            kernel, smem = _runtime.get_kernel("moe_gemm_a8", args), moe_gemm_a8_smem_bytes(m_tiles)
+        else:
+            kernel = _runtime.get_kernel("moe_gemm_a16", (cxx_type(a.dtype),) + args)
+            smem = moe_gemm_smem_bytes(m_tiles)
         cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
         kernel((cols, blocks), (MOE_GEMM_THREADS,),
                (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
@@ -280,12 +276,37 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
                 np.int32(items), np.int32(act_div), np.int32(n_experts)),
                shared_mem=smem)
 
-    inter_rows = cp.empty((items, inter), dtype=act.dtype)
-    gemm(w13, act, inter_rows, True, k)
     down = cp.empty((items, hidden), dtype=np.float32)
-    gemm(w2, inter_rows, down, False, 1)
+    if a8:
+        x_blocks = _token_q8_blocks(cp, x)
+        inter_rows = cp.empty((items, inter), dtype=np.float32)
+        gemm(w13, x_blocks, inter_rows, True, k)
+        gemm(w2, _token_q8_blocks(cp, inter_rows), down, False, 1)
+    else:
+        act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
+        if act.data.ptr % 16:   # 16-byte cp.async rows (a DLPack view may start anywhere)
+            act = act.copy()
+        inter_rows = cp.empty((items, inter), dtype=act.dtype)
+        gemm(w13, act, inter_rows, True, k)
+        gemm(w2, inter_rows, down, False, 1)
     _combine(cp, down, topk_weights, topk_ids, y, n_experts)
     return y
+
+
+def _token_q8_blocks(cp, rows, silu_gate_up=False):
+    """Per-token INT8 of float rows [M, K] (or of silu(g) * u for [g; u] rows [M, 2K])
+    as Q8 blocks [M, K / 32, 48] sharing the row's scale (moe_decode.cu)."""
+    from . import _runtime
+    from ._registry import MOE_ROW_THREADS, cxx_bool, cxx_type
+
+    rows = cp.ascontiguousarray(rows)
+    if rows.data.ptr % 16:   # moe_decode.cu loads 16-byte vectors (a DLPack view may start anywhere)
+        rows = rows.copy()
+    m, cols = rows.shape[0], rows.shape[1] // (2 if silu_gate_up else 1)
+    blocks = cp.empty((m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
+    _runtime.get_kernel("moe_token_q8", (cxx_type(rows.dtype), cxx_bool(silu_gate_up)))(
+        (m,), (MOE_ROW_THREADS,), (rows, blocks, np.int32(cols)))
+    return blocks
 
 
 def _check_experts(name, w, n_experts=None):
@@ -314,9 +335,11 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
       tensor-core expert GEMMs over the aligned blocks with INT4 dequantized in
       registers, SiLU * up fused into the first; float32 x is rounded to
       bfloat16 first). Any T.
-    - activation="int8" with T <= MOE_DECODE_MAX_TOKENS (16): the decode path
-      (one dp4a matvec item per (token, slot), no sorting). Larger T raises
-      NotImplementedError until the batched INT8 GEMMs exist.
+    - activation="int8": up to MOE_DECODE_MAX_TOKENS (16) tokens the decode
+      path (one dp4a matvec item per (token, slot), no sorting); beyond, the
+      batched path with int8 tensor-core GEMMs (activations quantized per token
+      once before each GEMM, INT4 nibbles fed to the MMAs as int8, scales and
+      zero points applied per group).
     The k rows of a token are summed in slot order (the same bits every run).
     Ids outside [0, E) are the caller's contract on the GPU (they contribute
     zeros; W4KERN_DEBUG=1 checks them).
@@ -346,14 +369,9 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if out is not None:
         check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
-        if activation == "bf16":
-            return _fused_moe_batched_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
-        if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+        if activation == "int8" and x.shape[0] <= MOE_DECODE_MAX_TOKENS:
             return _fused_moe_decode_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
-        raise NotImplementedError(
-            f"fused_moe on the GPU runs activation='int8' for at most {MOE_DECODE_MAX_TOKENS} tokens so far "
-            f"(got T={x.shape[0]}); the batched INT8 expert GEMMs are issue 4's next step. Use "
-            "activation='bf16', or call it on NumPy arrays.")
+        return _fused_moe_batched_cuda(xp, x, w13, w2, topk_weights, topk_ids, out, activation)
     from . import reference
 
     return deliver(reference.fused_moe(x, w13, w2, topk_weights, topk_ids, activation).astype(x.dtype), out)
