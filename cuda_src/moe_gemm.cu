@@ -272,7 +272,9 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
 // is complete (groups wider than 128 k, and per-channel weights, flush every 128
 // k: the int32 dot of 128 k stays below 2^22, so a magic-number add converts it
 // exactly). A tile's smem rows hold the blocks' 32 int8 values (80-byte rows,
-// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers.
+// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
+// int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
+// n8 tile (not its B column g), so the flush reads those columns' scales.
 constexpr int kMoeA8RowBytes = kMoeBK + 16;         // 2 blocks of 32 int8, padded
 constexpr int kMoeA8HeaderBytes = 2 * 16;           // d, sum (and padding) of the 2 blocks
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
@@ -289,8 +291,10 @@ struct MoeGemmA8Layout {
     static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;
 };
 
+// (The explicit minimum of 1 CTA per SM: without it ptxas held the one-tile
+// instances to 72 registers and spilled.)
 template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a8_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     const Q8Block* __restrict__ act,           // [rows, K / 32], per-token (one d per row)
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]
@@ -358,22 +362,21 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a8_kernel(
         }
     };
 
-    int my_col[kMoeNTiles], my_row[kMoeNTiles];
-#pragma unroll
-    for (int j = 0; j < kMoeNTiles; ++j) {
-        my_col[j] = (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g;
-        my_row[j] = weight_row(my_col[j]);
-    }
-    // scale and zero of this thread's 4 weight rows for the group holding k
-    float s_cur[kMoeNTiles], z_cur[kMoeNTiles];
+    // B fragments: weight row (tile column) g of each n8 tile; accumulators: tile
+    // columns 2t and 2t + 1, whose scales and zeros the flush needs
+    auto tile_col = [&](int j) { return (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1); };
+    // scale and zero of the accumulators' weight rows for the group holding k
+    float s_cur[kMoeNTiles][2], z_cur[kMoeNTiles][2];
     auto load_group = [&](int k) {
         const int group = min(k >> group_shift, n_groups - 1);
 #pragma unroll
-        for (int j = 0; j < kMoeNTiles; ++j) {
-            const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
-            s_cur[j] = to_float(expert_s[at]);
-            z_cur[j] = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
-        }
+        for (int j = 0; j < kMoeNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const i64 at = static_cast<i64>(weight_row(tile_col(j) + 2 * t + e)) * n_groups + group;
+                s_cur[j][e] = to_float(expert_s[at]);
+                z_cur[j][e] = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
+            }
     };
     const int flush_k = min(group_shift >= 31 ? kMoeA8MaxFlushK : (1 << group_shift), kMoeA8MaxFlushK);
 
@@ -411,11 +414,11 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a8_kernel(
 #pragma unroll
         for (int step = 0; step < 2; ++step) {
             const int k_end = kt * kMoeBK + 32 * (step + 1);   // k after this block
-            if (k_end - 32 >= k_dim) break;                     // K's last tile may hold one block
+            if (step == 1 && k_end > k_dim) break;              // K's last tile may hold one block
             u32 b[kMoeNTiles][2];
 #pragma unroll
             for (int j = 0; j < kMoeNTiles; ++j) {
-                const u32 word = lds_u32(b_tile + my_col[j] * kMoeBRowBytes + 16 * step + 4 * t);
+                const u32 word = lds_u32(b_tile + (tile_col(j) + g) * kMoeBRowBytes + 16 * step + 4 * t);
                 b[j][0] = word & kLowNibbles;
                 b[j][1] = (word >> 4) & kLowNibbles;
             }
@@ -444,8 +447,8 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a8_kernel(
                             for (int e = 0; e < 2; ++e) {
                                 i32& v = dot[i][j][2 * h + e];
                                 const float f = __int_as_float(v + kMoeRoundMagicBits) - kMoeRoundMagic;
-                                acc[i][j][2 * h + e] = fmaf(s_cur[j], fmaf(d, f, -z_cur[j] * block_sums[i][h]),
-                                                            acc[i][j][2 * h + e]);
+                                acc[i][j][2 * h + e] = fmaf(
+                                    s_cur[j][e], fmaf(d, f, -z_cur[j][e] * block_sums[i][h]), acc[i][j][2 * h + e]);
                                 v = 0;
                             }
                         block_sums[i][h] = 0.0f;
