@@ -6,9 +6,9 @@ launches, output shapes known without a device read) and the NumPy reference
 on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
 the NumPy reference on NumPy arrays; on CuPy arrays it runs the decode path
 (activation="int8", up to MOE_DECODE_MAX_TOKENS tokens: the dp4a matvec over
-each (token, expert) pair, ``_fused_moe_decode_cuda``), and the other cases get
-a NotImplementedError that says so until the batched expert GEMMs exist (never
-a silent fallback to the host).
+each (token, expert) pair, ``_fused_moe_decode_cuda``) or the batched path
+(``_fused_moe_batched_cuda``: alignment, then the tensor-core expert GEMMs of
+``cuda_src/moe_gemm.cu``, A16 or A8). Never a fallback to the host.
 
 Contracts (DESIGN.md, "MoE routing and alignment"): ``topk_ids`` int32 [T, k],
 ``topk_weights`` float32 [T, k]; expert weights are stacked Int4Weight
