@@ -87,6 +87,21 @@ def test_matvec_config_by_rows():
     assert matvec_config("int4", 3, 4096, 132, 16)[0] == 4
 
 
+def test_matvec_items_config_skips_split_k_that_idles_warps():
+    """The MoE decode path's item launches: short expert K (Qwen3's 2048, 768) keeps
+    every warp of a split-K instance busy or takes the unsplit one."""
+    from w4kern.linear import MATVEC_CANDIDATES, MATVEC_MIN_K_USE, _k_use, matvec_items_config
+
+    for n, k, items in [(1536, 2048, 8), (2048, 768, 8), (1536, 2048, 128), (4096, 7168, 8), (7168, 2048, 128)]:
+        config = matvec_items_config(n, k, items, 132, 12)
+        assert config in MATVEC_CANDIDATES[("int4", 1)]
+        assert config[3] == 1 or _k_use(config, k // 32) >= MATVEC_MIN_K_USE
+    # one K step per row group split over 4 warps: three of them would idle
+    assert _k_use((1, 8, 1, 4), 64) == 0.5
+    assert _k_use((1, 8, 1, 1), 64) == 1.0
+    assert _k_use((1, 8, 1, 1), 24) == 0.75   # K = 768: 24 of 32 lanes hold a block
+
+
 def test_small_m_splits_never_leave_a_split_empty():
     for n in (1, 64, 65, 4096, 28672, 43008):
         for k in (32, 256, 288, 4096, 14336, 21504):

@@ -134,3 +134,11 @@ def test_fused_moe_bad_input(rng):
         w4kern.fused_moe(x, np.zeros((4, 64, 32), np.uint8), w2, weights, ids)
     with pytest.raises(TypeError, match="out must have dtype in \\(float32\\)"):
         w4kern.fused_moe(x, w13, w2, weights, ids, out=np.empty((3, 64), np.float16))
+
+
+def test_moe_block_size_grows_with_the_items():
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_ITEMS, moe_block_size
+
+    assert moe_block_size(1) == 16
+    assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS - 1) == 16
+    assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS) == 64
