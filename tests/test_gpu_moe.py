@@ -419,3 +419,12 @@ def test_debug_mode_checks_ids_on_the_gpu(cp, rng, monkeypatch):
     with pytest.raises(ValueError, match="topk_ids must lie in"):
         w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
                          activation="int8")
+
+
+def test_fused_moe_batched_refuses_more_blocks_than_a_grid_takes(cp, rng, monkeypatch):
+    x, w13, w2, weights, ids = moe_case(rng, 64, 8, 2, hidden=64, inter=32, group_size=32, symmetric=True)
+    monkeypatch.setattr(w4kern.moe, "MOE_GEMM_MAX_BLOCKS", 4)
+    for activation in ("bf16", "int8"):
+        with pytest.raises(ValueError, match="split the tokens"):
+            w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                             activation=activation)

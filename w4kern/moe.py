@@ -176,6 +176,8 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
 
 #: fused_moe runs the decode path (no sorting) up to this many tokens
 MOE_DECODE_MAX_TOKENS = 16
+#: the batched GEMMs launch one grid row (CUDA grid y, at most 65535) per aligned block
+MOE_GEMM_MAX_BLOCKS = 65535
 #: the batched path aligns to 64-row blocks from this many (token, slot) items on
 #: (16-row blocks below: less padding while experts get few items each)
 MOE_GEMM_LARGE_BLOCK_ITEMS = 1024
@@ -255,6 +257,11 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         return y
     block = moe_block_size(items)
     m_tiles = block // 16
+    blocks = (items + n_experts * (block - 1)) // block   # the length of moe_align's expert_ids
+    if blocks > MOE_GEMM_MAX_BLOCKS:
+        raise ValueError(f"fused_moe: T * k = {items} items with E = {n_experts} make {blocks} aligned blocks of "
+                         f"{block}; the batched GEMMs take at most {MOE_GEMM_MAX_BLOCKS} (one grid row each): "
+                         "split the tokens into several calls")
     sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
     blocks = expert_ids.shape[0]
     a8 = activation == "int8"
