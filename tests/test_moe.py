@@ -142,3 +142,18 @@ def test_moe_block_size_grows_with_the_items():
     assert moe_block_size(1) == 16
     assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS - 1) == 16
     assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS) == 64
+
+
+def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
+    """The GPU batched path's block limit, reached with NumPy standing in for CuPy: the
+    check runs before alignment and before any kernel (which this machine could not run)."""
+    from w4kern import moe
+
+    w13 = w4kern.quantize_int4(rng.standard_normal((8, 64, 64)).astype(np.float32), group_size=32)
+    w2 = w4kern.quantize_int4(rng.standard_normal((8, 64, 32)).astype(np.float32), group_size=32)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    ids = np.argsort(rng.random((64, 8)), axis=1)[:, :2].astype(np.int32)
+    weights = np.full((64, 2), 0.5, dtype=np.float32)
+    monkeypatch.setattr(moe, "MOE_GEMM_MAX_BLOCKS", 4)
+    with pytest.raises(ValueError, match=r"128 items with E = 8 make 15 aligned blocks of 16.*split the tokens"):
+        moe._fused_moe_batched_cuda(np, x, w13, w2, weights, ids, None, "bf16")
