@@ -109,21 +109,29 @@ def to_gpu(cp, w):
                              None if w.zeros is None else cp.asarray(w.zeros), w.group_size)
 
 
-def check_fused_moe(cp, x, w13, w2, weights, ids):
-    expected = w4kern.reference.fused_moe(x, w13, w2, weights, ids, "int8")
+def run_fused_moe(cp, x, w13, w2, weights, ids, activation):
+    """fused_moe on the GPU into a NaN-poisoned out=, as float64 on the host."""
     out = cp.full(x.shape, np.nan, dtype=x.dtype)
     got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
-                           activation="int8", out=out)
+                           activation=activation, out=out)
     assert got is out
-    got = cp.asnumpy(got).astype(np.float32)
+    return cp.asnumpy(got).astype(np.float64)
+
+
+def assert_within(got, expected, rel, abs_of_scale):
+    """Every element within rel * |expected| + abs_of_scale * max|expected| (+ 1e-6)."""
+    scale = float(np.abs(expected).max())
+    bad = ~(np.abs(got - expected) <= rel * np.abs(expected) + abs_of_scale * scale + 1e-6)
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
+                           f"expected {expected[bad][:4]}")
+
+
+def check_fused_moe(cp, x, w13, w2, weights, ids):
     # fp32 accumulation, and the intermediate rows requantized to INT8 from fp32
     # (not float64) values: a rounding flip moves an output by one INT8 step of one
     # intermediate times a weight, far below this bound; bf16 rounding of the output
-    scale = float(np.abs(expected).max())
-    tol = 2.0 ** -7 * np.abs(expected) + 2e-3 * scale + 1e-6
-    bad = ~(np.abs(got - expected) <= tol)
-    assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
-                           f"expected {expected[bad][:4]}")
+    assert_within(run_fused_moe(cp, x, w13, w2, weights, ids, "int8"),
+                  w4kern.reference.fused_moe(x, w13, w2, weights, ids, "int8"), 2.0 ** -7, 2e-3)
 
 
 @pytest.mark.parametrize("t", [1, 2, 7, 16])
@@ -329,25 +337,17 @@ def a16_expected(x, w13, w2, weights, ids):
 
 
 def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
-    expected = a16_expected(x, w13, w2, weights, ids)
-    out = cp.full(x.shape, np.nan, dtype=x.dtype)
-    got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
-                           activation="bf16", out=out)
-    assert got is out
-    got = cp.asnumpy(got).astype(np.float64)
+    got = run_fused_moe(cp, x, w13, w2, weights, ids, "bf16")
     # the output's rounding (2^-9 for bfloat16), fp32 accumulation, and silu(g) * u
     # values that fp32 accumulators round to the neighbouring 16-bit float: one such
     # flip moves a row by weight * w2[:, i] * ulp(a_i), seen up to 1.6e-3 * scale
     # (T=1024, E=8, k=2); a wrong kernel is off by O(scale)
-    scale = float(np.abs(expected).max())
-    tol = 2.0 ** -8 * np.abs(expected) + 4e-3 * scale + 1e-6
-    bad = ~(np.abs(got - expected) <= tol)
-    assert not bad.any(), (f"{bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: got {got[bad][:4]}, "
-                           f"expected {expected[bad][:4]}")
+    expected = a16_expected(x, w13, w2, weights, ids)
+    assert_within(got, expected, 2.0 ** -8, 4e-3)
     # and the op's own reference (unrounded weights and intermediates) stays close
     reference = w4kern.reference.fused_moe(x.astype(w4kern.bfloat16) if x.dtype == np.float32 else x, w13, w2,
                                            weights, ids, "bf16")
-    assert np.abs(got - reference).max() <= 0.02 * scale
+    assert np.abs(got - reference).max() <= 0.02 * float(np.abs(expected).max())
 
 
 @pytest.mark.parametrize("t", [1, 2, 7, 16, 33, 256, 1024])

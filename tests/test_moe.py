@@ -146,7 +146,8 @@ def test_moe_block_size_grows_with_the_items():
 
 def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
     """The GPU batched path's block limit, reached with NumPy standing in for CuPy: the
-    check runs before alignment and before any kernel (which this machine could not run)."""
+    check runs after alignment (NumPy's here) and before any kernel (which this
+    machine could not run)."""
     from w4kern import moe
 
     w13 = w4kern.quantize_int4(rng.standard_normal((8, 64, 64)).astype(np.float32), group_size=32)
@@ -157,3 +158,27 @@ def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
     monkeypatch.setattr(moe, "MOE_GEMM_MAX_BLOCKS", 4)
     with pytest.raises(ValueError, match=r"128 items with E = 8 make 15 aligned blocks of 16.*split the tokens"):
         moe._fused_moe_batched_cuda(np, x, w13, w2, weights, ids, None, "bf16")
+
+
+def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
+    """CI's compile check covers the registry; the MoE paths pick their instances from
+    x's dtype, the weights' scale dtype and zeros, the block size and the GEMM: every
+    combination must be a registered instance (name_expression raises otherwise)."""
+    from w4kern._registry import FAMILIES, cxx_bool, cxx_type
+    from w4kern.formats import FLOAT_DTYPES, SCALE_DTYPES
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_ITEMS, moe_block_size
+
+    m_tiles = {moe_block_size(1) // 16, moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS) // 16}
+    for x_dtype in FLOAT_DTYPES:
+        act = np.dtype(w4kern.bfloat16) if np.dtype(x_dtype) == np.float32 else np.dtype(x_dtype)
+        FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false"))
+        FAMILIES["moe_combine"].name_expression((cxx_type(x_dtype),))
+        for scale in SCALE_DTYPES:
+            for zeros in (True, False):
+                for tiles in m_tiles:
+                    for silu in (True, False):
+                        args = (cxx_type(scale), cxx_bool(zeros), str(tiles), cxx_bool(silu))
+                        FAMILIES["moe_gemm_a16"].name_expression((cxx_type(act),) + args)
+                        FAMILIES["moe_gemm_a8"].name_expression(args)
+    for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
+        FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu)))

@@ -191,7 +191,7 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     quantized per (token, slot) row the same way, GEMM2 gives each pair's [H] row,
     and the k rows of a token are summed with their weights in slot order
     (deterministic) straight into the output. Ids outside [0, E) contribute zeros
-    (the caller's contract). Bit-identical to the same steps written with
+    (the caller's contract). The quantizer is bit-identical to NumPy's
     quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it)."""
     from .linear import _launch_matvec_items
 
@@ -257,13 +257,12 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         return y
     block = moe_block_size(items)
     m_tiles = block // 16
-    blocks = (items + n_experts * (block - 1)) // block   # the length of moe_align's expert_ids
+    sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
+    blocks = expert_ids.shape[0]   # known without a device read
     if blocks > MOE_GEMM_MAX_BLOCKS:
         raise ValueError(f"fused_moe: T * k = {items} items with E = {n_experts} make {blocks} aligned blocks of "
                          f"{block}; the batched GEMMs take at most {MOE_GEMM_MAX_BLOCKS} (one grid row each): "
                          "split the tokens into several calls")
-    sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
-    blocks = expert_ids.shape[0]
     a8 = activation == "int8"
 
     def gemm(w, a, dst, silu, act_div):
