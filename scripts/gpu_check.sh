@@ -8,6 +8,10 @@
 # subset, W4KERN_SUITES the benchmark suites. The whole check takes longer than one
 # 10-minute device call on an H200 (2026-11-22: GPU tests ~4 min, sanitizer ~3 min,
 # benchmarks ~4 min): run W4KERN_STEPS="info tests cache sanitizer", then "bench".
+# Pass W4KERN_COMMIT=<sha of the committed tree>: the device's copy of the tree may
+# carry stale git metadata, and results of the 2026-11-22 fourth session recorded the
+# session's first commit that way. Each result file also records `source_tree`
+# (w4kern.bench.source_tree_hash), which a checkout can recompute to match it.
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [--quick]}
 QUICK=${2:-}

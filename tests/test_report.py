@@ -50,3 +50,19 @@ def test_cli_prints_the_table_without_a_gpu(capsys):
     assert main(["bench", "--from", str(REPO / path), "--table"]) == 0
     assert capsys.readouterr().out == report.table(REPO / path)
     assert main(["bench", "--table"]) == 2      # needs --from
+
+
+def test_source_tree_hash_follows_the_sources(tmp_path):
+    from w4kern.bench import source_tree_hash
+
+    for d in ("w4kern", "cuda_src"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "w4kern" / "a.py").write_text("x = 1\n")
+    (tmp_path / "cuda_src" / "k.cu").write_text("// k\n")
+    (tmp_path / "w4kern" / "notes.txt").write_text("not a source")
+    first = source_tree_hash(tmp_path)
+    assert len(first) == 12 and first == source_tree_hash(tmp_path)
+    (tmp_path / "w4kern" / "notes.txt").write_text("changed")
+    assert source_tree_hash(tmp_path) == first
+    (tmp_path / "cuda_src" / "k.cu").write_text("// k changed\n")
+    assert source_tree_hash(tmp_path) != first

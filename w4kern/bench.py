@@ -770,6 +770,21 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def source_tree_hash(root: str | Path | None = None) -> str:
+    """sha256 (12 hex digits) of the package's Python files and cuda_src, path and bytes:
+    a result file can be matched to a checkout even where the commit it records is
+    wrong (the device's copy of the tree has no up-to-date git metadata)."""
+    import hashlib
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = sorted(p for d in ("w4kern", "cuda_src") for p in (root / d).rglob("*")
+                   if p.is_file() and p.suffix in (".py", ".cu", ".cuh"))
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     import cupy as cp
 
@@ -791,6 +806,7 @@ def environment() -> dict:
         "torch": torch.__version__ if torch else None,
         "w4kern": __version__,
         "commit": _git_commit(),
+        "source_tree": source_tree_hash(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
