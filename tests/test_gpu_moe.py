@@ -262,24 +262,6 @@ def test_fused_moe_decode_captures_in_a_cuda_graph(cp, rng):
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
-@pytest.mark.parametrize("t", [17, 33, 256, 1024])
-@pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
-def test_fused_moe_batched_int8_matches_reference(cp, rng, t, e, k):
-    # past the decode path: the A8 batched GEMMs; both block sizes; g32 symmetric and
-    # g64 asymmetric, H and I off the tiles
-    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
-    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
-
-
-@pytest.mark.parametrize("t", [20, 300])
-def test_fused_moe_batched_int8_skewed_g128_and_per_channel(cp, rng, t):
-    check_fused_moe(cp, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
-                                  skew=True))
-    # per-channel K = 416 and 160: flushed every 128 k, then at K's end (not a multiple of 64 either)
-    check_fused_moe(cp, *moe_case(rng, t, 8, 2, hidden=416, inter=160, group_size=-1, symmetric=False))
-    check_fused_moe(cp, *moe_case(rng, t, 8, 2, hidden=416, inter=160, group_size=-1, symmetric=True))
-
-
 def test_fused_moe_batched_int8_scale_dtypes_and_float_x(cp, rng):
     x, w13, w2, weights, ids = moe_case(rng, 40, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
     for dtype in (np.float32, np.float16):
@@ -350,21 +332,33 @@ def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
     assert np.abs(got - reference).max() <= 0.02 * float(np.abs(expected).max())
 
 
-@pytest.mark.parametrize("t", [1, 2, 7, 16, 33, 256, 1024])
+# bf16 takes the batched path at every T, int8 from T = 17 (the decode path below)
+BATCHED_CASES = [("bf16", t) for t in (1, 2, 7, 16, 33, 256, 1024)] + [("int8", t) for t in (17, 33, 256, 1024)]
+
+
+def check_batched(cp, activation, *case):
+    (check_fused_moe_bf16 if activation == "bf16" else check_fused_moe)(cp, *case)
+
+
+@pytest.mark.parametrize("activation,t", BATCHED_CASES)
 @pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
-def test_fused_moe_batched_bf16_matches_reference(cp, rng, t, e, k):
+def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
     # H and I not multiples of the 64/128-wide tiles or of K's 64; both block sizes
     # (16 below 1024 items, 64 from there); symmetric g32 and asymmetric g64
-    check_fused_moe_bf16(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
-    check_fused_moe_bf16(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+    check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 
 
-@pytest.mark.parametrize("t", [5, 300])
-def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, t):
+@pytest.mark.parametrize("activation,t", [("bf16", 5), ("bf16", 300), ("int8", 20), ("int8", 300)])
+def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, activation, t):
     # every token on expert 0 (many blocks of one expert), most experts without tokens
-    check_fused_moe_bf16(cp, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
-                                       skew=True))
-    check_fused_moe_bf16(cp, *moe_case(rng, t, 8, 2, hidden=128, inter=64, group_size=-1, symmetric=False))
+    check_batched(cp, activation, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                            skew=True))
+    # per-channel weights; K = 416 and 160: the A8 kernel flushes its int32 dots every
+    # 128 k, then at K's end (not a multiple of 64 either)
+    for hidden, inter, symmetric in ((128, 64, False), (416, 160, False), (416, 160, True)):
+        check_batched(cp, activation, *moe_case(rng, t, 8, 2, hidden=hidden, inter=inter, group_size=-1,
+                                                symmetric=symmetric))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
