@@ -247,18 +247,24 @@ def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng):
     check_fused_moe(cp, *moe_case(rng, 5, 8, 2, hidden=128, inter=64, group_size=-1, symmetric=False))
 
 
-def test_fused_moe_decode_captures_in_a_cuda_graph(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 4, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
+@pytest.mark.parametrize("activation,t", [("int8", 4), ("int8", 50), ("bf16", 50)],
+                         ids=["int8-decode", "int8-batched", "bf16-batched"])
+def test_fused_moe_captures_in_a_cuda_graph(cp, rng, activation, t):
+    """Eager calls repeat their bits, and a captured call replays them (no host read,
+    no allocation the graph cannot hold)."""
+    x, w13, w2, weights, ids = moe_case(rng, t, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
     args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        eager = w4kern.fused_moe(*args, activation="int8").copy()   # plans and compiles
+        eager = w4kern.fused_moe(*args, activation=activation).copy()   # plans and compiles
+        again = w4kern.fused_moe(*args, activation=activation)
         out = cp.empty_like(eager)
         stream.begin_capture()
-        w4kern.fused_moe(*args, activation="int8", out=out)
+        w4kern.fused_moe(*args, activation=activation, out=out)
         graph = stream.end_capture()
         graph.launch()
     stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(again).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
@@ -269,21 +275,6 @@ def test_fused_moe_batched_int8_scale_dtypes_and_float_x(cp, rng):
                 for w in (w13, w2)]
         check_fused_moe(cp, x, *cast, weights, ids)
     check_fused_moe(cp, x.astype(np.float32), w13, w2, weights, ids)
-
-
-def test_fused_moe_batched_int8_captures_in_a_cuda_graph(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 50, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
-    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        eager = w4kern.fused_moe(*args, activation="int8").copy()
-        out = cp.empty_like(eager)
-        stream.begin_capture()
-        w4kern.fused_moe(*args, activation="int8", out=out)
-        graph = stream.end_capture()
-        graph.launch()
-    stream.synchronize()
-    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
 def test_fused_moe_int8_quality_against_bf16_math(cp, rng):
@@ -385,23 +376,6 @@ def test_fused_moe_batched_out_of_range_ids_contribute_nothing(cp, rng):
     expected = a16_expected(x, w13, w2, weights, bad)   # the bad slots left out
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(cp.asnumpy(got).astype(np.float64), expected, rtol=2.0 ** -8, atol=4e-3 * scale)
-
-
-def test_fused_moe_batched_captures_in_a_cuda_graph(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 50, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
-    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        eager = w4kern.fused_moe(*args, activation="bf16").copy()   # plans and compiles
-        again = w4kern.fused_moe(*args, activation="bf16")
-        out = cp.empty_like(eager)
-        stream.begin_capture()
-        w4kern.fused_moe(*args, activation="bf16", out=out)
-        graph = stream.end_capture()
-        graph.launch()
-    stream.synchronize()
-    np.testing.assert_array_equal(cp.asnumpy(again).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
-    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
 def test_debug_mode_checks_ids_on_the_gpu(cp, rng, monkeypatch):
