@@ -133,18 +133,10 @@ def int8_step_flips(x, w13, w2, weights, ids):
     GEMM sums, the reference from float64 ones, so a value within fp32 rounding of a
     half step rounds the other way (seen: 65.499993 steps, T=1024, E=8, k=2, moving
     an output by 0.0036 with max|out| 1.55)."""
-    ref = w4kern.reference
-    w13f = ref.dequantize_weight(w13).astype(np.float64)
-    w2f = ref.dequantize_weight(w2).astype(np.float64)
-    inter = w13f.shape[1] // 2
-    xin = ref._requantize_int8(np.asarray(x, dtype=np.float32))
-    bound = np.zeros((x.shape[0], w2f.shape[1]))
-    for e in np.unique(ids):
-        tok, slot = np.nonzero(ids == e)
-        h = xin[tok] @ w13f[e].T
-        a = ref._silu(h[:, :inter]) * h[:, inter:]
+    bound = np.zeros((x.shape[0], w2.shape[-2]))
+    for tok, slot, a, w2e in w4kern.reference.moe_expert_rows(x, w13, w2, ids, "int8"):
         step = np.abs(a).max(axis=1) / 127
-        np.add.at(bound, tok, (weights[tok, slot] * step)[:, None] * np.abs(w2f[e]).max(axis=1)[None, :])
+        np.add.at(bound, tok, (weights[tok, slot] * step)[:, None] * np.abs(w2e).max(axis=1)[None, :])
     return bound
 
 

@@ -127,26 +127,34 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, activa
     before GEMM1 and each (token, expert) intermediate row before GEMM2, as
     the A8 kernels do. Returns float32 [T, H].
     """
+    weights = _numpy("fused_moe", topk_weights).astype(np.float64)
+    out = np.zeros((np.shape(x)[0], w2.shape[-2]), dtype=np.float64)
+    for tok, slot, a, w2e in moe_expert_rows(x, w13, w2, topk_ids, activation):
+        if activation == "int8":
+            a = _requantize_int8(a)
+        np.add.at(out, tok, weights[tok, slot][:, None] * (a @ w2e.T))
+    return out.astype(np.float32)
+
+
+def moe_expert_rows(x, w13: Int4Weight, w2: Int4Weight, topk_ids, activation: str = "bf16"):
+    """fused_moe's intermediates, one routed expert at a time: yields (tok, slot, a,
+    w2e) with a = silu(g) * u [rows, I] float64 for the (token, slot) pairs routed to
+    the expert (before the int8 path's requantization of a) and w2e its dequantized
+    W2 [H, I] float64. Arguments as for fused_moe."""
     if activation not in ("bf16", "int8"):
         raise ValueError(f"activation must be 'bf16' or 'int8', got {activation!r}")
     x = _numpy("fused_moe", x).astype(np.float32)
     ids = _numpy("fused_moe", topk_ids)
-    weights = _numpy("fused_moe", topk_weights).astype(np.float64)
     w13f = dequantize_weight(w13).astype(np.float64)
     w2f = dequantize_weight(w2).astype(np.float64)
     if w13f.ndim != 3 or w2f.ndim != 3:
         raise ValueError("w13 and w2 must be stacked expert weights [E, N, K]")
     inter = w13f.shape[1] // 2
     xin = _requantize_int8(x) if activation == "int8" else x.astype(np.float64)
-    out = np.zeros((x.shape[0], w2f.shape[1]), dtype=np.float64)
     for e in np.unique(ids):
         tok, slot = np.nonzero(ids == e)
         h = xin[tok] @ w13f[e].T
-        a = _silu(h[:, :inter]) * h[:, inter:]
-        if activation == "int8":
-            a = _requantize_int8(a)
-        np.add.at(out, tok, weights[tok, slot][:, None] * (a @ w2f[e].T))
-    return out.astype(np.float32)
+        yield tok, slot, _silu(h[:, :inter]) * h[:, inter:], w2f[e]
 
 
 def decode_attention(q, k_cache, v_cache, kv_lens, *, scale=None, block_table=None):
