@@ -271,12 +271,21 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
 // blocks' `sum` fields (d * sum q_x) over the group, once the group's int32 dot
 // is complete (groups wider than 128 k, and per-channel weights, flush every 128
 // k: the int32 dot of 128 k stays below 2^22, so a magic-number add converts it
-// exactly). A tile's smem rows hold the blocks' 32 int8 values (80-byte rows,
-// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
+// exactly). A tile's smem rows hold its blocks' int8 values (rows padded by 16
+// bytes, conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
 // int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
 // n8 tile (not its B column g), so the flush reads those columns' scales.
-constexpr int kMoeA8RowBytes = kMoeBK + 16;         // 2 blocks of 32 int8, padded
-constexpr int kMoeA8HeaderBytes = 2 * 16;           // d, sum (and padding) of the 2 blocks
+//
+// K tiles are kMoeA8BK long (a stage holds that many k of 128 weight rows and of
+// the block's rows): with 8 warps per SM (2 CTAs of ~215 registers) the cp.async
+// ring alone keeps weight bytes in flight, and longer tiles read longer pieces of
+// each weight row per request. scripts/sweep_moe_gemm.py measures the choices.
+constexpr int kMoeA8BK = 128;                       // k per K tile
+constexpr int kMoeA8Stages = 4;
+constexpr int kMoeA8Blocks = kMoeA8BK / kQ8BlockValues;   // Q8 blocks per row per K tile
+constexpr int kMoeA8RowBytes = kMoeA8BK + 16;       // the blocks' int8 values, padded (conflict-free ldmatrix)
+constexpr int kMoeA8HeaderBytes = kMoeA8Blocks * 16 + 16;   // their 16-byte d / sum headers, padded
+constexpr int kMoeA8BRowBytes = kMoeA8BK / 2 + 16;  // nibbles of a weight row, padded (conflict-free)
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
 constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
 constexpr i32 kMoeRoundMagicBits = 0x4B400000;
@@ -286,9 +295,13 @@ struct MoeGemmA8Layout {
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
     static constexpr int kHeaderBytes = kRows * kMoeA8HeaderBytes;
-    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
+    static constexpr int kBBytes = kMoeBN * kMoeA8BRowBytes;
     static constexpr int kStageBytes = kABytes + kHeaderBytes + kBBytes;
-    static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;
+    static constexpr int kSmemBytes = kMoeA8Stages * kStageBytes + kRows * 4;
+    // A loads: each row's blocks are 3 * kMoeA8Blocks 16-byte chunks (qs_even,
+    // qs_odd, header), spread over the kThreadsPerRow threads of the row
+    static constexpr int kThreadsPerRow = kMoeGemmThreads / kRows;
+    static constexpr int kRowChunks = 3 * kMoeA8Blocks;
 };
 
 // (The explicit minimum of 1 CTA per SM: without it ptxas held the one-tile
@@ -310,7 +323,7 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     using Layout = MoeGemmA8Layout<kMTiles>;
     constexpr int kBM = Layout::kRows;
     extern __shared__ __align__(16) u8 smem[];
-    i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
+    i32* block_items = reinterpret_cast<i32*>(smem + kMoeA8Stages * Layout::kStageBytes);
 
     const int block = blockIdx.y;
     if (block * kBM >= num_post_padded[0]) return;
@@ -337,28 +350,34 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
 
     const u8* b_src = expert_q + static_cast<i64>(weight_row(tid)) * row_bytes;
     const u32 smem_base = smem_address(smem);
-    const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
+    const int k_tiles = (k_dim + kMoeA8BK - 1) / kMoeA8BK;
 
-    // A: row r's chunks c = 0..3 are the two blocks' qs halves, c = 4, 5 their headers
+    // A: this thread's row of the tile and its activation row (resolved once: the
+    // per-stage loop only adds the K tile's offset)
+    const int a_row = tid / Layout::kThreadsPerRow, a_sub = tid % Layout::kThreadsPerRow;
+    const int a_item = block_items[a_row];
+    const bool a_valid = a_item >= 0 && a_item < n_items;
+    const u8* a_src = reinterpret_cast<const u8*>(act + static_cast<i64>(a_valid ? a_item / act_div : 0) * n_blocks);
     auto load_tile = [&](int kt, int stage) {
         const u32 a_dst = smem_base + stage * Layout::kStageBytes;
         const u32 h_dst = a_dst + Layout::kABytes;
         const u32 b_dst = h_dst + Layout::kHeaderBytes;
-        for (int i = tid; i < 6 * kBM; i += kMoeGemmThreads) {
-            const int r = i / 6, c = i % 6;
-            const int item = block_items[r];
-            const int blk = 2 * kt + (c < 4 ? c / 2 : c - 4);
-            const bool in = item >= 0 && item < n_items && blk < n_blocks;
-            const u8* row = reinterpret_cast<const u8*>(act + static_cast<i64>(in ? item / act_div : 0) * n_blocks);
-            const u8* src = row + static_cast<i64>(in ? blk : 0) * sizeof(Q8Block) + (c < 4 ? (c % 2) * 16 : 32);
-            const u32 dst = c < 4 ? a_dst + r * kMoeA8RowBytes + c * 16 : h_dst + r * kMoeA8HeaderBytes + (c - 4) * 16;
-            cp_async16(dst, src, in ? 16 : 0);
+#pragma unroll
+        for (int c0 = 0; c0 < Layout::kRowChunks; c0 += Layout::kThreadsPerRow) {
+            const int c = c0 + a_sub;   // chunk: block c / 3, part c % 3 (qs_even, qs_odd, header)
+            if (Layout::kRowChunks % Layout::kThreadsPerRow != 0 && c >= Layout::kRowChunks) break;
+            const int b = c / 3, part = c % 3;
+            const int blk = kt * kMoeA8Blocks + b;
+            const bool in = a_valid && blk < n_blocks;
+            const u32 dst = part < 2 ? a_dst + a_row * kMoeA8RowBytes + b * 32 + part * 16
+                                     : h_dst + a_row * kMoeA8HeaderBytes + b * 16;
+            cp_async16(dst, a_src + (in ? static_cast<i64>(blk) * sizeof(Q8Block) + part * 16 : 0), in ? 16 : 0);
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const i64 byte = static_cast<i64>(kt) * (kMoeBK / 2) + 16 * h;
+        for (int h = 0; h < kMoeA8BK / 32; ++h) {
+            const i64 byte = static_cast<i64>(kt) * (kMoeA8BK / 2) + 16 * h;
             const bool in = byte < row_bytes;
-            cp_async16(b_dst + tid * kMoeBRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
+            cp_async16(b_dst + tid * kMoeA8BRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
         }
     };
 
@@ -396,29 +415,29 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     }
 
 #pragma unroll
-    for (int st = 0; st < kMoeStages - 1; ++st) {
+    for (int st = 0; st < kMoeA8Stages - 1; ++st) {
         if (st < k_tiles) load_tile(st, st);
         cp_async_commit();
     }
     load_group(0);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<kMoeStages - 2>();
+        cp_async_wait<kMoeA8Stages - 2>();
         __syncthreads();
-        if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
+        if (kt + kMoeA8Stages - 1 < k_tiles) load_tile(kt + kMoeA8Stages - 1, (kt + kMoeA8Stages - 1) % kMoeA8Stages);
         cp_async_commit();
 
-        const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
+        const u32 a_tile = smem_base + (kt % kMoeA8Stages) * Layout::kStageBytes;
         const u32 h_tile = a_tile + Layout::kABytes;
         const u32 b_tile = h_tile + Layout::kHeaderBytes;
 #pragma unroll
-        for (int step = 0; step < 2; ++step) {
-            const int k_end = kt * kMoeBK + 32 * (step + 1);   // k after this block
-            if (step == 1 && k_end > k_dim) break;              // K's last tile may hold one block
+        for (int step = 0; step < kMoeA8Blocks; ++step) {
+            const int k_end = kt * kMoeA8BK + 32 * (step + 1);   // k after this block
+            if (step > 0 && k_end > k_dim) break;                // K's last tile may hold fewer blocks
             u32 b[kMoeNTiles][2];
 #pragma unroll
             for (int j = 0; j < kMoeNTiles; ++j) {
-                const u32 word = lds_u32(b_tile + (tile_col(j) + g) * kMoeBRowBytes + 16 * step + 4 * t);
+                const u32 word = lds_u32(b_tile + (tile_col(j) + g) * kMoeA8BRowBytes + 16 * step + 4 * t);
                 b[j][0] = word & kLowNibbles;
                 b[j][1] = (word >> 4) & kLowNibbles;
             }

@@ -154,23 +154,27 @@ MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = 128
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
+#: the A8 kernel's K tile and stages (kMoeA8BK, kMoeA8Stages)
+MOE_GEMM_A8_BK = 128
+MOE_GEMM_A8_STAGES = 4
 
 
-def moe_gemm_smem_bytes(m_tiles: int) -> int:
+def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
     """Dynamic shared memory of moe_gemm_a16_kernel (MoeGemmLayout in moe_gemm.cu):
     the stages of A rows (padded to 144 bytes) and weight nibble rows (padded to 48
     bytes), plus the block's item ids."""
     rows = 16 * m_tiles
-    return MOE_GEMM_STAGES * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16)) + rows * 4
+    return stages * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16)) + rows * 4
 
 
-def moe_gemm_a8_smem_bytes(m_tiles: int) -> int:
+def moe_gemm_a8_smem_bytes(m_tiles: int, bk: int = MOE_GEMM_A8_BK, stages: int = MOE_GEMM_A8_STAGES) -> int:
     """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
-    A rows (2 blocks of 32 int8, padded to 80 bytes), their 2 x 16-byte block
-    headers and the weight nibble rows, plus the block's item ids."""
+    A rows (BK int8, padded by 16 bytes), their blocks' 16-byte headers (padded by
+    16 bytes) and the weight nibble rows (BK / 2 bytes, padded by 16), plus the
+    block's item ids."""
     rows = 16 * m_tiles
-    return (MOE_GEMM_STAGES * (rows * (MOE_GEMM_BK + 16) + rows * 32 + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16))
-            + rows * 4)
+    stage = rows * (bk + 16) + rows * (16 * (bk // 32) + 16) + MOE_GEMM_BN * (bk // 2 + 16)
+    return stages * stage + rows * 4
 
 
 def moe_align_chunk(n: int) -> int:

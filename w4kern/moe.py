@@ -244,7 +244,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
       silu(g) * u rows per item (once, before GEMM2), both as Q8 blocks; INT4 nibbles
       feed int8 MMAs directly, scales and zero points per group."""
     from . import _runtime
-    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS, cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
+    from ._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
     from .formats import bfloat16
 
     t, hidden = x.shape
@@ -266,21 +266,13 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
     a8 = activation == "int8"
 
     def gemm(w, a, dst, silu, act_div):
-        n, kd = w.shape[1], w.shape[2]
-        zeros = w.zeros
-        args = (cxx_type(w.scales.dtype), cxx_bool(zeros is not None), str(m_tiles), cxx_bool(silu))
+        args = (cxx_type(w.scales.dtype), cxx_bool(w.zeros is not None), str(m_tiles), cxx_bool(silu))
         if a8:
             kernel, smem = _runtime.get_kernel("moe_gemm_a8", args), moe_gemm_a8_smem_bytes(m_tiles)
         else:
             kernel = _runtime.get_kernel("moe_gemm_a16", (cxx_type(a.dtype),) + args)
             smem = moe_gemm_smem_bytes(m_tiles)
-        cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
-        kernel((cols, blocks), (MOE_GEMM_THREADS,),
-               (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
-                dst, np.int32(n), np.int32(kd), np.int32(w.scales.shape[-1]),
-                np.int32(31 if w.group_size == -1 else int(w.group_size).bit_length() - 1),
-                np.int32(items), np.int32(act_div), np.int32(n_experts)),
-               shared_mem=smem)
+        launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, (sorted_ids, expert_ids, post_padded), items)
 
     down = cp.empty((items, hidden), dtype=np.float32)
     if a8:
@@ -297,6 +289,25 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         gemm(w2, inter_rows, down, False, 1)
     _combine(cp, down, topk_weights, topk_ids, y, n_experts)
     return y
+
+
+def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items):
+    """One batched expert GEMM (a moe_gemm.cu kernel) over the aligned blocks
+    ``aligned`` = moe_align_block_size's (sorted_ids, expert_ids, post_padded): a CTA
+    per (column tile, block); GEMM1 (``silu``) tiles the I outputs of [g; u] by half
+    a tile. scripts/sweep_moe_gemm.py launches its variants through here too."""
+    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS
+
+    sorted_ids, expert_ids, post_padded = aligned
+    n, kd = w.shape[1], w.shape[2]
+    zeros = w.zeros
+    cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
+    kernel((cols, expert_ids.shape[0]), (MOE_GEMM_THREADS,),
+           (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
+            dst, np.int32(n), np.int32(kd), np.int32(w.scales.shape[-1]),
+            np.int32(31 if w.group_size == -1 else int(w.group_size).bit_length() - 1),
+            np.int32(items), np.int32(act_div), np.int32(w.shape[0])),
+           shared_mem=smem)
 
 
 def _token_q8_blocks(cp, rows, silu_gate_up=False):

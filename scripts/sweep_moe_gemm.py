@@ -1,0 +1,158 @@
+"""Sweep the batched MoE expert GEMMs' pipeline (moe_gemm.cu): K tile and stage
+count of the A8 kernel, stage count of the A16 kernel, and the alignment block
+(16 or 64 rows), on the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing.
+
+Each variant is moe_gemm.cu with its constants rewritten, compiled through
+w4kern's runtime from a copy of cuda_src/ (only the instances timed here), and
+launched through w4kern.moe.launch_moe_gemm. GEMM1 and GEMM2 are timed apart
+(graph replay, w4kern.bench.Timer); the rate printed is the touched experts'
+INT4 bytes (codes, scales, zeros) over the time, and its share of the read
+bandwidth measured in the same process. Each variant's outputs are compared
+with the first variant's on the same inputs (the pipeline changes no arithmetic
+order within a group, so they must agree to fp32 rounding).
+
+    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick]
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+import w4kern
+from w4kern import _runtime
+from w4kern._registry import FAMILIES, cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
+from w4kern.bench import MOE_LAYERS, Timer, _expert_bytes, _random_int4_experts, measure_ceilings
+from w4kern.moe import _token_q8_blocks, launch_moe_gemm, moe_align_block_size
+
+QUICK = "--quick" in sys.argv
+OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+
+# (name, kernel, K tile (A8 only; A16's is 64), stages)
+VARIANTS = [("a8-bk64-s3", "a8", 64, 3), ("a8-bk64-s6", "a8", 64, 6), ("a8-bk128-s3", "a8", 128, 3),
+            ("a8-bk128-s4", "a8", 128, 4), ("a8-bk128-s6", "a8", 128, 6), ("a8-bk256-s2", "a8", 256, 2),
+            ("a8-bk256-s3", "a8", 256, 3), ("a16-s3", "a16", 64, 3), ("a16-s4", "a16", 64, 4),
+            ("a16-s6", "a16", 64, 6)]
+if QUICK:
+    VARIANTS = [v for v in VARIANTS if v[0] in ("a8-bk64-s3", "a8-bk128-s4", "a16-s3")]
+TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
+M_TILES = (1, 4)
+
+
+def variant_source(kind, bk, stages) -> str:
+    """A copy of cuda_src/ with the variant's constants in moe_gemm.cu."""
+    src = Path(tempfile.mkdtemp(prefix=f"w4kern-{kind}-{bk}-{stages}-"))
+    shutil.copytree(_runtime.source_dir(), src, dirs_exist_ok=True)
+    path = src / "moe_gemm.cu"
+    text = path.read_text()
+    subs = ({"kMoeA8BK": bk, "kMoeA8Stages": stages} if kind == "a8" else {"kMoeStages": stages})
+    for name, value in subs.items():
+        text, n = re.subn(rf"constexpr int {name} = \d+;", f"constexpr int {name} = {value};", text)
+        assert n == 1, name
+    path.write_text(text)
+    return str(src)
+
+
+def variant_kernels(kind, src, instances):
+    """RawKernels of the given instances of moe_gemm_<kind>, compiled from ``src``."""
+    family = dataclasses.replace(FAMILIES[f"moe_gemm_{kind}"], instances=tuple(instances), max_dynamic_smem=0)
+    old = os.environ.get("W4KERN_CUDA_SRC")
+    os.environ["W4KERN_CUDA_SRC"] = src
+    try:
+        compiled = _runtime.build(family, _runtime.device_arch(cp.cuda.Device()))
+    finally:
+        if old is None:
+            del os.environ["W4KERN_CUDA_SRC"]
+        else:
+            os.environ["W4KERN_CUDA_SRC"] = old
+    module = cp.RawModule(path=str(compiled.cubin_path))
+    regs = {}
+    kernels = {}
+    for inst in instances:
+        name = family.name_expression(inst)
+        kernels[inst] = module.get_function(compiled.lowered_names[name])
+        regs[inst] = compiled.resources[name].registers if name in compiled.resources else None
+    return kernels, regs
+
+
+def main():
+    timer = Timer()
+    ceilings = measure_ceilings(timer)
+    print(f"read bandwidth {ceilings.read_gbps:.0f} GB/s; smem opt-in limit {SMEM_LIMIT}", flush=True)
+    rng = cp.random.default_rng(3)
+    rows = []
+    for model, (experts, k, hidden, inter) in MOE_LAYERS.items():
+        w13 = _random_int4_experts(cp, rng, experts, 2 * inter, hidden)
+        w2 = _random_int4_experts(cp, rng, experts, hidden, inter)
+        for t in TOKENS[model][: 2 if QUICK else None]:
+            ids = cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
+            touched = len(np.unique(cp.asnumpy(ids)))
+            items = t * k
+            x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
+            x_q8 = _token_q8_blocks(cp, x)
+            inter_f = (rng.standard_normal((items, inter), dtype=np.float32) * 0.1)
+            inter_q8 = _token_q8_blocks(cp, inter_f)
+            inter_bf = inter_f.astype(w4kern.bfloat16)
+            baseline = {}
+            for m_tiles in M_TILES:
+                aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
+                for name, kind, bk, stages in VARIANTS:
+                    smem = (moe_gemm_a8_smem_bytes(m_tiles, bk, stages) if kind == "a8"
+                            else moe_gemm_smem_bytes(m_tiles, stages))
+                    if smem > SMEM_LIMIT:
+                        continue
+                    src = variant_source(kind, bk, stages)
+                    base = (cxx_type(w13.scales.dtype), cxx_bool(True), str(m_tiles))
+                    pre = () if kind == "a8" else (cxx_type(w4kern.bfloat16),)
+                    insts = [pre + base + (cxx_bool(s),) for s in (True, False)]
+                    kernels, regs = variant_kernels(kind, src, insts)
+                    for kern in kernels.values():
+                        kern.max_dynamic_shared_size_bytes = smem
+                        kern.preferred_shared_memory_carveout = 100
+                    for gemm, w, silu, act_div in (("gate_up", w13, True, k), ("down", w2, False, 1)):
+                        inst = pre + base + (cxx_bool(silu),)
+                        a = (x_q8 if silu else inter_q8) if kind == "a8" else (x if silu else inter_bf)
+                        n_out = inter if silu else hidden
+                        f32_out = kind == "a8" or not silu
+                        dst = cp.empty((items, n_out), dtype=np.float32 if f32_out else w4kern.bfloat16)
+                        dst.view(np.uint32 if f32_out else np.uint16).fill(0x7FC00000 if f32_out else 0x7FC0)  # NaN
+
+                        def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div):
+                            launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items)
+
+                        fn(0)
+                        got = dst if f32_out else (dst.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                        key = (kind, gemm)
+                        if key not in baseline:
+                            baseline[key] = got
+                            err = 0.0
+                        else:
+                            ref = baseline[key]
+                            err = float(cp.abs(got - ref).max() / cp.abs(ref).max())
+                        finite = bool(cp.isfinite(got).all())
+                        us = timer.graph(fn)
+                        nbytes = touched * _expert_bytes(w)
+                        gbps = nbytes / us / 1e3
+                        row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, bk=bk, stages=stages,
+                                   m_tiles=m_tiles, regs=regs[inst], smem=smem, us=round(us, 1),
+                                   gbps=round(gbps), eff=round(gbps / ceilings.read_gbps, 3),
+                                   rel_err_vs_first=err, finite=finite)
+                        rows.append(row)
+                        print(row, flush=True)
+            del x, x_q8, inter_q8, inter_bf, inter_f
+            cp.get_default_memory_pool().free_all_blocks()
+        del w13, w2
+        cp.get_default_memory_pool().free_all_blocks()
+    if OUT:
+        Path(OUT).write_text(json.dumps({"read_gbps": ceilings.read_gbps, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
