@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
 // the block's rows): with 8 warps per SM (2 CTAs of ~215 registers) the cp.async
 // ring alone keeps weight bytes in flight, and longer tiles read longer pieces of
 // each weight row per request. scripts/sweep_moe_gemm.py measures the choices.
-constexpr int kMoeA8BK = 128;                       // k per K tile
-constexpr int kMoeA8Stages = 4;
+constexpr int kMoeA8BK = 64;                       // k per K tile
+constexpr int kMoeA8Stages = 3;
 constexpr int kMoeA8Blocks = kMoeA8BK / kQ8BlockValues;   // Q8 blocks per row per K tile
 constexpr int kMoeA8RowBytes = kMoeA8BK + 16;       // the blocks' int8 values, padded (conflict-free ldmatrix)
 constexpr int kMoeA8HeaderBytes = kMoeA8Blocks * 16 + 16;   // their 16-byte d / sum headers, padded

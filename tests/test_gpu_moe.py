@@ -350,7 +350,7 @@ def check_batched(cp, activation, *case):
 @pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
 def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
     # H and I not multiples of the 64/128-wide tiles or of K's 64; both block sizes
-    # (16 below 1024 items, 64 from there); symmetric g32 and asymmetric g64
+    # (16 below 16 items per expert, 64 from there); symmetric g32 and asymmetric g64
     check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
     check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 

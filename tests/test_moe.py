@@ -136,12 +136,14 @@ def test_fused_moe_bad_input(rng):
         w4kern.fused_moe(x, w13, w2, weights, ids, out=np.empty((3, 64), np.float16))
 
 
-def test_moe_block_size_grows_with_the_items():
-    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_ITEMS, moe_block_size
+def test_moe_block_size_grows_with_the_items_per_expert():
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT as per, moe_block_size
 
-    assert moe_block_size(1) == 16
-    assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS - 1) == 16
-    assert moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS) == 64
+    assert moe_block_size(1, 8) == 16
+    assert moe_block_size(8 * per - 1, 8) == 16
+    assert moe_block_size(8 * per, 8) == 64
+    assert moe_block_size(128 * 8, 128) == 16     # Qwen3-30B-A3B, T = 128: 8 items per expert
+    assert moe_block_size(1024 * 8, 256) == 64    # DeepSeek-V3, T = 1024: 32 per expert
 
 
 def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
@@ -156,7 +158,7 @@ def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
     ids = np.argsort(rng.random((64, 8)), axis=1)[:, :2].astype(np.int32)
     weights = np.full((64, 2), 0.5, dtype=np.float32)
     monkeypatch.setattr(moe, "MOE_GEMM_MAX_BLOCKS", 4)
-    with pytest.raises(ValueError, match=r"128 items with E = 8 make 15 aligned blocks of 16.*split the tokens"):
+    with pytest.raises(ValueError, match=r"128 items with E = 8 make 9 aligned blocks of 64.*split the tokens"):
         moe._fused_moe_batched_cuda(np, x, w13, w2, weights, ids, None, "bf16")
 
 
@@ -166,9 +168,9 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
     combination must be a registered instance (name_expression raises otherwise)."""
     from w4kern._registry import FAMILIES, cxx_bool, cxx_type
     from w4kern.formats import FLOAT_DTYPES, SCALE_DTYPES
-    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_ITEMS, moe_block_size
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
 
-    m_tiles = {moe_block_size(1) // 16, moe_block_size(MOE_GEMM_LARGE_BLOCK_ITEMS) // 16}
+    m_tiles = {moe_block_size(1, 1) // 16, moe_block_size(MOE_GEMM_LARGE_BLOCK_PER_EXPERT, 1) // 16}
     for x_dtype in FLOAT_DTYPES:
         act = np.dtype(w4kern.bfloat16) if np.dtype(x_dtype) == np.float32 else np.dtype(x_dtype)
         FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false"))

@@ -155,8 +155,8 @@ MOE_GEMM_BN = 128
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
 #: the A8 kernel's K tile and stages (kMoeA8BK, kMoeA8Stages)
-MOE_GEMM_A8_BK = 128
-MOE_GEMM_A8_STAGES = 4
+MOE_GEMM_A8_BK = 64
+MOE_GEMM_A8_STAGES = 3
 
 
 def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:

@@ -178,9 +178,11 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
 MOE_DECODE_MAX_TOKENS = 16
 #: the batched GEMMs launch one grid row (CUDA grid y, at most 65535) per aligned block
 MOE_GEMM_MAX_BLOCKS = 65535
-#: the batched path aligns to 64-row blocks from this many (token, slot) items on
-#: (16-row blocks below: less padding while experts get few items each)
-MOE_GEMM_LARGE_BLOCK_ITEMS = 1024
+#: the batched path aligns to 64-row blocks from this many (token, slot) items per
+#: expert on average (16-row blocks below). Measured on an H200 (scripts/sweep_moe_gemm.py,
+#: benchmarks/results/2026-11-22-h200-session6/): at 4 and 8 items per expert the
+#: 16-row blocks take 0.55x the time of 64-row ones, at 32 and 64 1.3x.
+MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
 
 
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
@@ -224,12 +226,13 @@ def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
          np.int32(n_experts)))
 
 
-def moe_block_size(items: int) -> int:
+def moe_block_size(items: int, n_experts: int) -> int:
     """Alignment block of the batched path: 16 rows (one m16 tile) while the average
-    expert gets few items, 64 beyond (MOE_GEMM_LARGE_BLOCK_ITEMS items)."""
+    expert gets few items, 64 from MOE_GEMM_LARGE_BLOCK_PER_EXPERT items per expert."""
     from ._registry import MOE_GEMM_M_TILES
 
-    return 16 * (max(MOE_GEMM_M_TILES) if items >= MOE_GEMM_LARGE_BLOCK_ITEMS else min(MOE_GEMM_M_TILES))
+    large = items >= MOE_GEMM_LARGE_BLOCK_PER_EXPERT * n_experts
+    return 16 * (max(MOE_GEMM_M_TILES) if large else min(MOE_GEMM_M_TILES))
 
 
 def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
@@ -255,7 +258,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    block = moe_block_size(items)
+    block = moe_block_size(items, n_experts)
     m_tiles = block // 16
     sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
     blocks = expert_ids.shape[0]   # known without a device read
