@@ -42,7 +42,7 @@ constexpr int kMoeHalf = kMoeBN / 2;
 constexpr int kMoeBK = 64;                   // k per K tile
 constexpr int kMoeStages = 3;
 constexpr int kMoeARowBytes = kMoeBK * 2 + 16;   // padded: 8 ldmatrix rows hit distinct banks
-constexpr int kMoeBRowBytes = kMoeBK / 2 + 16;   // 32 bytes of nibbles, padded to 48 (conflict-free)
+constexpr int kMoeBRowBytes = kMoeBK / 2;        // 32 bytes of nibbles (see moe_b_offset)
 constexpr int kMoeNTiles = 4;                // n8 MMA tiles per warp: 2 low, 2 high
 constexpr u32 kMoeNibbleBits = 0x00780000u;  // mantissa bits 19..22
 constexpr u32 kMoeOne = 0x3F800000u;         // 1.0f
@@ -56,14 +56,39 @@ struct MoeGemmLayout {
     static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;   // + the block's item ids
 };
 
+// Where half h (16 bytes) of weight row r of a K tile sits in shared memory. Rows
+// are 32 bytes, unpadded, and a row's halves swap places when bit 2 of r is set:
+// the A8 B-fragment reads (rows g = 0..7 of an n8 tile, bytes 4t of the same
+// half) then hit 32 distinct banks, and the loads (the two threads of a pair
+// copy the two halves of one row, so a warp's request is 16 whole 32-byte
+// sectors, where one thread per row made each sector travel twice) write 512
+// contiguous bytes.
+__device__ __forceinline__ u32 moe_b_offset(int row, int half) {
+    return row * kMoeBRowBytes + ((half ^ ((row >> 2) & 1)) << 4);
+}
+
+// Copies this thread's two weight-row halves of K tile kt: tile rows tid / 2 and
+// tid / 2 + 64, half tid % 2 (src[r]: the weight row's first byte).
+__device__ __forceinline__ void moe_load_weight_tile(u32 b_dst, const u8* const (&src)[2], int kt, i64 row_bytes,
+                                                     int tid) {
+    const int half = tid & 1;
+    const i64 byte = static_cast<i64>(kt) * kMoeBRowBytes + 16 * half;
+    const bool in = byte < row_bytes;   // K is a multiple of 32: whole halves
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        cp_async16(b_dst + moe_b_offset((tid >> 1) + 64 * r, half), src[r] + (in ? byte : 0), in ? 16 : 0);
+}
+
 // 16 * scale and -(16 + zero) * scale of a thread's weight rows for the two 32-k
 // halves of a K tile (the two constants of w = m * 16 s - (16 + z) s).
 struct MoeGroupScales {
     float s16[kMoeNTiles][2], offset[kMoeNTiles][2];
 };
 
+// Launch bounds: 4 CTAs per SM at one m16 tile (ptxas, left alone, capped these
+// at 96 registers and spilled); none at four (ptxas picks 166 registers, 3 CTAs).
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
     const ActT* __restrict__ act,              // [rows, K]
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]
@@ -117,7 +142,8 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
         a_valid[j] = item >= 0 && item < n_items;
         a_src[j] = act + static_cast<i64>(a_valid[j] ? item / act_div : 0) * k_dim + (tid % 8) * 8;
     }
-    const u8* b_src = expert_q + static_cast<i64>(weight_row(tid)) * row_bytes;
+    const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes,
+                          expert_q + static_cast<i64>(weight_row((tid >> 1) + 64)) * row_bytes};
     const u32 smem_base = smem_address(smem);
     const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
 
@@ -132,12 +158,7 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
             cp_async16(a_dst + r * kMoeARowBytes + (tid % 8) * 16, a_src[j] + (a_in ? k0 : 0),
                        a_valid[j] && a_in ? 16 : 0);
         }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const i64 byte = static_cast<i64>(k0) / 2 + 16 * h;
-            const bool in = byte < row_bytes;
-            cp_async16(b_dst + tid * kMoeBRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
-        }
+        moe_load_weight_tile(b_dst, b_src, kt, row_bytes, tid);
     };
 
     // this thread's weight row in n8 tile j (tile columns 16w + 8j + g, high half for j >= 2)
@@ -190,8 +211,8 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
 #pragma unroll
         for (int j = 0; j < kMoeNTiles; ++j) {
             const int c = (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g;
-            const uint4 lo = lds_u32x4(b_tile + c * kMoeBRowBytes);
-            const uint4 hi = lds_u32x4(b_tile + c * kMoeBRowBytes + 16);
+            const uint4 lo = lds_u32x4(b_tile + moe_b_offset(c, 0));
+            const uint4 hi = lds_u32x4(b_tile + moe_b_offset(c, 1));
             w[j][0] = lo.x; w[j][1] = lo.y; w[j][2] = lo.z; w[j][3] = lo.w;
             w[j][4] = hi.x; w[j][5] = hi.y; w[j][6] = hi.z; w[j][7] = hi.w;
         }
@@ -275,17 +296,9 @@ __global__ void __launch_bounds__(kMoeGemmThreads) moe_gemm_a16_kernel(
 // bytes, conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
 // int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
 // n8 tile (not its B column g), so the flush reads those columns' scales.
-//
-// K tiles are kMoeA8BK long (a stage holds that many k of 128 weight rows and of
-// the block's rows): with 8 warps per SM (2 CTAs of ~215 registers) the cp.async
-// ring alone keeps weight bytes in flight, and longer tiles read longer pieces of
-// each weight row per request. scripts/sweep_moe_gemm.py measures the choices.
-constexpr int kMoeA8BK = 64;                       // k per K tile
-constexpr int kMoeA8Stages = 3;
-constexpr int kMoeA8Blocks = kMoeA8BK / kQ8BlockValues;   // Q8 blocks per row per K tile
-constexpr int kMoeA8RowBytes = kMoeA8BK + 16;       // the blocks' int8 values, padded (conflict-free ldmatrix)
+constexpr int kMoeA8Blocks = kMoeBK / kQ8BlockValues;     // Q8 blocks per row per K tile
+constexpr int kMoeA8RowBytes = kMoeBK + 16;         // the blocks' int8 values, padded (conflict-free ldmatrix)
 constexpr int kMoeA8HeaderBytes = kMoeA8Blocks * 16 + 16;   // their 16-byte d / sum headers, padded
-constexpr int kMoeA8BRowBytes = kMoeA8BK / 2 + 16;  // nibbles of a weight row, padded (conflict-free)
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
 constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
 constexpr i32 kMoeRoundMagicBits = 0x4B400000;
@@ -295,9 +308,9 @@ struct MoeGemmA8Layout {
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
     static constexpr int kHeaderBytes = kRows * kMoeA8HeaderBytes;
-    static constexpr int kBBytes = kMoeBN * kMoeA8BRowBytes;
+    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
     static constexpr int kStageBytes = kABytes + kHeaderBytes + kBBytes;
-    static constexpr int kSmemBytes = kMoeA8Stages * kStageBytes + kRows * 4;
+    static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;
     // A loads: each row's blocks are 3 * kMoeA8Blocks 16-byte chunks (qs_even,
     // qs_odd, header), spread over the kThreadsPerRow threads of the row
     static constexpr int kThreadsPerRow = kMoeGemmThreads / kRows;
@@ -323,7 +336,7 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     using Layout = MoeGemmA8Layout<kMTiles>;
     constexpr int kBM = Layout::kRows;
     extern __shared__ __align__(16) u8 smem[];
-    i32* block_items = reinterpret_cast<i32*>(smem + kMoeA8Stages * Layout::kStageBytes);
+    i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
 
     const int block = blockIdx.y;
     if (block * kBM >= num_post_padded[0]) return;
@@ -348,9 +361,10 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
     __syncthreads();
 
-    const u8* b_src = expert_q + static_cast<i64>(weight_row(tid)) * row_bytes;
+    const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes,
+                          expert_q + static_cast<i64>(weight_row((tid >> 1) + 64)) * row_bytes};
     const u32 smem_base = smem_address(smem);
-    const int k_tiles = (k_dim + kMoeA8BK - 1) / kMoeA8BK;
+    const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
 
     // A: this thread's row of the tile and its activation row (resolved once: the
     // per-stage loop only adds the K tile's offset)
@@ -373,12 +387,7 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
                                      : h_dst + a_row * kMoeA8HeaderBytes + b * 16;
             cp_async16(dst, a_src + (in ? static_cast<i64>(blk) * sizeof(Q8Block) + part * 16 : 0), in ? 16 : 0);
         }
-#pragma unroll
-        for (int h = 0; h < kMoeA8BK / 32; ++h) {
-            const i64 byte = static_cast<i64>(kt) * (kMoeA8BK / 2) + 16 * h;
-            const bool in = byte < row_bytes;
-            cp_async16(b_dst + tid * kMoeA8BRowBytes + 16 * h, b_src + (in ? byte : 0), in ? 16 : 0);
-        }
+        moe_load_weight_tile(b_dst, b_src, kt, row_bytes, tid);
     };
 
     // B fragments: weight row (tile column) g of each n8 tile; accumulators: tile
@@ -415,29 +424,29 @@ __global__ void __launch_bounds__(kMoeGemmThreads, 1) moe_gemm_a8_kernel(
     }
 
 #pragma unroll
-    for (int st = 0; st < kMoeA8Stages - 1; ++st) {
+    for (int st = 0; st < kMoeStages - 1; ++st) {
         if (st < k_tiles) load_tile(st, st);
         cp_async_commit();
     }
     load_group(0);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<kMoeA8Stages - 2>();
+        cp_async_wait<kMoeStages - 2>();
         __syncthreads();
-        if (kt + kMoeA8Stages - 1 < k_tiles) load_tile(kt + kMoeA8Stages - 1, (kt + kMoeA8Stages - 1) % kMoeA8Stages);
+        if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
         cp_async_commit();
 
-        const u32 a_tile = smem_base + (kt % kMoeA8Stages) * Layout::kStageBytes;
+        const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
         const u32 h_tile = a_tile + Layout::kABytes;
         const u32 b_tile = h_tile + Layout::kHeaderBytes;
 #pragma unroll
         for (int step = 0; step < kMoeA8Blocks; ++step) {
-            const int k_end = kt * kMoeA8BK + 32 * (step + 1);   // k after this block
+            const int k_end = kt * kMoeBK + 32 * (step + 1);   // k after this block
             if (step > 0 && k_end > k_dim) break;                // K's last tile may hold fewer blocks
             u32 b[kMoeNTiles][2];
 #pragma unroll
             for (int j = 0; j < kMoeNTiles; ++j) {
-                const u32 word = lds_u32(b_tile + (tile_col(j) + g) * kMoeA8BRowBytes + 16 * step + 4 * t);
+                const u32 word = lds_u32(b_tile + moe_b_offset(tile_col(j) + g, step) + 4 * t);
                 b[j][0] = word & kLowNibbles;
                 b[j][1] = (word >> 4) & kLowNibbles;
             }

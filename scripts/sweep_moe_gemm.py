@@ -1,6 +1,6 @@
-"""Sweep the batched MoE expert GEMMs' pipeline (moe_gemm.cu): K tile and stage
-count of the A8 kernel, stage count of the A16 kernel, and the alignment block
-(16 or 64 rows), on the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing.
+"""Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count and shared-memory
+carveout of the A8 and A16 kernels, and the alignment block (16 or 64 rows), on
+the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing.
 
 Each variant is moe_gemm.cu with its constants rewritten, compiled through
 w4kern's runtime from a copy of cuda_src/ (only the instances timed here), and
@@ -14,6 +14,7 @@ order within a group, so they must agree to fp32 rounding).
     python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick]
 """
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -35,31 +36,28 @@ QUICK = "--quick" in sys.argv
 OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
-# (name, kernel, K tile (A8 only; A16's is 64), stages)
-VARIANTS = [("a8-bk64-s3", "a8", 64, 3), ("a8-bk64-s6", "a8", 64, 6), ("a8-bk128-s3", "a8", 128, 3),
-            ("a8-bk128-s4", "a8", 128, 4), ("a8-bk128-s6", "a8", 128, 6), ("a8-bk256-s2", "a8", 256, 2),
-            ("a8-bk256-s3", "a8", 256, 3), ("a16-s3", "a16", 64, 3), ("a16-s4", "a16", 64, 4),
-            ("a16-s6", "a16", 64, 6)]
+# (kernel, stages, shared-memory carveout in percent; None: the family's)
+VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a16", 3, None), ("a16", 3, 100), ("a16", 4, None)]
 if QUICK:
-    VARIANTS = [v for v in VARIANTS if v[0] in ("a8-bk64-s3", "a8-bk128-s4", "a16-s3")]
+    VARIANTS = [v for v in VARIANTS if v[1] == 3]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
 M_TILES = (1, 4)
 
 
-def variant_source(kind, bk, stages) -> str:
-    """A copy of cuda_src/ with the variant's constants in moe_gemm.cu."""
-    src = Path(tempfile.mkdtemp(prefix=f"w4kern-{kind}-{bk}-{stages}-"))
+@functools.cache
+def variant_source(stages) -> str:
+    """A copy of cuda_src/ with the variant's stage count in moe_gemm.cu."""
+    src = Path(tempfile.mkdtemp(prefix=f"w4kern-moe-s{stages}-"))
     shutil.copytree(_runtime.source_dir(), src, dirs_exist_ok=True)
     path = src / "moe_gemm.cu"
     text = path.read_text()
-    subs = ({"kMoeA8BK": bk, "kMoeA8Stages": stages} if kind == "a8" else {"kMoeStages": stages})
-    for name, value in subs.items():
-        text, n = re.subn(rf"constexpr int {name} = \d+;", f"constexpr int {name} = {value};", text)
-        assert n == 1, name
+    text, n = re.subn(r"constexpr int kMoeStages = \d+;", f"constexpr int kMoeStages = {stages};", text)
+    assert n == 1
     path.write_text(text)
     return str(src)
 
 
+@functools.cache
 def variant_kernels(kind, src, instances):
     """RawKernels of the given instances of moe_gemm_<kind>, compiled from ``src``."""
     family = dataclasses.replace(FAMILIES[f"moe_gemm_{kind}"], instances=tuple(instances), max_dynamic_smem=0)
@@ -103,19 +101,22 @@ def main():
             baseline = {}
             for m_tiles in M_TILES:
                 aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
-                for name, kind, bk, stages in VARIANTS:
-                    smem = (moe_gemm_a8_smem_bytes(m_tiles, bk, stages) if kind == "a8"
+                for kind, stages, carveout in VARIANTS:
+                    fam = FAMILIES[f"moe_gemm_{kind}"]
+                    carveout = fam.smem_carveout if carveout is None else carveout
+                    name = f"{kind}-s{stages}-c{carveout}"
+                    smem = (moe_gemm_a8_smem_bytes(m_tiles, stages) if kind == "a8"
                             else moe_gemm_smem_bytes(m_tiles, stages))
                     if smem > SMEM_LIMIT:
                         continue
-                    src = variant_source(kind, bk, stages)
+                    src = variant_source(stages)
                     base = (cxx_type(w13.scales.dtype), cxx_bool(True), str(m_tiles))
                     pre = () if kind == "a8" else (cxx_type(w4kern.bfloat16),)
-                    insts = [pre + base + (cxx_bool(s),) for s in (True, False)]
+                    insts = tuple(pre + base + (cxx_bool(s),) for s in (True, False))
                     kernels, regs = variant_kernels(kind, src, insts)
                     for kern in kernels.values():
                         kern.max_dynamic_shared_size_bytes = smem
-                        kern.preferred_shared_memory_carveout = 100
+                        kern.preferred_shared_memory_carveout = carveout
                     for gemm, w, silu, act_div in (("gate_up", w13, True, k), ("down", w2, False, 1)):
                         inst = pre + base + (cxx_bool(silu),)
                         a = (x_q8 if silu else inter_q8) if kind == "a8" else (x if silu else inter_bf)
@@ -140,7 +141,7 @@ def main():
                         us = timer.graph(fn)
                         nbytes = touched * _expert_bytes(w)
                         gbps = nbytes / us / 1e3
-                        row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, bk=bk, stages=stages,
+                        row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, stages=stages, carveout=carveout,
                                    m_tiles=m_tiles, regs=regs[inst], smem=smem, us=round(us, 1),
                                    gbps=round(gbps), eff=round(gbps / ceilings.read_gbps, 3),
                                    rel_err_vs_first=err, finite=finite)

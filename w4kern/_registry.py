@@ -45,6 +45,7 @@ class KernelFamily:
     instances: tuple[tuple[str, ...], ...]
     spill_free: bool = True          # compile-check fails if any instance spills
     max_dynamic_smem: int = 0        # bytes of dynamic shared memory to opt in to
+    smem_carveout: int = 100         # preferred shared-memory share of L1 (percent) for those kernels
 
     def name_expression(self, args: tuple[str, ...]) -> str:
         if args not in self.instances:
@@ -154,26 +155,28 @@ MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = 128
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
-#: the A8 kernel's K tile and stages (kMoeA8BK, kMoeA8Stages)
-MOE_GEMM_A8_BK = 64
-MOE_GEMM_A8_STAGES = 3
+#: shared-memory carveouts (percent of the SM's 228 KiB) of the expert GEMMs: room for
+#: the CTAs their registers allow (A8: 2 of 37 KiB at 64-row blocks, 4 of 18 KiB at
+#: 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest left to L1, which then holds the
+#: 32-byte sectors of scales and zeros the kernels read 2 bytes at a time
+MOE_GEMM_A8_CARVEOUT = 50
+MOE_GEMM_A16_CARVEOUT = 60
 
 
 def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
     """Dynamic shared memory of moe_gemm_a16_kernel (MoeGemmLayout in moe_gemm.cu):
-    the stages of A rows (padded to 144 bytes) and weight nibble rows (padded to 48
-    bytes), plus the block's item ids."""
+    the stages of A rows (padded to 144 bytes) and weight nibble rows (32 bytes),
+    plus the block's item ids."""
     rows = 16 * m_tiles
-    return stages * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * (MOE_GEMM_BK // 2 + 16)) + rows * 4
+    return stages * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * MOE_GEMM_BK // 2) + rows * 4
 
 
-def moe_gemm_a8_smem_bytes(m_tiles: int, bk: int = MOE_GEMM_A8_BK, stages: int = MOE_GEMM_A8_STAGES) -> int:
+def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
     """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
     A rows (BK int8, padded by 16 bytes), their blocks' 16-byte headers (padded by
-    16 bytes) and the weight nibble rows (BK / 2 bytes, padded by 16), plus the
-    block's item ids."""
+    16 bytes) and the weight nibble rows (32 bytes), plus the block's item ids."""
     rows = 16 * m_tiles
-    stage = rows * (bk + 16) + rows * (16 * (bk // 32) + 16) + MOE_GEMM_BN * (bk // 2 + 16)
+    stage = rows * (MOE_GEMM_BK + 16) + rows * (16 * (MOE_GEMM_BK // 32) + 16) + MOE_GEMM_BN * MOE_GEMM_BK // 2
     return stages * stage + rows * 4
 
 
@@ -316,6 +319,7 @@ FAMILIES: dict[str, KernelFamily] = {
                 for silu in (True, False)
             ),
             max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_M_TILES)),
+            smem_carveout=MOE_GEMM_A16_CARVEOUT,
         ),
         # the batched path's A8 expert GEMMs: (scale type, zeros, m16 tiles per block,
         # GEMM1 with the SiLU * up epilogue)
@@ -331,6 +335,7 @@ FAMILIES: dict[str, KernelFamily] = {
                 for silu in (True, False)
             ),
             max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
+            smem_carveout=MOE_GEMM_A8_CARVEOUT,
         ),
         KernelFamily(
             name="moe_combine",

@@ -306,9 +306,10 @@ def get_kernel(family: str, args: tuple[str, ...]):
         k = module.get_function(compiled.lowered_names[fam.name_expression(instance)])
         if fam.max_dynamic_smem:
             k.max_dynamic_shared_size_bytes = fam.max_dynamic_smem   # the one opt-in place
-            # ask for the largest shared-memory carveout, or the driver may size
-            # L1/shared for one CTA per SM and cap the kernel's occupancy
-            k.preferred_shared_memory_carveout = 100
+            # ask for a shared-memory carveout (the largest unless the family says
+            # otherwise), or the driver may size L1/shared for one CTA per SM and
+            # cap the kernel's occupancy
+            k.preferred_shared_memory_carveout = fam.smem_carveout
         _kernels[(family, instance) + key[2:]] = k
     return _kernels[key]
 
