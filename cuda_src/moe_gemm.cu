@@ -41,11 +41,6 @@ constexpr int kMoeBN = 128;                  // weight rows per tile (two halves
 constexpr int kMoeHalf = kMoeBN / 2;
 constexpr int kMoeBK = 64;                   // k per K tile
 constexpr int kMoeStages = 3;
-// Scales and zeros are read with ordinary loads (2 bytes each, per group), issued
-// one K tile (A16) or one flush (A8) before their use; prefetches kMoeScaleLead
-// tiles / flushes ahead bring their lines to L1 first, so those loads do not
-// wait on DRAM.
-constexpr int kMoeScaleLead = 4;
 constexpr int kMoeARowBytes = kMoeBK * 2 + 16;   // padded: 8 ldmatrix rows hit distinct banks
 constexpr int kMoeBRowBytes = kMoeBK / 2;        // 32 bytes of nibbles (see moe_b_offset)
 constexpr int kMoeNTiles = 4;                // n8 MMA tiles per warp: 2 low, 2 high
@@ -170,19 +165,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
     int my_row[kMoeNTiles];
 #pragma unroll
     for (int j = 0; j < kMoeNTiles; ++j) my_row[j] = weight_row((j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g);
-    // the scales and zeros of K tile kt, asked of L1 kMoeScaleLead tiles before
-    // load_scales needs them (its loads have a tile to land: not enough for DRAM)
-    auto prefetch_scales = [&](int kt) {
-#pragma unroll
-        for (int j = 0; j < kMoeNTiles; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int group = min((kt * kMoeBK + 32 * h) >> group_shift, n_groups - 1);
-                const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
-                prefetch_l1(expert_s + at);
-                if constexpr (kHasZeros) prefetch_l1(expert_z + at);
-            }
-    };
     auto load_scales = [&](MoeGroupScales& sc, int kt) {
 #pragma unroll
         for (int j = 0; j < kMoeNTiles; ++j)
@@ -212,7 +194,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
         if (s < k_tiles) load_tile(s, s);
         cp_async_commit();
     }
-    for (int kt = 1; kt <= kMoeScaleLead; ++kt) prefetch_scales(kt);
     MoeGroupScales cur, next;
     load_scales(cur, 0);
 
@@ -222,7 +203,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
         if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
         cp_async_commit();
         if (kt + 1 < k_tiles) load_scales(next, kt + 1);
-        if (kt + 1 + kMoeScaleLead < k_tiles) prefetch_scales(kt + 1 + kMoeScaleLead);
 
         const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
         const u32 b_tile = a_tile + Layout::kABytes;
@@ -428,17 +408,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 1) moe_gem
             }
     };
     const int flush_k = min(group_shift >= 31 ? kMoeA8MaxFlushK : (1 << group_shift), kMoeA8MaxFlushK);
-    auto prefetch_group = [&](int k) {
-        const int group = min(k >> group_shift, n_groups - 1);
-#pragma unroll
-        for (int j = 0; j < kMoeNTiles; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const i64 at = static_cast<i64>(weight_row(tile_col(j) + 2 * t + e)) * n_groups + group;
-                prefetch_l1(expert_s + at);
-                if constexpr (kHasZeros) prefetch_l1(expert_z + at);
-            }
-    };
 
     float acc[kMTiles][kMoeNTiles][4];
     i32 dot[kMTiles][kMoeNTiles][4];
@@ -460,7 +429,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 1) moe_gem
         if (st < k_tiles) load_tile(st, st);
         cp_async_commit();
     }
-    for (int f = 1; f <= kMoeScaleLead; ++f) prefetch_group(f * flush_k);
     load_group(0);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -515,7 +483,6 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 1) moe_gem
                         block_sums[i][h] = 0.0f;
                     }
                 if (k_end < k_dim) load_group(k_end);
-                if (k_end + kMoeScaleLead * flush_k < k_dim) prefetch_group(k_end + kMoeScaleLead * flush_k);
             }
         }
     }

@@ -1,6 +1,5 @@
-"""Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count, scale prefetch
-lead and shared-memory carveout of the A8 and A16 kernels, and the alignment
-block (16 or 64 rows), on
+"""Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count and shared-memory
+carveout of the A8 and A16 kernels, and the alignment block (16 or 64 rows), on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing.
 
 Each variant is moe_gemm.cu with its constants rewritten, compiled through
@@ -37,26 +36,23 @@ QUICK = "--quick" in sys.argv
 OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
-# (kernel, stages, scale prefetch lead (kMoeScaleLead), shared-memory carveout in
-# percent; None: the family's)
-VARIANTS = [("a8", 3, 4, None), ("a8", 3, 0, None), ("a8", 3, 8, None), ("a8", 4, 4, None), ("a8", 3, 4, 100),
-            ("a16", 3, 4, None), ("a16", 3, 0, None), ("a16", 3, 8, None), ("a16", 4, 4, None)]
+# (kernel, stages, shared-memory carveout in percent; None: the family's)
+VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a16", 3, None), ("a16", 3, 100), ("a16", 4, None)]
 if QUICK:
-    VARIANTS = [v for v in VARIANTS if v[1:] == (3, 4, None)]
+    VARIANTS = [v for v in VARIANTS if v[1] == 3]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
 M_TILES = (1, 4)
 
 
 @functools.cache
-def variant_source(stages, lead) -> str:
-    """A copy of cuda_src/ with the variant's stage count and prefetch lead in moe_gemm.cu."""
-    src = Path(tempfile.mkdtemp(prefix=f"w4kern-moe-s{stages}-l{lead}-"))
+def variant_source(stages) -> str:
+    """A copy of cuda_src/ with the variant's stage count in moe_gemm.cu."""
+    src = Path(tempfile.mkdtemp(prefix=f"w4kern-moe-s{stages}-"))
     shutil.copytree(_runtime.source_dir(), src, dirs_exist_ok=True)
     path = src / "moe_gemm.cu"
     text = path.read_text()
-    for name, value in (("kMoeStages", stages), ("kMoeScaleLead", lead)):
-        text, n = re.subn(rf"constexpr int {name} = \d+;", f"constexpr int {name} = {value};", text)
-        assert n == 1, name
+    text, n = re.subn(r"constexpr int kMoeStages = \d+;", f"constexpr int kMoeStages = {stages};", text)
+    assert n == 1
     path.write_text(text)
     return str(src)
 
@@ -105,15 +101,15 @@ def main():
             baseline = {}
             for m_tiles in M_TILES:
                 aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
-                for kind, stages, lead, carveout in VARIANTS:
+                for kind, stages, carveout in VARIANTS:
                     fam = FAMILIES[f"moe_gemm_{kind}"]
                     carveout = fam.smem_carveout if carveout is None else carveout
-                    name = f"{kind}-s{stages}-l{lead}-c{carveout}"
+                    name = f"{kind}-s{stages}-c{carveout}"
                     smem = (moe_gemm_a8_smem_bytes(m_tiles, stages) if kind == "a8"
                             else moe_gemm_smem_bytes(m_tiles, stages))
                     if smem > SMEM_LIMIT:
                         continue
-                    src = variant_source(stages, lead)
+                    src = variant_source(stages)
                     base = (cxx_type(w13.scales.dtype), cxx_bool(True), str(m_tiles))
                     pre = () if kind == "a8" else (cxx_type(w4kern.bfloat16),)
                     insts = tuple(pre + base + (cxx_bool(s),) for s in (True, False))
@@ -145,8 +141,7 @@ def main():
                         us = timer.graph(fn)
                         nbytes = touched * _expert_bytes(w)
                         gbps = nbytes / us / 1e3
-                        row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, stages=stages, lead=lead,
-                                   carveout=carveout,
+                        row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, stages=stages, carveout=carveout,
                                    m_tiles=m_tiles, regs=regs[inst], smem=smem, us=round(us, 1),
                                    gbps=round(gbps), eff=round(gbps / ceilings.read_gbps, 3),
                                    rel_err_vs_first=err, finite=finite)

@@ -42,12 +42,6 @@ __device__ __forceinline__ void cp_async4(u32 smem_dst, const void* src, u32 src
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_dst), "l"(src), "r"(src_bytes));
 }
 
-// Asks for the L1 line holding `p` (no register, nothing waits on it): a later
-// ordinary load of that line then finds it in L1 instead of waiting on DRAM.
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-    asm volatile("prefetch.global.L1 [%0];" :: "l"(p));
-}
-
 // Shared loads at 32-bit addresses. Volatile, so they stay ordered after the
 // cp.async waits and barriers that publish the data they read.
 __device__ __forceinline__ u32 lds_u32(u32 address) {
