@@ -5,17 +5,19 @@
 // the sentinel T * k in padding and in the unused tail, expert id -1 for unused
 // blocks.
 //
-// Three launches. The flat indices are cut into at most 32 chunks (of at least
-// 256 indices; the host picks the chunk length), one warp each, so that every
-// expert's per-chunk counts fit one warp-wide load and scan:
+// Three launches. The flat indices are cut into at most 128 chunks (of at least
+// 256 indices; the host picks the chunk length), one warp each: a warp walks
+// its chunk step by step (each step waits on the last), so the walk's length,
+// not the bytes, sets the time, and more chunks mean shorter walks.
 //   1. moe_chunk_kernel<.., false>: warp c counts the experts of chunk c in a
 //      shared-memory row and writes it to row c of a [chunks, E] matrix.
-//   2. moe_offsets_kernel (one CTA): per expert, one thread loads its column of
-//      the matrix (at most 32 counts, loaded at once, coalesced over the threads)
-//      and keeps an exclusive prefix over the chunks in registers (indices stay
-//      ascending); the CTA scans the padded run lengths over the experts, each
-//      thread writes where each chunk's first entry of its expert goes, and
-//      warps write the padding and expert_ids, lanes on consecutive entries.
+//   2. moe_offsets_kernel (one CTA): per expert, 8 adjacent threads load its
+//      column of the matrix (a thread 16 chunks, loaded at once) and sum it,
+//      the threads' sums joined by shuffles; the CTA scans the padded run
+//      lengths over the experts, each thread reads its chunks again and
+//      writes where each one's first entry of its expert goes (an exclusive
+//      prefix over the chunks: indices stay ascending), and warps write the
+//      padding and expert_ids, lanes on consecutive entries.
 //   3. moe_chunk_kernel<.., true>: warp c loads row c into a shared-memory row
 //      and walks its chunk again; a lane's rank among the lanes of its expert
 //      (lower lanes = lower indices) places it.
@@ -27,7 +29,9 @@
 
 namespace w4kern {
 
-constexpr int kMoeMaxChunks = 32;   // one chunk per lane of a warp (host: MOE_ALIGN_MAX_CHUNKS)
+constexpr int kMoeExpertLanes = 8;    // offsets-kernel threads (adjacent lanes) per expert
+constexpr int kMoeLaneChunks = 16;    // chunks one of them loads
+constexpr int kMoeMaxChunks = kMoeExpertLanes * kMoeLaneChunks;     // host: MOE_ALIGN_MAX_CHUNKS
 constexpr int kMoeSteps = 8;        // 32-index steps whose ids a warp loads at once
 
 // The local experts of flat indices i, i + 32, ..., i + 32 (kMoeSteps - 1): -1 past
@@ -100,54 +104,71 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
     constexpr int kWarps = kThreads / 32;
-    __shared__ i32 scan[kThreads];   // padded run lengths of this round's experts, scanned
-    __shared__ i32 run_start[kThreads], run_used[kThreads], run_padded[kThreads];
+    constexpr int kExperts = kThreads / kMoeExpertLanes;   // experts per round
+    __shared__ i32 scan[kExperts];   // padded run lengths of this round's experts, scanned
+    __shared__ i32 run_start[kExperts], run_used[kExperts], run_padded[kExperts];
     __shared__ i32 carry;            // padded lengths of the earlier rounds' experts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int part = lane % kMoeExpertLanes, leader = lane - part;   // an expert's lanes: leader .. leader + 7
     if (threadIdx.x == 0) carry = 0;
     __syncthreads();
-    // experts in rounds of kThreads, a thread each: its column of the count matrix
-    // (at most kMoeMaxChunks counts, loads coalesced over the threads) is loaded at
-    // once and prefixed in registers
-    for (int round = 0; round < n_experts; round += kThreads) {
-        const int e = round + static_cast<int>(threadIdx.x);
-        i32 before[kMoeMaxChunks];   // exclusive prefix over the chunks
-        i32 total = 0;
+    // experts in rounds of kExperts, 8 lanes each: lane `part` of them takes
+    // chunks 16 part .. 16 part + 15 of the expert's column of the count
+    // matrix, loaded at once
+    for (int round = 0; round < n_experts; round += kExperts) {
+        const int r = static_cast<int>(threadIdx.x) / kMoeExpertLanes, e = round + r;
+        const int c0 = part * kMoeLaneChunks;
+        const bool has_e = e < n_experts;
+        i32* column = counts + static_cast<i64>(c0) * n_experts + e;
+        // (summed now and read again for the prefix below: the counts held across
+        // the scan would not fit the 64 registers of a 1024-thread CTA)
+        i32 mine = 0;
 #pragma unroll
-        for (int c = 0; c < kMoeMaxChunks; ++c)
-            before[c] = e < n_experts && c < n_chunks ? counts[static_cast<i64>(c) * n_experts + e] : 0;
+        for (int c = 0; c < kMoeLaneChunks; ++c)
+            mine += has_e && c0 + c < n_chunks ? column[static_cast<i64>(c) * n_experts] : 0;
+        // the inclusive prefix of the expert's lanes' sums, and its total
+        i32 upto = mine;
 #pragma unroll
-        for (int c = 0; c < kMoeMaxChunks; ++c) {
-            const i32 v = before[c];
-            before[c] = total;
-            total += v;
+        for (int offset = 1; offset < kMoeExpertLanes; offset <<= 1) {
+            const i32 v = __shfl_up_sync(0xFFFFFFFFu, upto, offset, kMoeExpertLanes);
+            if (part >= offset) upto += v;
         }
+        const i32 total = __shfl_sync(0xFFFFFFFFu, upto, leader + kMoeExpertLanes - 1);
         const i32 padded = (total + block_size - 1) / block_size * block_size;
-        scan[threadIdx.x] = padded;
+        if (part == 0) scan[r] = padded;
         __syncthreads();
-        for (int offset = 1; offset < kThreads; offset <<= 1) {   // inclusive scan
-            const i32 v = threadIdx.x >= static_cast<unsigned>(offset) ? scan[threadIdx.x - offset] : 0;
+        for (int offset = 1; offset < kExperts; offset <<= 1) {   // inclusive scan over the round's experts
+            const int x = threadIdx.x;
+            const i32 v = x < kExperts && x >= offset ? scan[x - offset] : 0;
             __syncthreads();
-            scan[threadIdx.x] += v;
+            if (x < kExperts) scan[x] += v;
             __syncthreads();
         }
-        const i32 start = carry + scan[threadIdx.x] - padded;
-        if (e < n_experts) {
+        const i32 start = carry + scan[r] - padded;
+        if (has_e) {
+            i32 at = start + upto - mine;   // this thread's chunks follow its expert's lower lanes' ones
+            i32 v[kMoeLaneChunks];
 #pragma unroll
-            for (int c = 0; c < kMoeMaxChunks; ++c)
-                if (c < n_chunks) counts[static_cast<i64>(c) * n_experts + e] = start + before[c];
+            for (int c = 0; c < kMoeLaneChunks; ++c) v[c] = c0 + c < n_chunks ? column[static_cast<i64>(c) * n_experts] : 0;
+#pragma unroll
+            for (int c = 0; c < kMoeLaneChunks; ++c) {   // an exclusive prefix over the chunks
+                if (c0 + c < n_chunks) column[static_cast<i64>(c) * n_experts] = at;
+                at += v[c];
+            }
         }
-        run_start[threadIdx.x] = start;
-        run_used[threadIdx.x] = total;
-        run_padded[threadIdx.x] = padded;
+        if (part == 0) {
+            run_start[r] = start;
+            run_used[r] = total;
+            run_padded[r] = padded;
+        }
         __syncthreads();   // everyone has read carry and scan[]; run_* are complete
         // the padding and block ids, a warp per expert with lanes on consecutive entries
-        for (int r = warp; r < kThreads && round + r < n_experts; r += kWarps) {
-            const i32 s0 = run_start[r], end = s0 + run_padded[r];
-            for (int p = s0 + run_used[r] + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
-            for (int b = s0 / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + r;
+        for (int x = warp; x < kExperts && round + x < n_experts; x += kWarps) {
+            const i32 s0 = run_start[x], end = s0 + run_padded[x];
+            for (int p = s0 + run_used[x] + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
+            for (int b = s0 / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + x;
         }
-        if (threadIdx.x == kThreads - 1) carry += scan[threadIdx.x];
+        if (threadIdx.x == kThreads - 1) carry += scan[kExperts - 1];
         __syncthreads();   // carry is final and run_* free for the next round
     }
     const i32 used = carry;

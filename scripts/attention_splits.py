@@ -10,7 +10,8 @@ from w4kern.bench import Timer
 
 timer = Timer(warmup=3, repeats=7, launches=20)
 rng = cp.random.default_rng(0)
-for (hq, hkv, d), b, length in [((32, 8, 128), 1, 2048), ((32, 8, 128), 1, 32768), ((32, 8, 128), 8, 8192),
+for (hq, hkv, d), b, length in [((32, 8, 128), 1, 2048), ((32, 16, 256), 1, 2048), ((64, 8, 128), 1, 2048),
+                                ((32, 8, 128), 1, 8192), ((32, 8, 128), 1, 32768), ((32, 8, 128), 8, 8192),
                                 ((32, 16, 256), 1, 32768), ((64, 8, 128), 64, 2048)]:
     q = rng.standard_normal((b, hq, d), dtype=np.float32).astype(w4kern.bfloat16)
     copies = max(1, min(20, (256 << 20) // (2 * b * hkv * length * d * 2) + 1))

@@ -130,13 +130,13 @@ def attention_smem_bytes(head_dim: int) -> int:
 
 
 #: moe_align_block_size: the flat indices are cut into at most MOE_ALIGN_MAX_CHUNKS
-#: chunks (one per lane of a warp in the offsets kernel; kMoeMaxChunks in
+#: chunks (32 per thread of an expert's quad in the offsets kernel; kMoeMaxChunks in
 #: moe_align.cu) of at least MOE_ALIGN_MIN_CHUNK indices, one warp each, in CTAs of
 #: MOE_ALIGN_WARPS warps that keep a row of E counters per warp in shared memory
 #: (hence at most MOE_ALIGN_MAX_EXPERTS experts on the GPU); the one-CTA offsets
 #: kernel has MOE_OFFSETS_THREADS threads
 MOE_ALIGN_MIN_CHUNK = 256
-MOE_ALIGN_MAX_CHUNKS = 32
+MOE_ALIGN_MAX_CHUNKS = 128
 MOE_ALIGN_WARPS = 4
 MOE_ALIGN_MAX_EXPERTS = 4096
 MOE_OFFSETS_THREADS = 1024
