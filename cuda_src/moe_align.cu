@@ -16,8 +16,9 @@
 //      the threads' sums joined by shuffles; the CTA scans the padded run
 //      lengths over the experts, each thread reads its chunks again and
 //      writes where each one's first entry of its expert goes (an exclusive
-//      prefix over the chunks: indices stay ascending), and warps write the
-//      padding and expert_ids, lanes on consecutive entries.
+//      prefix over the chunks: indices stay ascending) and its expert's
+//      padding and expert_ids. The scans are warp shuffles: a round takes
+//      three CTA barriers.
 //   3. moe_chunk_kernel<.., true>: warp c loads row c into a shared-memory row
 //      and walks its chunk again; a lane's rank among the lanes of its expert
 //      (lower lanes = lower indices) places it.
@@ -105,18 +106,16 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
 {
     constexpr int kWarps = kThreads / 32;
     constexpr int kExperts = kThreads / kMoeExpertLanes;   // experts per round
-    __shared__ i32 scan[kExperts];   // padded run lengths of this round's experts, scanned
-    __shared__ i32 run_start[kExperts], run_used[kExperts], run_padded[kExperts];
-    __shared__ i32 carry;            // padded lengths of the earlier rounds' experts
+    static_assert(kWarps <= 32, "one warp scans the warps' sums");
+    __shared__ i32 warp_sums[kWarps];   // padded run lengths per warp, then their inclusive scan
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = lane % kMoeExpertLanes, leader = lane - part;   // an expert's lanes: leader .. leader + 7
-    if (threadIdx.x == 0) carry = 0;
-    __syncthreads();
-    // experts in rounds of kExperts, 8 lanes each: lane `part` of them takes
-    // chunks 16 part .. 16 part + 15 of the expert's column of the count
+    i32 carry = 0;   // padded lengths of the earlier rounds' experts (the same in every thread)
+    // experts in rounds of kExperts, 8 adjacent lanes each: lane `part` of them
+    // takes chunks 16 part .. 16 part + 15 of the expert's column of the count
     // matrix, loaded at once
     for (int round = 0; round < n_experts; round += kExperts) {
-        const int r = static_cast<int>(threadIdx.x) / kMoeExpertLanes, e = round + r;
+        const int e = round + static_cast<int>(threadIdx.x) / kMoeExpertLanes;
         const int c0 = part * kMoeLaneChunks;
         const bool has_e = e < n_experts;
         i32* column = counts + static_cast<i64>(c0) * n_experts + e;
@@ -135,16 +134,29 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         }
         const i32 total = __shfl_sync(0xFFFFFFFFu, upto, leader + kMoeExpertLanes - 1);
         const i32 padded = (total + block_size - 1) / block_size * block_size;
-        if (part == 0) scan[r] = padded;
-        __syncthreads();
-        for (int offset = 1; offset < kExperts; offset <<= 1) {   // inclusive scan over the round's experts
-            const int x = threadIdx.x;
-            const i32 v = x < kExperts && x >= offset ? scan[x - offset] : 0;
-            __syncthreads();
-            if (x < kExperts) scan[x] += v;
-            __syncthreads();
+        // inclusive scan of the padded lengths over the round's experts: over the
+        // warp's experts by shuffles (an expert's lanes all hold its length, so a
+        // stride of kMoeExpertLanes lanes steps one expert), then over the warps
+        i32 scanned = padded;
+#pragma unroll
+        for (int offset = kMoeExpertLanes; offset < 32; offset <<= 1) {
+            const i32 v = __shfl_up_sync(0xFFFFFFFFu, scanned, offset);
+            if (lane >= offset) scanned += v;
         }
-        const i32 start = carry + scan[r] - padded;
+        if (lane == 31) warp_sums[warp] = scanned;
+        __syncthreads();
+        if (warp == 0) {
+            i32 w = lane < kWarps ? warp_sums[lane] : 0;
+#pragma unroll
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const i32 v = __shfl_up_sync(0xFFFFFFFFu, w, offset);
+                if (lane >= offset) w += v;
+            }
+            if (lane < kWarps) warp_sums[lane] = w;
+        }
+        __syncthreads();
+        const i32 start = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + scanned - padded;
+        carry += warp_sums[kWarps - 1];
         if (has_e) {
             i32 at = start + upto - mine;   // this thread's chunks follow its expert's lower lanes' ones
             i32 v[kMoeLaneChunks];
@@ -155,21 +167,12 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
                 if (c0 + c < n_chunks) column[static_cast<i64>(c) * n_experts] = at;
                 at += v[c];
             }
+            // the run's padding and block ids, the expert's lanes on alternate entries
+            const i32 end = start + padded;
+            for (int p = start + total + part; p < end; p += kMoeExpertLanes) sorted_token_ids[p] = sentinel;
+            for (int b = start / block_size + part; b < end / block_size; b += kMoeExpertLanes) expert_ids[b] = e;
         }
-        if (part == 0) {
-            run_start[r] = start;
-            run_used[r] = total;
-            run_padded[r] = padded;
-        }
-        __syncthreads();   // everyone has read carry and scan[]; run_* are complete
-        // the padding and block ids, a warp per expert with lanes on consecutive entries
-        for (int x = warp; x < kExperts && round + x < n_experts; x += kWarps) {
-            const i32 s0 = run_start[x], end = s0 + run_padded[x];
-            for (int p = s0 + run_used[x] + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
-            for (int b = s0 / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + x;
-        }
-        if (threadIdx.x == kThreads - 1) carry += scan[kExperts - 1];
-        __syncthreads();   // carry is final and run_* free for the next round
+        __syncthreads();   // everyone has read warp_sums before the next round writes them
     }
     const i32 used = carry;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
