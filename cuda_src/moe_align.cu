@@ -5,17 +5,16 @@
 // the sentinel T * k in padding and in the unused tail, expert id -1 for unused
 // blocks.
 //
-// Three launches. The flat indices are cut into at most 128 chunks (of at least
-// 256 indices; the host picks the chunk length), one warp each: a warp walks
+// Three launches. The flat indices are cut into at most 128 chunks, and at most
+// 32768 / E (of at least 256 indices; the host picks the chunk length), one warp each: a warp walks
 // its chunk step by step (each step waits on the last), so the walk's length,
 // not the bytes, sets the time, and more chunks mean shorter walks.
 //   1. moe_chunk_kernel<.., false>: warp c counts the experts of chunk c in a
 //      shared-memory row and writes it to row c of a [chunks, E] matrix.
-//   2. moe_offsets_kernel (one CTA): per expert, 8 adjacent threads load its
-//      column of the matrix (a thread 16 chunks, loaded at once) and sum it,
-//      the threads' sums joined by shuffles; the CTA scans the padded run
-//      lengths over the experts, each thread reads its chunks again and
-//      writes where each one's first entry of its expert goes (an exclusive
+//   2. moe_offsets_kernel (one CTA): loads the matrix into shared memory at
+//      once (the host caps chunks * E); a thread per expert sums its column,
+//      the CTA scans the padded run lengths over the experts, and each thread
+//      writes where each chunk's first entry of its expert goes (an exclusive
 //      prefix over the chunks: indices stay ascending) and its expert's
 //      padding and expert_ids. The scans are warp shuffles: a round takes
 //      three CTA barriers.
@@ -30,9 +29,6 @@
 
 namespace w4kern {
 
-constexpr int kMoeExpertLanes = 8;    // offsets-kernel threads (adjacent lanes) per expert
-constexpr int kMoeLaneChunks = 16;    // chunks one of them loads
-constexpr int kMoeMaxChunks = kMoeExpertLanes * kMoeLaneChunks;     // host: MOE_ALIGN_MAX_CHUNKS
 constexpr int kMoeSteps = 8;        // 32-index steps whose ids a warp loads at once
 
 // The local experts of flat indices i, i + 32, ..., i + 32 (kMoeSteps - 1): -1 past
@@ -105,41 +101,32 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     i32 n_chunks, i32 n_experts, i32 block_size, i32 max_padded, i32 sentinel)
 {
     constexpr int kWarps = kThreads / 32;
-    constexpr int kExperts = kThreads / kMoeExpertLanes;   // experts per round
     static_assert(kWarps <= 32, "one warp scans the warps' sums");
+    extern __shared__ i32 matrix[];     // the [chunks, E] counts (the host keeps chunks * E small)
     __shared__ i32 warp_sums[kWarps];   // padded run lengths per warp, then their inclusive scan
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int part = lane % kMoeExpertLanes, leader = lane - part;   // an expert's lanes: leader .. leader + 7
+    // the whole matrix at once (independent loads: one wait on memory)
+    const int n_counts = n_chunks * n_experts;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n_counts; i += kThreads) matrix[i] = counts[i];
+    __syncthreads();
     i32 carry = 0;   // padded lengths of the earlier rounds' experts (the same in every thread)
-    // experts in rounds of kExperts, 8 adjacent lanes each: lane `part` of them
-    // takes chunks 16 part .. 16 part + 15 of the expert's column of the count
-    // matrix, loaded at once
-    for (int round = 0; round < n_experts; round += kExperts) {
-        const int e = round + static_cast<int>(threadIdx.x) / kMoeExpertLanes;
-        const int c0 = part * kMoeLaneChunks;
+    // experts in rounds of kThreads, a thread each walking its column (the lanes
+    // of a warp read consecutive experts: no bank conflicts)
+    for (int round = 0; round < n_experts; round += kThreads) {
+        const int e = round + static_cast<int>(threadIdx.x);
         const bool has_e = e < n_experts;
-        i32* column = counts + static_cast<i64>(c0) * n_experts + e;
-        // (summed now and read again for the prefix below: the counts held across
-        // the scan would not fit the 64 registers of a 1024-thread CTA)
-        i32 mine = 0;
-#pragma unroll
-        for (int c = 0; c < kMoeLaneChunks; ++c)
-            mine += has_e && c0 + c < n_chunks ? column[static_cast<i64>(c) * n_experts] : 0;
-        // the inclusive prefix of the expert's lanes' sums, and its total
-        i32 upto = mine;
-#pragma unroll
-        for (int offset = 1; offset < kMoeExpertLanes; offset <<= 1) {
-            const i32 v = __shfl_up_sync(0xFFFFFFFFu, upto, offset, kMoeExpertLanes);
-            if (part >= offset) upto += v;
+        i32 total = 0;
+        if (has_e) {
+#pragma unroll 8
+            for (int c = 0; c < n_chunks; ++c) total += matrix[c * n_experts + e];
         }
-        const i32 total = __shfl_sync(0xFFFFFFFFu, upto, leader + kMoeExpertLanes - 1);
         const i32 padded = (total + block_size - 1) / block_size * block_size;
         // inclusive scan of the padded lengths over the round's experts: over the
-        // warp's experts by shuffles (an expert's lanes all hold its length, so a
-        // stride of kMoeExpertLanes lanes steps one expert), then over the warps
+        // warp by shuffles, then over the warps' sums by warp 0
         i32 scanned = padded;
 #pragma unroll
-        for (int offset = kMoeExpertLanes; offset < 32; offset <<= 1) {
+        for (int offset = 1; offset < 32; offset <<= 1) {
             const i32 v = __shfl_up_sync(0xFFFFFFFFu, scanned, offset);
             if (lane >= offset) scanned += v;
         }
@@ -158,19 +145,17 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
         const i32 start = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + scanned - padded;
         carry += warp_sums[kWarps - 1];
         if (has_e) {
-            i32 at = start + upto - mine;   // this thread's chunks follow its expert's lower lanes' ones
-            i32 v[kMoeLaneChunks];
-#pragma unroll
-            for (int c = 0; c < kMoeLaneChunks; ++c) v[c] = c0 + c < n_chunks ? column[static_cast<i64>(c) * n_experts] : 0;
-#pragma unroll
-            for (int c = 0; c < kMoeLaneChunks; ++c) {   // an exclusive prefix over the chunks
-                if (c0 + c < n_chunks) column[static_cast<i64>(c) * n_experts] = at;
-                at += v[c];
+            i32 at = start;
+#pragma unroll 8
+            for (int c = 0; c < n_chunks; ++c) {   // an exclusive prefix over the chunks: indices stay ascending
+                const i32 v = matrix[c * n_experts + e];
+                counts[static_cast<i64>(c) * n_experts + e] = at;
+                at += v;
             }
-            // the run's padding and block ids, the expert's lanes on alternate entries
+            // the run's padding and block ids
             const i32 end = start + padded;
-            for (int p = start + total + part; p < end; p += kMoeExpertLanes) sorted_token_ids[p] = sentinel;
-            for (int b = start / block_size + part; b < end / block_size; b += kMoeExpertLanes) expert_ids[b] = e;
+            for (int p = start + total; p < end; ++p) sorted_token_ids[p] = sentinel;
+            for (int b = start / block_size; b < end / block_size; ++b) expert_ids[b] = e;
         }
         __syncthreads();   // everyone has read warp_sums before the next round writes them
     }

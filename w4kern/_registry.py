@@ -130,13 +130,14 @@ def attention_smem_bytes(head_dim: int) -> int:
 
 
 #: moe_align_block_size: the flat indices are cut into at most MOE_ALIGN_MAX_CHUNKS
-#: chunks (32 per thread of an expert's quad in the offsets kernel; kMoeMaxChunks in
-#: moe_align.cu) of at least MOE_ALIGN_MIN_CHUNK indices, one warp each, in CTAs of
+#: chunks, and at most MOE_ALIGN_MATRIX_COUNTS // E (the one-CTA offsets kernel of
+#: MOE_OFFSETS_THREADS threads holds the [chunks, E] count matrix in shared memory),
+#: of at least MOE_ALIGN_MIN_CHUNK indices, one warp each, in CTAs of
 #: MOE_ALIGN_WARPS warps that keep a row of E counters per warp in shared memory
-#: (hence at most MOE_ALIGN_MAX_EXPERTS experts on the GPU); the one-CTA offsets
-#: kernel has MOE_OFFSETS_THREADS threads
+#: (hence at most MOE_ALIGN_MAX_EXPERTS experts on the GPU)
 MOE_ALIGN_MIN_CHUNK = 256
 MOE_ALIGN_MAX_CHUNKS = 128
+MOE_ALIGN_MATRIX_COUNTS = 32768
 MOE_ALIGN_WARPS = 4
 MOE_ALIGN_MAX_EXPERTS = 4096
 MOE_OFFSETS_THREADS = 1024
@@ -180,10 +181,11 @@ def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
     return stages * stage + rows * 4
 
 
-def moe_align_chunk(n: int) -> int:
-    """Indices per chunk for n flat indices: a multiple of 32, at least
-    MOE_ALIGN_MIN_CHUNK, and at most MOE_ALIGN_MAX_CHUNKS chunks."""
-    per = -(-n // MOE_ALIGN_MAX_CHUNKS)
+def moe_align_chunk(n: int, n_experts: int) -> int:
+    """Indices per chunk for n flat indices and E experts: a multiple of 32, at least
+    MOE_ALIGN_MIN_CHUNK, and at most min(MOE_ALIGN_MAX_CHUNKS, MOE_ALIGN_MATRIX_COUNTS // E)
+    chunks."""
+    per = -(-n // max(1, min(MOE_ALIGN_MAX_CHUNKS, MOE_ALIGN_MATRIX_COUNTS // n_experts)))
     return max(MOE_ALIGN_MIN_CHUNK, -(-per // 32) * 32)
 
 
@@ -295,6 +297,7 @@ FAMILIES: dict[str, KernelFamily] = {
             source="moe_align.cu",
             template="w4kern::moe_offsets_kernel",
             instances=((str(MOE_OFFSETS_THREADS),),),
+            max_dynamic_smem=4 * MOE_ALIGN_MATRIX_COUNTS,
         ),
         # fused_moe's decode path: per-token Q8 rows of x (each float type) and of
         # silu(g) * u from GEMM1's fp32 rows; the slot-order combine into out's dtype

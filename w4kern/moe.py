@@ -130,6 +130,7 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     Expert ids outside [0, num_experts) are the caller's error: they are dropped."""
     from . import _runtime
     from ._registry import (
+        MOE_ALIGN_MATRIX_COUNTS,
         MOE_ALIGN_MAX_CHUNKS,
         MOE_ALIGN_MAX_EXPERTS,
         MOE_ALIGN_WARPS,
@@ -148,9 +149,9 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     sorted_ids = cp.empty(max_padded, dtype=np.int32)
     expert_ids = cp.empty(max_padded // block_size, dtype=np.int32)
     post_padded = cp.empty(1, dtype=np.int32)
-    chunk = moe_align_chunk(n)
+    chunk = moe_align_chunk(n, num_experts)
     chunks = -(-n // chunk)
-    assert chunks <= MOE_ALIGN_MAX_CHUNKS
+    assert chunks <= MOE_ALIGN_MAX_CHUNKS and chunks * num_experts <= MOE_ALIGN_MATRIX_COUNTS
     counts = _Workspace.get(cp).moe_counts(max(chunks, 1) * num_experts)
     emap = _pointer(expert_map)
     ctas = -(-chunks // MOE_ALIGN_WARPS)
@@ -168,7 +169,8 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     _runtime.get_kernel("moe_offsets", (str(MOE_OFFSETS_THREADS),))(
         (1,), (MOE_OFFSETS_THREADS,), (counts, sorted_ids, expert_ids, post_padded, np.int32(chunks),
                                        np.int32(num_experts), np.int32(block_size), np.int32(max_padded),
-                                       np.int32(n)))
+                                       np.int32(n)),
+        shared_mem=4 * max(chunks, 1) * num_experts)
     if chunks:
         walk_chunks(True)
     return sorted_ids, expert_ids, post_padded
