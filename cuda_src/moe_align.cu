@@ -5,10 +5,11 @@
 // the sentinel T * k in padding and in the unused tail, expert id -1 for unused
 // blocks.
 //
-// Three launches. The flat indices are cut into at most 128 chunks, and at most
-// 32768 / E (of at least 256 indices; the host picks the chunk length), one warp each: a warp walks
-// its chunk step by step (each step waits on the last), so the walk's length,
-// not the bytes, sets the time, and more chunks mean shorter walks.
+// Three launches. The flat indices are cut into chunks of at least 256 indices,
+// at most 128 of them and at most 32768 / E (the host picks the chunk length),
+// one warp each: a warp walks its chunk step by step (each step waits on the
+// last), so the walk's length, not the bytes, sets the time, and more chunks
+// mean shorter walks.
 //   1. moe_chunk_kernel<.., false>: warp c counts the experts of chunk c in a
 //      shared-memory row and writes it to row c of a [chunks, E] matrix.
 //   2. moe_offsets_kernel (one CTA): loads the matrix into shared memory at
