@@ -16,9 +16,9 @@
 //      once (the host caps chunks * E); a thread per expert sums its column,
 //      the CTA scans the padded run lengths over the experts, and each thread
 //      writes where each chunk's first entry of its expert goes (an exclusive
-//      prefix over the chunks: indices stay ascending) and its expert's
-//      padding and expert_ids. The scans are warp shuffles: a round takes
-//      three CTA barriers.
+//      prefix over the chunks: indices stay ascending); warps write the padding
+//      and expert_ids, lanes on consecutive entries. The scans are warp
+//      shuffles: a round takes four CTA barriers.
 //   3. moe_chunk_kernel<.., true>: warp c loads row c into a shared-memory row
 //      and walks its chunk again; a lane's rank among the lanes of its expert
 //      (lower lanes = lower indices) places it.
@@ -105,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
     static_assert(kWarps <= 32, "one warp scans the warps' sums");
     extern __shared__ i32 matrix[];     // the [chunks, E] counts (the host keeps chunks * E small)
     __shared__ i32 warp_sums[kWarps];   // padded run lengths per warp, then their inclusive scan
+    __shared__ i32 run_start[kThreads], run_used[kThreads], run_padded[kThreads];   // this round's experts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // the whole matrix at once (independent loads: one wait on memory)
     const int n_counts = n_chunks * n_experts;
@@ -153,12 +154,18 @@ __global__ void __launch_bounds__(kThreads) moe_offsets_kernel(
                 counts[static_cast<i64>(c) * n_experts + e] = at;
                 at += v;
             }
-            // the run's padding and block ids
-            const i32 end = start + padded;
-            for (int p = start + total; p < end; ++p) sorted_token_ids[p] = sentinel;
-            for (int b = start / block_size; b < end / block_size; ++b) expert_ids[b] = e;
         }
-        __syncthreads();   // everyone has read warp_sums before the next round writes them
+        run_start[threadIdx.x] = start;
+        run_used[threadIdx.x] = total;
+        run_padded[threadIdx.x] = padded;
+        __syncthreads();   // run_* are complete
+        // the padding and block ids, a warp per expert with lanes on consecutive entries
+        for (int x = warp; x < kThreads && round + x < n_experts; x += kWarps) {
+            const i32 s0 = run_start[x], end = s0 + run_padded[x];
+            for (int p = s0 + run_used[x] + lane; p < end; p += 32) sorted_token_ids[p] = sentinel;
+            for (int b = s0 / block_size + lane; b < end / block_size; b += 32) expert_ids[b] = round + x;
+        }
+        __syncthreads();   // warp_sums and run_* are free for the next round
     }
     const i32 used = carry;
     if (threadIdx.x == 0) num_tokens_post_padded[0] = used;
