@@ -28,6 +28,12 @@
 // split its K steps; CTAs are persistent and each warp issues the loads of its
 // next step (the same or the next row block) before the MMAs of this one.
 // Split warps reduce through shared memory in a fixed order (deterministic).
+//
+// Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an
+// item. Item i reads the weights of expert item_experts[i] from stacked
+// [E, N, ...] weights and the activation rows of item i / act_item_div, and
+// writes output rows i * M ... An expert id outside [0, E) is the caller's
+// error: that item reads expert 0 and writes zeros (never out of bounds).
 #include "common/formats.cuh"
 #include "common/ptx.cuh"
 
@@ -87,13 +93,15 @@ struct A16Step {
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
           int kSplit>
 __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
-    const u8* __restrict__ qweight,      // [N, K / 2]
+    const u8* __restrict__ qweight,      // [N, K / 2] ([E, N, K / 2] with items)
     const ScaleT* __restrict__ scales,   // [N, n_groups]
     const ScaleT* __restrict__ zeros,    // [N, n_groups] (asymmetric only)
     const ActT* __restrict__ x,          // [M, K]
     const void* __restrict__ bias,       // [N] of the output type, or null
     void* __restrict__ out,              // [M, N]
-    i32 n_rows, i32 k_dim, i32 m_tokens, i32 n_groups, i32 out_kind)
+    i32 n_rows, i32 k_dim, i32 m_tokens, i32 n_groups, i32 out_kind,
+    const i32* __restrict__ item_experts,   // [items] expert of each item, or null
+    i32 n_experts, i32 act_item_div)
 {
     static_assert(kA16Warps % kSplit == 0, "a CTA's warps split evenly over its row blocks");
     static_assert(!kPerChannel || kChunkBytes == 16, "per-channel weights take 128 k per step");
@@ -113,6 +121,19 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const int steps = (k_dim + kStepK - 1) / kStepK;               // per row block
     const int my_steps = (steps + kSplit - 1) / kSplit;            // per warp, the same for all
     const i64 row_bytes = k_dim / 2;
+    i64 out_base = 0;        // the item's first output element
+    bool zero_item = false;  // an item whose expert id is out of range writes zeros
+    if (item_experts != nullptr) {
+        const int item = blockIdx.y;
+        int e = item_experts[item];
+        zero_item = e < 0 || e >= n_experts;
+        e = zero_item ? 0 : e;
+        qweight += static_cast<i64>(e) * n_rows * row_bytes;
+        scales += static_cast<i64>(e) * n_rows * n_groups;
+        if constexpr (kHasZeros) zeros += static_cast<i64>(e) * n_rows * n_groups;
+        x += static_cast<i64>(item / act_item_div) * m_tokens * k_dim;
+        out_base = static_cast<i64>(item) * m_tokens * n_rows;
+    }
     __shared__ float partial[kSplit > 1 ? kA16Warps : 1][kOutPerThread][32];
 
     auto block_of = [&](int set) { return set * kBlocksPerSet + warp / kSplit; };
@@ -242,9 +263,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     for (int c = 0; c < 2; ++c) {
                         const int m = 2 * t + c;
                         if (row < n_rows && m < m_tokens) {
-                            float v = y[i][2 * h + c];
+                            float v = zero_item ? 0.0f : y[i][2 * h + c];
                             if (bias != nullptr) v += load_as_float(bias, row, out_kind);
-                            store_from_float(out, static_cast<i64>(m) * n_rows + row, v, out_kind);
+                            store_from_float(out, out_base + static_cast<i64>(m) * n_rows + row, v, out_kind);
                         }
                     }
                 }

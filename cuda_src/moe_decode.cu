@@ -8,6 +8,9 @@
 //   3. moe_combine_kernel<Out>: y[t] = sum_j topk_weights[t, j] * down[t * k + j],
 //      summed in slot order j = 0, 1, ... (the same bits every run). The batched
 //      path (moe_gemm.cu) uses it too.
+// The bf16 decode path (matvec_a16's items) replaces 1 and 2 with
+//   4. moe_silu_mul_kernel<Out>: GEMM1's fp32 [g; u] rows -> silu(g) * u rounded
+//      to x's 16-bit type (GEMM2's activations), as the batched A16 epilogue.
 // Before these kernels the glue was ~30 CuPy element-wise and reduction
 // launches per call, which cost more than the GEMMs themselves.
 //
@@ -179,6 +182,16 @@ moe_combine_kernel(const float* __restrict__ down, const float* __restrict__ top
         acc = __fadd_rn(acc, __fmul_rn(topk_weights[item], down[static_cast<i64>(item) * hidden + h]));
     }
     out[static_cast<i64>(t) * hidden + h] = from_float<Out>(acc);
+}
+
+template <typename Out>
+__global__ void __launch_bounds__(kMoeCombineThreads)
+moe_silu_mul_kernel(const float* __restrict__ gate_up, Out* __restrict__ out, int cols) {
+    const i64 row = blockIdx.y;
+    const int c = blockIdx.x * kMoeCombineThreads + threadIdx.x;
+    if (c >= cols) return;
+    const float g = gate_up[row * 2 * cols + c], u = gate_up[row * 2 * cols + cols + c];
+    out[row * cols + c] = from_float<Out>(g / (1.0f + expf(-g)) * u);
 }
 
 }  // namespace w4kern

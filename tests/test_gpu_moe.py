@@ -149,12 +149,14 @@ def check_fused_moe(cp, x, w13, w2, weights, ids):
                   extra=int8_step_flips(x, w13, w2, weights, ids))
 
 
+@pytest.mark.parametrize("activation", ["int8", "bf16"])
 @pytest.mark.parametrize("t", [1, 2, 7, 16])
 @pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
-def test_fused_moe_decode_int8_matches_reference(cp, rng, t, e, k):
-    # H and I not multiples of any tile; asymmetric g64 and symmetric g32
-    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
-    check_fused_moe(cp, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+def test_fused_moe_decode_matches_reference(cp, rng, activation, t, e, k):
+    # the decode paths (up to 16 tokens): H and I not multiples of any tile;
+    # asymmetric g64 and symmetric g32
+    check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 
 
 def q8_row_case(rng, dtype, rows, cols):
@@ -238,32 +240,46 @@ def test_moe_combine_kernel_sums_slots_in_order(cp, rng, dtype):
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint8), expected.astype(dtype).view(np.uint8))
 
 
+@pytest.mark.parametrize("activation", ["int8", "bf16"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
-def test_fused_moe_decode_other_activation_dtypes(cp, rng, dtype):
+def test_fused_moe_decode_other_activation_dtypes(cp, rng, activation, dtype):
     x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=160, inter=64, group_size=32, symmetric=False)
-    check_fused_moe(cp, x.astype(dtype), w13, w2, weights, ids)
+    check_fused(cp, activation, x.astype(dtype), w13, w2, weights, ids)
 
 
-def test_fused_moe_decode_misaligned_x_gives_the_aligned_bits(cp, rng):
+def test_fused_moe_decode_bf16_scale_dtypes(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 5, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
+    for dtype in (np.float32, np.float16):
+        cast = [w4kern.Int4Weight(w.qweight, w.scales.astype(dtype), w.zeros.astype(dtype), w.group_size)
+                for w in (w13, w2)]
+        check_fused_moe_bf16(cp, x, *cast, weights, ids)
+
+
+@pytest.mark.parametrize("activation", ["int8", "bf16"])
+def test_fused_moe_decode_misaligned_x_gives_the_aligned_bits(cp, rng, activation):
     x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=64, inter=32, group_size=32, symmetric=False)
     args = (to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
     flat = cp.empty(x.size + 1, dtype=x.dtype)
     flat[1:] = cp.asarray(x).ravel()
     shifted = flat[1:].reshape(x.shape)   # 2 bytes past a 16-byte boundary
     assert shifted.data.ptr % 16
-    got = w4kern.fused_moe(shifted, *args, activation="int8")
-    expected = w4kern.fused_moe(cp.asarray(x), *args, activation="int8")
+    got = w4kern.fused_moe(shifted, *args, activation=activation)
+    expected = w4kern.fused_moe(cp.asarray(x), *args, activation=activation)
     np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(expected).view(np.uint16))
 
 
-def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng):
-    check_fused_moe(cp, *moe_case(rng, 16, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
-                                  skew=True))
-    check_fused_moe(cp, *moe_case(rng, 5, 8, 2, hidden=128, inter=64, group_size=-1, symmetric=False))
+@pytest.mark.parametrize("activation", ["int8", "bf16"])
+def test_fused_moe_decode_skewed_routing_and_per_channel(cp, rng, activation):
+    check_fused(cp, activation, *moe_case(rng, 16, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                          skew=True))
+    # per-channel, asymmetric and symmetric; K = 416: not a multiple of 128
+    for hidden, inter, symmetric in ((128, 64, False), (416, 160, True)):
+        check_fused(cp, activation, *moe_case(rng, 5, 8, 2, hidden=hidden, inter=inter, group_size=-1,
+                                              symmetric=symmetric))
 
 
-@pytest.mark.parametrize("activation,t", [("int8", 4), ("int8", 50), ("bf16", 50)],
-                         ids=["int8-decode", "int8-batched", "bf16-batched"])
+@pytest.mark.parametrize("activation,t", [("int8", 4), ("int8", 50), ("bf16", 4), ("bf16", 50)],
+                         ids=["int8-decode", "int8-batched", "bf16-decode", "bf16-batched"])
 def test_fused_moe_captures_in_a_cuda_graph(cp, rng, activation, t):
     """Eager calls repeat their bits, and a captured call replays them (no host read,
     no allocation the graph cannot hold)."""
@@ -338,11 +354,11 @@ def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
     assert np.abs(got - reference).max() <= 0.02 * float(np.abs(expected).max())
 
 
-# bf16 takes the batched path at every T, int8 from T = 17 (the decode path below)
-BATCHED_CASES = [("bf16", t) for t in (1, 2, 7, 16, 33, 256, 1024)] + [("int8", t) for t in (17, 33, 256, 1024)]
+# both activations take the batched path from T = 17 (the decode paths below)
+BATCHED_CASES = [(a, t) for a in ("bf16", "int8") for t in (17, 33, 256, 1024)]
 
 
-def check_batched(cp, activation, *case):
+def check_fused(cp, activation, *case):
     (check_fused_moe_bf16 if activation == "bf16" else check_fused_moe)(cp, *case)
 
 
@@ -351,19 +367,19 @@ def check_batched(cp, activation, *case):
 def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
     # H and I not multiples of the 64/128-wide tiles or of K's 64; both block sizes
     # (16 below 16 items per expert, 64 from there); symmetric g32 and asymmetric g64
-    check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
-    check_batched(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+    check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 
 
-@pytest.mark.parametrize("activation,t", [("bf16", 5), ("bf16", 300), ("int8", 20), ("int8", 300)])
+@pytest.mark.parametrize("activation,t", [("bf16", 20), ("bf16", 300), ("int8", 20), ("int8", 300)])
 def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, activation, t):
     # every token on expert 0 (many blocks of one expert), most experts without tokens
-    check_batched(cp, activation, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+    check_fused(cp, activation, *moe_case(rng, t, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
                                             skew=True))
     # per-channel weights; K = 416 and 160: the A8 kernel flushes its int32 dots every
     # 128 k, then at K's end (not a multiple of 64 either)
     for hidden, inter, symmetric in ((128, 64, False), (416, 160, False), (416, 160, True)):
-        check_batched(cp, activation, *moe_case(rng, t, 8, 2, hidden=hidden, inter=inter, group_size=-1,
+        check_fused(cp, activation, *moe_case(rng, t, 8, 2, hidden=hidden, inter=inter, group_size=-1,
                                                 symmetric=symmetric))
 
 
@@ -381,8 +397,9 @@ def test_fused_moe_batched_scale_dtypes(cp, rng):
         check_fused_moe_bf16(cp, x, *cast, weights, ids)
 
 
-def test_fused_moe_batched_out_of_range_ids_contribute_nothing(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 24, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
+@pytest.mark.parametrize("t", [3, 24], ids=["decode", "batched"])
+def test_fused_moe_bf16_out_of_range_ids_contribute_nothing(cp, rng, t):
+    x, w13, w2, weights, ids = moe_case(rng, t, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
     bad = ids.copy()
     bad[3, 1] = 8
     bad[5, 0] = -3

@@ -175,6 +175,7 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
         act = np.dtype(w4kern.bfloat16) if np.dtype(x_dtype) == np.float32 else np.dtype(x_dtype)
         FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false"))
         FAMILIES["moe_combine"].name_expression((cxx_type(x_dtype),))
+        FAMILIES["moe_silu_mul"].name_expression((cxx_type(act),))   # the bf16 decode path
         for scale in SCALE_DTYPES:
             for zeros in (True, False):
                 for tiles in m_tiles:

@@ -341,6 +341,12 @@ FAMILIES: dict[str, KernelFamily] = {
             smem_carveout=MOE_GEMM_A8_CARVEOUT,
         ),
         KernelFamily(
+            name="moe_silu_mul",
+            source="moe_decode.cu",
+            template="w4kern::moe_silu_mul_kernel",
+            instances=tuple((cxx_type(t),) for t in _HALF_TYPES),
+        ),
+        KernelFamily(
             name="moe_combine",
             source="moe_decode.cu",
             template="w4kern::moe_combine_kernel",

@@ -527,7 +527,34 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
         plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          _pointer(bias), out) + tail)
+                          _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
+
+
+def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
+    """matvec_a16 over items (fused_moe's bf16 decode path): out[i] = W[item_experts[i]]
+    @ x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], bf16/fp16
+    activation rows ``act`` [rows, K] and out [items, N] (float32). An expert id
+    outside [0, E) gives a zero row (the kernel never reads out of bounds). One CTA
+    per row-block set and item: the config is picked for the N * items rows."""
+    n_experts, n, k = weight.shape
+    items = item_experts.shape[0]
+    if not 1 <= items <= MATVEC_MAX_ITEMS:
+        raise ValueError(f"{items} (token, expert) items: one launch takes 1..{MATVEC_MAX_ITEMS}")
+    call = _Call(cp, "int4", "bf16", 1, n, k, (items,), out.dtype)
+    key = ("a16_items", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, n, k,
+           weight.group_size, weight.scales.dtype, weight.zeros is not None, out.dtype, items)
+    plan = _PLANS.get(key)
+    if plan is None:
+        warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
+        config = a16_config(n * items, _sm_count(cp), warps)
+        kernel, _, tail = _a16_plan(call, weight, act.dtype, out.dtype, config, None)
+        tiles, split = config
+        sets = -(-(-(-n // (16 * tiles))) // (8 // split))   # every set of one item: a CTA each
+        plan = _PLANS[key] = (kernel, (sets, items), tail)
+    kernel, grid, tail = plan
+    zeros = weight.zeros
+    kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          np.uint64(0), out) + tail + (item_experts, np.int32(n_experts), np.int32(act_item_div)))
 
 
 #: items (grid y) one matvec_q8 launch takes

@@ -176,7 +176,7 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     return sorted_ids, expert_ids, post_padded
 
 
-#: fused_moe runs the decode path (no sorting) up to this many tokens
+#: fused_moe runs the decode paths (no sorting; int8 and bf16) up to this many tokens
 MOE_DECODE_MAX_TOKENS = 16
 #: the batched GEMMs launch one grid row (CUDA grid y, at most 65535) per aligned block
 MOE_GEMM_MAX_BLOCKS = 65535
@@ -211,6 +211,39 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     _launch_matvec_items(cp, w13, _token_q8_blocks(cp, x), gate_up, ids, k)
     down = cp.empty((t * k, hidden), dtype=np.float32)
     _launch_matvec_items(cp, w2, _token_q8_blocks(cp, gate_up, silu_gate_up=True), down, ids, 1)
+    _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
+    return y
+
+
+def _fused_moe_decode_a16_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
+    """The bf16 decode path: every (token, slot) pair is one item of the W4A16
+    matvec (matvec_a16.cu) over its expert's weights, no sorting, no host read.
+    Four launches: GEMM1 gives [g; u] in fp32, moe_silu_mul_kernel rounds silu(g) * u
+    to x's 16-bit type (as the batched A16 epilogue does), GEMM2 gives each pair's
+    [H] row, and the k rows of a token are summed in slot order into the output.
+    float32 x is rounded to bfloat16 first. Ids outside [0, E) contribute zeros."""
+    from . import _runtime
+    from ._registry import MOE_COMBINE_THREADS, cxx_type
+    from .formats import bfloat16
+    from .linear import _launch_a16_items
+
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    inter = w13.shape[1] // 2
+    y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
+    if t == 0:
+        return y
+    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
+    if act.data.ptr % 16:   # 16-byte vector loads (a DLPack view may start anywhere)
+        act = act.copy()
+    ids = topk_ids.reshape(t * k)
+    gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
+    _launch_a16_items(cp, w13, act, gate_up, ids, k)
+    inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
+    _runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),))(
+        (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,), (gate_up, inter_rows, np.int32(inter)))
+    down = cp.empty((t * k, hidden), dtype=np.float32)
+    _launch_a16_items(cp, w2, inter_rows, down, ids, 1)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
 
@@ -353,10 +386,12 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     as the A8 kernels do). Returns [T, H] in x's dtype (``out`` when given).
 
     CuPy arrays (no host read, graph-capturable):
-    - activation="bf16": the batched path (moe_align_block_size, then two
-      tensor-core expert GEMMs over the aligned blocks with INT4 dequantized in
-      registers, SiLU * up fused into the first; float32 x is rounded to
-      bfloat16 first). Any T.
+    - activation="bf16" (float32 x is rounded to bfloat16 first): up to
+      MOE_DECODE_MAX_TOKENS (16) tokens the decode path (one W4A16 tensor-core
+      matvec item per (token, slot), no sorting; silu(g) * u rounded to x's
+      16-bit type between the GEMMs); beyond, the batched path
+      (moe_align_block_size, then two tensor-core expert GEMMs over the aligned
+      blocks with INT4 dequantized in registers, SiLU * up fused into the first).
     - activation="int8": up to MOE_DECODE_MAX_TOKENS (16) tokens the decode
       path (one dp4a matvec item per (token, slot), no sorting); beyond, the
       batched path with int8 tensor-core GEMMs (activations quantized per token
@@ -391,8 +426,9 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
     if out is not None:
         check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
-        if activation == "int8" and x.shape[0] <= MOE_DECODE_MAX_TOKENS:
-            return _fused_moe_decode_cuda(xp, x, w13, w2, topk_weights, topk_ids, out)
+        if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+            decode = _fused_moe_decode_cuda if activation == "int8" else _fused_moe_decode_a16_cuda
+            return decode(xp, x, w13, w2, topk_weights, topk_ids, out)
         return _fused_moe_batched_cuda(xp, x, w13, w2, topk_weights, topk_ids, out, activation)
     from . import reference
 
