@@ -321,15 +321,21 @@ def test_fused_moe_int8_quality_against_bf16_math(cp, rng):
     assert cosine >= 0.9998
 
 
-def a16_expected(x, w13, w2, weights, ids):
-    """fused_moe(activation="bf16") as the A16 kernels define it, in float64: the
-    dequantized weights rounded to x's 16-bit type (bfloat16 for float32 x, which
-    the op rounds first), and silu(g) * u rounded to it before GEMM2 (it is GEMM2's
-    A operand). Items with an id outside [0, E) contribute nothing."""
+def a16_expected(x, w13, w2, weights, ids, round_weights):
+    """fused_moe(activation="bf16") as the A16 kernels define it, in float64: x in
+    its 16-bit type (bfloat16 for float32 x, which the op rounds first), the
+    dequantized weights rounded to that type when ``round_weights`` (the batched
+    path's GEMMs dequantize to it; the decode path's matvec applies (q - z) and the
+    scale in fp32, unrounded), and silu(g) * u rounded to it before GEMM2 (its
+    activations) on both paths. Items with an id outside [0, E) contribute nothing."""
     act = w4kern.bfloat16 if x.dtype == np.float32 else x.dtype
     xin = x.astype(act).astype(np.float64)
-    w13f = w4kern.reference.dequantize_weight(w13).astype(act).astype(np.float64)
-    w2f = w4kern.reference.dequantize_weight(w2).astype(act).astype(np.float64)
+
+    def weight(w):
+        f = w4kern.reference.dequantize_weight(w)
+        return (f.astype(act) if round_weights else f).astype(np.float64)
+
+    w13f, w2f = weight(w13), weight(w2)
     inter = w13f.shape[1] // 2
     out = np.zeros((x.shape[0], w2f.shape[1]))
     for e in range(w13f.shape[0]):
@@ -346,7 +352,8 @@ def check_fused_moe_bf16(cp, x, w13, w2, weights, ids):
     # values that fp32 accumulators round to the neighbouring 16-bit float: one such
     # flip moves a row by weight * w2[:, i] * ulp(a_i), seen up to 1.6e-3 * scale
     # (T=1024, E=8, k=2); a wrong kernel is off by O(scale)
-    expected = a16_expected(x, w13, w2, weights, ids)
+    decode = x.shape[0] <= w4kern.moe.MOE_DECODE_MAX_TOKENS
+    expected = a16_expected(x, w13, w2, weights, ids, round_weights=not decode)
     assert_within(got, expected, 2.0 ** -8, 4e-3)
     # and the op's own reference (unrounded weights and intermediates) stays close
     reference = w4kern.reference.fused_moe(x.astype(w4kern.bfloat16) if x.dtype == np.float32 else x, w13, w2,
@@ -405,7 +412,8 @@ def test_fused_moe_bf16_out_of_range_ids_contribute_nothing(cp, rng, t):
     bad[5, 0] = -3
     got = w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(bad),
                            activation="bf16")
-    expected = a16_expected(x, w13, w2, weights, bad)   # the bad slots left out
+    # the bad slots left out; t = 3 takes the decode path (unrounded weights)
+    expected = a16_expected(x, w13, w2, weights, bad, round_weights=t > w4kern.moe.MOE_DECODE_MAX_TOKENS)
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(cp.asnumpy(got).astype(np.float64), expected, rtol=2.0 ** -8, atol=4e-3 * scale)
 
