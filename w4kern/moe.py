@@ -4,9 +4,10 @@
 ``moe_align_block_size`` runs ``cuda_src/moe_align.cu`` on CuPy arrays (three
 launches, output shapes known without a device read) and the NumPy reference
 on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
-the NumPy reference on NumPy arrays; on CuPy arrays it runs the decode path
-(activation="int8", up to MOE_DECODE_MAX_TOKENS tokens: the dp4a matvec over
-each (token, expert) pair, ``_fused_moe_decode_cuda``) or the batched path
+the NumPy reference on NumPy arrays; on CuPy arrays it runs a decode path (up
+to MOE_DECODE_MAX_TOKENS tokens: a matvec over each (token, expert) pair, dp4a
+for "int8" (``_fused_moe_decode_cuda``), W4A16 tensor cores for "bf16"
+(``_fused_moe_decode_a16_cuda``)) or the batched path
 (``_fused_moe_batched_cuda``: alignment, then the tensor-core expert GEMMs of
 ``cuda_src/moe_gemm.cu``, A16 or A8). Never a fallback to the host.
 
