@@ -164,6 +164,17 @@ MOE_GEMM_A8_CARVEOUT = 50
 MOE_GEMM_A16_CARVEOUT = 60
 
 
+#: the template arguments both expert-GEMM kernels share: (scale type, zeros, m16
+#: tiles per block, GEMM1 with the SiLU * up epilogue); A16 puts the activation type first
+_MOE_GEMM_ARGS = tuple(
+    (cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
+    for s in CXX_TYPES
+    for zeros in (True, False)
+    for m_tiles in MOE_GEMM_M_TILES
+    for silu in (True, False)
+)
+
+
 def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
     """Dynamic shared memory of moe_gemm_a16_kernel (MoeGemmLayout in moe_gemm.cu):
     the stages of A rows (padded to 144 bytes) and weight nibble rows (32 bytes),
@@ -313,14 +324,7 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_gemm_a16",
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a16_kernel",
-            instances=tuple(
-                (cxx_type(a), cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
-                for a in _HALF_TYPES
-                for s in CXX_TYPES
-                for zeros in (True, False)
-                for m_tiles in MOE_GEMM_M_TILES
-                for silu in (True, False)
-            ),
+            instances=tuple((cxx_type(a),) + args for a in _HALF_TYPES for args in _MOE_GEMM_ARGS),
             max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_M_TILES)),
             smem_carveout=MOE_GEMM_A16_CARVEOUT,
         ),
@@ -330,13 +334,7 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_gemm_a8",
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a8_kernel",
-            instances=tuple(
-                (cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
-                for s in CXX_TYPES
-                for zeros in (True, False)
-                for m_tiles in MOE_GEMM_M_TILES
-                for silu in (True, False)
-            ),
+            instances=_MOE_GEMM_ARGS,
             max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
             smem_carveout=MOE_GEMM_A8_CARVEOUT,
         ),
