@@ -491,6 +491,12 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
                           _pointer(bias), out) + tail)
 
 
+def _a16_block_sets(n, tiles, split):
+    """Row-block sets of an N-row matvec_a16 launch: blocks of 16 * tiles rows, 8 // split
+    of them per CTA of 8 warps (kBlocksPerSet)."""
+    return -(-(-(-n // (16 * tiles))) // (8 // split))
+
+
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
     from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, cxx_bool, cxx_type
@@ -509,7 +515,7 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
         (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
          cxx_bool(per_channel), str(tiles), str(split)),
     )
-    block_sets = -(-(-(-call.n // (16 * tiles))) // (8 // split))   # 8 warps per CTA
+    block_sets = _a16_block_sets(call.n, tiles, split)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
     tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
@@ -548,9 +554,8 @@ def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
         config = a16_config(n * items, _sm_count(cp), warps)
         kernel, _, tail = _a16_plan(call, weight, act.dtype, out.dtype, config, None)
-        tiles, split = config
-        sets = -(-(-(-n // (16 * tiles))) // (8 // split))   # every set of one item: a CTA each
-        plan = _PLANS[key] = (kernel, (sets, items), tail)
+        # every set of one item: a CTA each
+        plan = _PLANS[key] = (kernel, (_a16_block_sets(n, *config), items), tail)
     kernel, grid, tail = plan
     zeros = weight.zeros
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,

@@ -225,7 +225,6 @@ def _fused_moe_decode_a16_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     float32 x is rounded to bfloat16 first. Ids outside [0, E) contribute zeros."""
     from . import _runtime
     from ._registry import MOE_COMBINE_THREADS, cxx_type
-    from .formats import bfloat16
     from .linear import _launch_a16_items
 
     t, hidden = x.shape
@@ -234,9 +233,7 @@ def _fused_moe_decode_a16_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
-    if act.data.ptr % 16:   # 16-byte vector loads (a DLPack view may start anywhere)
-        act = act.copy()
+    act = _a16_activations(cp, x)
     ids = topk_ids.reshape(t * k)
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
     _launch_a16_items(cp, w13, act, gate_up, ids, k)
@@ -247,6 +244,16 @@ def _fused_moe_decode_a16_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
     _launch_a16_items(cp, w2, inter_rows, down, ids, 1)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
+
+
+def _a16_activations(cp, x):
+    """x as the A16 GEMMs read it (both bf16 paths): its 16-bit type (float32 rounded
+    to bfloat16), contiguous and 16-byte aligned (the kernels load 16-byte vectors;
+    a DLPack view may start anywhere)."""
+    from .formats import bfloat16
+
+    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
+    return act.copy() if act.data.ptr % 16 else act
 
 
 def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
@@ -284,7 +291,6 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
       feed int8 MMAs directly, scales and zero points per group."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
-    from .formats import bfloat16
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
@@ -320,9 +326,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         gemm(w13, x_blocks, inter_rows, True, k)
         gemm(w2, _token_q8_blocks(cp, inter_rows), down, False, 1)
     else:
-        act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
-        if act.data.ptr % 16:   # 16-byte cp.async rows (a DLPack view may start anywhere)
-            act = act.copy()
+        act = _a16_activations(cp, x)
         inter_rows = cp.empty((items, inter), dtype=act.dtype)
         gemm(w13, act, inter_rows, True, k)
         gemm(w2, inter_rows, down, False, 1)
