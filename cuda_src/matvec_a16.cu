@@ -13,16 +13,19 @@
 // g (vector loads too); the four threads of a row cover one weight group per
 // step (8 * kChunkBytes = group size; 128 k per step for per-channel weights).
 //
-// Nibbles become 16-bit floats with one shift and one LOP3 per pair: OR-ing q
-// into the mantissa under the exponent of 8 gives f = 8 + q / 2 exactly, in
-// both halves of a word at once. A word's nibbles at bits s and 16 + s (k and
-// k + 4 of its eight) form one pair; prmt pairs the activations the same way.
-// With f instead of q - z the sum per group and token is
-//     sum (q - z) x = 2 * sum f x - (16 + z) * sum x,
+// Nibbles become 16-bit floats with one LOP3 per pair (and a shift for three
+// of a word's four pairs): OR-ing q into the low mantissa bits under the
+// exponent whose unit is the mantissa's last bit gives f = kBase + q exactly
+// (kBase = 128 for bf16, 1024 for fp16), in both halves of a word at once. A
+// word's nibbles at bits s and 16 + s (k and k + 4 of its eight) form one
+// pair; prmt pairs the activations the same way. With f instead of q - z the
+// sum per group and token is
+//     sum (q - z) x = sum f x - (kBase + z) * sum x,
 // where sum x comes from one more MMA with an all-ones A (every row of its
 // result holds the column sums, exactly where the epilogue needs them). The
-// offset costs a few bits of the fp32 accumulator at most (|f| <= 15.5 against
-// |q - z| up to 15), far below the output's rounding.
+// products f x are exact in fp32 and the offset costs at most 10 bits of the
+// fp32 accumulator (|f| <= 1039 against |q - z| <= 15), far below the
+// output's 16-bit rounding.
 //
 // Work split: kSplit warps of a CTA share a row block (kTiles x 16 rows) and
 // split its K steps; CTAs are persistent and each warp issues the loads of its
@@ -42,28 +45,41 @@ namespace w4kern {
 constexpr int kA16Threads = 256;
 constexpr int kA16Warps = kA16Threads / 32;
 
-// 16-bit float pairs f = 8 + q / 2 from the nibbles at bits kShift and 16 + kShift.
+// 16-bit float pairs f = kBase + q from the nibbles at bits kShift and 16 + kShift.
+// The exponent word comes in as a register (see opaque_register): LOP3 takes one
+// immediate, and the mask is that one.
 template <typename ActT> struct A16Nibbles;
 
 template <> struct A16Nibbles<bf16_t> {
-    static constexpr u32 kOnes = 0x3F803F80u;   // bf16 1.0 in both halves
-    template <int kShift>
-    static __device__ __forceinline__ u32 pair(u32 w) {
-        // exponent of 8 (0x4100) and q in mantissa bits 3..6: 8 * (1 + q / 16)
-        const u32 v = kShift <= 3 ? (w << (3 - kShift)) : (w >> (kShift - 3));
-        return (v & 0x00780078u) | 0x41004100u;
-    }
+    static constexpr u32 kOnes = 0x3F803F80u;    // bf16 1.0 in both halves
+    static constexpr u32 kMagic = 0x43004300u;   // bf16 128.0: mantissa bits 0..6 count 1 each
+    static constexpr float kBase = 128.0f;
 };
 
 template <> struct A16Nibbles<f16_t> {
-    static constexpr u32 kOnes = 0x3C003C00u;   // fp16 1.0 in both halves
-    template <int kShift>
-    static __device__ __forceinline__ u32 pair(u32 w) {
-        // exponent of 8 (0x4800) and q in mantissa bits 6..9: 8 * (1 + q / 16)
-        const u32 v = kShift <= 6 ? (w << (6 - kShift)) : (w >> (kShift - 6));
-        return (v & 0x03C003C0u) | 0x48004800u;
-    }
+    static constexpr u32 kOnes = 0x3C003C00u;    // fp16 1.0 in both halves
+    static constexpr u32 kMagic = 0x64006400u;   // fp16 1024.0: mantissa bits 0..9 count 1 each
+    static constexpr float kBase = 1024.0f;
 };
+
+template <int kShift>
+__device__ __forceinline__ u32 a16_pair(u32 w, u32 magic) {
+    // the shift as the high word of a multiply runs on the FMA pipe, which this
+    // loop leaves idle, rather than the integer pipe the LOP3s already fill
+    const u32 v = kShift == 0 ? w : __umulhi(w, 1u << (32 - kShift));
+    return (v & 0x000F000Fu) | magic;
+}
+
+// v in a register the compiler cannot rematerialize: under this kernel's
+// register pressure it otherwise rebuilds a constant operand with a move before
+// each of its uses (about 40 moves per step). ptxas folds a mov or a shuffle of
+// a constant, but not arithmetic on the lane id, whose range it does not track
+// (lane >> 5 is 0).
+__device__ __forceinline__ u32 opaque_register(u32 v) {
+    u32 lane;
+    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+    return v + (lane >> 5);
+}
 
 // kBytes (4, 8 or 16) bytes as words, in one vector load.
 template <int kBytes>
@@ -187,6 +203,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         }
     };
 
+    const u32 magic = opaque_register(Nib::kMagic), one = opaque_register(Nib::kOnes);
     float y[kTiles][4];
 #pragma unroll
     for (int i = 0; i < kTiles; ++i)
@@ -202,7 +219,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-        const u32 ones[4] = {Nib::kOnes, Nib::kOnes, Nib::kOnes, Nib::kOnes};
+        const u32 ones[4] = {one, one, one, one};
 #pragma unroll
         for (int j = 0; j < kWords; ++j) {
             // activations k .. k + 7 of this word, paired as (k, k + 4), (k + 1, k + 5), ...
@@ -212,11 +229,11 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
             for (int i = 0; i < kTiles; ++i) {
                 const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
-                const u32 a0[4] = {Nib::template pair<0>(lo), Nib::template pair<0>(hi),
-                                   Nib::template pair<4>(lo), Nib::template pair<4>(hi)};
+                const u32 a0[4] = {a16_pair<0>(lo, magic), a16_pair<0>(hi, magic),
+                                   a16_pair<4>(lo, magic), a16_pair<4>(hi, magic)};
                 mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {Nib::template pair<8>(lo), Nib::template pair<8>(hi),
-                                   Nib::template pair<12>(lo), Nib::template pair<12>(hi)};
+                const u32 a1[4] = {a16_pair<8>(lo, magic), a16_pair<8>(hi, magic),
+                                   a16_pair<12>(lo, magic), a16_pair<12>(hi, magic)};
                 mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
             }
             mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
@@ -228,10 +245,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float s = st.s[i][h], zz = 16.0f + st.z[i][h];
+                const float s = st.s[i][h], zz = Nib::kBase + st.z[i][h];
 #pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
+                for (int c = 0; c < 2; ++c) y[i][2 * h + c] += s * (acc[i][2 * h + c] - zz * sum_x[c]);
             }
     };
 
@@ -277,11 +293,15 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     };
 
     // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...
+    // Two step buffers take turns (the loop body is written out twice) rather
+    // than copying next into cur at every step: the copy cost one move per
+    // buffered register, a quarter of the loop's instructions.
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
-    Step cur, next;
-    load_step(cur, set, 0);
-    while (true) {
+    Step buf0, buf1;
+    // Computes the step in cur after issuing the loads of the following one into
+    // next; false when the CTA has no further step.
+    auto advance = [&](Step& cur, Step& next) {
         int next_set = set, next_step = step + 1;
         if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
         const bool more = next_set < n_sets;   // the same for every warp of the CTA
@@ -289,10 +309,12 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         const int b = block_of(set);
         if (b < n_blocks) compute_step(cur);
         if (next_step == 0) finish_block(b);
-        if (!more) break;
         set = next_set;
         step = next_step;
-        cur = next;
+        return more;
+    };
+    load_step(buf0, set, 0);
+    while (advance(buf0, buf1) && advance(buf1, buf0)) {
     }
 }
 

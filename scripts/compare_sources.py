@@ -1,0 +1,99 @@
+"""Time w4kern.linear's decode kernels built from several copies of cuda_src/ in
+one process (one GPU, one clock state), so a kernel change is measured against
+its baseline rather than against a number from another run or another lent GPU.
+
+Each variant is a directory holding a full cuda_src/ tree (W4KERN_CUDA_SRC points
+the runtime at it; the tree's own cuda_src/ is the variant "tree"). For each dense
+shape of BENCHMARKS.md and each M it times, in graph mode (w4kern.bench.Timer,
+weights rotated past 4x the L2), W4A8 with pre-quantized activations and W4A16,
+and checks that every variant's output matches the first variant's to fp32
+rounding. Beside them it times the read ceiling for the same bytes: the membench
+kernel streaming the weights' own INT4 codes, rotated the same way, which is what
+any kernel reading those bytes once can reach in this harness (launch, ramp-up
+and tail included).
+
+    python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick]
+"""
+import json
+import os
+import sys
+
+import cupy as cp
+import numpy as np
+
+import w4kern
+from w4kern import _runtime
+from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, environment, measure_ceilings
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+OUT = args[0]
+VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in args[1:]]
+MS = (1, 8)
+for i, a in enumerate(sys.argv):
+    if a == "--m":
+        MS = tuple(int(v) for v in sys.argv[i + 1].split(","))
+QUICK = "--quick" in sys.argv
+PATHS = {"w4a8-preq": "q8", "w4a16": "bf16"}
+
+
+def use(src):
+    if src is None:
+        os.environ.pop("W4KERN_CUDA_SRC", None)
+    else:
+        os.environ["W4KERN_CUDA_SRC"] = os.path.abspath(src)
+
+
+def main():
+    timer = Timer()
+    ceilings = measure_ceilings(timer)
+    read_kernel = _runtime.get_kernel("membench", ("4",))
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    sink = cp.zeros(1, dtype=np.uint32)
+    rng = cp.random.default_rng(5)
+    rows = []
+    shapes = list(DENSE_SHAPES.items())[:2] if QUICK else list(DENSE_SHAPES.items())
+    for name, (n, k) in shapes:
+        _, weights, _ = _decode_weights(rng, n, k, ceilings, timer)
+        copies = len(weights)
+        n_vec = np.int64(weights[0].qweight.nbytes // 16)
+        codes = [w.qweight for w in weights]
+        use(None)
+        ceiling_us = timer.graph(lambda i: read_kernel((sms * 4,), (512,), (codes[i % copies], n_vec, sink)))
+        floor_us = weights[0].nbytes / ceilings.read_gbps / 1e3
+        print(f"{name}: weight bytes {weights[0].nbytes}, floor {floor_us:.2f} us, "
+              f"read ceiling for the codes alone {ceiling_us:.2f} us", flush=True)
+        rows.append({"shape": name, "N": n, "K": k, "system": "read-ceiling", "us": ceiling_us,
+                     "bytes": int(weights[0].qweight.nbytes), "floor_us": floor_us})
+        for m in MS:
+            x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
+            xq = w4kern.quantize_q8(x)
+            for path, act in PATHS.items():
+                first = None
+                for label, src in VARIANTS:
+                    use(src)
+                    out = cp.full((m, n), np.nan, dtype=np.float32)
+                    arg = xq if act == "q8" else x
+                    w4kern.linear(arg, weights[0], act=act, out=out)
+                    if first is None:
+                        first = out.copy()
+                    else:
+                        err = float(cp.abs(out - first).max() / (cp.abs(first).max() + 1e-30))
+                        if not err < 1e-5:
+                            print(f"  {label} {path} M={m}: output differs from {VARIANTS[0][0]} (rel {err:.2e})")
+                    out16 = cp.empty((m, n), dtype=w4kern.bfloat16)   # timed with the README's output dtype
+                    us = timer.graph(lambda i: w4kern.linear(arg, weights[i % copies], act=act, out=out16))
+                    rows.append({"shape": name, "N": n, "K": k, "M": m, "system": f"{path}:{label}", "us": us,
+                                 "floor_us": floor_us, "pct_floor": 100 * floor_us / us})
+                    print(f"  M={m} {path:10s} {label:10s} {us:8.2f} us  {100 * floor_us / us:5.1f}% of floor "
+                          f"{100 * ceiling_us * weights[0].nbytes / weights[0].qweight.nbytes / us:5.1f}% of the "
+                          f"read ceiling", flush=True)
+        use(None)
+        del weights, codes
+        cp.get_default_memory_pool().free_all_blocks()
+    with open(OUT, "w") as f:
+        json.dump({"environment": environment(), "read_gbps": ceilings.read_gbps,
+                   "variants": dict(VARIANTS), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
