@@ -13,19 +13,18 @@
 // g (vector loads too); the four threads of a row cover one weight group per
 // step (8 * kChunkBytes = group size; 128 k per step for per-channel weights).
 //
-// Nibbles become 16-bit floats with one LOP3 per pair (and a shift for three
-// of a word's four pairs): OR-ing q into the low mantissa bits under the
-// exponent whose unit is the mantissa's last bit gives f = kBase + q exactly
-// (kBase = 128 for bf16, 1024 for fp16), in both halves of a word at once. A
-// word's nibbles at bits s and 16 + s (k and k + 4 of its eight) form one
-// pair; prmt pairs the activations the same way. With f instead of q - z the
-// sum per group and token is
-//     sum (q - z) x = sum f x - (kBase + z) * sum x,
+// Nibbles become 16-bit floats with one LOP3 per pair (plus a shift for most
+// pairs): OR-ing q into the mantissa under a fixed exponent gives a float f
+// with kScale * f = kBase + q exactly (A16Nibbles: bf16 f = 128 + q, fp16
+// f = 8 + q / 2), in both halves of a word at once. A word's nibbles at bits s
+// and 16 + s (k and k + 4 of its eight) form one pair; prmt pairs the
+// activations the same way. With f instead of q - z the sum per group and
+// token is
+//     sum (q - z) x = kScale * sum f x - (kBase + z) * sum x,
 // where sum x comes from one more MMA with an all-ones A (every row of its
 // result holds the column sums, exactly where the epilogue needs them). The
-// products f x are exact in fp32 and the offset costs at most 10 bits of the
-// fp32 accumulator (|f| <= 1039 against |q - z| <= 15), far below the
-// output's 16-bit rounding.
+// products f x are exact in fp32; the offset costs the fp32 accumulator a few
+// bits (kBase / 15 at most), far below the output's 16-bit rounding.
 //
 // Work split: kSplit warps of a CTA share a row block (kTiles x 16 rows) and
 // split its K steps; CTAs are persistent and each warp issues the loads of its
@@ -45,30 +44,37 @@ namespace w4kern {
 constexpr int kA16Threads = 256;
 constexpr int kA16Warps = kA16Threads / 32;
 
-// 16-bit float pairs f = kBase + q from the nibbles at bits kShift and 16 + kShift.
-// The exponent word comes in as a register (see opaque_register): LOP3 takes one
-// immediate, and the mask is that one.
+// 16-bit float pairs f from the nibbles at bits kShift and 16 + kShift, with
+// kScale * f = kBase + q. The exponent word comes in as a register (see
+// opaque_register): LOP3 takes one immediate, and the mask is that one.
 template <typename ActT> struct A16Nibbles;
 
 template <> struct A16Nibbles<bf16_t> {
+    // q in mantissa bits 0..3 under bf16 128.0 (0x4300), whose mantissa bits
+    // count 1 each: f = 128 + q, with no shift for the pair at bit 0
     static constexpr u32 kOnes = 0x3F803F80u;    // bf16 1.0 in both halves
-    static constexpr u32 kMagic = 0x43004300u;   // bf16 128.0: mantissa bits 0..6 count 1 each
-    static constexpr float kBase = 128.0f;
+    static constexpr u32 kMagic = 0x43004300u;
+    static constexpr float kScale = 1.0f, kBase = 128.0f;
+    template <int kShift>
+    static __device__ __forceinline__ u32 pair(u32 w, u32 magic) {
+        return ((w >> kShift) & 0x000F000Fu) | magic;
+    }
 };
 
 template <> struct A16Nibbles<f16_t> {
+    // fp16 holds 10 mantissa bits, so q in bits 0..3 would sit under 1024.0 and
+    // the fp32 accumulator would lose too much to the offset (the GPU tests
+    // failed at fp16 with it): q in mantissa bits 6..9 under 8.0 (0x4800),
+    // f = 8 + q / 2, 2 f = 16 + q
     static constexpr u32 kOnes = 0x3C003C00u;    // fp16 1.0 in both halves
-    static constexpr u32 kMagic = 0x64006400u;   // fp16 1024.0: mantissa bits 0..9 count 1 each
-    static constexpr float kBase = 1024.0f;
+    static constexpr u32 kMagic = 0x48004800u;
+    static constexpr float kScale = 2.0f, kBase = 16.0f;
+    template <int kShift>
+    static __device__ __forceinline__ u32 pair(u32 w, u32 magic) {
+        const u32 v = kShift <= 6 ? (w << (6 - kShift)) : (w >> (kShift - 6));
+        return (v & 0x03C003C0u) | magic;
+    }
 };
-
-template <int kShift>
-__device__ __forceinline__ u32 a16_pair(u32 w, u32 magic) {
-    // the shift as the high word of a multiply runs on the FMA pipe, which this
-    // loop leaves idle, rather than the integer pipe the LOP3s already fill
-    const u32 v = kShift == 0 ? w : __umulhi(w, 1u << (32 - kShift));
-    return (v & 0x000F000Fu) | magic;
-}
 
 // v in a register the compiler cannot rematerialize: under this kernel's
 // register pressure it otherwise rebuilds a constant operand with a move before
@@ -229,11 +235,11 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
             for (int i = 0; i < kTiles; ++i) {
                 const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
-                const u32 a0[4] = {a16_pair<0>(lo, magic), a16_pair<0>(hi, magic),
-                                   a16_pair<4>(lo, magic), a16_pair<4>(hi, magic)};
+                const u32 a0[4] = {Nib::template pair<0>(lo, magic), Nib::template pair<0>(hi, magic),
+                                   Nib::template pair<4>(lo, magic), Nib::template pair<4>(hi, magic)};
                 mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {a16_pair<8>(lo, magic), a16_pair<8>(hi, magic),
-                                   a16_pair<12>(lo, magic), a16_pair<12>(hi, magic)};
+                const u32 a1[4] = {Nib::template pair<8>(lo, magic), Nib::template pair<8>(hi, magic),
+                                   Nib::template pair<12>(lo, magic), Nib::template pair<12>(hi, magic)};
                 mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
             }
             mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
@@ -247,7 +253,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             for (int h = 0; h < 2; ++h) {
                 const float s = st.s[i][h], zz = Nib::kBase + st.z[i][h];
 #pragma unroll
-                for (int c = 0; c < 2; ++c) y[i][2 * h + c] += s * (acc[i][2 * h + c] - zz * sum_x[c]);
+                for (int c = 0; c < 2; ++c) y[i][2 * h + c] += s * (Nib::kScale * acc[i][2 * h + c] - zz * sum_x[c]);
             }
     };
 

@@ -25,7 +25,7 @@ import w4kern
 from w4kern import _runtime
 from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, environment, measure_ceilings
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
+args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] != "--m"]
 OUT = args[0]
 VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in args[1:]]
 MS = (1, 8)
