@@ -102,13 +102,20 @@ __device__ __forceinline__ void load_words(u32 (&dst)[kBytes / 4], const void* p
     }
 }
 
-// Everything one step of one warp reads from global memory, so the next step's
-// loads can be in flight during this step's math.
+// Steps of weights each warp keeps in flight: kA16Stages - 1 steps load while
+// one computes. The kernel is bound by load latency, not by issue (a quarter
+// fewer instructions per step made no difference on an H200), so the bytes in
+// flight decide its speed.
+constexpr int kA16Stages = 3;
+
+// The weights, scales and zeros one step of one warp reads from DRAM, loaded
+// kA16Stages - 1 steps ahead of their math. The step's activations are not in
+// it: every warp reads the same few kilobytes of x, which stay in L1, so they
+// are loaded at the step's math and their registers serve the deeper pipeline.
 template <int kChunkBytes, int kTiles>
 struct A16Step {
     static constexpr int kWords = kChunkBytes / 4;   // weight words per row and thread
     u32 w[kTiles][2][kWords];                        // rows g and g + 8 of each tile
-    u32 x[4 * kWords];                               // token g: 8 values per weight word
     float s[kTiles][2], z[kTiles][2];                // group scale and zero of those rows
 };
 
@@ -194,18 +201,24 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     st.z[i][h] = 0.0f;
                 }
             }
-        if (mine_in_k && g < m_tokens) {
+    };
+
+    // the activations of token g matching this thread's weight words in a step
+    auto load_x = [&](u32 (&xw)[4 * kWords], int step) {
+        const int chunk = step * kSplit + part;
+        const int k0 = chunk * kStepK + t * 2 * kChunkBytes;
+        if (chunk < steps && k0 < k_dim && g < m_tokens) {
             const ActT* src = x + static_cast<i64>(g) * k_dim + k0;
 #pragma unroll
             for (int j = 0; j < kWords; ++j) {
                 u32 v[4];
                 load_words<16>(v, src + 8 * j);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st.x[4 * j + e] = v[e];
+                for (int e = 0; e < 4; ++e) xw[4 * j + e] = v[e];
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 4 * kWords; ++j) st.x[j] = 0u;
+            for (int j = 0; j < 4 * kWords; ++j) xw[j] = 0u;
         }
     };
 
@@ -218,7 +231,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 
     // One step: kWords x 2 MMAs per tile over one weight group, one all-ones MMA
     // per pair of k slots for sum x, then the group's scale and zero in fp32.
-    auto compute_step = [&](const Step& st) {
+    auto compute_step = [&](const Step& st, int step) {
+        u32 xw[4 * kWords];
+        load_x(xw, step);
         float acc[kTiles][4];
         float sum_x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -229,7 +244,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
         for (int j = 0; j < kWords; ++j) {
             // activations k .. k + 7 of this word, paired as (k, k + 4), (k + 1, k + 5), ...
-            const u32* u = st.x + 4 * j;
+            const u32* u = xw + 4 * j;
             const u32 x04 = byte_perm(u[0], u[2], 0x5410), x15 = byte_perm(u[0], u[2], 0x7632);
             const u32 x26 = byte_perm(u[1], u[3], 0x5410), x37 = byte_perm(u[1], u[3], 0x7632);
 #pragma unroll
@@ -298,29 +313,33 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             for (int e = 0; e < 4; ++e) y[i][e] = 0.0f;
     };
 
-    // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...
-    // Two step buffers take turns (the loop body is written out twice) rather
-    // than copying next into cur at every step: the copy cost one move per
-    // buffered register, a quarter of the loop's instructions.
+    // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...;
+    // (set, step) is the step being computed and (load_set, load_step_no) the one
+    // being loaded, kA16Stages - 1 steps ahead. The stage loop is unrolled so
+    // every buffer index is a constant (the buffers stay in registers).
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
-    Step buf0, buf1;
-    // Computes the step in cur after issuing the loads of the following one into
-    // next; false when the CTA has no further step.
-    auto advance = [&](Step& cur, Step& next) {
-        int next_set = set, next_step = step + 1;
-        if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
-        const bool more = next_set < n_sets;   // the same for every warp of the CTA
-        if (more) load_step(next, next_set, next_step);
-        const int b = block_of(set);
-        if (b < n_blocks) compute_step(cur);
-        if (next_step == 0) finish_block(b);
-        set = next_set;
-        step = next_step;
-        return more;
+    int load_set = set, load_step_no = 0;
+    auto advance = [&](int& s, int& st) {
+        if (++st == my_steps) { st = 0; s += gridDim.x; }
     };
-    load_step(buf0, set, 0);
-    while (advance(buf0, buf1) && advance(buf1, buf0)) {
+    Step buf[kA16Stages];
+#pragma unroll
+    for (int u = 0; u < kA16Stages - 1; ++u) {
+        if (load_set < n_sets) load_step(buf[u], load_set, load_step_no);
+        advance(load_set, load_step_no);
+    }
+    while (true) {
+#pragma unroll
+        for (int u = 0; u < kA16Stages; ++u) {
+            if (load_set < n_sets) load_step(buf[(u + kA16Stages - 1) % kA16Stages], load_set, load_step_no);
+            advance(load_set, load_step_no);
+            const int b = block_of(set);
+            if (b < n_blocks) compute_step(buf[u], step);
+            advance(set, step);
+            if (step == 0) finish_block(b);
+            if (set >= n_sets) return;   // the same for every warp of the CTA
+        }
     }
 }
 

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // weights (of the same or the next row group) before this step's math, so
     // its loads stay in flight across row-group boundaries and the GPU ramps up
     // once per launch rather than once per row group.
-    Block buf0[kUnroll][kRows], buf1[kUnroll][kRows];
+    Block cur[kUnroll][kRows], next[kUnroll][kRows];
     auto load_step = [&](Block (&w)[kUnroll][kRows], int set, int step) {
         const int g = group_of(set);
         if (g >= n_row_groups) return;
@@ -211,14 +211,10 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
                     w[u][r].load(qweight + row_of(g, r) * row_bytes + static_cast<i64>(b) * Block::kBytes);
         }
     };
-    // Two step buffers take turns (the loop body is written out twice) rather
-    // than copying next into cur at every step, which cost a move per buffered
-    // register.
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
-    // Accumulates the step in cur after issuing the loads of the following one
-    // into next; false when the CTA has no further step.
-    auto advance = [&](Block (&cur)[kUnroll][kRows], Block (&next)[kUnroll][kRows]) {
+    load_step(cur, set, 0);
+    while (true) {
         int next_set = set, next_step = step + 1;
         if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
         const bool more = next_set < n_sets;   // the same for every warp of the CTA
@@ -232,12 +228,13 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             }
         }
         if (next_step == 0) finish_group(g);
+        if (!more) break;
         set = next_set;
         step = next_step;
-        return more;
-    };
-    load_step(buf0, set, 0);
-    while (advance(buf0, buf1) && advance(buf1, buf0)) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) cur[u][r] = next[u][r];
     }
 }
 
