@@ -13,18 +13,16 @@
 // g (vector loads too); the four threads of a row cover one weight group per
 // step (8 * kChunkBytes = group size; 128 k per step for per-channel weights).
 //
-// Nibbles become 16-bit floats with one LOP3 per pair (plus a shift for most
-// pairs): OR-ing q into the mantissa under a fixed exponent gives a float f
-// with kScale * f = kBase + q exactly (A16Nibbles: bf16 f = 128 + q, fp16
-// f = 8 + q / 2), in both halves of a word at once. A word's nibbles at bits s
-// and 16 + s (k and k + 4 of its eight) form one pair; prmt pairs the
-// activations the same way. With f instead of q - z the sum per group and
-// token is
-//     sum (q - z) x = kScale * sum f x - (kBase + z) * sum x,
+// Nibbles become 16-bit floats with one shift and one LOP3 per pair: OR-ing q
+// into the mantissa under the exponent of 8 gives f = 8 + q / 2 exactly, in
+// both halves of a word at once. A word's nibbles at bits s and 16 + s (k and
+// k + 4 of its eight) form one pair; prmt pairs the activations the same way.
+// With f instead of q - z the sum per group and token is
+//     sum (q - z) x = 2 * sum f x - (16 + z) * sum x,
 // where sum x comes from one more MMA with an all-ones A (every row of its
 // result holds the column sums, exactly where the epilogue needs them). The
-// products f x are exact in fp32; the offset costs the fp32 accumulator a few
-// bits (kBase / 15 at most), far below the output's 16-bit rounding.
+// offset costs a few bits of the fp32 accumulator at most (|f| <= 15.5 against
+// |q - z| up to 15), far below the output's rounding.
 //
 // Work split: kSplit warps of a CTA share a row block (kTiles x 16 rows) and
 // split its K steps; CTAs are persistent and each warp issues the loads of its
@@ -44,48 +42,28 @@ namespace w4kern {
 constexpr int kA16Threads = 256;
 constexpr int kA16Warps = kA16Threads / 32;
 
-// 16-bit float pairs f from the nibbles at bits kShift and 16 + kShift, with
-// kScale * f = kBase + q. The exponent word comes in as a register (see
-// opaque_register): LOP3 takes one immediate, and the mask is that one.
+// 16-bit float pairs f = 8 + q / 2 from the nibbles at bits kShift and 16 + kShift.
 template <typename ActT> struct A16Nibbles;
 
 template <> struct A16Nibbles<bf16_t> {
-    // q in mantissa bits 0..3 under bf16 128.0 (0x4300), whose mantissa bits
-    // count 1 each: f = 128 + q, with no shift for the pair at bit 0
-    static constexpr u32 kOnes = 0x3F803F80u;    // bf16 1.0 in both halves
-    static constexpr u32 kMagic = 0x43004300u;
-    static constexpr float kScale = 1.0f, kBase = 128.0f;
+    static constexpr u32 kOnes = 0x3F803F80u;   // bf16 1.0 in both halves
     template <int kShift>
-    static __device__ __forceinline__ u32 pair(u32 w, u32 magic) {
-        return ((w >> kShift) & 0x000F000Fu) | magic;
+    static __device__ __forceinline__ u32 pair(u32 w) {
+        // exponent of 8 (0x4100) and q in mantissa bits 3..6: 8 * (1 + q / 16)
+        const u32 v = kShift <= 3 ? (w << (3 - kShift)) : (w >> (kShift - 3));
+        return (v & 0x00780078u) | 0x41004100u;
     }
 };
 
 template <> struct A16Nibbles<f16_t> {
-    // fp16 holds 10 mantissa bits, so q in bits 0..3 would sit under 1024.0 and
-    // the fp32 accumulator would lose too much to the offset (the GPU tests
-    // failed at fp16 with it): q in mantissa bits 6..9 under 8.0 (0x4800),
-    // f = 8 + q / 2, 2 f = 16 + q
-    static constexpr u32 kOnes = 0x3C003C00u;    // fp16 1.0 in both halves
-    static constexpr u32 kMagic = 0x48004800u;
-    static constexpr float kScale = 2.0f, kBase = 16.0f;
+    static constexpr u32 kOnes = 0x3C003C00u;   // fp16 1.0 in both halves
     template <int kShift>
-    static __device__ __forceinline__ u32 pair(u32 w, u32 magic) {
+    static __device__ __forceinline__ u32 pair(u32 w) {
+        // exponent of 8 (0x4800) and q in mantissa bits 6..9: 8 * (1 + q / 16)
         const u32 v = kShift <= 6 ? (w << (6 - kShift)) : (w >> (kShift - 6));
-        return (v & 0x03C003C0u) | magic;
+        return (v & 0x03C003C0u) | 0x48004800u;
     }
 };
-
-// v in a register the compiler cannot rematerialize: under this kernel's
-// register pressure it otherwise rebuilds a constant operand with a move before
-// each of its uses (about 40 moves per step). ptxas folds a mov or a shuffle of
-// a constant, but not arithmetic on the lane id, whose range it does not track
-// (lane >> 5 is 0).
-__device__ __forceinline__ u32 opaque_register(u32 v) {
-    u32 lane;
-    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
-    return v + (lane >> 5);
-}
 
 // kBytes (4, 8 or 16) bytes as words, in one vector load.
 template <int kBytes>
@@ -102,20 +80,13 @@ __device__ __forceinline__ void load_words(u32 (&dst)[kBytes / 4], const void* p
     }
 }
 
-// Steps of weights each warp keeps in flight: kA16Stages - 1 steps load while
-// one computes. The kernel is bound by load latency, not by issue (a quarter
-// fewer instructions per step made no difference on an H200), so the bytes in
-// flight decide its speed.
-constexpr int kA16Stages = 3;
-
-// The weights, scales and zeros one step of one warp reads from DRAM, loaded
-// kA16Stages - 1 steps ahead of their math. The step's activations are not in
-// it: every warp reads the same few kilobytes of x, which stay in L1, so they
-// are loaded at the step's math and their registers serve the deeper pipeline.
+// Everything one step of one warp reads from global memory, so the next step's
+// loads can be in flight during this step's math.
 template <int kChunkBytes, int kTiles>
 struct A16Step {
     static constexpr int kWords = kChunkBytes / 4;   // weight words per row and thread
     u32 w[kTiles][2][kWords];                        // rows g and g + 8 of each tile
+    u32 x[4 * kWords];                               // token g: 8 values per weight word
     float s[kTiles][2], z[kTiles][2];                // group scale and zero of those rows
 };
 
@@ -187,7 +158,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             for (int h = 0; h < 2; ++h) {
                 const int row = row_of(b, i, g + 8 * h);
                 if (mine_in_k) {
-                    load_words<kChunkBytes>(st.w[i][h], qweight + row * row_bytes + k0 / 2);
+                    load_streaming<kChunkBytes>(st.w[i][h], qweight + row * row_bytes + k0 / 2);
                 } else {
 #pragma unroll
                     for (int j = 0; j < kWords; ++j) st.w[i][h][j] = 0u;
@@ -201,28 +172,21 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     st.z[i][h] = 0.0f;
                 }
             }
-    };
-
-    // the activations of token g matching this thread's weight words in a step
-    auto load_x = [&](u32 (&xw)[4 * kWords], int step) {
-        const int chunk = step * kSplit + part;
-        const int k0 = chunk * kStepK + t * 2 * kChunkBytes;
-        if (chunk < steps && k0 < k_dim && g < m_tokens) {
+        if (mine_in_k && g < m_tokens) {
             const ActT* src = x + static_cast<i64>(g) * k_dim + k0;
 #pragma unroll
             for (int j = 0; j < kWords; ++j) {
                 u32 v[4];
                 load_words<16>(v, src + 8 * j);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) xw[4 * j + e] = v[e];
+                for (int e = 0; e < 4; ++e) st.x[4 * j + e] = v[e];
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 4 * kWords; ++j) xw[j] = 0u;
+            for (int j = 0; j < 4 * kWords; ++j) st.x[j] = 0u;
         }
     };
 
-    const u32 magic = opaque_register(Nib::kMagic), one = opaque_register(Nib::kOnes);
     float y[kTiles][4];
 #pragma unroll
     for (int i = 0; i < kTiles; ++i)
@@ -231,30 +195,28 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 
     // One step: kWords x 2 MMAs per tile over one weight group, one all-ones MMA
     // per pair of k slots for sum x, then the group's scale and zero in fp32.
-    auto compute_step = [&](const Step& st, int step) {
-        u32 xw[4 * kWords];
-        load_x(xw, step);
+    auto compute_step = [&](const Step& st) {
         float acc[kTiles][4];
         float sum_x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-        const u32 ones[4] = {one, one, one, one};
+        const u32 ones[4] = {Nib::kOnes, Nib::kOnes, Nib::kOnes, Nib::kOnes};
 #pragma unroll
         for (int j = 0; j < kWords; ++j) {
             // activations k .. k + 7 of this word, paired as (k, k + 4), (k + 1, k + 5), ...
-            const u32* u = xw + 4 * j;
+            const u32* u = st.x + 4 * j;
             const u32 x04 = byte_perm(u[0], u[2], 0x5410), x15 = byte_perm(u[0], u[2], 0x7632);
             const u32 x26 = byte_perm(u[1], u[3], 0x5410), x37 = byte_perm(u[1], u[3], 0x7632);
 #pragma unroll
             for (int i = 0; i < kTiles; ++i) {
                 const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
-                const u32 a0[4] = {Nib::template pair<0>(lo, magic), Nib::template pair<0>(hi, magic),
-                                   Nib::template pair<4>(lo, magic), Nib::template pair<4>(hi, magic)};
+                const u32 a0[4] = {Nib::template pair<0>(lo), Nib::template pair<0>(hi),
+                                   Nib::template pair<4>(lo), Nib::template pair<4>(hi)};
                 mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {Nib::template pair<8>(lo, magic), Nib::template pair<8>(hi, magic),
-                                   Nib::template pair<12>(lo, magic), Nib::template pair<12>(hi, magic)};
+                const u32 a1[4] = {Nib::template pair<8>(lo), Nib::template pair<8>(hi),
+                                   Nib::template pair<12>(lo), Nib::template pair<12>(hi)};
                 mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
             }
             mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
@@ -266,9 +228,10 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float s = st.s[i][h], zz = Nib::kBase + st.z[i][h];
+                const float s = st.s[i][h], zz = 16.0f + st.z[i][h];
 #pragma unroll
-                for (int c = 0; c < 2; ++c) y[i][2 * h + c] += s * (Nib::kScale * acc[i][2 * h + c] - zz * sum_x[c]);
+                for (int c = 0; c < 2; ++c)
+                    y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
             }
     };
 
@@ -313,33 +276,23 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             for (int e = 0; e < 4; ++e) y[i][e] = 0.0f;
     };
 
-    // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...;
-    // (set, step) is the step being computed and (load_set, load_step_no) the one
-    // being loaded, kA16Stages - 1 steps ahead. The stage loop is unrolled so
-    // every buffer index is a constant (the buffers stay in registers).
+    // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
-    int load_set = set, load_step_no = 0;
-    auto advance = [&](int& s, int& st) {
-        if (++st == my_steps) { st = 0; s += gridDim.x; }
-    };
-    Step buf[kA16Stages];
-#pragma unroll
-    for (int u = 0; u < kA16Stages - 1; ++u) {
-        if (load_set < n_sets) load_step(buf[u], load_set, load_step_no);
-        advance(load_set, load_step_no);
-    }
+    Step cur, next;
+    load_step(cur, set, 0);
     while (true) {
-#pragma unroll
-        for (int u = 0; u < kA16Stages; ++u) {
-            if (load_set < n_sets) load_step(buf[(u + kA16Stages - 1) % kA16Stages], load_set, load_step_no);
-            advance(load_set, load_step_no);
-            const int b = block_of(set);
-            if (b < n_blocks) compute_step(buf[u], step);
-            advance(set, step);
-            if (step == 0) finish_block(b);
-            if (set >= n_sets) return;   // the same for every warp of the CTA
-        }
+        int next_set = set, next_step = step + 1;
+        if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
+        const bool more = next_set < n_sets;   // the same for every warp of the CTA
+        if (more) load_step(next, next_set, next_step);
+        const int b = block_of(set);
+        if (b < n_blocks) compute_step(cur);
+        if (next_step == 0) finish_block(b);
+        if (!more) break;
+        set = next_set;
+        step = next_step;
+        cur = next;
     }
 }
 

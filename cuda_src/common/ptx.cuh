@@ -24,6 +24,23 @@ __device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 sel) {
     return d;
 }
 
+// kBytes (4, 8 or 16) read-only bytes from global memory as words, in one load
+// that skips L1 (L1::no_allocate): for weights streamed once, which would
+// otherwise evict the small arrays (group scales, activations) that a kernel
+// rereads from L1.
+template <int kBytes>
+__device__ __forceinline__ void load_streaming(u32 (&dst)[kBytes / 4], const void* p) {
+    if constexpr (kBytes == 16) {
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3]) : "l"(p));
+    } else if constexpr (kBytes == 8) {
+        asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(dst[0]), "=r"(dst[1]) : "l"(p));
+    } else {
+        static_assert(kBytes == 4, "4, 8 or 16 bytes");
+        asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(dst[0]) : "l"(p));
+    }
+}
+
 __device__ __forceinline__ u32 smem_address(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
