@@ -42,10 +42,7 @@ template <>
 struct WeightBlock<4> {
     static constexpr int kBytes = 16;
     u32 w[4];
-    __device__ __forceinline__ void load(const u8* p) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    }
+    __device__ __forceinline__ void load(const u8* p) { load_streaming<16>(w, p); }
     __device__ __forceinline__ u32 even(int j) const { return w[j] & kLowNibbles; }
     __device__ __forceinline__ u32 odd(int j) const { return (w[j] >> 4) & kLowNibbles; }
 };
@@ -55,10 +52,10 @@ struct WeightBlock<8> {
     static constexpr int kBytes = 32;
     u32 w[8];
     __device__ __forceinline__ void load(const u8* p) {
-        const uint4 a = reinterpret_cast<const uint4*>(p)[0];
-        const uint4 b = reinterpret_cast<const uint4*>(p)[1];
-        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
-        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+        u32 (&lo)[4] = *reinterpret_cast<u32 (*)[4]>(w);
+        u32 (&hi)[4] = *reinterpret_cast<u32 (*)[4]>(w + 4);
+        load_streaming<16>(lo, p);
+        load_streaming<16>(hi, p + 16);
     }
     // k = 8j + {0, 2, 4, 6}: bytes 0 and 2 of words 2j and 2j+1
     __device__ __forceinline__ u32 even(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x6420); }
