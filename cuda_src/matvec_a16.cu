@@ -30,11 +30,11 @@
 // Split warps reduce through shared memory in a fixed order (deterministic).
 //
 // Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an
-// item. Item i reads the weights of expert item_experts[i] from stacked
-// [E, N, ...] weights and the activation rows of item i / act_item_div, and
-// writes output rows i * M ... An expert id outside [0, E) is the caller's
-// error: that item reads expert 0 and writes zeros (never out of bounds).
+// item (common/moe_items.cuh): expert item_experts[i]'s weights, the activation
+// rows of item i / act_item_div, output rows i * M ...; zeros for an id outside
+// [0, E).
 #include "common/formats.cuh"
+#include "common/moe_items.cuh"
 #include "common/ptx.cuh"
 
 namespace w4kern {
@@ -124,15 +124,13 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     i64 out_base = 0;        // the item's first output element
     bool zero_item = false;  // an item whose expert id is out of range writes zeros
     if (item_experts != nullptr) {
-        const int item = blockIdx.y;
-        int e = item_experts[item];
-        zero_item = e < 0 || e >= n_experts;
-        e = zero_item ? 0 : e;
-        qweight += static_cast<i64>(e) * n_rows * row_bytes;
-        scales += static_cast<i64>(e) * n_rows * n_groups;
-        if constexpr (kHasZeros) zeros += static_cast<i64>(e) * n_rows * n_groups;
-        x += static_cast<i64>(item / act_item_div) * m_tokens * k_dim;
-        out_base = static_cast<i64>(item) * m_tokens * n_rows;
+        const MoeItem it = moe_item(item_experts, n_experts, act_item_div, m_tokens, n_rows);
+        zero_item = it.dropped;
+        out_base = it.out_base;
+        qweight += static_cast<i64>(it.expert) * n_rows * row_bytes;
+        scales += static_cast<i64>(it.expert) * n_rows * n_groups;
+        if constexpr (kHasZeros) zeros += static_cast<i64>(it.expert) * n_rows * n_groups;
+        x += it.act_row * k_dim;
     }
     __shared__ float partial[kSplit > 1 ? kA16Warps : 1][kOutPerThread][32];
 

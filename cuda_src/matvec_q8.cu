@@ -22,12 +22,11 @@
 // scale of the weight group holding the block. M tokens (1 <= M <= kMaxM)
 // share each weight load.
 //
-// Items (kItems, the MoE decode path): blockIdx.y is an item. Item i reads the
-// weights of expert item_experts[i] from stacked [E, N, ...] weights and the
-// activation rows of item i / act_item_div, and writes output rows i * M ...
-// An expert id outside [0, E) is the caller's error: that item reads expert 0
-// and writes zeros (never out of bounds).
+// Items (kItems, the MoE int8 decode path): blockIdx.y is an item
+// (common/moe_items.cuh): expert item_experts[i]'s weights, the activation rows
+// of item i / act_item_div, output rows i * M ...; zeros for an id outside [0, E).
 #include "common/formats.cuh"
+#include "common/moe_items.cuh"
 #include "common/ptx.cuh"
 
 namespace w4kern {
@@ -100,15 +99,13 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     bool dropped = false;
     i64 out_base = 0;
     if constexpr (kItems) {
-        const int item = blockIdx.y;
-        int e = item_experts[item];
-        dropped = e < 0 || e >= n_experts;
-        e = dropped ? 0 : e;
-        qweight += static_cast<i64>(e) * n_rows * row_bytes;
-        scales += static_cast<i64>(e) * n_rows * n_groups;
-        if constexpr (kHasZeros) zeros += static_cast<i64>(e) * n_rows * n_groups;
-        act += static_cast<i64>(item / act_item_div) * m_tokens * n_blocks;
-        out_base = static_cast<i64>(item) * m_tokens * n_rows;
+        const MoeItem it = moe_item(item_experts, n_experts, act_item_div, m_tokens, n_rows);
+        dropped = it.dropped;
+        out_base = it.out_base;
+        qweight += static_cast<i64>(it.expert) * n_rows * row_bytes;
+        scales += static_cast<i64>(it.expert) * n_rows * n_groups;
+        if constexpr (kHasZeros) zeros += static_cast<i64>(it.expert) * n_rows * n_groups;
+        act += it.act_row * n_blocks;
     }
 
     // a task is (row-group set, step): the warp's row group in the set and the

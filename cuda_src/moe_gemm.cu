@@ -56,6 +56,39 @@ struct MoeGemmLayout {
     static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;   // + the block's item ids
 };
 
+// The (aligned block, column tile) a CTA of either expert GEMM works on: the
+// block's expert (blockIdx.y), and the columns of the tile's low and high halves
+// (blockIdx.x): for GEMM1 (kSiluGateUp) gate rows lo_base .. + 63 and the matching
+// up rows hi_base = I + lo_base ..; for GEMM2 128 consecutive rows. valid is false
+// past the used blocks and for a block without an expert.
+template <bool kSiluGateUp>
+struct MoeTile {
+    bool valid;
+    int expert;
+    int out_cols;            // columns of the output rows (I for GEMM1, N for GEMM2)
+    int lo_base, hi_base;    // first weight row of each half
+    int lo_end;              // where the low half's rows end
+    // weight row of tile column c, clamped in bounds (only real columns are stored)
+    __device__ __forceinline__ int weight_row(int c, int n_rows) const {
+        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
+    }
+};
+
+template <bool kSiluGateUp>
+__device__ __forceinline__ MoeTile<kSiluGateUp> moe_tile(int block_rows, const i32* expert_ids,
+                                                         const i32* num_post_padded, int n_rows, int n_experts) {
+    MoeTile<kSiluGateUp> tile;
+    const int block = blockIdx.y;
+    tile.valid = block * block_rows < num_post_padded[0];   // past the used blocks: nothing to do
+    tile.expert = tile.valid ? expert_ids[block] : -1;
+    tile.valid = tile.valid && tile.expert >= 0 && tile.expert < n_experts;   // (moe_align writes none here)
+    tile.out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
+    tile.lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
+    tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kMoeHalf;
+    tile.lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
+    return tile;
+}
+
 // Where half h (16 bytes) of weight row r of a K tile sits in shared memory. Rows
 // are 32 bytes, unpadded, and a row's halves swap places when bit 2 of r is set:
 // the A8 B-fragment reads (rows g = 0..7 of an n8 tile, bytes 4t of the same
@@ -107,22 +140,14 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
     extern __shared__ __align__(16) u8 smem[];
     i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
 
-    const int block = blockIdx.y;
-    if (block * kBM >= num_post_padded[0]) return;     // past the used blocks
-    const int expert = expert_ids[block];
-    if (expert < 0 || expert >= n_experts) return;    // no expert (never written by moe_align here)
+    const MoeTile<kSiluGateUp> tile = moe_tile<kSiluGateUp>(kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    if (!tile.valid) return;
+    const int block = blockIdx.y, expert = tile.expert;
+    const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
+    auto weight_row = [&](int c) { return tile.weight_row(c, n_rows); };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    // column bases of the two halves, and where each half's rows end
-    const int out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
-    const int lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
-    const int hi_base = kSiluGateUp ? n_rows / 2 + lo_base : lo_base + kMoeHalf;
-    const int lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
-    // weight row of tile column c, clamped in bounds (only real columns are stored)
-    auto weight_row = [&](int c) {
-        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
-    };
 
     const i64 row_bytes = k_dim / 2;
     const u8* expert_q = qweight + static_cast<i64>(expert) * n_rows * row_bytes;
@@ -339,20 +364,14 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 1) moe_gem
     extern __shared__ __align__(16) u8 smem[];
     i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
 
-    const int block = blockIdx.y;
-    if (block * kBM >= num_post_padded[0]) return;
-    const int expert = expert_ids[block];
-    if (expert < 0 || expert >= n_experts) return;
+    const MoeTile<kSiluGateUp> tile = moe_tile<kSiluGateUp>(kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    if (!tile.valid) return;
+    const int block = blockIdx.y, expert = tile.expert;
+    const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
+    auto weight_row = [&](int c) { return tile.weight_row(c, n_rows); };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
-    const int lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
-    const int hi_base = kSiluGateUp ? n_rows / 2 + lo_base : lo_base + kMoeHalf;
-    const int lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
-    auto weight_row = [&](int c) {
-        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
-    };
     const i64 row_bytes = k_dim / 2;
     const int n_blocks = k_dim / kQ8BlockValues;
     const u8* expert_q = qweight + static_cast<i64>(expert) * n_rows * row_bytes;

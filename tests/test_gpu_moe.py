@@ -247,14 +247,6 @@ def test_fused_moe_decode_other_activation_dtypes(cp, rng, activation, dtype):
     check_fused(cp, activation, x.astype(dtype), w13, w2, weights, ids)
 
 
-def test_fused_moe_decode_bf16_scale_dtypes(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 5, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
-    for dtype in (np.float32, np.float16):
-        cast = [w4kern.Int4Weight(w.qweight, w.scales.astype(dtype), w.zeros.astype(dtype), w.group_size)
-                for w in (w13, w2)]
-        check_fused_moe_bf16(cp, x, *cast, weights, ids)
-
-
 @pytest.mark.parametrize("activation", ["int8", "bf16"])
 def test_fused_moe_decode_misaligned_x_gives_the_aligned_bits(cp, rng, activation):
     x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=64, inter=32, group_size=32, symmetric=False)
@@ -396,8 +388,9 @@ def test_fused_moe_batched_other_activation_dtypes(cp, rng, dtype):
     check_fused_moe_bf16(cp, x.astype(dtype), w13, w2, weights, ids)
 
 
-def test_fused_moe_batched_scale_dtypes(cp, rng):
-    x, w13, w2, weights, ids = moe_case(rng, 20, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
+@pytest.mark.parametrize("t", [5, 20], ids=["decode", "batched"])
+def test_fused_moe_bf16_scale_dtypes(cp, rng, t):
+    x, w13, w2, weights, ids = moe_case(rng, t, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
     for dtype in (np.float32, np.float16):
         cast = [w4kern.Int4Weight(w.qweight, w.scales.astype(dtype), w.zeros.astype(dtype), w.group_size)
                 for w in (w13, w2)]

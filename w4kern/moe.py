@@ -6,8 +6,8 @@ launches, output shapes known without a device read) and the NumPy reference
 on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
 the NumPy reference on NumPy arrays; on CuPy arrays it runs a decode path (up
 to MOE_DECODE_MAX_TOKENS tokens: a matvec over each (token, expert) pair, dp4a
-for "int8" (``_fused_moe_decode_cuda``), W4A16 tensor cores for "bf16"
-(``_fused_moe_decode_a16_cuda``)) or the batched path
+for "int8", W4A16 tensor cores for "bf16": ``_fused_moe_decode_cuda``) or the
+batched path
 (``_fused_moe_batched_cuda``: alignment, then the tensor-core expert GEMMs of
 ``cuda_src/moe_gemm.cu``, A16 or A8). Never a fallback to the host.
 
@@ -188,60 +188,44 @@ MOE_GEMM_MAX_BLOCKS = 65535
 MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
 
 
-def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
-    """The MoE decode path: every (token, slot) pair is one item of the dp4a matvec
-    over its expert's weights (no sorting, no host read). Five launches
-    (cuda_src/moe_decode.cu has the three around the GEMMs): x quantized per token to
-    INT8 (as Q8 blocks sharing the row scale), GEMM1 gives [g; u] in fp32, silu(g) * u
-    quantized per (token, slot) row the same way, GEMM2 gives each pair's [H] row,
-    and the k rows of a token are summed with their weights in slot order
-    (deterministic) straight into the output. Ids outside [0, E) contribute zeros
-    (the caller's contract). The quantizer is bit-identical to NumPy's
-    quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it)."""
-    from .linear import _launch_matvec_items
-
-    t, hidden = x.shape
-    k = topk_ids.shape[1]
-    inter = w13.shape[1] // 2
-    # H and I are the weights' K: Int4Weight keeps K a multiple of 32, a Q8 block
-    y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
-    if t == 0:
-        return y
-    ids = topk_ids.reshape(t * k)
-    gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
-    _launch_matvec_items(cp, w13, _token_q8_blocks(cp, x), gate_up, ids, k)
-    down = cp.empty((t * k, hidden), dtype=np.float32)
-    _launch_matvec_items(cp, w2, _token_q8_blocks(cp, gate_up, silu_gate_up=True), down, ids, 1)
-    _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
-    return y
-
-
-def _fused_moe_decode_a16_cuda(cp, x, w13, w2, topk_weights, topk_ids, out):
-    """The bf16 decode path: every (token, slot) pair is one item of the W4A16
-    matvec (matvec_a16.cu) over its expert's weights, no sorting, no host read.
-    Four launches: GEMM1 gives [g; u] in fp32, moe_silu_mul_kernel rounds silu(g) * u
-    to x's 16-bit type (as the batched A16 epilogue does), GEMM2 gives each pair's
-    [H] row, and the k rows of a token are summed in slot order into the output.
-    float32 x is rounded to bfloat16 first. Ids outside [0, E) contribute zeros."""
+def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
+    """The MoE decode paths: every (token, slot) pair is one item of a matvec over
+    its expert's weights (no sorting, no host read); GEMM1 gives [g; u] in fp32,
+    GEMM2 each pair's [H] row, and the k rows of a token are summed with their
+    weights in slot order (deterministic) straight into the output. Ids outside
+    [0, E) contribute zeros (the caller's contract).
+    - "int8": five launches, the dp4a matvec (matvec_q8.cu) between the glue of
+      moe_decode.cu: x quantized per token to INT8 (as Q8 blocks sharing the row
+      scale) and silu(g) * u quantized per (token, slot) row the same way. The
+      quantizer is bit-identical to NumPy's quant.per_token_q8_blocks
+      (tests/test_gpu_moe.py checks it).
+    - "bf16": four launches, the W4A16 tensor-core matvec (matvec_a16.cu) on x
+      (float32 x rounded to bfloat16 first), with silu(g) * u rounded to x's 16-bit
+      type between the GEMMs (moe_silu_mul_kernel, as the batched A16 epilogue)."""
     from . import _runtime
     from ._registry import MOE_COMBINE_THREADS, cxx_type
-    from .linear import _launch_a16_items
+    from .linear import _launch_a16_items, _launch_matvec_items
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
+    # H and I are the weights' K: Int4Weight keeps K a multiple of 32 (a Q8 block)
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    act = _a16_activations(cp, x)
     ids = topk_ids.reshape(t * k)
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
-    _launch_a16_items(cp, w13, act, gate_up, ids, k)
-    inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
-    _runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),))(
-        (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,), (gate_up, inter_rows, np.int32(inter)))
     down = cp.empty((t * k, hidden), dtype=np.float32)
-    _launch_a16_items(cp, w2, inter_rows, down, ids, 1)
+    if activation == "int8":
+        _launch_matvec_items(cp, w13, _token_q8_blocks(cp, x), gate_up, ids, k)
+        _launch_matvec_items(cp, w2, _token_q8_blocks(cp, gate_up, silu_gate_up=True), down, ids, 1)
+    else:
+        act = _a16_activations(cp, x)
+        _launch_a16_items(cp, w13, act, gate_up, ids, k)
+        inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
+        _runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),))(
+            (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,), (gate_up, inter_rows, np.int32(inter)))
+        _launch_a16_items(cp, w2, inter_rows, down, ids, 1)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
 
@@ -432,8 +416,7 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
         check_out(out, x.dtype, tuple(x.shape), "[T, H]")
     if xp is not np:
         if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
-            decode = _fused_moe_decode_cuda if activation == "int8" else _fused_moe_decode_a16_cuda
-            return decode(xp, x, w13, w2, topk_weights, topk_ids, out)
+            return _fused_moe_decode_cuda(xp, x, w13, w2, topk_weights, topk_ids, out, activation)
         return _fused_moe_batched_cuda(xp, x, w13, w2, topk_weights, topk_ids, out, activation)
     from . import reference
 
