@@ -373,6 +373,8 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
     for name, (n, k) in shapes:
         w, weights, weights8 = _decode_weights(rng, n, k, ceilings, timer)
         base, copies, w8_base, copies8 = weights[0], len(weights), weights8[0], len(weights8)
+        rows += _read_ceiling(timer, ceilings, modes, {"name": name, "N": n, "K": k, "M": 1, "group_size": 128},
+                              _linear_bytes(base, 1, k, n, "q8"), copies)
         for m in DECODE_MS:
             x = (rng.standard_normal((m, k), dtype=np.float32)).astype(w4kern.bfloat16)
             out = cp.empty((m, n), dtype=w4kern.bfloat16)
@@ -398,6 +400,25 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
         del w, base, weights, w8_base, weights8
         cp.get_default_memory_pool().free_all_blocks()
     return rows
+
+
+def _read_ceiling(timer, ceilings, modes, shape, n_bytes, copies) -> list[Row]:
+    """The read ceiling at one size: the membench kernel (the one that measures the
+    read bandwidth) streaming n_bytes, rotated over as many copies as the op's
+    weights. Launch, ramp-up and tail included, it is what any kernel reading those
+    bytes once reaches in this harness (system "read-ceiling")."""
+    import cupy as cp
+
+    from . import _runtime
+
+    n_vec = -(-n_bytes // 16)
+    buffers = [cp.ones(n_vec * 4, dtype=np.uint32) for _ in range(copies)]
+    sink = cp.zeros(1, dtype=np.uint32)
+    kernel = _runtime.get_kernel("membench", ("4",))
+    grid = cp.cuda.Device().attributes["MultiProcessorCount"] * 4
+    return _measure(timer, "read-ceiling", "linear", shape,
+                    lambda i: kernel((grid,), (512,), (buffers[i % copies], np.int64(n_vec), sink)),
+                    n_bytes, ceilings, modes)
 
 
 def _torch_decode_peers(torch, ttimer, ceilings, modes, shape, x, w, weights, copies) -> list[Row]:
