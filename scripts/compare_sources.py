@@ -88,7 +88,7 @@ def main():
                           f"{100 * ceiling_us * weights[0].nbytes / weights[0].qweight.nbytes / us:5.1f}% of the "
                           f"read ceiling", flush=True)
         use(None)
-        del weights, codes
+        weights = codes = None   # free the copies before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     with open(OUT, "w") as f:
         json.dump({"environment": environment(), "read_gbps": ceilings.read_gbps,
