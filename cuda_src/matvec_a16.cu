@@ -24,6 +24,16 @@
 // offset costs a few bits of the fp32 accumulator at most (|f| <= 15.5 against
 // |q - z| up to 15), far below the output's rounding.
 //
+// Group slots (kGroupSlots = 2 or 4: g64 or g32 weights, M <= 8 / kGroupSlots):
+// a step still takes 128 k (16 bytes per row and thread, one vector load), so
+// the four threads of a row hold kGroupSlots different groups, which one MMA
+// would mix. B's spare columns keep them apart: column n holds token
+// n / kGroupSlots, and only the threads whose k range lies in group slot
+// n % kGroupSlots give it their activations (the others zeros), so each column
+// of the result is one group's sum, scaled on its own; the finish adds a
+// token's slots. Without slots a g32 step is 32 k (one 4-byte load per row),
+// and its fixed cost per step made W4A16 2.2-2.5x slower at g32 than at g128.
+//
 // Work split: kSplit warps of a CTA share a row block (kTiles x 16 rows) and
 // split its K steps; CTAs are persistent and each warp issues the loads of its
 // next step (the same or the next row block) before the MMAs of this one.
@@ -82,16 +92,18 @@ __device__ __forceinline__ void load_words(u32 (&dst)[kBytes / 4], const void* p
 
 // Everything one step of one warp reads from global memory, so the next step's
 // loads can be in flight during this step's math.
-template <int kChunkBytes, int kTiles>
+template <int kChunkBytes, int kTiles, int kColScales>
 struct A16Step {
     static constexpr int kWords = kChunkBytes / 4;   // weight words per row and thread
     u32 w[kTiles][2][kWords];                        // rows g and g + 8 of each tile
-    u32 x[4 * kWords];                               // token g: 8 values per weight word
-    float s[kTiles][2], z[kTiles][2];                // group scale and zero of those rows
+    u32 x[4 * kWords];                               // B column g: 8 values per weight word
+    // group scale and zero of those rows: one per step, or (group slots) one per
+    // result column this thread holds (2t and 2t + 1)
+    float s[kTiles][2][kColScales], z[kTiles][2][kColScales];
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
-          int kSplit>
+          int kSplit, int kGroupSlots>
 __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const u8* __restrict__ qweight,      // [N, K / 2] ([E, N, K / 2] with items)
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -105,7 +117,10 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 {
     static_assert(kA16Warps % kSplit == 0, "a CTA's warps split evenly over its row blocks");
     static_assert(!kPerChannel || kChunkBytes == 16, "per-channel weights take 128 k per step");
-    using Step = A16Step<kChunkBytes, kTiles>;
+    static_assert(kGroupSlots == 1 || ((kGroupSlots == 2 || kGroupSlots == 4) && kChunkBytes == 16 && !kPerChannel),
+                  "group slots split a 128-k step of g64 or g32 weights");
+    constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
+    using Step = A16Step<kChunkBytes, kTiles, kColScales>;
     using Nib = A16Nibbles<ActT>;
     constexpr int kWords = Step::kWords;
     constexpr int kBlockRows = 16 * kTiles;
@@ -149,7 +164,6 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         // result it holds sums the other threads' k too.
         const bool step_in_k = chunk < steps;
         const bool mine_in_k = step_in_k && k0 < k_dim;
-        const int group = kPerChannel ? 0 : chunk;
 #pragma unroll
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -161,17 +175,27 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
                     for (int j = 0; j < kWords; ++j) st.w[i][h][j] = 0u;
                 }
-                if (step_in_k) {
-                    const i64 at = static_cast<i64>(row) * n_groups + group;
-                    st.s[i][h] = to_float(scales[at]);
-                    st.z[i][h] = kHasZeros ? to_float(zeros[at]) : static_cast<float>(kInt4SymmetricZero);
-                } else {
-                    st.s[i][h] = 0.0f;
-                    st.z[i][h] = 0.0f;
+#pragma unroll
+                for (int c = 0; c < kColScales; ++c) {
+                    // the step's group, or (slots) that of result column 2t + c; a
+                    // column past the last group has zero activations and scale 0
+                    const int group = kGroupSlots > 1 ? chunk * kGroupSlots + (2 * t + c) % kGroupSlots
+                                                      : (kPerChannel ? 0 : chunk);
+                    if (step_in_k && group < n_groups) {
+                        const i64 at = static_cast<i64>(row) * n_groups + group;
+                        st.s[i][h][c] = to_float(scales[at]);
+                        st.z[i][h][c] = kHasZeros ? to_float(zeros[at]) : static_cast<float>(kInt4SymmetricZero);
+                    } else {
+                        st.s[i][h][c] = 0.0f;
+                        st.z[i][h][c] = 0.0f;
+                    }
                 }
             }
-        if (mine_in_k && g < m_tokens) {
-            const ActT* src = x + static_cast<i64>(g) * k_dim + k0;
+        // B column g: token g / kGroupSlots, given by the threads whose k range is in
+        // group slot g % kGroupSlots (without slots: token g, every thread)
+        const int x_token = g / kGroupSlots;
+        if (mine_in_k && x_token < m_tokens && t * kGroupSlots / 4 == g % kGroupSlots) {
+            const ActT* src = x + static_cast<i64>(x_token) * k_dim + k0;
 #pragma unroll
             for (int j = 0; j < kWords; ++j) {
                 u32 v[4];
@@ -226,10 +250,12 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float s = st.s[i][h], zz = 16.0f + st.z[i][h];
 #pragma unroll
-                for (int c = 0; c < 2; ++c)
+                for (int c = 0; c < 2; ++c) {
+                    const int cs = kColScales > 1 ? c : 0;
+                    const float s = st.s[i][h][cs], zz = 16.0f + st.z[i][h][cs];
                     y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
+                }
             }
     };
 
@@ -257,11 +283,27 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int row = b * kBlockRows + i * 16 + g + 8 * h;
+                    if constexpr (kGroupSlots == 1) {
 #pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int m = 2 * t + c;
-                        if (row < n_rows && m < m_tokens) {
-                            float v = zero_item ? 0.0f : y[i][2 * h + c];
+                        for (int c = 0; c < 2; ++c) {
+                            const int m = 2 * t + c;
+                            if (row < n_rows && m < m_tokens) {
+                                float v = zero_item ? 0.0f : y[i][2 * h + c];
+                                if (bias != nullptr) v += load_as_float(bias, row, out_kind);
+                                store_from_float(out, out_base + static_cast<i64>(m) * n_rows + row, v, out_kind);
+                            }
+                        }
+                    } else {
+                        // a token's slots: columns 2t, 2t + 1 here, and with four slots
+                        // also those of lane t ^ 1 (the same order in both lanes)
+                        float v = y[i][2 * h] + y[i][2 * h + 1];
+                        if constexpr (kGroupSlots == 4) {
+                            const float other = __shfl_xor_sync(0xffffffffu, v, 1);
+                            v = (t & 1) ? other + v : v + other;
+                        }
+                        const int m = 2 * t / kGroupSlots;
+                        if ((kGroupSlots == 2 || (t & 1) == 0) && row < n_rows && m < m_tokens) {
+                            v = zero_item ? 0.0f : v;
                             if (bias != nullptr) v += load_as_float(bias, row, out_kind);
                             store_from_float(out, out_base + static_cast<i64>(m) * n_rows + row, v, out_kind);
                         }

@@ -107,6 +107,20 @@ A16_CONFIGS = ((2, 2), (1, 4), (1, 8))
 #: matvec_a16 family per group size: name suffix -> (bytes of a row per thread and
 #: step = group_size / 8, per-channel)
 A16_GROUP_FAMILIES = {"g32": (4, False), "g64": (8, False), "g128": (16, False), "gch": (16, True)}
+#: group slots of the g32 / g64 families (128-k steps holding 4 / 2 groups, one per
+#: result column, for M <= 8 // slots tokens; see matvec_a16.cu)
+A16_GROUP_SLOTS = {"g32": 4, "g64": 2}
+
+
+def a16_instance(group_size: int, m: int) -> tuple[int, int]:
+    """(bytes of a row per thread and step, group slots) of the matvec_a16 instance for
+    M tokens: slots where the group is smaller than 128 and M fits, else one group
+    per step."""
+    label = "gch" if group_size == -1 else f"g{group_size}"
+    slots = A16_GROUP_SLOTS.get(label, 1)
+    if slots > 1 and m <= 8 // slots:
+        return 16, slots
+    return A16_GROUP_FAMILIES[label][0], 1
 
 
 def a16_family(group_size: int) -> str:
@@ -263,10 +277,13 @@ FAMILIES: dict[str, KernelFamily] = {
             name=f"matvec_a16_{label}",
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split)
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split,
+            # group slots)
             instances=tuple(
-                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 *map(str, config))
+                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(step_chunk), cxx_bool(per_channel),
+                 *map(str, config), str(slots))
+                for step_chunk, slots in ((chunk, 1),) + (((16, A16_GROUP_SLOTS[label]),)
+                                                           if label in A16_GROUP_SLOTS else ())
                 for act in (bfloat16, np.float16)
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)

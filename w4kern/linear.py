@@ -499,10 +499,11 @@ def _a16_block_sets(n, tiles, split):
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
-    from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, cxx_bool, cxx_type
+    from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, a16_instance, cxx_bool, cxx_type
 
     family = a16_family(weight.group_size)
-    chunk, per_channel = A16_GROUP_FAMILIES[family.rsplit("_", 1)[1]]
+    per_channel = A16_GROUP_FAMILIES[family.rsplit("_", 1)[1]][1]
+    chunk, slots = a16_instance(weight.group_size, call.m)
     if config is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
         config = a16_config(call.n, _sm_count(call.xp), warps)
@@ -513,7 +514,7 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     kernel = _runtime.get_kernel(
         family,
         (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
-         cxx_bool(per_channel), str(tiles), str(split)),
+         cxx_bool(per_channel), str(tiles), str(split), str(slots)),
     )
     block_sets = _a16_block_sets(call.n, tiles, split)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
