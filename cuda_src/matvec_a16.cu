@@ -11,7 +11,8 @@
 // bytes of rows g and g + 8 (one vector load each, coalesced four threads to
 // a 4 * kChunkBytes run) and the matching 2 * kChunkBytes activations of token
 // g (vector loads too); the four threads of a row cover one weight group per
-// step (8 * kChunkBytes = group size; 128 k per step for per-channel weights).
+// step (8 * kChunkBytes = group size; 128 k per step for per-channel weights),
+// or 128 k holding 2 or 4 groups with group slots (below).
 //
 // Nibbles become 16-bit floats with one shift and one LOP3 per pair: OR-ing q
 // into the mantissa under the exponent of 8 gives f = 8 + q / 2 exactly, in
