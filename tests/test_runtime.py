@@ -112,3 +112,29 @@ def test_cache_dir_default_and_override(monkeypatch, tmp_path):
     monkeypatch.delenv("W4KERN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _runtime.cache_dir() == tmp_path / "xdg" / "w4kern"
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_every_a16_choice_is_a_registered_instance(group_size):
+    """linear's W4A16 instance for every M (a16_instance: group slots for g32 at M <= 2
+    and g64 at M <= 4, one group per step otherwise) exists in its family, for every
+    dtype and config the plan can combine it with."""
+    import numpy as np
+
+    from w4kern import bfloat16
+    from w4kern._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, a16_instance, cxx_bool, cxx_type
+
+    family = FAMILIES[a16_family(group_size)]
+    per_channel = A16_GROUP_FAMILIES[a16_family(group_size).rsplit("_", 1)[1]][1]
+    expected_slots = {32: 4, 64: 2}.get(group_size, 1)
+    for m in range(1, 9):
+        chunk, slots = a16_instance(group_size, m)
+        assert slots == (expected_slots if m <= 8 // expected_slots else 1)
+        assert chunk == (16 if slots > 1 or group_size in (128, -1) else group_size // 8)
+        for act in (bfloat16, np.float16):
+            for scale in (np.float16, bfloat16, np.float32):
+                for has_zeros in (False, True):
+                    for tiles, split in A16_CONFIGS:
+                        args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                                str(tiles), str(split), str(slots))
+                        assert args in family.instances, args
