@@ -7,10 +7,10 @@ the runtime at it; the tree's own cuda_src/ is the variant "tree"). For each den
 shape of BENCHMARKS.md and each M it times, in graph mode (w4kern.bench.Timer,
 weights rotated past 4x the L2), W4A8 with pre-quantized activations and W4A16,
 and checks that every variant's output matches the first variant's to fp32
-rounding. Beside them it times the read ceiling for the same bytes: the membench
-kernel streaming the weights' own INT4 codes, rotated the same way, which is what
-any kernel reading those bytes once can reach in this harness (launch, ramp-up
-and tail included).
+rounding. Beside them it times the read ceiling for the weight's bytes (the
+decode suite's read-ceiling row): the membench kernel streaming as many bytes,
+rotated the same way, which is what any kernel reading those bytes once can
+reach in this harness (launch, ramp-up and tail included).
 
     python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick]
 """
@@ -22,8 +22,7 @@ import cupy as cp
 import numpy as np
 
 import w4kern
-from w4kern import _runtime
-from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, environment, measure_ceilings
+from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, _read_ceiling, environment, measure_ceilings
 
 args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] != "--m"]
 OUT = args[0]
@@ -46,24 +45,19 @@ def use(src):
 def main():
     timer = Timer()
     ceilings = measure_ceilings(timer)
-    read_kernel = _runtime.get_kernel("membench", ("4",))
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    sink = cp.zeros(1, dtype=np.uint32)
     rng = cp.random.default_rng(5)
     rows = []
     shapes = list(DENSE_SHAPES.items())[:2] if QUICK else list(DENSE_SHAPES.items())
     for name, (n, k) in shapes:
         _, weights, _ = _decode_weights(rng, n, k, ceilings, timer)
         copies = len(weights)
-        n_vec = np.int64(weights[0].qweight.nbytes // 16)
-        codes = [w.qweight for w in weights]
         use(None)
-        ceiling_us = timer.graph(lambda i: read_kernel((sms * 4,), (512,), (codes[i % copies], n_vec, sink)))
+        ceiling_us = _read_ceiling(timer, ceilings, ("graph",), {"name": name}, weights[0].nbytes, copies)[0].time_us
         floor_us = weights[0].nbytes / ceilings.read_gbps / 1e3
         print(f"{name}: weight bytes {weights[0].nbytes}, floor {floor_us:.2f} us, "
-              f"read ceiling for the codes alone {ceiling_us:.2f} us", flush=True)
+              f"read ceiling {ceiling_us:.2f} us", flush=True)
         rows.append({"shape": name, "N": n, "K": k, "system": "read-ceiling", "us": ceiling_us,
-                     "bytes": int(weights[0].qweight.nbytes), "floor_us": floor_us})
+                     "bytes": int(weights[0].nbytes), "floor_us": floor_us})
         for m in MS:
             x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
             xq = w4kern.quantize_q8(x)
@@ -85,10 +79,10 @@ def main():
                     rows.append({"shape": name, "N": n, "K": k, "M": m, "system": f"{path}:{label}", "us": us,
                                  "floor_us": floor_us, "pct_floor": 100 * floor_us / us})
                     print(f"  M={m} {path:10s} {label:10s} {us:8.2f} us  {100 * floor_us / us:5.1f}% of floor "
-                          f"{100 * ceiling_us * weights[0].nbytes / weights[0].qweight.nbytes / us:5.1f}% of the "
+                          f"{100 * ceiling_us / us:5.1f}% of the "
                           f"read ceiling", flush=True)
         use(None)
-        weights = codes = None   # free the copies before the next shape
+        weights = None   # free the copies before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     with open(OUT, "w") as f:
         json.dump({"environment": environment(), "read_gbps": ceilings.read_gbps,

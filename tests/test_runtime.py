@@ -122,13 +122,14 @@ def test_every_a16_choice_is_a_registered_instance(group_size):
     import numpy as np
 
     from w4kern import bfloat16
-    from w4kern._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, a16_instance, cxx_bool, cxx_type
+    from w4kern._registry import A16_CONFIGS, a16_instance, cxx_bool, cxx_type
 
-    family = FAMILIES[a16_family(group_size)]
-    per_channel = A16_GROUP_FAMILIES[a16_family(group_size).rsplit("_", 1)[1]][1]
     expected_slots = {32: 4, 64: 2}.get(group_size, 1)
     for m in range(1, 9):
-        chunk, slots = a16_instance(group_size, m)
+        name, chunk, per_channel, slots = a16_instance(group_size, m)
+        family = FAMILIES[name]
+        assert name == ("matvec_a16_gch" if group_size == -1 else f"matvec_a16_g{group_size}")
+        assert per_channel == (group_size == -1)
         assert slots == (expected_slots if m <= 8 // expected_slots else 1)
         assert chunk == (16 if slots > 1 or group_size in (128, -1) else group_size // 8)
         for act in (bfloat16, np.float16):

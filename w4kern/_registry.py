@@ -112,15 +112,17 @@ A16_GROUP_FAMILIES = {"g32": (4, False), "g64": (8, False), "g128": (16, False),
 A16_GROUP_SLOTS = {"g32": 4, "g64": 2}
 
 
-def a16_instance(group_size: int, m: int) -> tuple[int, int]:
-    """(bytes of a row per thread and step, group slots) of the matvec_a16 instance for
-    M tokens: slots where the group is smaller than 128 and M fits, else one group
-    per step."""
-    label = "gch" if group_size == -1 else f"g{group_size}"
+def a16_instance(group_size: int, m: int) -> tuple[str, int, bool, int]:
+    """(family, bytes of a row per thread and step, per-channel, group slots) of the
+    matvec_a16 instance for M tokens: slots where the group is smaller than 128 and M
+    fits, else one group per step."""
+    family = a16_family(group_size)
+    label = family.rsplit("_", 1)[1]
+    chunk, per_channel = A16_GROUP_FAMILIES[label]
     slots = A16_GROUP_SLOTS.get(label, 1)
     if slots > 1 and m <= 8 // slots:
-        return 16, slots
-    return A16_GROUP_FAMILIES[label][0], 1
+        return family, 16, per_channel, slots
+    return family, chunk, per_channel, 1
 
 
 def a16_family(group_size: int) -> str:

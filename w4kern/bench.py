@@ -172,22 +172,30 @@ class Ceilings:
     l2_bytes: int
 
 
-def measure_ceilings(timer: Timer) -> Ceilings:
-    """Read bandwidth (membench kernel over 2 GiB) and copy bandwidth (1 GiB D2D copy)."""
+def membench_read(buffers) -> Callable[[int], None]:
+    """fn(i) streaming buffers[i % len(buffers)] (uint32 arrays of the same size, a
+    multiple of 16 bytes) through the membench kernel: the read the ceilings and the
+    read-ceiling rows time."""
     import cupy as cp
 
     from . import _runtime
 
-    device = cp.cuda.Device()
-    attrs = device.attributes
+    kernel = _runtime.get_kernel("membench", ("4",))
+    grid = cp.cuda.Device().attributes["MultiProcessorCount"] * 4
+    sink = cp.zeros(1, dtype=np.uint32)
+    n_vec = np.int64(buffers[0].nbytes // 16)
+    return lambda i: kernel((grid,), (512,), (buffers[i % len(buffers)], n_vec, sink))
+
+
+def measure_ceilings(timer: Timer) -> Ceilings:
+    """Read bandwidth (membench kernel over 2 GiB) and copy bandwidth (1 GiB D2D copy)."""
+    import cupy as cp
+
+    attrs = cp.cuda.Device().attributes
     n_bytes = 2 << 30
     data = cp.empty(n_bytes // 4, dtype=np.uint32)
     data[...] = 1
-    sink = cp.zeros(1, dtype=np.uint32)
-    kernel = _runtime.get_kernel("membench", ("4",))
-    grid = attrs["MultiProcessorCount"] * 4
-    n_vec = np.int64(n_bytes // 16)
-    read_us = timer.plain(lambda i: kernel((grid,), (512,), (data, n_vec, sink)))
+    read_us = timer.plain(membench_read([data]))
     src = data[: data.size // 2]
     dst = cp.empty_like(src)
     copy_us = timer.plain(lambda i: cp.copyto(dst, src))
@@ -409,16 +417,9 @@ def _read_ceiling(timer, ceilings, modes, shape, n_bytes, copies) -> list[Row]:
     bytes once reaches in this harness (system "read-ceiling")."""
     import cupy as cp
 
-    from . import _runtime
-
-    n_vec = -(-n_bytes // 16)
-    buffers = [cp.ones(n_vec * 4, dtype=np.uint32) for _ in range(copies)]
-    sink = cp.zeros(1, dtype=np.uint32)
-    kernel = _runtime.get_kernel("membench", ("4",))
-    grid = cp.cuda.Device().attributes["MultiProcessorCount"] * 4
-    return _measure(timer, "read-ceiling", "linear", shape,
-                    lambda i: kernel((grid,), (512,), (buffers[i % copies], np.int64(n_vec), sink)),
-                    n_bytes, ceilings, modes)
+    words = -(-n_bytes // 16) * 4
+    buffers = [cp.ones(words, dtype=np.uint32) for _ in range(copies)]
+    return _measure(timer, "read-ceiling", "linear", shape, membench_read(buffers), n_bytes, ceilings, modes)
 
 
 def _torch_decode_peers(torch, ttimer, ceilings, modes, shape, x, w, weights, copies) -> list[Row]:

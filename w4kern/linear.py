@@ -12,7 +12,8 @@ tokens). On CuPy arrays it picks one of three paths by M:
   flat in M (speculative-decoding verification).
 - ``a16``: INT4 weights against bf16/fp16 activations (W4A16) on tensor cores
   fed straight from global memory (``cuda_src/matvec_a16.cu``), M <= 8, flat
-  in M.
+  in M; g32 weights at M <= 2 and g64 at M <= 4 take 128-k steps holding
+  several groups (``a16_instance``).
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
@@ -499,11 +500,9 @@ def _a16_block_sets(n, tiles, split):
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
-    from ._registry import A16_CONFIGS, A16_GROUP_FAMILIES, a16_family, a16_instance, cxx_bool, cxx_type
+    from ._registry import A16_CONFIGS, a16_instance, cxx_bool, cxx_type
 
-    family = a16_family(weight.group_size)
-    per_channel = A16_GROUP_FAMILIES[family.rsplit("_", 1)[1]][1]
-    chunk, slots = a16_instance(weight.group_size, call.m)
+    family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
     if config is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
         config = a16_config(call.n, _sm_count(call.xp), warps)
