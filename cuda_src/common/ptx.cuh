@@ -41,6 +41,16 @@ __device__ __forceinline__ void load_streaming(u32 (&dst)[kBytes / 4], const voi
     }
 }
 
+// LOP3 with both constant operands: ptxas keeps one of them in a register, so
+// (a & kB) | kC is one instruction rather than an AND and an OR with immediates.
+template <u32 kB, u32 kC, u32 kLut>
+__device__ __forceinline__ u32 lop3(u32 a) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "n"(kB), "n"(kC), "n"(kLut));
+    return d;
+}
+constexpr u32 kLutAndOr = (0xF0 & 0xCC) | 0xAA;   // (a & b) | c
+
 __device__ __forceinline__ u32 smem_address(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
