@@ -57,7 +57,7 @@ constexpr int kA16Warps = kA16Threads / 32;
 // a shift, then (v & mask) | exponent. kLop3 writes the latter as one LOP3: NVRTC
 // 13.0 otherwise emits an AND and an OR, and the loop is bound by instruction
 // issue (ncu, session 8: 2.3 IPC, 8% of stalls on memory), so this alone made
-// W4A16 3-11% faster. The LOP3 holds one constant in a register, which the
+// W4A16 1-11% faster. The LOP3 holds one constant in a register, which the
 // group-slot instances, at the 128-register cap, cannot spare (they spill on
 // sm_80), so they keep the plain form.
 template <typename ActT> struct A16Nibbles;
