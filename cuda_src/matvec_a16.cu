@@ -146,6 +146,10 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const int steps = (k_dim + kStepK - 1) / kStepK;               // per row block
     const int my_steps = (steps + kSplit - 1) / kSplit;            // per warp, the same for all
     const i64 row_bytes = k_dim / 2;
+    // Weight offsets inside one matrix (one expert's with items) in 32 bits: the
+    // host keeps N * K / 2 below 2^32 (linear.py, _check_a16_weight_bytes), and
+    // 64-bit products cost issue slots in a loop bound by them.
+    const u32 row_bytes32 = static_cast<u32>(row_bytes);
     i64 out_base = 0;        // the item's first output element
     bool zero_item = false;  // an item whose expert id is out of range writes zeros
     if (item_experts != nullptr) {
@@ -170,21 +174,22 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         const int k0 = chunk * kStepK + t * 2 * kChunkBytes;       // this thread's first k
         // A step past the end of K (the last warps of a split) contributes nothing;
         // a thread past the end of a step that K ends inside (per-channel K not a
-        // multiple of 128) loads zeros but keeps the row's scale, because the MMA
-        // result it holds sums the other threads' k too.
+        // multiple of 128) keeps the row's scale, because the MMA result it holds
+        // sums the other threads' k too. Such a thread reads its rows' first bytes
+        // instead of zeroing its weight registers: the threads with the same t (the
+        // same k slots) give zero activations to every B column there, so any finite
+        // weights add nothing, and the zeroing would cost issue slots in a loop
+        // bound by them.
         const bool step_in_k = chunk < steps;
         const bool mine_in_k = step_in_k && k0 < k_dim;
+        const int k_byte = mine_in_k ? k0 / 2 : 0;
 #pragma unroll
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = row_of(b, i, g + 8 * h);
-                if (mine_in_k) {
-                    load_streaming<kChunkBytes>(st.w[i][h], qweight + row * row_bytes + k0 / 2);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < kWords; ++j) st.w[i][h][j] = 0u;
-                }
+                load_streaming<kChunkBytes>(st.w[i][h],
+                                            qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
 #pragma unroll
                 for (int c = 0; c < kColScales; ++c) {
                     // the step's group, or (slots) that of result column 2t + c; a

@@ -73,6 +73,14 @@ def test_a16_config_by_rows():
     assert a16_config(4096, 132, 12) == (1, 8)         # 2048 warps
 
 
+def test_a16_weight_bytes_fit_its_32_bit_offsets():
+    from w4kern.linear import _check_a16_weight_bytes
+
+    _check_a16_weight_bytes(65536, 131008)          # just under 4 GiB of qweight
+    with pytest.raises(ValueError, match="weight: the W4A16 matvec"):
+        _check_a16_weight_bytes(65536, 131072)      # 4 GiB
+
+
 def test_matvec_config_by_rows():
     from w4kern._registry import MATVEC_CONFIGS
     from w4kern.linear import MATVEC_CANDIDATES, matvec_config

@@ -498,10 +498,23 @@ def _a16_block_sets(n, tiles, split):
     return -(-(-(-n // (16 * tiles))) // (8 // split))
 
 
+#: matvec_a16 addresses one weight matrix (one expert's) with 32-bit byte offsets
+A16_MAX_WEIGHT_BYTES = 1 << 32
+
+
+def _check_a16_weight_bytes(n: int, k: int) -> None:
+    """ValueError for a weight matrix past matvec_a16's 32-bit offsets (N * K / 2
+    bytes of qweight, per expert for stacked experts; 8.6 G parameters)."""
+    if n * k // 2 >= A16_MAX_WEIGHT_BYTES:
+        raise ValueError(f"weight: the W4A16 matvec takes at most {A16_MAX_WEIGHT_BYTES} bytes of qweight per "
+                         f"matrix, got N x K = {n} x {k} ({n * k // 2} bytes)")
+
+
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
     from ._registry import A16_CONFIGS, a16_instance, cxx_bool, cxx_type
 
+    _check_a16_weight_bytes(call.n, call.k)
     family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
     if config is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
