@@ -270,6 +270,10 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 
     Returns y (``out`` when given). CuPy in -> CUDA kernels on the current
     stream; NumPy in -> the NumPy reference on the same quantized inputs.
+
+    ValueError / TypeError name the argument for mismatched shapes or dtypes,
+    M = 0, or a wrong ``out``; the W4A16 matvec (act="bf16", up to 8 tokens on
+    the GPU) also refuses a weight of 4 GiB of qweight or more (N * K >= 2^33).
     """
     return _linear(x, weight, act=act, bias=bias, out=out, out_dtype=out_dtype)
 
