@@ -53,8 +53,9 @@ namespace w4kern {
 constexpr int kA16Threads = 256;
 constexpr int kA16Warps = kA16Threads / 32;
 
-// 16-bit float pairs f = 8 + q / 2 from the nibbles at bits kShift and 16 + kShift:
-// a shift, then (v & mask) | exponent. kLop3 writes the latter as one LOP3: NVRTC
+// 16-bit float pairs f = 8 + q / 2 from the nibbles at bits kShift and 16 + kShift
+// (a16_pair, with each type's constants in A16Nibbles): a shift, then
+// (v & mask) | exponent. kLop3 writes the latter as one LOP3: NVRTC
 // 13.0 otherwise emits an AND and an OR, and the loop is bound by instruction
 // issue (ncu, session 8: 2.3 IPC, 8% of stalls on memory), so this alone made
 // W4A16 1-11% faster. The LOP3 holds one constant in a register, which the
@@ -63,26 +64,26 @@ constexpr int kA16Warps = kA16Threads / 32;
 template <typename ActT> struct A16Nibbles;
 
 template <> struct A16Nibbles<bf16_t> {
-    static constexpr u32 kOnes = 0x3F803F80u;   // bf16 1.0 in both halves
-    template <int kShift, bool kLop3>
-    static __device__ __forceinline__ u32 pair(u32 w) {
-        // exponent of 8 (0x4100) and q in mantissa bits 3..6: 8 * (1 + q / 16)
-        const u32 v = kShift <= 3 ? (w << (3 - kShift)) : (w >> (kShift - 3));
-        if constexpr (kLop3) return lop3<0x00780078u, 0x41004100u, kLutAndOr>(v);
-        else return (v & 0x00780078u) | 0x41004100u;
-    }
+    static constexpr u32 kOnes = 0x3F803F80u;       // bf16 1.0 in both halves
+    static constexpr int kLowBit = 3;               // q in mantissa bits 3..6
+    static constexpr u32 kMask = 0x00780078u;
+    static constexpr u32 kExponent = 0x41004100u;   // exponent of 8: 8 * (1 + q / 16)
 };
 
 template <> struct A16Nibbles<f16_t> {
-    static constexpr u32 kOnes = 0x3C003C00u;   // fp16 1.0 in both halves
-    template <int kShift, bool kLop3>
-    static __device__ __forceinline__ u32 pair(u32 w) {
-        // exponent of 8 (0x4800) and q in mantissa bits 6..9: 8 * (1 + q / 16)
-        const u32 v = kShift <= 6 ? (w << (6 - kShift)) : (w >> (kShift - 6));
-        if constexpr (kLop3) return lop3<0x03C003C0u, 0x48004800u, kLutAndOr>(v);
-        else return (v & 0x03C003C0u) | 0x48004800u;
-    }
+    static constexpr u32 kOnes = 0x3C003C00u;       // fp16 1.0 in both halves
+    static constexpr int kLowBit = 6;               // q in mantissa bits 6..9
+    static constexpr u32 kMask = 0x03C003C0u;
+    static constexpr u32 kExponent = 0x48004800u;   // exponent of 8: 8 * (1 + q / 16)
 };
+
+template <typename ActT, int kShift, bool kLop3>
+__device__ __forceinline__ u32 a16_pair(u32 w) {
+    using Nib = A16Nibbles<ActT>;
+    const u32 v = kShift <= Nib::kLowBit ? (w << (Nib::kLowBit - kShift)) : (w >> (kShift - Nib::kLowBit));
+    if constexpr (kLop3) return lop3<Nib::kMask, Nib::kExponent, kLutAndOr>(v);
+    else return (v & Nib::kMask) | Nib::kExponent;
+}
 
 // kBytes (4, 8 or 16) bytes as words, in one vector load.
 template <int kBytes>
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
     using Step = A16Step<kChunkBytes, kTiles, kColScales>;
     using Nib = A16Nibbles<ActT>;
-    constexpr bool kLop3 = kGroupSlots == 1;          // see A16Nibbles
+    constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
     constexpr int kWords = Step::kWords;
     constexpr int kBlockRows = 16 * kTiles;
     constexpr int kBlocksPerSet = kA16Warps / kSplit;
@@ -156,9 +157,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         const MoeItem it = moe_item(item_experts, n_experts, act_item_div, m_tokens, n_rows);
         zero_item = it.dropped;
         out_base = it.out_base;
-        qweight += static_cast<i64>(it.expert) * n_rows * row_bytes;
-        scales += static_cast<i64>(it.expert) * n_rows * n_groups;
-        if constexpr (kHasZeros) zeros += static_cast<i64>(it.expert) * n_rows * n_groups;
+        it.move_to_expert<kHasZeros>(qweight, scales, zeros, n_rows, row_bytes, n_groups);
         x += it.act_row * k_dim;
     }
     __shared__ float partial[kSplit > 1 ? kA16Warps : 1][kOutPerThread][32];
@@ -249,11 +248,11 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
             for (int i = 0; i < kTiles; ++i) {
                 const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
-                const u32 a0[4] = {Nib::template pair<0, kLop3>(lo), Nib::template pair<0, kLop3>(hi),
-                                   Nib::template pair<4, kLop3>(lo), Nib::template pair<4, kLop3>(hi)};
+                const u32 a0[4] = {a16_pair<ActT, 0, kLop3>(lo), a16_pair<ActT, 0, kLop3>(hi),
+                                   a16_pair<ActT, 4, kLop3>(lo), a16_pair<ActT, 4, kLop3>(hi)};
                 mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {Nib::template pair<8, kLop3>(lo), Nib::template pair<8, kLop3>(hi),
-                                   Nib::template pair<12, kLop3>(lo), Nib::template pair<12, kLop3>(hi)};
+                const u32 a1[4] = {a16_pair<ActT, 8, kLop3>(lo), a16_pair<ActT, 8, kLop3>(hi),
+                                   a16_pair<ActT, 12, kLop3>(lo), a16_pair<ActT, 12, kLop3>(hi)};
                 mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
             }
             mma_m16n8k16<ActT>(sum_x, ones, x04, x15);

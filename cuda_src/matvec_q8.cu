@@ -102,9 +102,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         const MoeItem it = moe_item(item_experts, n_experts, act_item_div, m_tokens, n_rows);
         dropped = it.dropped;
         out_base = it.out_base;
-        qweight += static_cast<i64>(it.expert) * n_rows * row_bytes;
-        scales += static_cast<i64>(it.expert) * n_rows * n_groups;
-        if constexpr (kHasZeros) zeros += static_cast<i64>(it.expert) * n_rows * n_groups;
+        it.move_to_expert<kHasZeros>(qweight, scales, zeros, n_rows, row_bytes, n_groups);
         act += it.act_row * n_blocks;
     }
 

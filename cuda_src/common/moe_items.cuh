@@ -16,6 +16,17 @@ struct MoeItem {
     bool dropped;    // the id was out of range: the item writes zeros
     i64 act_row;     // first activation row of the item
     i64 out_base;    // first output element of the item
+
+    // Moves stacked [E, N, ...] weight pointers (qweight rows of row_bytes, scales
+    // and zeros rows of n_groups) to this item's expert. The pointer types are
+    // template parameters so that the kernels' __restrict__ parameters bind.
+    template <bool kHasZeros, typename WeightPtr, typename ScalePtr>
+    __device__ __forceinline__ void move_to_expert(WeightPtr& qweight, ScalePtr& scales, ScalePtr& zeros,
+                                                   int n_rows, i64 row_bytes, int n_groups) const {
+        qweight += static_cast<i64>(expert) * n_rows * row_bytes;
+        scales += static_cast<i64>(expert) * n_rows * n_groups;
+        if constexpr (kHasZeros) zeros += static_cast<i64>(expert) * n_rows * n_groups;
+    }
 };
 
 __device__ __forceinline__ MoeItem moe_item(const i32* __restrict__ item_experts, int n_experts, int act_item_div,
