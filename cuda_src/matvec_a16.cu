@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     const int group = kGroupSlots > 1 ? chunk * kGroupSlots + (2 * t + c) % kGroupSlots
                                                       : (kPerChannel ? 0 : chunk);
                     if (step_in_k && group < n_groups) {
-                        const i64 at = static_cast<i64>(row) * n_groups + group;
+                        const u32 at = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
                         st.s[i][h][c] = to_float(scales[at]);
                         st.z[i][h][c] = kHasZeros ? to_float(zeros[at]) : static_cast<float>(kInt4SymmetricZero);
                     } else {
