@@ -1,21 +1,32 @@
 // decode_attention: softmax(q k^T * scale) v for one query token per sequence,
 // with GQA, over a contiguous [B, Hkv, L_max, D] or paged [pages, page_size,
-// Hkv, D] KV cache (flash-decoding).
+// Hkv, D] KV cache (flash-decoding), on the tensor cores.
 //
-// A CTA owns one (split of the sequence, KV head, tile of up to kHeads query
-// heads of that KV head, sequence): every K and V row it loads serves all the
-// query heads of the tile (GQA packing). It walks its tokens in tiles of
-// kTokensPerIter rows of K and V, brought into shared memory by a kAttnStages
-// deep cp.async pipeline (every thread copies a few 16-byte pieces; a whole
-// tile is in flight at once, and the next ones while this one is used). Its
-// lanes form groups of kGroupLanes lanes, each lane holding 8 consecutive
-// head-dim values, so a group covers one token row; each group takes
-// kAttnTokens consecutive rows of a tile and keeps an online softmax per head:
-// running max m, sum l and unnormalized output acc, in fp32, in the log2
-// domain (q is pre-scaled by scale * log2 e).
-// The groups' states merge through shared memory at the end. With one split
-// the CTA writes the normalized output; with several it writes (acc, m, l)
-// to a workspace and decode_attention_merge_kernel combines the splits.
+// A CTA owns one (split of the sequence, KV head, tile of up to 8 query heads
+// of that KV head, sequence): every K and V row it loads serves all the query
+// heads of the tile (GQA packing). The query heads are the 8-column operand of
+// mma.m16n8k16 and the tokens its 16 rows, so one MMA serves 16 tokens of up
+// to 8 heads without padding the heads to 16:
+//   S^T [16 tokens x 8 heads] = K [16 x D] * Q^T [D x 8]       (D / 16 MMAs)
+//   O^T [D x 8 heads]        += V^T [D x 16] * P^T [16 x 8]    (D / 16 MMAs)
+// K comes from shared memory through ldmatrix, V through ldmatrix.trans; P^T
+// is S^T's accumulator fragment, exponentiated, packed to 16 bits and
+// transposed in registers (movmatrix), so the scores never touch memory.
+//
+// Each of the CTA's 4 warps walks its own 16-token chunks of the split (warp w
+// takes chunks w, w + 4, ...) through its own kStages-deep cp.async ring in
+// shared memory, so the main loop has no CTA barrier (kStages = 1 where a GPU
+// offers too little shared memory for a ring: the other warps then hide the
+// latency). A warp keeps an
+// online softmax per head, in fp32, in the log2 domain: running max m (the
+// same in every lane), a per-lane partial sum l, and O^T. The warps' states
+// merge through shared memory at the end. With one split the CTA writes the
+// normalized output; with several it writes (acc, m, l) to a workspace and
+// decode_attention_merge_kernel combines the splits.
+//
+// Shared rows are padded to a power of two of 16-byte pieces and the pieces
+// XOR-swizzled by the row (piece ^ row % 8), so the 8 rows of an ldmatrix
+// matrix hit 8 different bank groups.
 //
 // Lengths are clamped to [0, capacity] and page indices to [0, pages) on the
 // device, so no kv_lens or block_table value can send a load out of bounds
@@ -26,53 +37,36 @@ namespace w4kern {
 
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kAttnTokens = 4;     // consecutive tokens a lane group takes per tile
-constexpr int kAttnStages = 3;     // K/V tiles in flight
-constexpr int kAttnValues = 8;     // head-dim values per lane (16 bytes)
+constexpr int kAttnHeads = 8;      // query heads per CTA: the MMA's 8 columns
+constexpr int kAttnChunk = 16;     // tokens per warp step: the MMA's 16 rows
 // -inf, the max of no scores (NVRTC has no INFINITY without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
 
-template <typename T>
-__device__ __forceinline__ void load8(float (&f)[kAttnValues], const T* p) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        f[2 * j] = to_float(T{static_cast<u16>(w[j] & 0xFFFFu)});
-        f[2 * j + 1] = to_float(T{static_cast<u16>(w[j] >> 16)});
-    }
+// Orders the shared-memory accesses of one warp's lanes. A named barrier of 32
+// threads (ids 1..4, one per warp; 0 is __syncthreads'): sm_80's ptxas turns
+// __syncwarp() in this loop into a helper call that costs a register spill.
+__device__ __forceinline__ void warp_barrier(int warp) {
+    asm volatile("bar.sync %0, 32;\n" :: "r"(warp + 1) : "memory");
 }
 
-template <typename T>
-__device__ __forceinline__ void lds8(float (&f)[kAttnValues], u32 address) {
-    const uint4 v = lds_u32x4(address);
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        f[2 * j] = to_float(T{static_cast<u16>(w[j] & 0xFFFFu)});
-        f[2 * j + 1] = to_float(T{static_cast<u16>(w[j] >> 16)});
-    }
-}
-
-template <int kDim>
+template <int kDim, int kStages>
 struct AttnShape {
-    static constexpr int kGroupLanes = kDim <= 64 ? 8 : kDim <= 128 ? 16 : 32;   // lanes per token row
-    static constexpr int kGroupsPerWarp = 32 / kGroupLanes;
-    static constexpr int kStates = kAttnWarps * kGroupsPerWarp;   // softmax states per CTA
-    static constexpr int kTokensPerIter = kStates * kAttnTokens;  // K/V rows per tile
-    static constexpr int kRowBytes = kDim * 2;
-    static constexpr int kTileBytes = kTokensPerIter * kRowBytes;  // one of K or V
+    static_assert(kDim % 32 == 0, "a row is loaded as 4 lanes x 16 bytes at a time");
+    static constexpr int kPieces = kDim / 8;     // 16-byte pieces of a row
+    // pieces per shared row: a power of two of at least 8, so piece ^ (row % 8) stays in the row
+    static constexpr int kSlots = kPieces <= 8 ? 8 : kPieces <= 16 ? 16 : 32;
+    static_assert(kPieces <= kSlots, "kDim up to 256");
+    static constexpr int kRowBytes = kSlots * 16;
+    static constexpr int kTileBytes = kAttnChunk * kRowBytes;          // one of K or V
     static constexpr int kStageBytes = 2 * kTileBytes;
-    static constexpr int kPiecesPerRow = kDim / 8;                 // 16-byte pieces
-    static constexpr int kPiecesPerThread = kTokensPerIter * kPiecesPerRow / kAttnThreads;
-    static_assert(kGroupLanes * kAttnValues >= kDim, "a lane group covers a row");
-    static_assert(kTokensPerIter * kPiecesPerRow % kAttnThreads == 0, "a tile splits evenly over the threads");
-    // dynamic shared memory of decode_attention_kernel: kAttnStages K/V tiles
-    // (w4kern/_registry.py attention_smem_bytes mirrors it)
-    static constexpr int kSmemBytes = kAttnStages * kStageBytes;
+    static constexpr int kWarpBytes = kStages * kStageBytes;           // one warp's ring
+    // dynamic shared memory of decode_attention_kernel (w4kern/_registry.py
+    // attention_smem_bytes mirrors it)
+    static constexpr int kSmemBytes = kAttnWarps * kWarpBytes;
+    static constexpr int kSteps = kDim / 16;                           // MMAs per product
 };
 
-template <typename T, int kDim, int kHeads, bool kPaged>
+template <typename T, int kDim, bool kPaged, int kStages>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     const T* __restrict__ q,              // [B, Hq, D]
     const T* __restrict__ k_cache,        // [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]
@@ -86,50 +80,26 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     i32 rows,                             // L_max (contiguous) or page_size (paged)
     i32 max_pages, i32 n_pages, i32 capacity, i32 splits, float scale_log2)
 {
-    using Shape = AttnShape<kDim>;
-    constexpr int kGroupLanes = Shape::kGroupLanes;
-    constexpr int kStates = Shape::kStates;
-    constexpr int kTokensPerIter = Shape::kTokensPerIter;
-    constexpr int kPass = kHeads >= 4 ? 2 : kAttnTokens;
-    __shared__ float sm_m[kStates][kHeads], sm_l[kStates][kHeads];
-    static_assert(kStates * kHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the pipeline's memory");
+    using Shape = AttnShape<kDim, kStages>;
+    constexpr int kSteps = Shape::kSteps;
+    __shared__ float sm_m[kAttnWarps][kAttnHeads], sm_l[kAttnWarps][kAttnHeads];
+    static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
 
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = hq / hkv;
-    const int head_tiles = (group + kHeads - 1) / kHeads;
+    const int head_tiles = (group + kAttnHeads - 1) / kAttnHeads;
     const int kvh = blockIdx.y / head_tiles, tile = blockIdx.y % head_tiles;
-    const int h0 = kvh * group + tile * kHeads;
-    const int n_heads = min(kHeads, group - tile * kHeads);
+    const int h0 = kvh * group + tile * kAttnHeads;
+    const int n_heads = min(kAttnHeads, group - tile * kAttnHeads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane % kGroupLanes;
-    const int state = warp * Shape::kGroupsPerWarp + lane / kGroupLanes;
-    const int d0 = sub * kAttnValues;
-    const bool has_d = d0 < kDim;   // D = 96: the last 4 lanes of a 16-lane group idle
+    const int g = lane >> 2, c = lane & 3;   // the MMA fragments' row group and column pair
 
+    // The split's tokens, in whole 16-token chunks but the last.
     const int length = min(max(kv_lens[b], 0), capacity);
-    const int chunk = (length + splits - 1) / splits;
-    const int begin = min(length, split * chunk), end = min(length, begin + chunk);
-
-    float qv[kHeads][kAttnValues];
-#pragma unroll
-    for (int h = 0; h < kHeads; ++h) {
-        if (h < n_heads && has_d) {
-            load8(qv[h], q + (static_cast<i64>(b) * hq + h0 + h) * kDim + d0);
-#pragma unroll
-            for (int e = 0; e < kAttnValues; ++e) qv[h][e] *= scale_log2;
-        } else {
-#pragma unroll
-            for (int e = 0; e < kAttnValues; ++e) qv[h][e] = 0.0f;
-        }
-    }
-    float m[kHeads], l[kHeads], acc[kHeads][kAttnValues];
-#pragma unroll
-    for (int h = 0; h < kHeads; ++h) {
-        m[h] = neg_inf();
-        l[h] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kAttnValues; ++e) acc[h][e] = 0.0f;
-    }
+    const int per_split = ((length + splits - 1) / splits + kAttnChunk - 1) / kAttnChunk * kAttnChunk;
+    const int begin = min(length, split * per_split), end = min(length, begin + per_split);
+    const int n_chunks = (end - begin + kAttnChunk - 1) / kAttnChunk;
+    const int my_chunks = n_chunks > warp ? (n_chunks - warp + kAttnWarps - 1) / kAttnWarps : 0;
 
     auto row_of = [&](const T* cache, int tok) -> const T* {
         if constexpr (kPaged) {
@@ -141,104 +111,159 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     };
 
     extern __shared__ __align__(16) unsigned char attn_smem[];
-    const u32 smem = smem_address(attn_smem);
-    const int n_tiles = (end - begin + kTokensPerIter - 1) / kTokensPerIter;   // the same for the whole CTA
-    // Issue tile `tile` into stage tile % kAttnStages; rows past `end` are zero-filled.
-    auto issue_tile = [&](int tile) {
-        if (tile < n_tiles) {
-            const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
+    const u32 ring = smem_address(attn_smem) + warp * Shape::kWarpBytes;
+    // Issue the warp's chunk j into stage j % kStages: lane (g, c) copies rows
+    // g and g + 8, pieces c, c + 4, ... (4 lanes cover 64 contiguous bytes of a
+    // row, whole sectors); rows past `end` are zero-filled.
+    auto issue_chunk = [&](int j) {
+        if (j < my_chunks) {
+            const u32 stage = ring + (j % kStages) * Shape::kStageBytes;
+            const int tok0 = begin + (j * kAttnWarps + warp) * kAttnChunk;
 #pragma unroll
-            for (int i = 0; i < Shape::kPiecesPerThread; ++i) {
-                const int piece = i * kAttnThreads + threadIdx.x;
-                const int r = piece / Shape::kPiecesPerRow, c = piece % Shape::kPiecesPerRow;
-                const int tok = begin + tile * kTokensPerIter + r;
+            for (int half = 0; half < 2; ++half) {
+                const int r = g + 8 * half;
+                const int tok = tok0 + r;
                 const bool in = tok < end;
-                const T* k_src = in ? row_of(k_cache, tok) + c * 8 : k_cache;
-                const T* v_src = in ? row_of(v_cache, tok) + c * 8 : v_cache;
-                const u32 dst = stage + r * Shape::kRowBytes + c * 16;
-                cp_async16(dst, k_src, in ? 16u : 0u);
-                cp_async16(dst + Shape::kTileBytes, v_src, in ? 16u : 0u);
+                const T* k_row = in ? row_of(k_cache, tok) : k_cache;
+                const T* v_row = in ? row_of(v_cache, tok) : v_cache;
+#pragma unroll
+                for (int p = c; p < Shape::kPieces; p += 4) {
+                    const u32 dst = stage + r * Shape::kRowBytes + ((p ^ (r & 7)) << 4);
+                    cp_async16(dst, in ? k_row + p * 8 : k_cache, in ? 16u : 0u);
+                    cp_async16(dst + Shape::kTileBytes, in ? v_row + p * 8 : v_cache, in ? 16u : 0u);
+                }
             }
         }
-        cp_async_commit();   // an empty group past the last tile keeps the wait count uniform
+        cp_async_commit();   // an empty group past the last chunk keeps the wait count uniform
     };
 #pragma unroll
-    for (int t = 0; t < kAttnStages - 1; ++t) issue_tile(t);
+    for (int j = 0; j < kStages - 1; ++j) issue_chunk(j);
 
-    for (int tile = 0; tile < n_tiles; ++tile) {
-        cp_async_wait<kAttnStages - 2>();   // this thread's pieces of `tile` have landed
-        __syncthreads();                     // everyone's have, and the stage read last round is free
-        issue_tile(tile + kAttnStages - 1);
-        const u32 stage = smem + (tile % kAttnStages) * Shape::kStageBytes;
-        // the group's kAttnTokens rows, kPass at a time (4 or 8 heads leave registers for 2)
+    // Q^T as the B operand: column g is query head h0 + g, rows 2c, 2c + 1 (b0)
+    // and 2c + 8, 2c + 9 (b1) of each 16-value step of D.
+    u32 qb[kSteps][2];
+    {
+        const bool has = g < n_heads;
+        const u32* qrow = reinterpret_cast<const u32*>(q + (static_cast<i64>(b) * hq + h0 + (has ? g : 0)) * kDim);
 #pragma unroll
-        for (int u0 = 0; u0 < kAttnTokens; u0 += kPass) {
-            const int base = begin + tile * kTokensPerIter + state * kAttnTokens + u0;
-            float kf[kPass][kAttnValues], vf[kPass][kAttnValues];
+        for (int s = 0; s < kSteps; ++s) {
+            qb[s][0] = has ? qrow[8 * s + c] : 0u;
+            qb[s][1] = has ? qrow[8 * s + 4 + c] : 0u;
+        }
+    }
+
+    // Lane offsets of the ldmatrix rows. K (A = 16 tokens x 16 values): matrices
+    // (rows 0-7, piece 2s), (rows 8-15, 2s), (rows 0-7, 2s+1), (rows 8-15, 2s+1).
+    // V^T (A = 16 values x 16 tokens, transposed loads): matrices (tokens 0-7,
+    // piece 2i), (0-7, 2i+1), (8-15, 2i), (8-15, 2i+1). In both, lane l's row
+    // has row % 8 == l % 8.
+    const int x = lane & 7;
+    const u32 k_lane = (x + 8 * ((lane >> 3) & 1)) * Shape::kRowBytes;
+    const int k_piece = lane >> 4;
+    const u32 v_lane = (x + 8 * (lane >> 4)) * Shape::kRowBytes + Shape::kTileBytes;
+    const int v_piece = (lane >> 3) & 1;
+
+    // Online softmax state: head 2c + e's running max m[e] (uniform over the
+    // lanes of a column pair), this lane's part of its sum l[e], and O^T rows
+    // 16 i + g (o[i][0..1]) and 16 i + g + 8 (o[i][2..3]), columns 2c, 2c + 1.
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+    float o[kSteps][4];
 #pragma unroll
-            for (int u = 0; u < kPass; ++u) {
-                const u32 row = stage + (state * kAttnTokens + u0 + u) * Shape::kRowBytes + d0 * 2;
-                if (has_d) {
-                    lds8<T>(kf[u], row);
-                    lds8<T>(vf[u], row + Shape::kTileBytes);
-                } else {
+    for (int i = 0; i < kSteps; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+    for (int j = 0; j < my_chunks; ++j) {
+        if constexpr (kStages == 1) {   // no ring: chunk j is fetched when chunk j - 1 is done
+            warp_barrier(warp);
+            issue_chunk(j);
+            cp_async_wait<0>();
+            warp_barrier(warp);
+        } else {
+            cp_async_wait<kStages - 2>();   // this lane's pieces of chunk j have landed
+            warp_barrier(warp);                   // every lane's have, and chunk j - 1's stage is read
+            issue_chunk(j + kStages - 1);
+        }
+        const u32 stage = ring + (j % kStages) * Shape::kStageBytes;
+        const int tok0 = begin + (j * kAttnWarps + warp) * kAttnChunk;
+
+        // S^T = K Q^T, two accumulators to halve the MMA dependency chain
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-                    for (int e = 0; e < kAttnValues; ++e) kf[u][e] = vf[u][e] = 0.0f;
-                }
+        for (int st = 0; st < kSteps; ++st) {
+            u32 a[4];
+            ldmatrix_x4(a, stage + k_lane + (((2 * st + k_piece) ^ x) << 4));
+            if (st % 2 == 0) mma_m16n8k16<T>(s, a, qb[st][0], qb[st][1]);
+            else mma_m16n8k16<T>(s2, a, qb[st][0], qb[st][1]);
+        }
+        // s[0..1]: token tok0 + g, heads 2c, 2c + 1; s[2..3]: token tok0 + g + 8
+        const bool in0 = tok0 + g < end, in1 = tok0 + g + 8 < end;
+        s[0] = in0 ? (s[0] + s2[0]) * scale_log2 : neg_inf();
+        s[1] = in0 ? (s[1] + s2[1]) * scale_log2 : neg_inf();
+        s[2] = in1 ? (s[2] + s2[2]) * scale_log2 : neg_inf();
+        s[3] = in1 ? (s[3] + s2[3]) * scale_log2 : neg_inf();
+
+        float mx[2] = {fmaxf(s[0], s[2]), fmaxf(s[1], s[3])};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+            for (int offset = 4; offset < 32; offset <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xFFFFFFFFu, mx[e], offset));
+        }
+        float m_ref[2], alpha[2];
+        bool grew = false;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const float m_new = fmaxf(m[e], mx[e]);
+            grew |= m_new != m[e];
+            // a head that has seen no token yet keeps m = -inf, l = 0, o = 0
+            m_ref[e] = m_new == neg_inf() ? 0.0f : m_new;
+            alpha[e] = exp2f(m[e] - m_ref[e]);
+            m[e] = m_new;
+        }
+        const float p0 = exp2f(s[0] - m_ref[0]), p1 = exp2f(s[1] - m_ref[1]);
+        const float p2 = exp2f(s[2] - m_ref[0]), p3 = exp2f(s[3] - m_ref[1]);
+        l[0] = l[0] * alpha[0] + (p0 + p2);
+        l[1] = l[1] * alpha[1] + (p1 + p3);
+        // most chunks leave every max where it was: skip the rescale then
+        if (__any_sync(0xFFFFFFFFu, grew)) {
+#pragma unroll
+            for (int i = 0; i < kSteps; ++i) {
+                o[i][0] *= alpha[0];
+                o[i][1] *= alpha[1];
+                o[i][2] *= alpha[0];
+                o[i][3] *= alpha[1];
             }
-            float s[kPass][kHeads];
+        }
+        // P^T as the B operand: rows (tokens) 2c, 2c + 1 and 2c + 8, 2c + 9 of column (head) g
+        const u32 pb0 = movmatrix_trans(pack2<T>(p0, p1));
+        const u32 pb1 = movmatrix_trans(pack2<T>(p2, p3));
 #pragma unroll
-            for (int u = 0; u < kPass; ++u)
-#pragma unroll
-                for (int h = 0; h < kHeads; ++h) {
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < kAttnValues; ++e) dot = fmaf(qv[h][e], kf[u][e], dot);
-#pragma unroll
-                    for (int offset = kGroupLanes / 2; offset > 0; offset >>= 1)
-                        dot += __shfl_xor_sync(0xFFFFFFFFu, dot, offset);
-                    s[u][h] = base + u < end ? dot : neg_inf();
-                }
-#pragma unroll
-            for (int h = 0; h < kHeads; ++h) {
-                float m_new = m[h];
-#pragma unroll
-                for (int u = 0; u < kPass; ++u) m_new = fmaxf(m_new, s[u][h]);
-                // a group that has seen no token yet keeps m = -inf, l = 0, acc = 0
-                const float m_ref = m_new == neg_inf() ? 0.0f : m_new;
-                const float alpha = exp2f(m[h] - m_ref);
-                float p[kPass];
-                float p_sum = 0.0f;
-#pragma unroll
-                for (int u = 0; u < kPass; ++u) {
-                    p[u] = exp2f(s[u][h] - m_ref);
-                    p_sum += p[u];
-                }
-                l[h] = l[h] * alpha + p_sum;
-#pragma unroll
-                for (int e = 0; e < kAttnValues; ++e) {
-                    float a = acc[h][e] * alpha;
-#pragma unroll
-                    for (int u = 0; u < kPass; ++u) a = fmaf(p[u], vf[u][e], a);
-                    acc[h][e] = a;
-                }
-                m[h] = m_new;
-            }
+        for (int i = 0; i < kSteps; ++i) {
+            u32 a[4];
+            ldmatrix_x4_trans(a, stage + v_lane + (((2 * i + v_piece) ^ x) << 4));
+            mma_m16n8k16<T>(o[i], a, pb0, pb1);
         }
     }
     cp_async_wait<0>();
-    __syncthreads();   // the pipeline's memory now holds the states' outputs
+    __syncthreads();   // every ring is drained: its memory now holds the warps' outputs
 
-    // Merge the CTA's kStates softmax states.
-    auto sm_acc = reinterpret_cast<float (*)[kHeads][kDim]>(attn_smem);
+    // Merge the CTA's 4 warp states: first each warp's lanes' sums, then across warps.
 #pragma unroll
-    for (int h = 0; h < kHeads; ++h) {
-        if (has_d)
+    for (int e = 0; e < 2; ++e) {
 #pragma unroll
-            for (int e = 0; e < kAttnValues; ++e) sm_acc[state][h][d0 + e] = acc[h][e];
-        if (sub == 0) {
-            sm_m[state][h] = m[h];
-            sm_l[state][h] = l[h];
+        for (int offset = 4; offset < 32; offset <<= 1) l[e] += __shfl_xor_sync(0xFFFFFFFFu, l[e], offset);
+    }
+    auto sm_acc = reinterpret_cast<float (*)[kAttnHeads][kDim]>(attn_smem);
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+        sm_acc[warp][2 * c][16 * i + g] = o[i][0];
+        sm_acc[warp][2 * c + 1][16 * i + g] = o[i][1];
+        sm_acc[warp][2 * c][16 * i + g + 8] = o[i][2];
+        sm_acc[warp][2 * c + 1][16 * i + g + 8] = o[i][3];
+    }
+    if (g == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            sm_m[warp][2 * c + e] = m[e];
+            sm_l[warp][2 * c + e] = l[e];
         }
     }
     __syncthreads();
@@ -246,21 +271,21 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         const int h = idx / kDim, d = idx % kDim;
         float m_max = neg_inf();
 #pragma unroll
-        for (int st = 0; st < kStates; ++st) m_max = fmaxf(m_max, sm_m[st][h]);
-        float o = 0.0f, l_sum = 0.0f;
+        for (int w = 0; w < kAttnWarps; ++w) m_max = fmaxf(m_max, sm_m[w][h]);
+        float acc = 0.0f, l_sum = 0.0f;
         if (m_max != neg_inf()) {
 #pragma unroll
-            for (int st = 0; st < kStates; ++st) {
-                const float w = exp2f(sm_m[st][h] - m_max);
-                o = fmaf(w, sm_acc[st][h][d], o);
-                l_sum = fmaf(w, sm_l[st][h], l_sum);
+            for (int w = 0; w < kAttnWarps; ++w) {
+                const float wt = exp2f(sm_m[w][h] - m_max);
+                acc = fmaf(wt, sm_acc[w][h][d], acc);
+                l_sum = fmaf(wt, sm_l[w][h], l_sum);
             }
         }
         const i64 row = static_cast<i64>(b) * hq + h0 + h;
         if (splits == 1) {
-            out[row * kDim + d] = from_float<T>(l_sum > 0.0f ? o / l_sum : 0.0f);
+            out[row * kDim + d] = from_float<T>(l_sum > 0.0f ? __fdividef(acc, l_sum) : 0.0f);
         } else {
-            part_o[(row * splits + split) * kDim + d] = o;
+            part_o[(row * splits + split) * kDim + d] = acc;
             if (d == 0) {
                 part_ml[(row * splits + split) * 2] = m_max;
                 part_ml[(row * splits + split) * 2 + 1] = l_sum;

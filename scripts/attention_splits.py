@@ -21,7 +21,7 @@ for (hq, hkv, d), b, length in [((32, 8, 128), 1, 2048), ((32, 16, 256), 1, 2048
     out = cp.empty((b, hq, d), dtype=w4kern.bfloat16)
     floor = 2 * b * hkv * length * d * 2 / 4.5e6   # us at 4.5 TB/s
     line = [f"{hq}/{hkv}/{d} B={b} L={length} floor={floor:.1f}us"]
-    for splits in (None, 1, 8, 16, 33, 49, 66, 99, 132, 198, 264):
+    for splits in (None, 1, 8, 16, 24, 32, 33, 49, 66, 99, 132, 198, 264):
         t = timer.graph(lambda i, s=splits: w4kern.decode_attention(q, ks[i % copies], vs[i % copies], lens,
                                                                       num_splits=s, out=out))
         line.append(f"{splits}:{t:.1f}")

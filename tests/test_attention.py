@@ -110,19 +110,30 @@ def test_bad_input(rng):
 
 
 def test_split_rule():
-    from w4kern.attention import choose_splits, heads_per_cta
+    from w4kern.attention import choose_splits, resident_ctas, ring_stages
 
-    assert [heads_per_cta(g) for g in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 4, 4, 8, 8, 8]
-    assert choose_splits(1, 8, 4, 255, 132) == 1                 # short caches are not split
-    assert choose_splits(1, 8, 4, 32768, 132) == 49              # 3 CTAs per SM
-    assert choose_splits(1, 8, 4, 2048, 132) == 16               # at least 128 tokens per split
-    assert choose_splits(64, 8, 16, 2048, 132) == 1              # the batch fills the GPU
-    assert choose_splits(1, 1, 1, 10**7, 132) == 256             # capped
+    # shared memory per SM bounds the resident CTAs: 4, 2, 2, 1 at 3 stages, 3 at 1
+    assert [resident_ctas(d, 3) for d in (64, 96, 128, 256)] == [4, 2, 2, 1]
+    assert resident_ctas(256, 1) == 3
+    assert choose_splits(1, 8, 4, 255, 132, 2) == 1                 # short caches are not split
+    assert choose_splits(1, 8, 4, 32768, 132, 2) == 33              # one wave of resident CTAs
+    assert choose_splits(1, 8, 4, 2048, 132, 2) == 16               # at least 128 tokens per split
+    assert choose_splits(1, 8, 16, 32768, 132, 2) == 16             # 16 heads per KV head: 2 CTAs
+    assert choose_splits(64, 8, 16, 2048, 132, 2) == 1              # the batch fills the GPU
+    assert choose_splits(1, 1, 1, 10**7, 132, 16) == 256            # capped
+    # the deepest ring the GPU's per-CTA shared memory allows (less 1 KiB for static use)
+    assert ring_stages(256, 232448 - 1024) == 3                    # sm_90
+    assert ring_stages(256, 166912 - 1024) == 1                    # sm_80
+    assert ring_stages(128, 101376 - 1024) == 3                    # sm_89
+    with pytest.raises(ValueError, match="head dim 256 needs 65536 bytes of shared memory"):
+        ring_stages(256, 48 * 1024)
 
 
 def test_shared_memory_mirror():
-    """attention_smem_bytes mirrors AttnShape<kDim>::kSmemBytes (3 stages of K and V tiles)."""
+    """attention_smem_bytes mirrors AttnShape<kDim, kStages>::kSmemBytes: per warp,
+    the stages' 16 rows of K and V, each padded to a power of two of 16-byte pieces."""
     from w4kern._registry import FAMILIES, attention_smem_bytes
 
-    assert [attention_smem_bytes(d) for d in (64, 96, 128, 256)] == [49152, 36864, 49152, 49152]
-    assert FAMILIES["decode_attention"].max_dynamic_smem == 49152
+    assert [attention_smem_bytes(d, 3) for d in (64, 96, 128, 256)] == [49152, 98304, 98304, 196608]
+    assert attention_smem_bytes(256, 1) == 65536
+    assert FAMILIES["decode_attention"].max_dynamic_smem == 196608

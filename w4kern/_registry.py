@@ -129,20 +129,26 @@ def a16_family(group_size: int) -> str:
     return f"matvec_a16_{'gch' if group_size == -1 else f'g{group_size}'}"
 
 
-#: decode_attention: head dims, and query heads of one KV head a CTA takes (more
+#: decode_attention: head dims of the kernel instances; a CTA takes up to
+#: ATTENTION_HEADS_PER_CTA query heads of one KV head (the MMA's 8 columns; more
 #: heads per KV head take several CTAs, each reading the same K/V rows)
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
-ATTENTION_HEADS_PER_CTA = (1, 2, 4, 8)
-ATTENTION_STAGES = 3     # kAttnStages
+ATTENTION_HEADS_PER_CTA = 8   # kAttnHeads
+ATTENTION_WARPS = 4           # kAttnWarps
+ATTENTION_CHUNK = 16          # kAttnChunk: tokens per warp step
+#: ring depths (kStages) compiled per head dim, deepest first: the host takes the
+#: deepest whose shared memory the GPU offers (D = 256 needs 192 KiB for 3 stages,
+#: more than sm_80/sm_89 give one CTA; 1 stage needs 64 KiB)
+ATTENTION_STAGES = {64: (3,), 96: (3,), 128: (3,), 256: (3, 1)}
 
 
-def attention_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of decode_attention_kernel (attention_smem_bytes<kDim> in
-    decode_attention.cu): ATTENTION_STAGES tiles of K and V, each 4 warps x (32 / lanes
-    per row) lane groups x 4 rows of head_dim 2-byte values."""
-    group_lanes = 8 if head_dim <= 64 else 16 if head_dim <= 128 else 32
-    rows = 4 * (32 // group_lanes) * 4
-    return ATTENTION_STAGES * 2 * rows * head_dim * 2
+def attention_smem_bytes(head_dim: int, stages: int) -> int:
+    """Dynamic shared memory of decode_attention_kernel (AttnShape<kDim, kStages>::kSmemBytes
+    in decode_attention.cu): per warp, ``stages`` chunks of K and V rows, each row
+    padded to a power of two (at least 8) of 16-byte pieces."""
+    pieces = head_dim // 8
+    slots = 8 if pieces <= 8 else 16 if pieces <= 16 else 32
+    return ATTENTION_WARPS * stages * 2 * ATTENTION_CHUNK * slots * 16
 
 
 #: moe_align_block_size: the flat indices are cut into at most MOE_ALIGN_MAX_CHUNKS
@@ -298,15 +304,16 @@ FAMILIES: dict[str, KernelFamily] = {
             name="decode_attention",
             source="decode_attention.cu",
             template="w4kern::decode_attention_kernel",
-            # (cache type, head dim, query heads per CTA, paged)
+            # (cache type, head dim, paged, ring stages)
             instances=tuple(
-                (cxx_type(t), str(d), str(heads), cxx_bool(paged))
+                (cxx_type(t), str(d), cxx_bool(paged), str(stages))
                 for t in _HALF_TYPES
                 for d in ATTENTION_HEAD_DIMS
-                for heads in ATTENTION_HEADS_PER_CTA
                 for paged in (False, True)
+                for stages in ATTENTION_STAGES[d]
             ),
-            max_dynamic_smem=max(attention_smem_bytes(d) for d in ATTENTION_HEAD_DIMS),
+            max_dynamic_smem=max(attention_smem_bytes(d, st) for d in ATTENTION_HEAD_DIMS
+                                 for st in ATTENTION_STAGES[d]),
         ),
         KernelFamily(
             name="decode_attention_merge",

@@ -288,6 +288,21 @@ def device_arch(device) -> str:
 _kernels: dict[tuple, object] = {}
 
 
+_smem_optin: dict[int, int] = {}
+
+
+def max_dynamic_smem(device_id: int) -> int:
+    """Bytes of dynamic shared memory one CTA may opt in to on a device (less the
+    static shared memory the kernels declare: 1 KiB is reserved for it)."""
+    got = _smem_optin.get(device_id)
+    if got is None:
+        from ._arrays import cupy_module
+
+        attrs = cupy_module().cuda.Device(device_id).attributes
+        got = _smem_optin[device_id] = int(attrs["MaxSharedMemoryPerBlockOptin"]) - 1024
+    return got
+
+
 def get_kernel(family: str, args: tuple[str, ...]):
     """The ``cupy.RawKernel`` of one instance, compiled/loaded for the current device."""
     from ._arrays import cupy_module
@@ -302,10 +317,13 @@ def get_kernel(family: str, args: tuple[str, ...]):
     fam.name_expression(args)                 # ValueError for an unlisted instance
     compiled = build(fam, device_arch(cupy.cuda.Device(device_id)))
     module = cupy.RawModule(path=str(compiled.cubin_path))
+    # the one opt-in place; capped at what the GPU offers a CTA (an instance that
+    # needs more is not chosen on it: see attention's ring stages)
+    smem = min(fam.max_dynamic_smem, max_dynamic_smem(device_id))
     for instance in fam.instances:
         k = module.get_function(compiled.lowered_names[fam.name_expression(instance)])
         if fam.max_dynamic_smem:
-            k.max_dynamic_shared_size_bytes = fam.max_dynamic_smem   # the one opt-in place
+            k.max_dynamic_shared_size_bytes = smem
             # ask for a shared-memory carveout (the largest unless the family says
             # otherwise), or the driver may size L1/shared for one CTA per SM and
             # cap the kernel's occupancy

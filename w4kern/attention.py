@@ -3,11 +3,12 @@
 ``decode_attention`` validates its arguments on both sides. On NumPy arrays it
 runs the NumPy reference; on CuPy arrays the flash-decoding kernels of
 ``cuda_src/decode_attention.cu``: one CTA per (split of a sequence, KV head,
-up to 4 of its query heads), so every K/V row loaded serves the query heads
-that share it, and a merge kernel that combines the splits by their
-log-sum-exp. The split count comes from :func:`choose_splits` (or
-``num_splits``); the partials live in a per-stream workspace, so after a first
-call of the same size the op allocates nothing and is CUDA-graph capturable.
+up to 8 of its query heads), the query heads being the 8-column operand of the
+tensor-core MMAs, so every K/V row loaded serves the query heads that share
+it, and a merge kernel that combines the splits by their log-sum-exp. The
+split count comes from :func:`choose_splits` (or ``num_splits``); the partials
+live in a per-stream workspace, so after a first call of the same size the op
+allocates nothing and is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -28,37 +29,47 @@ from ._arrays import (
 )
 from ._registry import ATTENTION_HEAD_DIMS as HEAD_DIMS          # head dims of the kernel instances
 from ._registry import ATTENTION_HEADS_PER_CTA as HEADS_PER_CTA  # query heads of one KV head a CTA takes
+from ._registry import ATTENTION_STAGES, attention_smem_bytes
 from .formats import bfloat16
 
 DTYPES = (bfloat16, np.dtype(np.float16))
 PAGE_SIZES = (16, 256)   # inclusive range
 
 #: Split-K rule, from scripts/attention_splits.py on an H200 (graph mode; the
-#: results are in benchmarks/results/2026-11-22-h200-attention/): a cache of at
-#: least SPLIT_MIN_TOKENS tokens is split until the grid holds about
-#: SPLIT_CTAS_PER_SM CTAs per SM (what one SM keeps resident: B=1, 32/8/128,
-#: L=32768 was fastest at 49 splits, 49.0 us against 53.6 at 33 and 63.2 at 66),
-#: each split keeping at least MIN_SPLIT_TOKENS tokens (L=2048 was fastest at 16
-#: splits, 11.6 us against 15.0 at 49). ``num_splits`` overrides it.
+#: results are in benchmarks/results/): a cache of at least SPLIT_MIN_TOKENS
+#: tokens is split until the grid fills SPLIT_WAVES waves of resident CTAs (as
+#: many as the SM's shared memory holds, see resident_ctas), each split keeping
+#: at least MIN_SPLIT_TOKENS tokens. ``num_splits`` overrides it.
 SPLIT_MIN_TOKENS = 256
-SPLIT_CTAS_PER_SM = 3
+SPLIT_WAVES = 1
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
+SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
 
-def heads_per_cta(group: int) -> int:
-    """Query heads per CTA for a GQA group of ``group`` query heads per KV head: the
-    smallest instance that takes the whole group (one CTA reads each K/V row), else
-    the largest (groups of more than 8 take several CTAs)."""
-    return next((h for h in HEADS_PER_CTA if h >= group), HEADS_PER_CTA[-1])
+def ring_stages(head_dim: int, smem_optin: int) -> int:
+    """The deepest compiled ring (kStages) whose shared memory one CTA may have."""
+    fits = [s for s in ATTENTION_STAGES[head_dim] if attention_smem_bytes(head_dim, s) <= smem_optin]
+    if not fits:
+        raise ValueError(f"decode_attention with head dim {head_dim} needs "
+                         f"{attention_smem_bytes(head_dim, min(ATTENTION_STAGES[head_dim]))} bytes of shared "
+                         f"memory per CTA; this GPU offers {smem_optin}")
+    return fits[0]
 
 
-def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int) -> int:
-    """KV splits per sequence for a cache of ``capacity`` tokens (see SPLIT_MIN_TOKENS)."""
+def resident_ctas(head_dim: int, stages: int, sm_shared: int = SM_SHARED_BYTES) -> int:
+    """CTAs of decode_attention_kernel one SM holds at once (shared memory bound;
+    1 KiB per CTA is reserved by the driver, 256 bytes are static)."""
+    return max(1, min(16, sm_shared // (attention_smem_bytes(head_dim, stages) + 1024 + 256)))
+
+
+def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int, resident: int) -> int:
+    """KV splits per sequence for a cache of ``capacity`` tokens (see SPLIT_MIN_TOKENS);
+    ``resident``: CTAs per SM (resident_ctas)."""
     if capacity < SPLIT_MIN_TOKENS:
         return 1
-    ctas = batch * hkv * -(-group // heads_per_cta(group))
-    want = SPLIT_CTAS_PER_SM * sm_count // max(ctas, 1)
+    ctas = batch * hkv * -(-group // HEADS_PER_CTA)
+    want = SPLIT_WAVES * resident * sm_count // max(ctas, 1)
     return max(1, min(want, capacity // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
@@ -182,16 +193,19 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     """(kernel, grid, shared memory, split-K scratch, scalar arguments, merge kernel
     or None, its arguments but the output) of one decode_attention call."""
     from . import _runtime
-    from ._registry import attention_smem_bytes, cxx_bool, cxx_type
+    from ._registry import cxx_bool, cxx_type
     from .linear import _sm_count, _Workspace
 
     b, hq, d = q.shape
     group = hq // hkv
-    heads = heads_per_cta(group)
-    splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, _sm_count(cp))
+    device = cp.cuda.runtime.getDevice()
+    stages = ring_stages(d, _runtime.max_dynamic_smem(device))
+    sm_shared = int(cp.cuda.Device(device).attributes["MaxSharedMemoryPerMultiprocessor"])
+    resident = resident_ctas(d, stages, sm_shared)
+    splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, _sm_count(cp), resident)
     splits = int(min(splits, MAX_SPLITS))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), str(heads), cxx_bool(paged)))
+    kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), cxx_bool(paged), str(stages)))
     if paged:
         rows, max_pages, n_pages = k_cache.shape[1], block_table.shape[1], k_cache.shape[0]
         if n_pages == 0:
@@ -203,11 +217,11 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     # later, they keep the old buffer alive and stay this plan's alone
     scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if splits > 1 else 1)
     part_o, part_ml = scratch[:n_o], scratch[n_o:]
-    grid = (splits, hkv * -(-group // heads), b)
+    grid = (splits, hkv * -(-group // HEADS_PER_CTA), b)
     tail = (np.int32(hq), np.int32(hkv), np.int32(rows), np.int32(max_pages), np.int32(n_pages),
             np.int32(capacity), np.int32(splits), np.float32(scale * math.log2(math.e)))
     merge, merge_args = None, ()
     if splits > 1:
         merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
         merge_args = (part_o, part_ml, np.int32(splits))
-    return kernel, grid, attention_smem_bytes(d), (part_o, part_ml), tail, merge, merge_args
+    return kernel, grid, attention_smem_bytes(d, stages), (part_o, part_ml), tail, merge, merge_args

@@ -114,6 +114,24 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 row_address) {
                  : "r"(row_address));
 }
 
+// ldmatrix_x4 with each 8x8 matrix transposed: lane l receives, in r[i], the
+// 16-bit elements (row 2*(l%4), column l/4) and (row 2*(l%4)+1, column l/4) of
+// matrix i, packed low then high.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row_address));
+}
+
+// Transposes an 8x8 matrix of 16-bit elements held across the warp: lane l
+// holds (row l/4, columns 2*(l%4), 2*(l%4)+1) of the input and receives the
+// same positions of its transpose (sm_75+).
+__device__ __forceinline__ u32 movmatrix_trans(u32 a) {
+    u32 d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+    return d;
+}
+
 // The MMAs are plain (not volatile) asm: they only read and write registers, so
 // the compiler may schedule shared-memory loads around them.
 // D = A (16x32 s8, row) * B (32x8 s8, col), int32 accumulators, C = 0.
