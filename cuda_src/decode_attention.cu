@@ -14,19 +14,22 @@
 // transposed in registers (movmatrix), so the scores never touch memory.
 //
 // Each of the CTA's 4 warps walks its own 16-token chunks of the split (warp w
-// takes chunks w, w + 4, ...) through its own kStages-deep cp.async ring in
-// shared memory, so the main loop has no CTA barrier (kStages = 1 where a GPU
-// offers too little shared memory for a ring: the other warps then hide the
-// latency). A warp keeps an
-// online softmax per head, in fp32, in the log2 domain: running max m (the
-// same in every lane), a per-lane partial sum l, and O^T. The warps' states
-// merge through shared memory at the end. With one split the CTA writes the
-// normalized output; with several it writes (acc, m, l) to a workspace and
-// decode_attention_merge_kernel combines the splits.
+// takes chunks w, w + 4, ...) through its own kStages-deep ring in shared
+// memory, so the main loop has no CTA barrier (kStages = 1 where a GPU offers
+// too little shared memory for a ring: the other warps then hide the latency).
+// On sm_90 the copy engine fills the ring: each lane issues one bulk copy of a
+// K or V row, completing on the stage's mbarrier; measured 5-7% faster than
+// cp.async at long contexts and large batches (benchmarks/results/
+// 2026-11-22-h200-session9/), though the per-lane copies are issued one lane
+// at a time. Before sm_90, cp.async with 16 bytes per lane.
+// A warp keeps an online softmax per head, in fp32, in the log2 domain:
+// running max m (the same in every lane), a per-lane partial sum l, and O^T.
+// The warps' states merge through shared memory at the end. With one split
+// the CTA writes the normalized output; with several it writes (acc, m, l) to
+// a workspace and decode_attention_merge_kernel combines the splits.
 //
-// Shared rows are padded to a power of two of 16-byte pieces and the pieces
-// XOR-swizzled by the row (piece ^ row % 8), so the 8 rows of an ldmatrix
-// matrix hit 8 different bank groups.
+// Shared rows are padded by 16 bytes, so the 8 rows of an ldmatrix matrix hit
+// 8 different bank groups (a bulk copy cannot swizzle).
 //
 // Lengths are clamped to [0, capacity] and page indices to [0, pages) on the
 // device, so no kv_lens or block_table value can send a load out of bounds
@@ -53,10 +56,8 @@ template <int kDim, int kStages>
 struct AttnShape {
     static_assert(kDim % 32 == 0, "a row is loaded as 4 lanes x 16 bytes at a time");
     static constexpr int kPieces = kDim / 8;     // 16-byte pieces of a row
-    // pieces per shared row: a power of two of at least 8, so piece ^ (row % 8) stays in the row
-    static constexpr int kSlots = kPieces <= 8 ? 8 : kPieces <= 16 ? 16 : 32;
-    static_assert(kPieces <= kSlots, "kDim up to 256");
-    static constexpr int kRowBytes = kSlots * 16;
+    // shared rows padded by 16 bytes: 8 rows at the same piece hit 8 bank groups
+    static constexpr int kRowBytes = kDim * 2 + 16;
     static constexpr int kTileBytes = kAttnChunk * kRowBytes;          // one of K or V
     static constexpr int kStageBytes = 2 * kTileBytes;
     static constexpr int kWarpBytes = kStages * kStageBytes;           // one warp's ring
@@ -83,6 +84,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     using Shape = AttnShape<kDim, kStages>;
     constexpr int kSteps = Shape::kSteps;
     __shared__ float sm_m[kAttnWarps][kAttnHeads], sm_l[kAttnWarps][kAttnHeads];
+    __shared__ __align__(8) u64 sm_bar[kAttnWarps][kStages];   // chunk arrivals (sm_90 copy engine)
     static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
 
     const int split = blockIdx.x, b = blockIdx.z;
@@ -112,9 +114,35 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 
     extern __shared__ __align__(16) unsigned char attn_smem[];
     const u32 ring = smem_address(attn_smem) + warp * Shape::kWarpBytes;
+    const u32 bars = smem_address(&sm_bar[warp][0]);
+#if __CUDA_ARCH__ >= 900
+    // Issue the warp's chunk j into stage j % kStages on the copy engine: lane l
+    // copies row l % 16 of K (l < 16) or V (l >= 16), one bulk copy of a row.
+    // Rows past `end` copy row end - 1 instead (real data, masked by its score),
+    // so every chunk brings the same byte count and no row needs zeroing.
+    if (lane == 0) {
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) mbarrier_init(bars + 8 * st, 1);
+        fence_mbarrier_init();
+    }
+    warp_barrier(warp);
+    auto issue_chunk = [&](int j) {
+        if (j < my_chunks) {
+            const u32 stage = ring + (j % kStages) * Shape::kStageBytes;
+            const u32 bar = bars + 8 * (j % kStages);
+            const int tok0 = begin + (j * kAttnWarps + warp) * kAttnChunk;
+            if (lane == 0) mbarrier_arrive_expect_tx(bar, 2 * kAttnChunk * kDim * 2);
+            const int r = lane & 15;
+            const T* row = row_of(lane < 16 ? k_cache : v_cache, min(tok0 + r, end - 1));
+            bulk_copy_to_shared(stage + (lane >> 4) * Shape::kTileBytes + r * Shape::kRowBytes, row, kDim * 2, bar);
+        }
+    };
+    auto wait_chunk = [&](int j) { mbarrier_wait_parity(bars + 8 * (j % kStages), (j / kStages) & 1); };
+#else
     // Issue the warp's chunk j into stage j % kStages: lane (g, c) copies rows
     // g and g + 8, pieces c, c + 4, ... (4 lanes cover 64 contiguous bytes of a
     // row, whole sectors); rows past `end` are zero-filled.
+    (void)bars;
     auto issue_chunk = [&](int j) {
         if (j < my_chunks) {
             const u32 stage = ring + (j % kStages) * Shape::kStageBytes;
@@ -128,7 +156,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
                 const T* v_row = in ? row_of(v_cache, tok) : v_cache;
 #pragma unroll
                 for (int p = c; p < Shape::kPieces; p += 4) {
-                    const u32 dst = stage + r * Shape::kRowBytes + ((p ^ (r & 7)) << 4);
+                    const u32 dst = stage + r * Shape::kRowBytes + (p << 4);
                     cp_async16(dst, in ? k_row + p * 8 : k_cache, in ? 16u : 0u);
                     cp_async16(dst + Shape::kTileBytes, in ? v_row + p * 8 : v_cache, in ? 16u : 0u);
                 }
@@ -136,6 +164,12 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         }
         cp_async_commit();   // an empty group past the last chunk keeps the wait count uniform
     };
+    // chunk j (issued kStages - 1 chunks ago, or just now with no ring) has landed
+    auto wait_chunk = [&](int) {
+        if constexpr (kStages == 1) cp_async_wait<0>();
+        else cp_async_wait<kStages - 2>();
+    };
+#endif
 #pragma unroll
     for (int j = 0; j < kStages - 1; ++j) issue_chunk(j);
 
@@ -175,11 +209,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         if constexpr (kStages == 1) {   // no ring: chunk j is fetched when chunk j - 1 is done
             warp_barrier(warp);
             issue_chunk(j);
-            cp_async_wait<0>();
+            wait_chunk(j);
             warp_barrier(warp);
         } else {
-            cp_async_wait<kStages - 2>();   // this lane's pieces of chunk j have landed
-            warp_barrier(warp);                   // every lane's have, and chunk j - 1's stage is read
+            wait_chunk(j);        // chunk j has landed (cp.async: this lane's pieces of it)
+            warp_barrier(warp);   // every lane's have, and chunk j - 1's stage is read
             issue_chunk(j + kStages - 1);
         }
         const u32 stage = ring + (j % kStages) * Shape::kStageBytes;
@@ -190,7 +224,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 #pragma unroll
         for (int st = 0; st < kSteps; ++st) {
             u32 a[4];
-            ldmatrix_x4(a, stage + k_lane + (((2 * st + k_piece) ^ x) << 4));
+            ldmatrix_x4(a, stage + k_lane + ((2 * st + k_piece) << 4));
             if (st % 2 == 0) mma_m16n8k16<T>(s, a, qb[st][0], qb[st][1]);
             else mma_m16n8k16<T>(s2, a, qb[st][0], qb[st][1]);
         }
@@ -238,11 +272,13 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 #pragma unroll
         for (int i = 0; i < kSteps; ++i) {
             u32 a[4];
-            ldmatrix_x4_trans(a, stage + v_lane + (((2 * i + v_piece) ^ x) << 4));
+            ldmatrix_x4_trans(a, stage + v_lane + ((2 * i + v_piece) << 4));
             mma_m16n8k16<T>(o[i], a, pb0, pb1);
         }
     }
+#if __CUDA_ARCH__ < 900
     cp_async_wait<0>();
+#endif
     __syncthreads();   // every ring is drained: its memory now holds the warps' outputs
 
     // Merge the CTA's 4 warp states: first each warp's lanes' sums, then across warps.
@@ -296,26 +332,61 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 
 // Combines the splits of one (sequence, query head) row: out = sum_s w_s o_s /
 // sum_s w_s l_s with w_s = 2^(m_s - max m). A row no split saw a token of
-// (length 0) gives zeros.
+// (length 0) gives zeros. Its time is a chain of dependent loads, so every
+// split's (m, l) is loaded at once (one per thread), and the o_s are summed by
+// kMergeThreads / kDim thread groups, each over every kGroups-th split, with
+// several loads in flight.
+constexpr int kMergeThreads = 256;   // also the most splits (w4kern.attention.MAX_SPLITS)
+
 template <typename T, int kDim>
-__global__ void __launch_bounds__(256) decode_attention_merge_kernel(
+__global__ void __launch_bounds__(kMergeThreads) decode_attention_merge_kernel(
     const float* __restrict__ part_o, const float* __restrict__ part_ml, T* __restrict__ out, i32 splits)
 {
+    constexpr int kGroups = kMergeThreads / kDim;
+    constexpr int kWarps = kMergeThreads / 32;
+    __shared__ float sm_w[kMergeThreads], sm_red[2][kWarps], sm_part[kGroups][kDim];
     const i64 row = blockIdx.x;
-    const int d = threadIdx.x;
-    if (d >= kDim) return;
-    const float* ml = part_ml + row * splits * 2;
-    float m_max = neg_inf();
-    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, ml[2 * s]);
-    float o = 0.0f, l_sum = 0.0f;
-    if (m_max != neg_inf()) {
-        for (int s = 0; s < splits; ++s) {
-            const float w = exp2f(ml[2 * s] - m_max);
-            o = fmaf(w, part_o[(row * splits + s) * kDim + d], o);
-            l_sum = fmaf(w, ml[2 * s + 1], l_sum);
-        }
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+
+    float m = neg_inf(), l = 0.0f;
+    if (t < splits) {
+        const float2 ml = reinterpret_cast<const float2*>(part_ml)[row * splits + t];
+        m = ml.x;
+        l = ml.y;
     }
-    out[row * kDim + d] = from_float<T>(l_sum > 0.0f ? o / l_sum : 0.0f);
+    float m_max = m;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) m_max = fmaxf(m_max, __shfl_xor_sync(0xFFFFFFFFu, m_max, offset));
+    if (lane == 0) sm_red[0][warp] = m_max;
+    __syncthreads();
+    m_max = sm_red[0][0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) m_max = fmaxf(m_max, sm_red[0][w]);
+    const float wt = t < splits && m_max != neg_inf() ? exp2f(m - m_max) : 0.0f;
+    sm_w[t] = wt;
+    float l_sum = wt * l;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) l_sum += __shfl_xor_sync(0xFFFFFFFFu, l_sum, offset);
+    if (lane == 0) sm_red[1][warp] = l_sum;
+    __syncthreads();
+
+    const int group = t / kDim, d = t % kDim;
+    if (group < kGroups) {
+        float acc = 0.0f;
+        const float* o = part_o + row * splits * kDim + d;
+#pragma unroll 8
+        for (int s = group; s < splits; s += kGroups) acc = fmaf(sm_w[s], o[static_cast<i64>(s) * kDim], acc);
+        sm_part[group][d] = acc;
+    }
+    __syncthreads();
+    if (t < kDim) {
+        float acc = 0.0f, total = 0.0f;
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) acc += sm_part[g][t];
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += sm_red[1][w];
+        out[row * kDim + t] = from_float<T>(total > 0.0f ? acc / total : 0.0f);
+    }
 }
 
 }  // namespace w4kern

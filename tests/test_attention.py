@@ -114,6 +114,7 @@ def test_split_rule():
 
     # shared memory per SM bounds the resident CTAs: 4, 2, 2, 1 at 3 stages, 3 at 1
     assert [resident_ctas(d, 3) for d in (64, 96, 128, 256)] == [4, 2, 2, 1]
+    assert resident_ctas(128, 2) == 3
     assert resident_ctas(256, 1) == 3
     assert choose_splits(1, 8, 4, 255, 132, 2) == 1                 # short caches are not split
     assert choose_splits(1, 8, 4, 32768, 132, 2) == 33              # one wave of resident CTAs
@@ -124,16 +125,18 @@ def test_split_rule():
     # the deepest ring the GPU's per-CTA shared memory allows (less 1 KiB for static use)
     assert ring_stages(256, 232448 - 1024) == 3                    # sm_90
     assert ring_stages(256, 166912 - 1024) == 1                    # sm_80
-    assert ring_stages(128, 101376 - 1024) == 3                    # sm_89
-    with pytest.raises(ValueError, match="head dim 256 needs 65536 bytes of shared memory"):
+    assert ring_stages(128, 101376 - 1024) == 2                    # sm_89
+    assert ring_stages(128, 166912 - 1024) == 3                    # sm_80
+    with pytest.raises(ValueError, match="head dim 256 needs 67584 bytes of shared memory"):
         ring_stages(256, 48 * 1024)
 
 
 def test_shared_memory_mirror():
     """attention_smem_bytes mirrors AttnShape<kDim, kStages>::kSmemBytes: per warp,
-    the stages' 16 rows of K and V, each padded to a power of two of 16-byte pieces."""
+    the stages' 16 rows of K and V, each padded by 16 bytes."""
     from w4kern._registry import FAMILIES, attention_smem_bytes
 
-    assert [attention_smem_bytes(d, 3) for d in (64, 96, 128, 256)] == [49152, 98304, 98304, 196608]
-    assert attention_smem_bytes(256, 1) == 65536
-    assert FAMILIES["decode_attention"].max_dynamic_smem == 196608
+    assert [attention_smem_bytes(d, 3) for d in (64, 96, 128, 256)] == [55296, 79872, 104448, 202752]
+    assert attention_smem_bytes(256, 1) == 67584
+    assert attention_smem_bytes(128, 2) == 69632
+    assert FAMILIES["decode_attention"].max_dynamic_smem == 202752

@@ -155,26 +155,28 @@ def test_repeat_calls_reuse_their_plan_across_workspace_growth(cp, rng):
         check(cp, run(cp, *small), *small)
 
 
+@pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_one_stage_ring_of_gpus_with_less_shared_memory(cp, rng, monkeypatch, paged):
-    """D = 256 takes the 1-stage instance where a CTA may have less than 192 KiB of
-    shared memory (sm_80, sm_89); this GPU runs it when told it has 100 KB."""
+def test_shallow_rings_of_gpus_with_less_shared_memory(cp, rng, monkeypatch, paged, d):
+    """Where a CTA may have less shared memory than sm_90's 227 KiB (sm_80, sm_89),
+    D = 128 takes the 2-stage instance and D = 256 the 1-stage one; this GPU runs
+    them when told it offers 100 KB."""
     from w4kern import _runtime, attention
 
     monkeypatch.setattr(_runtime, "max_dynamic_smem", lambda device: 100_000)
     monkeypatch.setattr(attention, "_PLANS", {})
     monkeypatch.setattr(_runtime, "_kernels", {})   # kernels loaded under the smaller opt-in stay here
-    assert attention.ring_stages(256, 100_000) == 1
+    assert attention.ring_stages(d, 100_000) == {128: 2, 256: 1}[d]
     if paged:
         b, page, hkv = 2, 32, 2
         lens = np.array([700, 33], np.int32)
         table = rng.permutation(2 * 23).reshape(2, 23).astype(np.int32)
-        k = rng.standard_normal((2 * 23, page, hkv, 256)).astype(w4kern.bfloat16)
-        v = rng.standard_normal((2 * 23, page, hkv, 256)).astype(w4kern.bfloat16)
-        q = rng.standard_normal((b, 8, 256)).astype(w4kern.bfloat16)
+        k = rng.standard_normal((2 * 23, page, hkv, d)).astype(w4kern.bfloat16)
+        v = rng.standard_normal((2 * 23, page, hkv, d)).astype(w4kern.bfloat16)
+        q = rng.standard_normal((b, 8, d)).astype(w4kern.bfloat16)
         for splits in (None, 1, 5):
             check(cp, run(cp, q, k, v, lens, block_table=table, num_splits=splits), q, k, v, lens, block_table=table)
     else:
-        q, k, v, lens = contiguous_case(rng, 2, 8, 2, 1000, 256, np.float16, [1000, 17])
+        q, k, v, lens = contiguous_case(rng, 2, 8, 2, 1000, d, np.float16, [1000, 17])
         for splits in (None, 1, 5):
             check(cp, run(cp, q, k, v, lens, num_splits=splits), q, k, v, lens)

@@ -137,18 +137,17 @@ ATTENTION_HEADS_PER_CTA = 8   # kAttnHeads
 ATTENTION_WARPS = 4           # kAttnWarps
 ATTENTION_CHUNK = 16          # kAttnChunk: tokens per warp step
 #: ring depths (kStages) compiled per head dim, deepest first: the host takes the
-#: deepest whose shared memory the GPU offers (D = 256 needs 192 KiB for 3 stages,
-#: more than sm_80/sm_89 give one CTA; 1 stage needs 64 KiB)
-ATTENTION_STAGES = {64: (3,), 96: (3,), 128: (3,), 256: (3, 1)}
+#: deepest whose shared memory the GPU offers (sm_90 offers a CTA 227 KiB, sm_80
+#: 163 KiB, sm_89 99 KiB; D = 128 needs 102 KiB for 3 stages and 68 KiB for 2,
+#: D = 256 198 KiB for 3 and 66 KiB for 1)
+ATTENTION_STAGES = {64: (3,), 96: (3,), 128: (3, 2), 256: (3, 1)}
 
 
 def attention_smem_bytes(head_dim: int, stages: int) -> int:
     """Dynamic shared memory of decode_attention_kernel (AttnShape<kDim, kStages>::kSmemBytes
-    in decode_attention.cu): per warp, ``stages`` chunks of K and V rows, each row
-    padded to a power of two (at least 8) of 16-byte pieces."""
-    pieces = head_dim // 8
-    slots = 8 if pieces <= 8 else 16 if pieces <= 16 else 32
-    return ATTENTION_WARPS * stages * 2 * ATTENTION_CHUNK * slots * 16
+    in decode_attention.cu): per warp, ``stages`` chunks of 16 K and 16 V rows, each
+    row padded by 16 bytes."""
+    return ATTENTION_WARPS * stages * 2 * ATTENTION_CHUNK * (head_dim * 2 + 16)
 
 
 #: moe_align_block_size: the flat indices are cut into at most MOE_ALIGN_MAX_CHUNKS

@@ -44,6 +44,7 @@ SPLIT_MIN_TOKENS = 256
 SPLIT_WAVES = 1
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
+MERGE_THREADS = 256            # kMergeThreads: threads of the merge kernel, one per split at most
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
 
@@ -59,8 +60,8 @@ def ring_stages(head_dim: int, smem_optin: int) -> int:
 
 def resident_ctas(head_dim: int, stages: int, sm_shared: int = SM_SHARED_BYTES) -> int:
     """CTAs of decode_attention_kernel one SM holds at once (shared memory bound;
-    1 KiB per CTA is reserved by the driver, 256 bytes are static)."""
-    return max(1, min(16, sm_shared // (attention_smem_bytes(head_dim, stages) + 1024 + 256)))
+    1 KiB per CTA is reserved by the driver, under 512 bytes are static)."""
+    return max(1, min(16, sm_shared // (attention_smem_bytes(head_dim, stages) + 1024 + 512)))
 
 
 def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int, resident: int) -> int:
@@ -185,7 +186,7 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     table = block_table if paged else kv_lens   # any int32 pointer: the contiguous kernel never reads it
     kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out) + head + tail, shared_mem=smem)
     if merge is not None:
-        merge((b * q.shape[1],), (q.shape[2],), merge_args[:2] + (out,) + merge_args[2:])
+        merge((b * q.shape[1],), (MERGE_THREADS,), merge_args[:2] + (out,) + merge_args[2:])
     return out
 
 
