@@ -3,7 +3,11 @@
 and check each variant's output against the tree's (fp32-accumulation tolerance).
 Beside them: torch SDPA (flash) on the same tensors.
 
-    python3 scripts/attention_variants.py OUT.json [label=DIR ...]
+    python3 scripts/attention_variants.py OUT.json [label=DIR | label=smem:BYTES ...] [--only D]
+
+A variant smem:BYTES runs the tree's kernels as if a CTA could have BYTES of
+shared memory (shallower rings, more CTAs per SM); --only D keeps the configs of
+head dim D.
 """
 import json
 import os
@@ -13,10 +17,12 @@ import cupy as cp
 import numpy as np
 
 import w4kern
+from w4kern import _runtime, attention
 from w4kern.bench import Timer, _torch_and_timer
 
 OUT = sys.argv[1]
-VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in sys.argv[2:]]
+VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in sys.argv[2:] if "=" in a]
+ONLY = int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None
 CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 8, 128), 1, 256, (None, 1, 2, 4)),
     ((32, 8, 128), 1, 2048, (None, 4, 8, 16, 32)),
@@ -29,12 +35,24 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 16, 256), 1, 32768, (None, 8, 16)),
     ((64, 8, 128), 8, 8192, (None, 4, 8)),
     ((64, 8, 128), 64, 2048, (None, 1)),
+    ((32, 8, 128), 8, 32768, (None, 2, 4)),
+    ((32, 16, 256), 64, 256, (None, 1, 2)),
+    ((32, 16, 256), 8, 2048, (None, 1, 2)),
+    ((32, 16, 256), 8, 8192, (None, 1, 2)),
 ]
 
 
+_OPTIN = _runtime.max_dynamic_smem
+
+
 def use(src):
-    if src is None:
+    _runtime.max_dynamic_smem = _OPTIN
+    attention._PLANS.clear()
+    _runtime._kernels.clear()
+    if src is None or src.startswith("smem:"):
         os.environ.pop("W4KERN_CUDA_SRC", None)
+        if src is not None:
+            _runtime.max_dynamic_smem = lambda device, n=int(src[5:]): n
     else:
         os.environ["W4KERN_CUDA_SRC"] = os.path.abspath(src)
 
@@ -48,6 +66,8 @@ def main():
     rng = cp.random.default_rng(0)
     rows = []
     for (hq, hkv, d), b, length, split_list in CONFIGS:
+        if ONLY is not None and d != ONLY:
+            continue
         kv_bytes = 2 * b * hkv * length * d * 2
         copies = max(1, min(20, (256 << 20) // kv_bytes + 1))
         q = rng.standard_normal((b, hq, d), dtype=np.float32).astype(w4kern.bfloat16)
