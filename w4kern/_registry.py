@@ -112,15 +112,6 @@ A16_GROUP_FAMILIES = {"g32": (4, False), "g64": (8, False), "g128": (16, False),
 A16_GROUP_SLOTS = {"g32": 4, "g64": 2}
 
 
-#: matvec_q8_mma (W4A8 on int8 tensor cores): Q8 blocks per weight group within its
-#: 4-block steps (kGroupBlocks; per-channel weights take 4) per group size
-Q8_MMA_GROUP_BLOCKS = {32: 1, 64: 2, 128: 4, -1: 4}
-#: matvec_q8_mma instances (kTiles, kSplit): one 16-row tile per warp (two spill:
-#: a step's weight words, activations, (d, sum) and scales, double-buffered, pass
-#: the 128-register cap of two 256-thread CTAs per SM)
-Q8_MMA_CONFIGS = ((1, 1), (1, 2), (1, 4), (1, 8))
-
-
 def a16_instance(group_size: int, m: int) -> tuple[str, int, bool, int]:
     """(family, bytes of a row per thread and step, per-channel, group slots) of the
     matvec_a16 instance for M tokens: slots where the group is smaller than 128 and M
@@ -308,19 +299,6 @@ FAMILIES: dict[str, KernelFamily] = {
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + (
-        KernelFamily(
-            name="matvec_q8_mma",
-            source="matvec_q8_mma.cu",
-            template="w4kern::matvec_q8_mma_kernel",
-            # (scale type, has zeros, Q8 blocks per group in a step, tiles, split)
-            instances=tuple(
-                (cxx_type(scale), cxx_bool(has_zeros), str(blocks), *map(str, config))
-                for scale in _FLOAT_TYPES
-                for has_zeros in (False, True)
-                for blocks in sorted(set(Q8_MMA_GROUP_BLOCKS.values()))
-                for config in Q8_MMA_CONFIGS
-            ),
-        ),
         KernelFamily(
             name="decode_attention",
             source="decode_attention.cu",

@@ -472,12 +472,12 @@ _torch_decode_peers.dense = {}
 
 def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """The data behind ``w4kern.linear.DISPATCH``: dp4a matvec (every instance at M = 1)
-    vs every matvec_q8_mma instance vs the tensor-core small-M kernel per M, and for
-    W4A16 the small-M kernel vs every matvec_a16 instance."""
+    vs the tensor-core small-M kernel per M, and for W4A16 the small-M kernel vs every
+    matvec_a16 instance."""
     import cupy as cp
 
     import w4kern
-    from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS, Q8_MMA_CONFIGS
+    from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
     from w4kern.linear import _linear
 
     rng = cp.random.default_rng(3)
@@ -504,11 +504,6 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                      lambda i, c=config: _linear(xq, weights8[i % copies8], kernel="matvec",
                                                                  out=out, matvec_config=c),
                                      _linear_bytes(w8, m, k, n, "q8"), ceilings, ("graph",))
-            for config in Q8_MMA_CONFIGS:   # W4A8 on int8 tensor cores without shared memory
-                rows += _measure(timer, "q8_mma-t{}-s{}".format(*config), "linear_q8", shape,
-                                 lambda i, c=config: _linear(xq, weights[i % copies], kernel="q8_mma", out=out,
-                                                             matvec_config=c),
-                                 _linear_bytes(base, m, k, n, "q8"), ceilings, ("graph",))
             for act in ("q8", "bf16"):
                 rows += _measure(timer, "small_m-c3", f"linear_{act}", shape,
                                  lambda i, a=act: _linear(xq if a == "q8" else x, weights[i % copies], act=a,

@@ -10,8 +10,6 @@ tokens). On CuPy arrays it picks one of three paths by M:
   (``cuda_src/gemm_small_m.cu``), INT4 weights against Q8 blocks (int8 MMA) or
   bf16/fp16 activations (16-bit MMA), up to 8 tokens per launch; its time is
   flat in M (speculative-decoding verification).
-- ``q8_mma``: INT4 weights against Q8 blocks on int8 tensor cores fed straight
-  from global memory (``cuda_src/matvec_q8_mma.cu``), M <= 8, flat in M.
 - ``a16``: INT4 weights against bf16/fp16 activations (W4A16) on tensor cores
   fed straight from global memory (``cuda_src/matvec_a16.cu``), M <= 8, flat
   in M; g32 weights at M <= 2 and g64 at M <= 4 take 128-k steps holding
@@ -123,18 +121,6 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
     return candidates[-1]
 
 
-#: matvec_q8_mma instances (kTiles, kSplit), preferred first, chosen like a16's
-Q8_MMA_CANDIDATES = ((1, 1), (1, 2), (1, 4), (1, 8))
-
-
-def q8_mma_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
-    """The matvec_q8_mma instance for an N-row layer (see Q8_MMA_CANDIDATES)."""
-    for tiles, split in Q8_MMA_CANDIDATES:
-        if -(-n // (16 * tiles)) * split >= warps_per_sm * sm_count:
-            return tiles, split
-    return Q8_MMA_CANDIDATES[-1]
-
-
 def a16_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
     """The matvec_a16 instance for an N-row layer (see A16_CANDIDATES)."""
     for tiles, split in A16_CANDIDATES:
@@ -169,7 +155,7 @@ def _table(table: dict, key):
 
 
 def choose_kernel(weight_kind: str, act: str, m: int) -> str:
-    """'matvec', 'q8_mma', 'small_m', 'a16' or 'dense' for M tokens on the current GPU."""
+    """'matvec', 'small_m', 'a16' or 'dense' for M tokens on the current GPU."""
     if m > MAX_SMALL_M:
         return "dense"
     if weight_kind == "int8":
@@ -295,22 +281,20 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
             matvec_config=None, matvec_ctas=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
-    'matvec' / 'q8_mma' / 'small_m' / 'a16' / 'dense', the small-M kernel's CTAs per
-    SM, the matvec, q8_mma or a16 instance and its grid size)."""
+    'matvec' / 'small_m' / 'a16' / 'dense', the small-M kernel's CTAs per SM, the
+    matvec or a16 instance and its grid size)."""
     call = _check(x, weight, act, bias, out, out_dtype)
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
     if kernel is not None:
-        if kernel not in ("matvec", "q8_mma", "small_m", "a16", "dense"):
-            raise ValueError(f"kernel must be 'matvec', 'q8_mma', 'small_m', 'a16' or 'dense', got {kernel!r}")
+        if kernel not in ("matvec", "small_m", "a16", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16' or 'dense', got {kernel!r}")
         if kernel != "dense" and call.m > MAX_SMALL_M:
             raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
         if kernel == "small_m" and call.kind == "int8":
             raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
-        if kernel == "q8_mma" and (call.act != "q8" or call.kind != "int4"):
-            raise ValueError("the q8_mma kernel takes INT4 weights and Q8 activations only (act='q8')")
         if kernel == "a16" and (call.act != "bf16" or call.kind != "int4"):
             raise ValueError("the a16 kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
@@ -460,8 +444,6 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
         _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas)
-    elif kernel == "q8_mma":
-        _launch_q8_mma(call, act, weight, bias, out, matvec_config, matvec_ctas)
     elif kernel == "a16":
         _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas)
     else:
@@ -569,44 +551,6 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
-
-
-def _q8_mma_plan(call, weight, out_dtype, config, ctas):
-    from . import _runtime
-    from ._registry import Q8_MMA_CONFIGS, Q8_MMA_GROUP_BLOCKS, cxx_bool, cxx_type
-
-    _check_a16_weight_bytes(call.n, call.k)   # the same 32-bit weight offsets
-    if config is None:
-        warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
-        config = q8_mma_config(call.n, _sm_count(call.xp), warps)
-    config = tuple(config)
-    if config not in Q8_MMA_CONFIGS:
-        raise ValueError(f"q8_mma config {config} is not one of {Q8_MMA_CONFIGS}")
-    tiles, split = config
-    kernel = _runtime.get_kernel(
-        "matvec_q8_mma",
-        (cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None),
-         str(Q8_MMA_GROUP_BLOCKS[weight.group_size]), str(tiles), str(split)),
-    )
-    block_sets = _a16_block_sets(call.n, tiles, split)
-    if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
-        ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
-    tail = (np.int32(call.n), np.int32(call.k // Q8_BLOCK_VALUES), np.int32(call.m),
-            np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out_dtype]))
-    return kernel, (ctas,), tail
-
-
-def _launch_q8_mma(call, act, weight, bias, out, config=None, ctas=None):
-    zeros = weight.zeros
-    key = ("q8_mma", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), call.m, call.n,
-           call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
-           None if config is None else tuple(config), ctas)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _q8_mma_plan(call, weight, out.dtype, config, ctas)
-    kernel, grid, tail = plan
-    kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          _pointer(bias), out) + tail)
 
 
 def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
