@@ -127,6 +127,10 @@ def test_split_rule():
     assert ring_stages(256, 166912 - 1024) == 1                    # sm_80
     assert ring_stages(128, 101376 - 1024) == 2                    # sm_89
     assert ring_stages(128, 166912 - 1024) == 3                    # sm_80
+    # a grid of 4 waves or more takes the shallow ring where the deep one leaves one CTA per SM
+    assert ring_stages(256, 232448 - 1024, ctas=1024, sm_count=132) == 1
+    assert ring_stages(256, 232448 - 1024, ctas=512, sm_count=132) == 3
+    assert ring_stages(128, 232448 - 1024, ctas=4096, sm_count=132) == 3   # 2 CTAs per SM already
     with pytest.raises(ValueError, match="head dim 256 needs 67584 bytes of shared memory"):
         ring_stages(256, 48 * 1024)
 

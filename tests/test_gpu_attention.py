@@ -180,3 +180,17 @@ def test_shallow_rings_of_gpus_with_less_shared_memory(cp, rng, monkeypatch, pag
         q, k, v, lens = contiguous_case(rng, 2, 8, 2, 1000, d, np.float16, [1000, 17])
         for splits in (None, 1, 5):
             check(cp, run(cp, q, k, v, lens, num_splits=splits), q, k, v, lens)
+
+
+def test_many_waves_take_the_shallow_ring(cp, rng):
+    """D = 256 at B = 64 is a grid of 1024 CTAs: the 1-stage ring (3 CTAs per SM)
+    serves it, and must match the reference like the deep one."""
+    from w4kern import attention
+    from w4kern._registry import attention_smem_bytes
+
+    lens = rng.integers(0, 300, 64)
+    lens[:2] = (300, 1)
+    q, k, v, lens = contiguous_case(rng, 64, 32, 16, 300, 256, w4kern.bfloat16, lens)
+    check(cp, run(cp, q, k, v, lens), q, k, v, lens)
+    smem = [plan[2] for key, plan in attention._PLANS.items() if key[3] == q.shape and key[5] == k.shape]
+    assert smem == [attention_smem_bytes(256, 1)]

@@ -48,13 +48,25 @@ MERGE_THREADS = 256            # kMergeThreads: threads of the merge kernel, one
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
 
-def ring_stages(head_dim: int, smem_optin: int) -> int:
-    """The deepest compiled ring (kStages) whose shared memory one CTA may have."""
+#: A grid of at least this many waves of CTAs takes the shallowest ring where the
+#: deepest leaves one CTA (4 warps) per SM: 32/16/256 at B=64 (1024 CTAs, 7.8
+#: waves) ran 3-10% faster on a 1-stage ring with 3 CTAs per SM (L=256: 72.5 vs
+#: 80.3 us, L=2048: 502.8 vs 510.6), equal at 2-4 waves and slower below
+#: (benchmarks/results/2026-11-22-h200-session9/variants-shallow-256/)
+SHALLOW_RING_WAVES = 4
+
+
+def ring_stages(head_dim: int, smem_optin: int, ctas: int = 0, sm_count: int = 1) -> int:
+    """The ring depth (kStages) of a launch of ``ctas`` CTAs: the deepest compiled one
+    whose shared memory a CTA may have, or the shallowest where that one leaves one CTA
+    per SM and the grid holds SHALLOW_RING_WAVES waves of it."""
     fits = [s for s in ATTENTION_STAGES[head_dim] if attention_smem_bytes(head_dim, s) <= smem_optin]
     if not fits:
         raise ValueError(f"decode_attention with head dim {head_dim} needs "
                          f"{attention_smem_bytes(head_dim, min(ATTENTION_STAGES[head_dim]))} bytes of shared "
                          f"memory per CTA; this GPU offers {smem_optin}")
+    if len(fits) > 1 and resident_ctas(head_dim, fits[0]) == 1 and ctas >= SHALLOW_RING_WAVES * sm_count:
+        return fits[-1]
     return fits[0]
 
 
@@ -200,11 +212,13 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     b, hq, d = q.shape
     group = hq // hkv
     device = cp.cuda.runtime.getDevice()
-    stages = ring_stages(d, _runtime.max_dynamic_smem(device))
+    optin, sms = _runtime.max_dynamic_smem(device), _sm_count(cp)
+    stages = ring_stages(d, optin)
     sm_shared = int(cp.cuda.Device(device).attributes["MaxSharedMemoryPerMultiprocessor"])
     resident = resident_ctas(d, stages, sm_shared)
-    splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, _sm_count(cp), resident)
+    splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, sms, resident)
     splits = int(min(splits, MAX_SPLITS))
+    stages = ring_stages(d, optin, splits * hkv * -(-group // HEADS_PER_CTA) * b, sms)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), cxx_bool(paged), str(stages)))
     if paged:
