@@ -1,4 +1,4 @@
-"""Four decode_attention calls per config, for ncu (profile one launch of each kernel).
+"""Three decode_attention calls per config, for ncu (profile one launch of each kernel).
 
     ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum python3 scripts/profile_attention.py
 """
