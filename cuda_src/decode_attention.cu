@@ -332,11 +332,14 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 
 // Combines the splits of one (sequence, query head) row: out = sum_s w_s o_s /
 // sum_s w_s l_s with w_s = 2^(m_s - max m). A row no split saw a token of
-// (length 0) gives zeros. Its time is a chain of dependent loads, so every
-// split's (m, l) is loaded at once (one per thread), and the o_s are summed by
-// kMergeThreads / kDim thread groups, each over every kGroups-th split, with
-// several loads in flight.
-constexpr int kMergeThreads = 256;   // also the most splits (w4kern.attention.MAX_SPLITS)
+// (length 0) gives zeros. Its time is a chain of dependent loads (ncu: 3.3-4.2
+// us for 32 rows before this layout), so the o_s are summed by
+// kMergeThreads / kDim thread groups, each over every kGroups-th split, and a
+// thread's first kMergePrefetch partials are loaded before the (m, l) of every
+// split (one per thread) are reduced to the weights: both loads are in flight
+// at once, and the weights only scale what has arrived.
+constexpr int kMergeThreads = 512;   // at least the most splits (w4kern.attention.MAX_SPLITS)
+constexpr int kMergePrefetch = 16;   // partials a thread loads before the weights exist
 
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kMergeThreads) decode_attention_merge_kernel(
@@ -347,6 +350,16 @@ __global__ void __launch_bounds__(kMergeThreads) decode_attention_merge_kernel(
     __shared__ float sm_w[kMergeThreads], sm_red[2][kWarps], sm_part[kGroups][kDim];
     const i64 row = blockIdx.x;
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int group = t / kDim, d = t % kDim;
+    const bool summing = group < kGroups;
+    const float* o = part_o + row * splits * kDim + d;
+
+    float pre[kMergePrefetch];
+#pragma unroll
+    for (int u = 0; u < kMergePrefetch; ++u) {
+        const int s = group + u * kGroups;
+        pre[u] = summing && s < splits ? o[static_cast<i64>(s) * kDim] : 0.0f;
+    }
 
     float m = neg_inf(), l = 0.0f;
     if (t < splits) {
@@ -370,12 +383,16 @@ __global__ void __launch_bounds__(kMergeThreads) decode_attention_merge_kernel(
     if (lane == 0) sm_red[1][warp] = l_sum;
     __syncthreads();
 
-    const int group = t / kDim, d = t % kDim;
-    if (group < kGroups) {
+    if (summing) {
         float acc = 0.0f;
-        const float* o = part_o + row * splits * kDim + d;
+#pragma unroll
+        for (int u = 0; u < kMergePrefetch; ++u) {
+            const int s = group + u * kGroups;
+            if (s < splits) acc = fmaf(sm_w[s], pre[u], acc);
+        }
 #pragma unroll 8
-        for (int s = group; s < splits; s += kGroups) acc = fmaf(sm_w[s], o[static_cast<i64>(s) * kDim], acc);
+        for (int s = group + kMergePrefetch * kGroups; s < splits; s += kGroups)
+            acc = fmaf(sm_w[s], o[static_cast<i64>(s) * kDim], acc);
         sm_part[group][d] = acc;
     }
     __syncthreads();

@@ -44,7 +44,7 @@ SPLIT_MIN_TOKENS = 256
 SPLIT_WAVES = 1
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
-MERGE_THREADS = 256            # kMergeThreads: threads of the merge kernel, one per split at most
+MERGE_THREADS = 512            # kMergeThreads: threads of the merge kernel (at least MAX_SPLITS)
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
 
