@@ -17,7 +17,7 @@ import cupy as cp
 import numpy as np
 
 import w4kern
-from w4kern import _runtime, attention
+from w4kern import attention
 from w4kern.bench import Timer, _torch_and_timer
 
 OUT = sys.argv[1]
@@ -49,17 +49,16 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
 ]
 
 
-_OPTIN = _runtime.max_dynamic_smem
+_OPTIN = attention._cta_smem_optin
 
 
 def use(src):
-    _runtime.max_dynamic_smem = _OPTIN
+    attention._cta_smem_optin = _OPTIN
     attention._PLANS.clear()
-    _runtime._kernels.clear()
     if src is None or src.startswith("smem:"):
         os.environ.pop("W4KERN_CUDA_SRC", None)
         if src is not None:
-            _runtime.max_dynamic_smem = lambda device, n=int(src[5:]): n
+            attention._cta_smem_optin = lambda device, n=int(src[5:]): n
     else:
         os.environ["W4KERN_CUDA_SRC"] = os.path.abspath(src)
 

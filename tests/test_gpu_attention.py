@@ -161,11 +161,12 @@ def test_shallow_rings_of_gpus_with_less_shared_memory(cp, rng, monkeypatch, pag
     """Where a CTA may have less shared memory than sm_90's 227 KiB (sm_80, sm_89),
     D = 128 takes the 2-stage instance and D = 256 the 1-stage one; this GPU runs
     them when told it offers 100 KB."""
-    from w4kern import _runtime, attention
+    from w4kern import attention
 
-    monkeypatch.setattr(_runtime, "max_dynamic_smem", lambda device: 100_000)
+    # only the ring choice sees the smaller GPU: the loaded kernels keep this one's
+    # shared-memory limit (lowering it would fail later launches of deeper rings)
+    monkeypatch.setattr(attention, "_cta_smem_optin", lambda device: 100_000)
     monkeypatch.setattr(attention, "_PLANS", {})
-    monkeypatch.setattr(_runtime, "_kernels", {})   # kernels loaded under the smaller opt-in stay here
     assert attention.ring_stages(d, 100_000) == {128: 2, 256: 1}[d]
     if paged:
         b, page, hkv = 2, 32, 2

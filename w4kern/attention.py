@@ -70,6 +70,14 @@ def ring_stages(head_dim: int, smem_optin: int, ctas: int = 0, sm_count: int = 1
     return fits[0]
 
 
+def _cta_smem_optin(device: int) -> int:
+    """Dynamic shared memory one CTA may have on ``device`` (what picks the ring depth;
+    tests stand in a smaller GPU here, leaving the loaded kernels' limits alone)."""
+    from . import _runtime
+
+    return _runtime.max_dynamic_smem(device)
+
+
 def resident_ctas(head_dim: int, stages: int, sm_shared: int = SM_SHARED_BYTES) -> int:
     """CTAs of decode_attention_kernel one SM holds at once (shared memory bound;
     1 KiB per CTA is reserved by the driver, under 512 bytes are static)."""
@@ -212,7 +220,7 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     b, hq, d = q.shape
     group = hq // hkv
     device = cp.cuda.runtime.getDevice()
-    optin, sms = _runtime.max_dynamic_smem(device), _sm_count(cp)
+    optin, sms = _cta_smem_optin(device), _sm_count(cp)
     stages = ring_stages(d, optin)
     sm_shared = int(cp.cuda.Device(device).attributes["MaxSharedMemoryPerMultiprocessor"])
     resident = resident_ctas(d, stages, sm_shared)
