@@ -3,11 +3,11 @@
 and check each variant's output against the tree's (fp32-accumulation tolerance).
 Beside them: torch SDPA (flash) on the same tensors.
 
-    python3 scripts/attention_variants.py OUT.json [label=DIR | label=smem:BYTES ...] [--only D]
+    python3 scripts/attention_variants.py OUT.json [label=DIR | label=smem:BYTES ...] [--only D] [--batch B]
 
 A variant smem:BYTES runs the tree's kernels as if a CTA could have BYTES of
 shared memory (shallower rings, more CTAs per SM); --only D keeps the configs of
-head dim D.
+head dim D, --batch B those of batch B.
 """
 import json
 import os
@@ -23,6 +23,7 @@ from w4kern.bench import Timer, _torch_and_timer
 OUT = sys.argv[1]
 VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in sys.argv[2:] if "=" in a]
 ONLY = int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None
+BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else None
 CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 8, 128), 1, 256, (None, 1, 2, 4)),
     ((32, 8, 128), 1, 2048, (None, 4, 8, 16, 32)),
@@ -35,7 +36,9 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 16, 256), 1, 32768, (None, 8, 16)),
     ((64, 8, 128), 8, 8192, (None, 4, 8)),
     ((64, 8, 128), 64, 2048, (None, 1)),
-    ((32, 8, 128), 8, 32768, (None, 2, 4)),
+    ((32, 8, 128), 8, 32768, (None, 2, 3, 4, 5, 6, 8)),
+    ((64, 8, 128), 8, 32768, (None, 3, 4, 5, 6, 8)),
+    ((32, 8, 128), 8, 131072, (None, 3, 4, 6, 8)),
     ((32, 16, 256), 64, 256, (None, 1, 2)),
     ((32, 16, 256), 8, 2048, (None, 1, 2)),
     ((32, 16, 256), 8, 8192, (None, 1, 2)),
@@ -72,7 +75,7 @@ def main():
     rng = cp.random.default_rng(0)
     rows = []
     for (hq, hkv, d), b, length, split_list in CONFIGS:
-        if ONLY is not None and d != ONLY:
+        if (ONLY is not None and d != ONLY) or (BATCH is not None and b != BATCH):
             continue
         kv_bytes = 2 * b * hkv * length * d * 2
         copies = max(1, min(20, (256 << 20) // kv_bytes + 1))
