@@ -71,6 +71,8 @@ def test_a16_config_by_rows():
     assert a16_config(7, 132, 12) == A16_CANDIDATES[-1]
     assert a16_config(28672, 132, 12) == (2, 2)        # 1792 warps
     assert a16_config(4096, 132, 12) == (1, 8)         # 2048 warps
+    assert a16_config(6144, 132, 12) == (1, 8)         # 1536 warps at (1, 4): short of 12 per SM
+    assert a16_config(6144, 132, 11) == (1, 4)         # the H200 row: enough at 11
 
 
 def test_a16_weight_bytes_fit_its_32_bit_offsets():

@@ -97,7 +97,11 @@ MATVEC_CANDIDATES = {
 #: matvec_a16 instances (kTiles, kSplit), preferred first, chosen the same way
 #: (N / (16 kTiles) * kSplit warps against A16_WARPS_PER_SM per SM)
 A16_CANDIDATES = ((2, 2), (1, 4), (1, 8))
-A16_WARPS_PER_SM = {"default": 12}
+#: H200: 11 puts llama3-8b.qkv (N = 6144, 1536 warps at 16 rows x 4 split warps) on
+#: (1, 4) rather than (1, 8): 10.21 vs 10.50 us at M = 1, 3-4% faster at every M up to
+#: 8, and leaves the other four shapes' picks, the fastest there (linear_tuning,
+#: benchmarks/results/2026-11-22-h200-session9/q8-mma-dfda4f4/tuning.log)
+A16_WARPS_PER_SM = {"default": 12, "NVIDIA H200": 11}
 #: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
 #: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
 MATVEC_WARPS_PER_SM = {"default": 12}
