@@ -95,6 +95,10 @@ def test_matvec_config_by_rows():
     assert matvec_config("int4", 1, 28672, 132, 16) == (1, 8, 1, 1)
     assert matvec_config("int4", 1, 4096, 132, 16) == (1, 4, 2, 4)
     assert matvec_config("int4", 3, 4096, 132, 16)[0] == 4
+    # W8A8 on the H200 (MATVEC_INT8_WARPS_PER_SM = 10): unsplit where N / 4 rows fill 10 warps per SM
+    assert matvec_config("int8", 1, 6144, 132, 10) == (4, 4, 1, 1)      # llama3-8b.qkv
+    assert matvec_config("int8", 1, 5376, 132, 10) == (4, 4, 1, 1)      # gemma3-27b.down
+    assert matvec_config("int8", 1, 4096, 132, 10) == (4, 4, 1, 4)      # llama3-8b.down
 
 
 def test_matvec_items_config_skips_split_k_that_idles_warps():

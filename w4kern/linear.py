@@ -105,6 +105,11 @@ A16_WARPS_PER_SM = {"default": 12, "NVIDIA H200": 11}
 #: H200: 12 puts llama3-8b.down (N = 4096) on 8 rows x 4 split warps (10.9 us) rather
 #: than 4 rows x 4 (13.7 us), and keeps 8 rows x 1 warp on the gate_up shapes
 MATVEC_WARPS_PER_SM = {"default": 12}
+#: INT8 weights (W8A8) alone. H200: 10 takes the unsplit (4, 4, 1, 1) instance on
+#: llama3-8b.qkv (9.14 vs 10.20 us at M = 1) and gemma3-27b.down (31.30 vs 32.14),
+#: keeping split K on llama3-8b.down, the best of the two on all five shapes
+#: (linear_tuning, benchmarks/results/2026-11-22-h200-session9/q8-mma-dfda4f4/tuning.log)
+MATVEC_INT8_WARPS_PER_SM = {"default": 12, "NVIDIA H200": 10}
 #: the MoE decode path skips a split-K candidate whose warps would find a K block
 #: in less than this share of their step slots (see matvec_items_config)
 MATVEC_MIN_K_USE = 0.75
@@ -468,7 +473,8 @@ def _matvec_plan(call, weight, out_dtype, config, ctas, items=False):
     bits = 4 if call.kind == "int4" else 8
     zeros = getattr(weight, "zeros", None)
     if config is None:
-        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+        table = MATVEC_INT8_WARPS_PER_SM if call.kind == "int8" else MATVEC_WARPS_PER_SM
+        warps = table.get(_gpu_name(), table["default"])
         config = matvec_config(call.kind, call.m, call.n, _sm_count(call.xp), warps)
     config = tuple(config)
     if config not in MATVEC_CONFIGS or config[0] < call.m:
