@@ -35,7 +35,7 @@ from .formats import bfloat16
 DTYPES = (bfloat16, np.dtype(np.float16))
 PAGE_SIZES = (16, 256)   # inclusive range
 
-#: Split-K rule, from scripts/attention_splits.py on an H200 (graph mode; the
+#: Split-K rule, from scripts/attention_variants.py on an H200 (graph mode; the
 #: results are in benchmarks/results/): a cache of at least SPLIT_MIN_TOKENS
 #: tokens is split until the grid fills SPLIT_WAVES waves of resident CTAs (as
 #: many as the SM's shared memory holds, see resident_ctas), each split keeping
@@ -56,16 +56,17 @@ SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' de
 SHALLOW_RING_WAVES = 4
 
 
-def ring_stages(head_dim: int, smem_optin: int, ctas: int = 0, sm_count: int = 1) -> int:
+def ring_stages(head_dim: int, smem_optin: int, ctas: int = 0, sm_count: int = 1,
+                sm_shared: int = SM_SHARED_BYTES) -> int:
     """The ring depth (kStages) of a launch of ``ctas`` CTAs: the deepest compiled one
     whose shared memory a CTA may have, or the shallowest where that one leaves one CTA
-    per SM and the grid holds SHALLOW_RING_WAVES waves of it."""
+    per SM (of ``sm_shared`` bytes) and the grid holds SHALLOW_RING_WAVES waves of it."""
     fits = [s for s in ATTENTION_STAGES[head_dim] if attention_smem_bytes(head_dim, s) <= smem_optin]
     if not fits:
         raise ValueError(f"decode_attention with head dim {head_dim} needs "
                          f"{attention_smem_bytes(head_dim, min(ATTENTION_STAGES[head_dim]))} bytes of shared "
                          f"memory per CTA; this GPU offers {smem_optin}")
-    if len(fits) > 1 and resident_ctas(head_dim, fits[0]) == 1 and ctas >= SHALLOW_RING_WAVES * sm_count:
+    if len(fits) > 1 and resident_ctas(head_dim, fits[0], sm_shared) == 1 and ctas >= SHALLOW_RING_WAVES * sm_count:
         return fits[-1]
     return fits[0]
 
@@ -226,7 +227,8 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     resident = resident_ctas(d, stages, sm_shared)
     splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, sms, resident)
     splits = int(min(splits, MAX_SPLITS))
-    stages = ring_stages(d, optin, splits * hkv * -(-group // HEADS_PER_CTA) * b, sms)
+    # the split count is the deep ring's: a grid of SHALLOW_RING_WAVES waves has one split
+    stages = ring_stages(d, optin, splits * hkv * -(-group // HEADS_PER_CTA) * b, sms, sm_shared)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     kernel = _runtime.get_kernel("decode_attention", (cxx_type(q.dtype), str(d), cxx_bool(paged), str(stages)))
     if paged:
