@@ -42,6 +42,9 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kAttnHeads = 8;      // query heads per CTA: the MMA's 8 columns
 constexpr int kAttnChunk = 16;     // tokens per warp step: the MMA's 16 rows
+// Whether the copy engine fills the rings (sm_90); tests/test_gpu_attention.py
+// sets it to 0 in a copy of this file to run the cp.async path on an sm_90 GPU.
+#define W4KERN_ATTN_COPY_ENGINE (__CUDA_ARCH__ >= 900)
 // -inf, the max of no scores (NVRTC has no INFINITY without the host headers)
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
 
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     extern __shared__ __align__(16) unsigned char attn_smem[];
     const u32 ring = smem_address(attn_smem) + warp * Shape::kWarpBytes;
     const u32 bars = smem_address(&sm_bar[warp][0]);
-#if __CUDA_ARCH__ >= 900
+#if W4KERN_ATTN_COPY_ENGINE
     // Issue the warp's chunk j into stage j % kStages on the copy engine: lane l
     // copies row l % 16 of K (l < 16) or V (l >= 16), one bulk copy of a row.
     // Rows past `end` copy row end - 1 instead (real data, masked by its score),
@@ -276,7 +279,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
             mma_m16n8k16<T>(o[i], a, pb0, pb1);
         }
     }
-#if __CUDA_ARCH__ < 900
+#if !W4KERN_ATTN_COPY_ENGINE
     cp_async_wait<0>();
 #endif
     __syncthreads();   // every ring is drained: its memory now holds the warps' outputs

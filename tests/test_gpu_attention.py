@@ -195,3 +195,38 @@ def test_many_waves_take_the_shallow_ring(cp, rng):
     check(cp, run(cp, q, k, v, lens), q, k, v, lens)
     smem = [plan[2] for key, plan in attention._PLANS.items() if key[3] == q.shape and key[5] == k.shape]
     assert smem == [attention_smem_bytes(256, 1)]
+
+
+def test_cp_async_rings_before_sm90(cp, rng, tmp_path, monkeypatch):
+    """The rings' cp.async path (what sm_80/sm_89 run) on this GPU: a copy of the
+    sources with the copy engine switched off, every head dim, both layouts, deep
+    and shallow rings, against the reference."""
+    import shutil
+
+    from w4kern import _runtime, attention
+
+    src = tmp_path / "cuda_src"
+    shutil.copytree(_runtime.source_dir(), src)
+    path = src / "decode_attention.cu"
+    text = path.read_text()
+    switch = "#define W4KERN_ATTN_COPY_ENGINE (__CUDA_ARCH__ >= 900)"
+    assert switch in text
+    path.write_text(text.replace(switch, "#define W4KERN_ATTN_COPY_ENGINE 0"))
+    monkeypatch.setenv("W4KERN_CUDA_SRC", str(src))
+    monkeypatch.setattr(attention, "_PLANS", {})
+    for d in (64, 96, 128, 256):
+        q, k, v, lens = contiguous_case(rng, 3, 8, 2, 500, d, w4kern.bfloat16, [500, 0, 37])
+        for splits in (None, 1, 3):
+            check(cp, run(cp, q, k, v, lens, num_splits=splits), q, k, v, lens)
+    b, page, hkv, d = 2, 32, 2, 128
+    lens = np.array([700, 33], np.int32)
+    table = rng.permutation(2 * 23).reshape(2, 23).astype(np.int32)
+    k = rng.standard_normal((2 * 23, page, hkv, d)).astype(np.float16)
+    v = rng.standard_normal((2 * 23, page, hkv, d)).astype(np.float16)
+    q = rng.standard_normal((b, 16, d)).astype(np.float16)
+    check(cp, run(cp, q, k, v, lens, block_table=table, num_splits=4), q, k, v, lens, block_table=table)
+    monkeypatch.setattr(attention, "_cta_smem_optin", lambda device: 100_000)   # 2- and 1-stage rings
+    attention._PLANS.clear()
+    for d in (128, 256):
+        q, k, v, lens = contiguous_case(rng, 2, 8, 2, 1000, d, np.float16, [1000, 17])
+        check(cp, run(cp, q, k, v, lens, num_splits=5), q, k, v, lens)
