@@ -40,6 +40,20 @@
 // next step (the same or the next row block) before the MMAs of this one.
 // Split warps reduce through shared memory in a fixed order (deterministic).
 //
+// INT8 activations (ActT = i8, W4A8 with per-token activation scales: x ~= d[m] *
+// q[m, k], PerTokenInt8): the same walk with mma.m16n8k32 s8 MMAs. A weight word's
+// low nibbles (its even k) and high nibbles (odd k) are the A slots 4t.. and
+// 16 + 4t.., and prmt splits the thread's 8 activation bytes of that word the
+// same way, so one MMA per word covers 32 k of 16 rows. Nibbles need one AND
+// (low) or a shift and an AND (high), against a shift and a LOP3 per pair of
+// values for 16-bit activations, and the sums stay exact int32 until the
+// group's scale: y += s * (sum q x - z * sum x), with sum x from an all-ones
+// MMA; the token's scale d multiplies the finished sum once. A per-token scale
+// is what makes this work: with Q8 blocks (a scale per 32 k) every MMA's int32
+// result would need its own conversion and scaling per token and block, which
+// costs as much as the 16-bit nibble conversion. No group slots (one group per
+// step: 32, 64 or 128 k).
+//
 // Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an
 // item (common/moe_items.cuh): expert item_experts[i]'s weights, the activation
 // rows of item i / act_item_div, output rows i * M ...; zeros for an id outside
@@ -102,11 +116,12 @@ __device__ __forceinline__ void load_words(u32 (&dst)[kBytes / 4], const void* p
 
 // Everything one step of one warp reads from global memory, so the next step's
 // loads can be in flight during this step's math.
-template <int kChunkBytes, int kTiles, int kColScales>
+template <int kChunkBytes, int kTiles, int kColScales, int kActBytes>
 struct A16Step {
     static constexpr int kWords = kChunkBytes / 4;   // weight words per row and thread
+    static constexpr int kXWords = kActBytes * kWords * 2;   // 8 activations (of kActBytes) per weight word
     u32 w[kTiles][2][kWords];                        // rows g and g + 8 of each tile
-    u32 x[4 * kWords];                               // B column g: 8 values per weight word
+    u32 x[kXWords];                                  // B column g
     // group scale and zero of those rows: one per step, or (group slots) one per
     // result column this thread holds (2t and 2t + 1)
     float s[kTiles][2][kColScales], z[kTiles][2][kColScales];
@@ -119,6 +134,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const ScaleT* __restrict__ scales,   // [N, n_groups]
     const ScaleT* __restrict__ zeros,    // [N, n_groups] (asymmetric only)
     const ActT* __restrict__ x,          // [M, K]
+    const float* __restrict__ x_scales,  // [M] per-token scales of INT8 x (i8 only; else unused)
     const void* __restrict__ bias,       // [N] of the output type, or null
     void* __restrict__ out,              // [M, N]
     i32 n_rows, i32 k_dim, i32 m_tokens, i32 n_groups, i32 out_kind,
@@ -129,9 +145,10 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     static_assert(!kPerChannel || kChunkBytes == 16, "per-channel weights take 128 k per step");
     static_assert(kGroupSlots == 1 || ((kGroupSlots == 2 || kGroupSlots == 4) && kChunkBytes == 16 && !kPerChannel),
                   "group slots split a 128-k step of g64 or g32 weights");
+    constexpr bool kInt8 = sizeof(ActT) == 1;        // i8: per-token INT8 activations
+    static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
-    using Step = A16Step<kChunkBytes, kTiles, kColScales>;
-    using Nib = A16Nibbles<ActT>;
+    using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT))>;
     constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
     constexpr int kWords = Step::kWords;
     constexpr int kBlockRows = 16 * kTiles;
@@ -159,6 +176,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         out_base = it.out_base;
         it.move_to_expert<kHasZeros>(qweight, scales, zeros, n_rows, row_bytes, n_groups);
         x += it.act_row * k_dim;
+        if constexpr (kInt8) x_scales += it.act_row;
     }
     __shared__ float partial[kSplit > 1 ? kA16Warps : 1][kOutPerThread][32];
 
@@ -210,16 +228,20 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         const int x_token = g / kGroupSlots;
         if (mine_in_k && x_token < m_tokens && t * kGroupSlots / 4 == g % kGroupSlots) {
             const ActT* src = x + static_cast<i64>(x_token) * k_dim + k0;
+            if constexpr (Step::kXWords < 4) {
+                load_words<4 * Step::kXWords>(st.x, src);   // INT8 x of a 4-byte chunk: 8 bytes
+            } else {
 #pragma unroll
-            for (int j = 0; j < kWords; ++j) {
-                u32 v[4];
-                load_words<16>(v, src + 8 * j);
+                for (int j = 0; j < Step::kXWords / 4; ++j) {
+                    u32 v[4];
+                    load_words<16>(v, reinterpret_cast<const u8*>(src) + 16 * j);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st.x[4 * j + e] = v[e];
+                    for (int e = 0; e < 4; ++e) st.x[4 * j + e] = v[e];
+                }
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 4 * kWords; ++j) st.x[j] = 0u;
+            for (int j = 0; j < Step::kXWords; ++j) st.x[j] = 0u;
         }
     };
 
@@ -229,48 +251,87 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) y[i][e] = 0.0f;
 
-    // One step: kWords x 2 MMAs per tile over one weight group, one all-ones MMA
-    // per pair of k slots for sum x, then the group's scale and zero in fp32.
+    // One step over one weight group (each branch is instantiated only for its
+    // activation types).
+    // - INT8: one s8 MMA per weight word and tile and one all-ones MMA per word
+    //   for sum x, exact int32 sums, then the group's scale and zero in fp32.
+    // - 16-bit: kWords x 2 MMAs per tile, one all-ones MMA per pair of k slots
+    //   for sum x, then the group's scale and zero in fp32.
     auto compute_step = [&](const Step& st) {
-        float acc[kTiles][4];
-        float sum_x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if constexpr (kInt8) {
+            i32 acc[kTiles][4], sum_x[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int i = 0; i < kTiles; ++i)
+            for (int i = 0; i < kTiles; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-        const u32 ones[4] = {Nib::kOnes, Nib::kOnes, Nib::kOnes, Nib::kOnes};
+                for (int e = 0; e < 4; ++e) acc[i][e] = 0;
+            const u32 ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
 #pragma unroll
-        for (int j = 0; j < kWords; ++j) {
-            // activations k .. k + 7 of this word, paired as (k, k + 4), (k + 1, k + 5), ...
-            const u32* u = st.x + 4 * j;
-            const u32 x04 = byte_perm(u[0], u[2], 0x5410), x15 = byte_perm(u[0], u[2], 0x7632);
-            const u32 x26 = byte_perm(u[1], u[3], 0x5410), x37 = byte_perm(u[1], u[3], 0x7632);
+            for (int j = 0; j < kWords; ++j) {
+                // activations k .. k + 7 of this word split into its even-k and odd-k bytes
+                const u32 x_even = byte_perm(st.x[2 * j], st.x[2 * j + 1], 0x6420);
+                const u32 x_odd = byte_perm(st.x[2 * j], st.x[2 * j + 1], 0x7531);
 #pragma unroll
-            for (int i = 0; i < kTiles; ++i) {
-                const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
-                const u32 a0[4] = {a16_pair<ActT, 0, kLop3>(lo), a16_pair<ActT, 0, kLop3>(hi),
-                                   a16_pair<ActT, 4, kLop3>(lo), a16_pair<ActT, 4, kLop3>(hi)};
-                mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {a16_pair<ActT, 8, kLop3>(lo), a16_pair<ActT, 8, kLop3>(hi),
-                                   a16_pair<ActT, 12, kLop3>(lo), a16_pair<ActT, 12, kLop3>(hi)};
-                mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
-            }
-            mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
-            mma_m16n8k16<ActT>(sum_x, ones, x26, x37);
-        }
-        // acc: (row g, tokens 2t, 2t+1), (row g+8, same tokens); sum_x: the same
-        // two tokens' sums in every row
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int cs = kColScales > 1 ? c : 0;
-                    const float s = st.s[i][h][cs], zz = 16.0f + st.z[i][h][cs];
-                    y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
+                for (int i = 0; i < kTiles; ++i) {
+                    const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
+                    const u32 a[4] = {lo & kLowNibbles, hi & kLowNibbles, (lo >> 4) & kLowNibbles,
+                                      (hi >> 4) & kLowNibbles};
+                    mma_s8_m16n8k32_acc(acc[i], a, x_even, x_odd);
                 }
+                mma_s8_m16n8k32_acc(sum_x, ones, x_even, x_odd);
             }
+            // acc: (row g, tokens 2t, 2t+1), (row g+8, same tokens); sum_x: those
+            // two tokens' sums of q in every row
+            const float sx[2] = {static_cast<float>(sum_x[0]), static_cast<float>(sum_x[1])};
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        y[i][2 * h + c] += st.s[i][h][0] *
+                                           (static_cast<float>(acc[i][2 * h + c]) - st.z[i][h][0] * sx[c]);
+        } else {
+            using Nib = A16Nibbles<ActT>;
+            float acc[kTiles][4];
+            float sum_x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+            const u32 ones[4] = {Nib::kOnes, Nib::kOnes, Nib::kOnes, Nib::kOnes};
+#pragma unroll
+            for (int j = 0; j < kWords; ++j) {
+                // activations k .. k + 7 of this word, paired as (k, k + 4), (k + 1, k + 5), ...
+                const u32* u = st.x + 4 * j;
+                const u32 x04 = byte_perm(u[0], u[2], 0x5410), x15 = byte_perm(u[0], u[2], 0x7632);
+                const u32 x26 = byte_perm(u[1], u[3], 0x5410), x37 = byte_perm(u[1], u[3], 0x7632);
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i) {
+                    const u32 lo = st.w[i][0][j], hi = st.w[i][1][j];   // rows g and g + 8
+                    const u32 a0[4] = {a16_pair<ActT, 0, kLop3>(lo), a16_pair<ActT, 0, kLop3>(hi),
+                                       a16_pair<ActT, 4, kLop3>(lo), a16_pair<ActT, 4, kLop3>(hi)};
+                    mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
+                    const u32 a1[4] = {a16_pair<ActT, 8, kLop3>(lo), a16_pair<ActT, 8, kLop3>(hi),
+                                       a16_pair<ActT, 12, kLop3>(lo), a16_pair<ActT, 12, kLop3>(hi)};
+                    mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
+                }
+                mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
+                mma_m16n8k16<ActT>(sum_x, ones, x26, x37);
+            }
+            // acc: (row g, tokens 2t, 2t+1), (row g+8, same tokens); sum_x: the same
+            // two tokens' sums in every row
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int cs = kColScales > 1 ? c : 0;
+                        const float s = st.s[i][h][cs], zz = 16.0f + st.z[i][h][cs];
+                        y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
+                    }
+                }
+        }
     };
 
     // Row block b is done: sum the split warps' results through shared memory
@@ -303,6 +364,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                             const int m = 2 * t + c;
                             if (row < n_rows && m < m_tokens) {
                                 float v = zero_item ? 0.0f : y[i][2 * h + c];
+                                if constexpr (kInt8) v *= x_scales[m];   // the token's scale, once
                                 if (bias != nullptr) v += load_as_float(bias, row, out_kind);
                                 store_from_float(out, out_base + static_cast<i64>(m) * n_rows + row, v, out_kind);
                             }

@@ -8,6 +8,9 @@
 //   3. moe_combine_kernel<Out>: y[t] = sum_j topk_weights[t, j] * down[t * k + j],
 //      summed in slot order j = 0, 1, ... (the same bits every run). The batched
 //      path (moe_gemm.cu) uses it too.
+// Kernel 1 with kQ8Blocks = false also serves w4kern.linear(act="int8"): the
+// same per-token INT8 as plain rows, q int8 [T, H] and scales float32 [T]
+// (PerTokenInt8, quant.quantize_per_token_int8), for matvec_a16's INT8 instances.
 // The bf16 decode path (matvec_a16's items) replaces 1 and 2 with
 //   4. moe_silu_mul_kernel<Out>: GEMM1's fp32 [g; u] rows -> silu(g) * u rounded
 //      to x's 16-bit type (GEMM2's activations), as the batched A16 epilogue.
@@ -75,9 +78,11 @@ struct MoeChunk {
 // again rather than keeping it in registers or shared memory: rows are a few
 // KiB and the second read hits L1/L2. Every thread runs the same number of loop
 // iterations (full-warp shuffles); lanes past the row's end store nothing.
-template <typename In, bool kSiluGateUp>
+// kQ8Blocks = false writes the row's q in natural order (8 bytes per thread) to
+// out [rows, cols] int8 and its scale to row_scales[row] instead.
+template <typename In, bool kSiluGateUp, bool kQ8Blocks>
 __global__ void __launch_bounds__(kMoeRowThreads)
-moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int cols) {
+moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
     using Chunk = MoeChunk<In, kSiluGateUp>;
     const int row = blockIdx.x;
     const int lane = threadIdx.x & 31;
@@ -127,7 +132,8 @@ moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int col
     const float d = non_finite ? __int_as_float(0x7FC00000) : scale;   // NaN marks the row
 
     const int t = lane & 3;
-    u32* row_words = reinterpret_cast<u32*>(out + static_cast<i64>(row) * (cols / kQ8BlockValues));
+    u32* row_words = reinterpret_cast<u32*>(out + static_cast<i64>(row) * (kQ8Blocks ? cols / kQ8BlockValues * sizeof(Q8Block) : cols));
+    if (!kQ8Blocks && threadIdx.x == 0) row_scales[row] = d;
     for (int base0 = warp * 32; base0 < n_chunks; base0 += kStride) {   // warp-uniform trip count
         const int base = base0 + lane;
         Chunk chunk[kMoeUnroll];
@@ -148,6 +154,13 @@ moe_token_q8_kernel(const In* __restrict__ x, Q8Block* __restrict__ out, int col
                 q[i] = (non_finite || !valid) ? 0
                                               : static_cast<int>(fminf(fmaxf(roundf(v[i] / divisor), -127.0f), 127.0f));
                 q_sum += q[i];
+            }
+            if constexpr (!kQ8Blocks) {   // the chunk's 8 bytes in k order
+                if (valid)
+                    *reinterpret_cast<uint2*>(row_words + 2 * c) =
+                        make_uint2((q[0] & 0xFF) | (q[1] & 0xFF) << 8 | (q[2] & 0xFF) << 16 | static_cast<u32>(q[3] & 0xFF) << 24,
+                                   (q[4] & 0xFF) | (q[5] & 0xFF) << 8 | (q[6] & 0xFF) << 16 | static_cast<u32>(q[7] & 0xFF) << 24);
+                continue;
             }
             q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 1);
             q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 2);

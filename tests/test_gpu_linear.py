@@ -48,6 +48,15 @@ def tolerance(x_ref, weight):
     return 4e-6 * (a @ w.T) + 1e-6
 
 
+def quantized(x, act):
+    """What the GPU path feeds its kernel for act: Q8 blocks, per-token INT8 or x."""
+    if act == "q8":
+        return w4kern.quantize_q8(x)
+    if act == "int8":
+        return w4kern.quantize_per_token_int8(x)
+    return x
+
+
 def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per_sm=None, bias=False,
           matvec_config=None, matvec_ctas=None):
     """Run one kernel on fresh random x and compare with the reference."""
@@ -59,7 +68,7 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
                   bias=None if b is None else cp.asarray(b), ctas_per_sm=ctas_per_sm, matvec_config=matvec_config,
                   matvec_ctas=matvec_ctas)
     assert got is out
-    x_ref = w4kern.quantize_q8(x) if act == "q8" else x
+    x_ref = quantized(x, act)
     expected = reference.linear(x_ref, weight, b)
     tol = tolerance(x_ref, weight)
     got = cp.asnumpy(out)
@@ -73,11 +82,12 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
-@pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16", "a16-bf16", "a16-f16"])
+@pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16", "a16-bf16", "a16-f16",
+                                  "a8-int8", "a8-int8f32"])
 def test_int4_kernels_match_reference(cp, rng, path, group_size, scale_dtype, symmetric):
     kernel, act = path.split("-")
-    dtype = np.float16 if act == "f16" else w4kern.bfloat16
-    act = "q8" if act == "q8" else "bf16"
+    dtype = np.float16 if act == "f16" else np.float32 if act == "int8f32" else w4kern.bfloat16
+    act = {"f16": "bf16", "int8f32": "int8"}.get(act, act)
     for n, k in CASES[group_size]:
         weight = make_int4(rng, n, k, group_size, symmetric, scale_dtype)
         for m in MS:
@@ -117,8 +127,9 @@ def test_matvec_warps_walk_many_row_groups(cp, rng, config):
                   bias=(m == 1))
 
 
+@pytest.mark.parametrize("act", ["bf16", "int8"])
 @pytest.mark.parametrize("config", A16_CONFIGS, ids=lambda c: "t{}-s{}".format(*c))
-def test_a16_every_instance_walks_many_row_blocks(cp, rng, config):
+def test_a16_every_instance_walks_many_row_blocks(cp, rng, config, act):
     """Every (tiles, split) instance on 1 or 3 CTAs (each warp walks many row blocks,
     prefetching across them) and on a GPU-filling grid; per-channel K = 1056 ends
     inside a 128-k step, so some threads of the last step load nothing."""
@@ -126,8 +137,8 @@ def test_a16_every_instance_walks_many_row_blocks(cp, rng, config):
                                    (-1, 40, 4128, None)]:
         weight = make_int4(rng, n, k, group_size, group_size != 64, np.float16)
         for m in (1, 8):
-            check(cp, rng, weight, m, k, act="bf16", kernel="a16", matvec_config=config, matvec_ctas=ctas,
-                  bias=(m == 1))
+            check(cp, rng, weight, m, k, act=act, kernel="a16" if act == "bf16" else "a8", matvec_config=config,
+                  matvec_ctas=ctas, bias=(m == 1))
 
 
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])
@@ -146,15 +157,15 @@ def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
 
 
 @pytest.mark.parametrize("out_dtype", [np.float32, np.float16, w4kern.bfloat16], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("kernel", ["matvec", "small_m", "a16"])
+@pytest.mark.parametrize("kernel", ["matvec", "small_m", "a16", "a8"])
 def test_output_dtypes_and_bias(cp, rng, kernel, out_dtype):
     weight = make_int4(rng, 77, 512, 64, True, np.float16)
     x = rng.standard_normal((3, 512)).astype(w4kern.bfloat16)
     b = rng.standard_normal(77).astype(out_dtype)
     out = cp.full((3, 77), np.nan, dtype=out_dtype)
-    act = "bf16" if kernel == "a16" else "q8"
+    act = {"a16": "bf16", "a8": "int8"}.get(kernel, "q8")
     _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, bias=cp.asarray(b), out=out)
-    x_ref = x if act == "bf16" else w4kern.quantize_q8(x)
+    x_ref = quantized(x, act)
     expected = reference.linear(x_ref, weight, b.astype(np.float32))
     tol = tolerance(x_ref, weight) + np.abs(expected) * (2.0 ** -7)
     np.testing.assert_array_less(np.abs(cp.asnumpy(out).astype(np.float32) - expected), tol)
@@ -167,12 +178,12 @@ def test_public_dispatch_every_m_and_leading_dims(cp, rng):
     wg = to_gpu(cp, weight)
     for lead in [(1,), (2,), (3,), (8,), (9,), (2, 2), (1, 5), (33,)]:
         x = rng.standard_normal(lead + (1024,)).astype(w4kern.bfloat16)
-        for act in ("q8", "bf16"):
+        for act in ("q8", "bf16", "int8"):
             got = w4kern.linear(cp.asarray(x), wg, act=act, out_dtype=np.float32)
             expected = w4kern.linear(x, weight, act=act, out_dtype=np.float32)
             assert got.shape == lead + (96,)
             m = int(np.prod(lead))
-            x_ref = (w4kern.quantize_q8(x.reshape(m, 1024)) if act == "q8" and m <= 8 else x.reshape(m, 1024))
+            x_ref = quantized(x.reshape(m, 1024), act) if m <= 8 else x.reshape(m, 1024)
             tol = tolerance(x_ref, weight).reshape(lead + (96,))
             np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tol)
 
@@ -195,6 +206,34 @@ def test_prequantized_q8_activations(cp, rng):
     np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tolerance(w4kern.quantize_q8(x), weight))
 
 
+def test_prequantized_per_token_int8(cp, rng):
+    """PerTokenInt8 from the caller (GPU quantizer) at M <= 8 (a8) and M > 8 (dense)."""
+    weight = make_int4(rng, 50, 640, 128, False, w4kern.bfloat16)
+    for m in (3, 11):
+        x = rng.standard_normal((m, 640)).astype(np.float32)
+        xq = w4kern.quantize_per_token_int8(x)
+        xq_gpu = w4kern.PerTokenInt8(q=cp.asarray(xq.q), scales=cp.asarray(xq.scales))
+        got = w4kern.linear(xq_gpu, to_gpu(cp, weight), act="int8", out_dtype=np.float32)
+        expected = reference.linear(xq, weight)
+        np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tolerance(xq, weight))
+
+
+def test_gpu_per_token_int8_matches_numpy_quantizer(cp, rng):
+    """linear(act="int8") quantizes on the GPU: its q and scales are bit-identical to
+    quantize_per_token_int8's, so the kernel test's reference sees the same input."""
+    from w4kern.linear import _quantize_per_token_int8_cuda
+
+    for dtype in (np.float32, np.float16, w4kern.bfloat16):
+        x = (rng.standard_normal((7, 4128)) * 3).astype(dtype)
+        x[4] = 0
+        q = cp.full((7, 4128), 99, dtype=np.int8)
+        scales = cp.full(7, np.nan, dtype=np.float32)
+        _quantize_per_token_int8_cuda(cp, cp.asarray(x), q, scales)
+        want = w4kern.quantize_per_token_int8(x)
+        np.testing.assert_array_equal(cp.asnumpy(q), want.q)
+        np.testing.assert_array_equal(cp.asnumpy(scales), want.scales)
+
+
 def test_int8_weight_dispatch(cp, rng):
     weight = w4kern.quantize_int8(rng.standard_normal((33, 2048)).astype(np.float32))
     for m in (1, 6, 12):
@@ -205,18 +244,18 @@ def test_int8_weight_dispatch(cp, rng):
         np.testing.assert_array_less(np.abs(cp.asnumpy(got) - expected), tolerance(x_ref, weight))
 
 
-@pytest.mark.parametrize("act", ["q8", "bf16"])
+@pytest.mark.parametrize("act", ["q8", "bf16", "int8"])
 def test_nan_in_one_token_stays_in_that_token(cp, rng, act):
     weight = make_int4(rng, 64, 256, 128, True, np.float16)
     x = rng.standard_normal((4, 256)).astype(w4kern.bfloat16)
     x[2, 77] = np.nan
-    for kernel in (("matvec", "small_m") if act == "q8" else ("small_m", "a16")):
+    for kernel in {"q8": ("matvec", "small_m"), "bf16": ("small_m", "a16"), "int8": ("a8",)}[act]:
         y = cp.asnumpy(_linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out_dtype=np.float32))
         assert np.isnan(y[2]).all(), kernel
         assert np.isfinite(np.delete(y, 2, axis=0)).all(), kernel
 
 
-@pytest.mark.parametrize("act", ["q8", "bf16"])
+@pytest.mark.parametrize("act", ["q8", "bf16", "int8"])
 def test_cuda_graph_replay_gives_eager_bits(cp, rng, act):
     weight = to_gpu(cp, make_int4(rng, 4096, 4096, 128, False, w4kern.bfloat16))
     x = cp.asarray(rng.standard_normal((4, 4096)).astype(w4kern.bfloat16))
@@ -250,8 +289,10 @@ def test_quality_against_unquantized_bf16_math(cp, rng, capsys):
     scores = {
         "w4a8_g128": cosine(w4kern.linear(cp.asarray(x), w4, act="q8", out_dtype=np.float32)),
         "w4a16_g128": cosine(w4kern.linear(cp.asarray(x), w4, act="bf16", out_dtype=np.float32)),
+        "w4a8_int8_g128": cosine(w4kern.linear(cp.asarray(x), w4, act="int8", out_dtype=np.float32)),
         "w8a8": cosine(w4kern.linear(cp.asarray(x), w8, out_dtype=np.float32)),
     }
     with capsys.disabled():   # the numbers belong in the device log
         print("\ncosine similarity vs bf16 math:", scores)
     assert scores["w4a8_g128"] > 0.99 and scores["w4a16_g128"] > 0.99 and scores["w8a8"] > 0.999
+    assert scores["w4a8_int8_g128"] > 0.99

@@ -28,6 +28,19 @@ def test_bf16_path_uses_x_unrounded(rng, weight):
     np.testing.assert_array_equal(y, reference.linear(x, weight))
 
 
+def test_int8_path_equals_reference_on_per_token_int8(rng, weight):
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    y = w4kern.linear(x, weight, act="int8", out_dtype=np.float32)
+    xq = w4kern.quantize_per_token_int8(x)
+    np.testing.assert_array_equal(y, reference.linear(xq, weight))
+    assert not np.array_equal(y, reference.linear(w4kern.quantize_q8(x), weight))   # one scale per token
+    np.testing.assert_array_equal(w4kern.linear(xq, weight, act="int8", out_dtype=np.float32), y)
+    assert w4kern.linear(xq, weight, act="int8").dtype == w4kern.bfloat16   # the default output
+    x9 = rng.standard_normal((MAX_SMALL_M + 1, 256)).astype(np.float32)   # beyond: x itself, as act="q8"
+    np.testing.assert_array_equal(w4kern.linear(x9, weight, act="int8", out_dtype=np.float32),
+                                  reference.linear(x9, weight))
+
+
 def test_more_than_small_m_tokens_use_x_itself(rng, weight):
     x = rng.standard_normal((MAX_SMALL_M + 1, 256)).astype(w4kern.bfloat16)
     y = w4kern.linear(x, weight, out_dtype=np.float32)
@@ -58,7 +71,7 @@ def test_dispatch_table_covers_every_small_m():
     for gpu, table in DISPATCH.items():
         for key, kernels in table.items():
             assert len(kernels) == MAX_SMALL_M, (gpu, key)
-            allowed = {"matvec", "small_m"} if key[1] == "q8" else {"small_m", "a16"}
+            allowed = {"q8": {"matvec", "small_m"}, "bf16": {"small_m", "a16"}, "int8": {"a8"}}[key[1]]
             assert set(kernels) <= allowed, (gpu, key)
 
 
@@ -162,6 +175,16 @@ def test_rejects_bad_act_and_dtypes(rng, weight):
         w4kern.linear(x.astype(np.float16), w8, act="bf16")
     with pytest.raises(ValueError, match="needs act='q8'"):
         w4kern.linear(w4kern.quantize_q8(x), weight, act="bf16")
+    xq = w4kern.quantize_per_token_int8(x)
+    with pytest.raises(ValueError, match="x is PerTokenInt8, which needs act='int8', got act='q8'"):
+        w4kern.linear(xq, weight)
+    with pytest.raises(ValueError, match="Int8Weight runs against Q8 activations only .* got act='int8'"):
+        w4kern.linear(x, w8, act="int8")
+    with pytest.raises(ValueError, match="x's K=128 does not match weight's K=256"):
+        w4kern.linear(w4kern.quantize_per_token_int8(x[:, :128]), weight, act="int8")
+    with pytest.raises(ValueError, match="x.q must be C-contiguous"):
+        w4kern.linear(w4kern.PerTokenInt8(q=np.zeros((256, 2), np.int8).T, scales=np.ones(2, np.float32)), weight,
+                      act="int8")
 
 
 def test_rejects_bad_out_and_bias(rng, weight):

@@ -173,7 +173,8 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
     m_tiles = {moe_block_size(1, 1) // 16, moe_block_size(MOE_GEMM_LARGE_BLOCK_PER_EXPERT, 1) // 16}
     for x_dtype in FLOAT_DTYPES:
         act = np.dtype(w4kern.bfloat16) if np.dtype(x_dtype) == np.float32 else np.dtype(x_dtype)
-        FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false"))
+        FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false", "true"))
+        FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false", "false"))   # linear act="int8"
         FAMILIES["moe_combine"].name_expression((cxx_type(x_dtype),))
         FAMILIES["moe_silu_mul"].name_expression((cxx_type(act),))   # the bf16 decode path
         for scale in SCALE_DTYPES:
@@ -184,4 +185,4 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
                         FAMILIES["moe_gemm_a16"].name_expression((cxx_type(act),) + args)
                         FAMILIES["moe_gemm_a8"].name_expression(args)
     for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
-        FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu)))
+        FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu), "true"))

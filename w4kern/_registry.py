@@ -129,6 +129,22 @@ def a16_family(group_size: int) -> str:
     return f"matvec_a16_{'gch' if group_size == -1 else f'g{group_size}'}"
 
 
+#: C++ spelling of the per-token INT8 activation type of matvec_a16's W4A8 instances
+INT8_ACT = "w4kern::i8"
+
+
+def a8_family_name(label: str) -> str:
+    return f"matvec_a8_{label}"
+
+
+def a8_instance(group_size: int) -> tuple[str, int, bool]:
+    """(family, bytes of a row per thread and step, per-channel) of matvec_a16's INT8
+    activation instance for a group size: one group per step (no group slots)."""
+    label = "gch" if group_size == -1 else f"g{group_size}"
+    chunk, per_channel = A16_GROUP_FAMILIES[label]
+    return a8_family_name(label), chunk, per_channel
+
+
 #: decode_attention: head dims of the kernel instances; a CTA takes up to
 #: ATTENTION_HEADS_PER_CTA query heads of one KV head (the MMA's 8 columns; more
 #: heads per KV head take several CTAs, each reading the same K/V rows)
@@ -298,6 +314,23 @@ FAMILIES: dict[str, KernelFamily] = {
             ),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
+    ) + tuple(
+        # the same kernel on per-token INT8 activations (W4A8 with int8 MMAs): a family
+        # of its own, so a first W4A16 call does not compile these too
+        KernelFamily(
+            name=a8_family_name(label),
+            source="matvec_a16.cu",
+            template="w4kern::matvec_a16_kernel",
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1)
+            instances=tuple(
+                (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                 *map(str, config), "1")
+                for scale in _FLOAT_TYPES
+                for has_zeros in (False, True)
+                for config in A16_CONFIGS
+            ),
+        )
+        for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + (
         KernelFamily(
             name="decode_attention",
@@ -336,12 +369,16 @@ FAMILIES: dict[str, KernelFamily] = {
             max_dynamic_smem=4 * MOE_ALIGN_MATRIX_COUNTS,
         ),
         # fused_moe's decode path: per-token Q8 rows of x (each float type) and of
-        # silu(g) * u from GEMM1's fp32 rows; the slot-order combine into out's dtype
+        # silu(g) * u from GEMM1's fp32 rows (also plain per-token INT8 rows for linear's
+        # act="int8"); the slot-order combine into out's dtype
         KernelFamily(
             name="moe_token_q8",
             source="moe_decode.cu",
             template="w4kern::moe_token_q8_kernel",
-            instances=tuple((cxx_type(t), "false") for t in CXX_TYPES) + (("float", "true"),),
+            # (input type, input is GEMM1's [g; u] rows, Q8 blocks (else plain int8 rows and
+            # scales: linear's act="int8"))
+            instances=tuple((cxx_type(t), "false", "true") for t in CXX_TYPES) + (("float", "true", "true"),)
+            + tuple((cxx_type(t), "false", "false") for t in CXX_TYPES),
         ),
         # the batched path's A16 expert GEMMs: (activation type, scale type, zeros,
         # m16 tiles per aligned block, GEMM1 with the SiLU * up epilogue)

@@ -358,7 +358,7 @@ def _decode_weights(rng, n, k, ceilings, timer):
 
 
 def _linear_bytes(weight, m, k, n, act):
-    act_bytes = m * (k // 32) * 48 if act == "q8" else m * k * 2
+    act_bytes = {"q8": m * (k // 32) * 48, "int8": m * k + 4 * m}.get(act, m * k * 2)
     return weight.nbytes + act_bytes + m * n * 2
 
 
@@ -366,7 +366,8 @@ DECODE_MS = (1, 2, 3, 4, 8)
 
 
 def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
-    """w4kern.linear (W4A8, W4A16, W8A8) at M = 1..8 on the dense shapes, beside
+    """w4kern.linear (W4A8 on Q8 blocks and on per-token INT8, W4A16, W8A8) at M = 1..8
+    on the dense shapes, beside
     tinygemm (torch._weight_int4pack_mm, group 128) and cuBLAS bf16, plus the
     activation quantizer alone (its share of a decode step)."""
     import cupy as cp
@@ -391,8 +392,13 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
             rows += _measure(timer, "w4kern-w4a8-preq", "linear", shape,
                              lambda i: w4kern.linear(xq, weights[i % copies], out=out),
                              _linear_bytes(base, m, k, n, "q8"), ceilings, modes)
-            for act in ("q8", "bf16"):
-                rows += _measure(timer, f"w4kern-{'w4a8' if act == 'q8' else 'w4a16'}", "linear", shape,
+            xi = w4kern.quantize_per_token_int8(x)
+            rows += _measure(timer, "w4kern-w4a8-int8-preq", "linear", shape,
+                             lambda i: w4kern.linear(xi, weights[i % copies], act="int8", out=out),
+                             _linear_bytes(base, m, k, n, "int8"), ceilings, modes)
+            system = {"q8": "w4kern-w4a8", "bf16": "w4kern-w4a16", "int8": "w4kern-w4a8-int8"}
+            for act in ("q8", "bf16", "int8"):
+                rows += _measure(timer, system[act], "linear", shape,
                                  lambda i, a=act: w4kern.linear(x, weights[i % copies], act=a, out=out),
                                  _linear_bytes(base, m, k, n, act), ceilings, modes)
             if m in (1, 8):

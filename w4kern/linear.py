@@ -14,6 +14,9 @@ tokens). On CuPy arrays it picks one of three paths by M:
   fed straight from global memory (``cuda_src/matvec_a16.cu``), M <= 8, flat
   in M; g32 weights at M <= 2 and g64 at M <= 4 take 128-k steps holding
   several groups (``a16_instance``).
+- ``a8``: INT4 weights against per-token INT8 activations (``act="int8"``,
+  W4A8 with one scale per token) on int8 tensor cores, the same kernel as
+  ``a16`` with s8 MMAs (``cuda_src/matvec_a16.cu``), M <= 8, flat in M.
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
@@ -23,9 +26,13 @@ Which kernel serves a given M is a measured, per-GPU table
 linear_tuning`` prints the numbers it comes from.
 
 Activations: ``act="q8"`` quantizes x into Q8 blocks once per call (inside
-the op; callers pass bf16 and get bf16), ``act="bf16"`` feeds bf16/fp16 x to
-the kernel unrounded (W4A16). Pre-quantized :class:`Q8Activations` are
-accepted too, for callers that reuse them across several weights.
+the op; callers pass bf16 and get bf16), ``act="int8"`` quantizes each token
+to INT8 with one scale (``quantize_per_token_int8``: coarser than Q8's scale
+per 32 values, and what lets the int8 tensor cores sum a whole weight group
+exactly, so several tokens cost about what one does), ``act="bf16"`` feeds
+bf16/fp16 x to the kernel unrounded (W4A16). Pre-quantized
+:class:`Q8Activations` and :class:`PerTokenInt8` are accepted too, for callers
+that reuse them across several weights.
 
 On NumPy arrays the same call runs the NumPy reference on the same
 quantized inputs (float64 math, then the output dtype).
@@ -54,11 +61,12 @@ from .formats import (
     Q8_BLOCK_VALUES,
     Int4Weight,
     Int8Weight,
+    PerTokenInt8,
     Q8Activations,
     bfloat16,
 )
 
-ACTS = ("q8", "bf16")
+ACTS = ("q8", "bf16", "int8")
 #: most tokens the matvec and small-M kernels take in one launch
 MAX_SMALL_M = 8
 
@@ -71,6 +79,7 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     "default": {
         ("int4", "q8"): ("matvec",) + ("small_m",) * 7,
         ("int4", "bf16"): ("a16",) * 8,
+        ("int4", "int8"): ("a8",) * 8,
     },
     # linear_tuning on an H200 (benchmarks/results/2026-11-22-h200-linear/): dp4a is
     # faster up to M = 4 on the five dense shapes summed (M = 4: 157 vs 181 us), the
@@ -164,7 +173,7 @@ def _table(table: dict, key):
 
 
 def choose_kernel(weight_kind: str, act: str, m: int) -> str:
-    """'matvec', 'small_m', 'a16' or 'dense' for M tokens on the current GPU."""
+    """'matvec', 'small_m', 'a16', 'a8' or 'dense' for M tokens on the current GPU."""
     if m > MAX_SMALL_M:
         return "dense"
     if weight_kind == "int8":
@@ -211,11 +220,19 @@ def _check(x, weight, act, bias, out, out_dtype) -> _Call:
         lead = tuple(x.blocks.shape[:-2])
         xk = x.k
         default_out = bfloat16
+    elif isinstance(x, PerTokenInt8):
+        if act != "int8":
+            raise ValueError(f"x is PerTokenInt8, which needs act='int8', got act={act!r}")
+        xp = array_module(x=x.q, qweight=weight.qweight, bias=bias, out=out)
+        check_contiguous("x.q", x.q)
+        lead = tuple(x.q.shape[:-1])
+        xk = x.q.shape[-1]
+        default_out = bfloat16
     else:
         xp = array_module(x=x, qweight=weight.qweight, bias=bias, out=out)
         if not hasattr(x, "dtype") or x.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"x must be a float32, float16 or bfloat16 array or a Q8Activations, got "
+                f"x must be a float32, float16 or bfloat16 array, a Q8Activations or a PerTokenInt8, got "
                 f"{getattr(x, 'dtype', type(x).__name__)}"
             )
         if x.ndim < 1:
@@ -230,7 +247,7 @@ def _check(x, weight, act, bias, out, out_dtype) -> _Call:
         xk = x.shape[-1]
         default_out = x.dtype
     if kind == "int8" and act != "q8":
-        raise ValueError("Int8Weight runs against Q8 activations only (W8A8): use act='q8'")
+        raise ValueError(f"Int8Weight runs against Q8 activations only (W8A8): use act='q8', got act={act!r}")
     if xk != k:
         raise ValueError(f"x's K={xk} does not match weight's K={k} (weight shape [N, K] = {tuple(weight.shape)})")
     m = math.prod(lead)
@@ -266,9 +283,12 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 
     Parameters
     ----------
-    x : bfloat16 | float16 | float32 [..., K], or Q8Activations
+    x : bfloat16 | float16 | float32 [..., K], Q8Activations (act="q8") or
+        PerTokenInt8 [M, K] (act="int8")
     weight : Int4Weight or Int8Weight, 2-D
     act : "q8" (default) quantizes x to Q8 blocks once (W4A8 / W8A8);
+        "int8" quantizes each token to INT8 with one scale (W4A8 on int8
+        tensor cores, INT4 weights only; flat in M up to 8 tokens);
         "bf16" uses bfloat16/float16 x directly (W4A16, INT4 weights only).
     bias : optional [N] array of the output dtype
     out : optional [..., N] array to write (any float dtype); with it, after a
@@ -281,8 +301,9 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
     stream; NumPy in -> the NumPy reference on the same quantized inputs.
 
     ValueError / TypeError name the argument for mismatched shapes or dtypes,
-    M = 0, or a wrong ``out``; the W4A16 matvec (act="bf16", up to 8 tokens on
-    the GPU) also refuses a weight of 4 GiB of qweight or more (N * K >= 2^33).
+    M = 0, or a wrong ``out``; the tensor-core matvec (act="bf16" or "int8", up to
+    8 tokens on the GPU) also refuses a weight of 4 GiB of qweight or more
+    (N * K >= 2^33).
     """
     return _linear(x, weight, act=act, bias=bias, out=out, out_dtype=out_dtype)
 
@@ -290,38 +311,47 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
             matvec_config=None, matvec_ctas=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
-    'matvec' / 'small_m' / 'a16' / 'dense', the small-M kernel's CTAs per SM, the
-    matvec or a16 instance and its grid size)."""
+    'matvec' / 'small_m' / 'a16' / 'a8' / 'dense', the small-M kernel's CTAs per SM,
+    the matvec or a16 / a8 instance and its grid size)."""
     call = _check(x, weight, act, bias, out, out_dtype)
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
     if kernel is not None:
-        if kernel not in ("matvec", "small_m", "a16", "dense"):
-            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16' or 'dense', got {kernel!r}")
+        if kernel not in ("matvec", "small_m", "a16", "a8", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16', 'a8' or 'dense', got {kernel!r}")
         if kernel != "dense" and call.m > MAX_SMALL_M:
             raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
         if kernel == "small_m" and call.kind == "int8":
             raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
+        if kernel == "small_m" and call.act == "int8":
+            raise ValueError("the small-M tensor-core kernel takes Q8 or bf16/fp16 activations, not act='int8'")
         if kernel == "matvec" and call.act != "q8":
             raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
         if kernel == "a16" and (call.act != "bf16" or call.kind != "int4"):
             raise ValueError("the a16 kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
+        if kernel == "a8" and call.act != "int8":
+            raise ValueError("the a8 kernel takes per-token INT8 activations only (act='int8')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
                         matvec_config=matvec_config, matvec_ctas=matvec_ctas)
 
 
 def _linear_numpy(call, x, weight, bias, out):
     """The reference on exactly what the GPU path feeds its kernels: Q8 blocks of x
-    for act='q8' up to MAX_SMALL_M tokens, x itself otherwise."""
+    for act='q8' and per-token INT8 for act='int8' up to MAX_SMALL_M tokens, x
+    itself otherwise."""
     from . import reference
-    from .quant import quantize_q8
+    from .quant import quantize_per_token_int8, quantize_q8
 
     if isinstance(x, Q8Activations):
         x2 = Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES))
+    elif isinstance(x, PerTokenInt8):
+        x2 = x
     else:
         x2 = x.reshape(call.m, call.k)
         if call.act == "q8" and call.m <= MAX_SMALL_M:
             x2 = quantize_q8(x2)
+        elif call.act == "int8" and call.m <= MAX_SMALL_M:
+            x2 = quantize_per_token_int8(x2)
     return deliver(reference.linear(x2, weight, bias).astype(call.out_dtype).reshape(call.lead + (call.n,)), out)
 
 
@@ -330,7 +360,7 @@ def _linear_numpy(call, x, weight, bias, out):
 # ---------------------------------------------------------------------------
 
 class _Workspace:
-    """Per (device, stream) scratch: Q8 blocks of x, split-K partials and tickets,
+    """Per (device, stream) scratch: Q8 blocks or per-token INT8 of x, split-K partials and tickets,
     and decode_attention's split partials.
 
     Grown on demand and then reused, so repeated calls (and CUDA-graph
@@ -343,6 +373,8 @@ class _Workspace:
     def __init__(self, cp):
         self.cp = cp
         self.q8 = cp.empty(0, dtype=np.uint8)
+        self.int8 = cp.empty(0, dtype=np.int8)
+        self.int8_scales = cp.empty(0, dtype=np.float32)
         self.partials = cp.empty(0, dtype=np.float32)
         self.tickets = cp.zeros(0, dtype=np.uint32)
         self.attention = cp.empty(0, dtype=np.float32)
@@ -355,6 +387,14 @@ class _Workspace:
         if ws is None:
             ws = cls._by_key[key] = cls(cp)
         return ws
+
+    def per_token_int8(self, m, k):
+        """(q int8 [m, k], scales float32 [m]) scratch for act='int8' (16-byte aligned)."""
+        if self.int8.size < m * k:
+            self.int8 = self.cp.empty(m * k, dtype=np.int8)
+        if self.int8_scales.size < m:
+            self.int8_scales = self.cp.empty(m, dtype=np.float32)
+        return self.int8[:m * k].reshape(m, k), self.int8_scales[:m]
 
     def q8_blocks(self, m, k):
         n = m * (k // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
@@ -437,6 +477,18 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
+    if call.act == "int8":
+        check_aligned("qweight", weight.qweight)
+        if isinstance(x, PerTokenInt8):
+            check_aligned("x.q", x.q)
+            q, scales = x.q, x.scales
+        else:
+            # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
+            check_aligned("x", x)
+            q, scales = ws.per_token_int8(call.m, call.k)   # the workspace is 16-byte aligned
+            _quantize_per_token_int8_cuda(cp, x.reshape(call.m, call.k), q, scales)
+        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
+        return out
     if call.act == "q8":
         if isinstance(x, Q8Activations):
             act = x.blocks
@@ -524,12 +576,28 @@ def _check_a16_weight_bytes(n: int, k: int) -> None:
                          f"matrix, got N x K = {n} x {k} ({n * k // 2} bytes)")
 
 
+def _quantize_per_token_int8_cuda(cp, x, q, scales):
+    """x float [M, K] (contiguous, 16-byte aligned, K a multiple of 32) -> q int8
+    [M, K] and scales float32 [M], bit-identical to quant.quantize_per_token_int8
+    (moe_decode.cu's per-token quantizer, plain rows)."""
+    from . import _runtime
+    from ._registry import MOE_ROW_THREADS, cxx_type
+
+    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), "false", "false"))(
+        (x.shape[0],), (MOE_ROW_THREADS,), (x, q, scales, np.int32(x.shape[1])))
+
+
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     from . import _runtime
-    from ._registry import A16_CONFIGS, a16_instance, cxx_bool, cxx_type
+    from ._registry import A16_CONFIGS, INT8_ACT, a8_instance, a16_instance, cxx_bool, cxx_type
 
     _check_a16_weight_bytes(call.n, call.k)
-    family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
+    if act_dtype == np.int8:   # per-token INT8 activations: one group per step
+        family, chunk, per_channel = a8_instance(weight.group_size)
+        slots, act_type = 1, INT8_ACT
+    else:
+        family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
+        act_type = cxx_type(act_dtype)
     if config is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
         config = a16_config(call.n, _sm_count(call.xp), warps)
@@ -539,7 +607,7 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     tiles, split = config
     kernel = _runtime.get_kernel(
         family,
-        (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
+        (act_type, cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
          cxx_bool(per_channel), str(tiles), str(split), str(slots)),
     )
     block_sets = _a16_block_sets(call.n, tiles, split)
@@ -550,7 +618,8 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     return kernel, (ctas,), tail
 
 
-def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
+def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None):
+    """matvec_a16 on bf16/fp16 x (W4A16) or on per-token INT8 x with its scales (W4A8)."""
     zeros = weight.zeros
     key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
            call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
@@ -560,7 +629,7 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None):
         plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
+                          _pointer(x_scales), _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
 
 
 def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
@@ -586,7 +655,8 @@ def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
     kernel, grid, tail = plan
     zeros = weight.zeros
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          np.uint64(0), out) + tail + (item_experts, np.int32(n_experts), np.int32(act_item_div)))
+                          np.uint64(0), np.uint64(0), out) + tail + (item_experts, np.int32(n_experts),
+                                                                      np.int32(act_item_div)))
 
 
 #: items (grid y) one matvec_q8 launch takes
@@ -697,6 +767,8 @@ def _dense(cp, call, x, weight, bias, out):
     w = dequantize_int4(weight, np.float32) if call.kind == "int4" else dequantize_int8(weight, np.float32)
     if isinstance(x, Q8Activations):
         a = dequantize_q8(Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)))
+    elif isinstance(x, PerTokenInt8):
+        a = x.q.astype(np.float32) * x.scales[:, None]
     else:
         a = x.reshape(call.m, call.k).astype(np.float32)
     y = a @ w.T

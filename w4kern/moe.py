@@ -348,8 +348,8 @@ def _token_q8_blocks(cp, rows, silu_gate_up=False):
         rows = rows.copy()
     m, cols = rows.shape[0], rows.shape[1] // (2 if silu_gate_up else 1)
     blocks = cp.empty((m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
-    _runtime.get_kernel("moe_token_q8", (cxx_type(rows.dtype), cxx_bool(silu_gate_up)))(
-        (m,), (MOE_ROW_THREADS,), (rows, blocks, np.int32(cols)))
+    _runtime.get_kernel("moe_token_q8", (cxx_type(rows.dtype), cxx_bool(silu_gate_up), "true"))(
+        (m,), (MOE_ROW_THREADS,), (rows, blocks, np.uint64(0), np.int32(cols)))
     return blocks
 
 
