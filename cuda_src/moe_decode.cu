@@ -26,10 +26,13 @@
 
 namespace w4kern {
 
-constexpr int kMoeRowThreads = 256;                       // one CTA per quantized row
+constexpr int kMoeRowThreads = 512;                       // one CTA per quantized row
 constexpr int kMoeRowWarps = kMoeRowThreads / 32;
 constexpr int kMoeChunkValues = 8;                        // a thread's values: a quarter of a Q8 block
-constexpr int kMoeUnroll = 4;                             // chunks a thread loads before using any
+// chunks a thread loads before using any: 6 x 512 x 8 = 24576 values (the [g; u] rows,
+// 64 bytes a chunk, take 4 under the 128 registers of 512 threads); a row that fits
+// is read once, its chunks kept in registers for the second pass
+template <bool kSiluGateUp> constexpr int kMoeUnroll = kSiluGateUp ? 4 : 6;
 constexpr int kMoeCombineThreads = 256;
 constexpr unsigned kMoeFullWarp = 0xFFFFFFFFu;
 
@@ -72,14 +75,16 @@ struct MoeChunk {
 };
 
 // One CTA per row. Pass 1 finds max|v| and whether the row is finite; pass 2
-// quantizes and packs. A thread holds values 8t .. 8t+7 of a Q8 block (t = lane
-// & 3): its even ones are exactly qs_even word t and its odd ones qs_odd word t,
-// and the block's sum(q) reduces over 4 adjacent lanes. Pass 2 loads the row
-// again rather than keeping it in registers or shared memory: rows are a few
-// KiB and the second read hits L1/L2. Every thread runs the same number of loop
-// iterations (full-warp shuffles); lanes past the row's end store nothing.
-// kQ8Blocks = false writes the row's q in natural order (8 bytes per thread) to
-// out [rows, cols] int8 and its scale to row_scales[row] instead.
+// quantizes and packs. A thread holds values 8t .. 8t+7 of a Q8 block (t =
+// lane & 3): its even ones are exactly qs_even word t and its odd ones qs_odd
+// word t, and the block's sum(q) reduces over 4 adjacent lanes. At decode sizes
+// every memory round trip is on the critical path, so a CTA loads a whole row
+// (up to kMoeUnroll chunks a thread) in one batch and pass 2 quantizes those
+// registers; only a longer row is read again (L1/L2 hits). Every thread runs
+// the same number of loop iterations (full-warp shuffles); lanes past the row's
+// end store nothing. kQ8Blocks = false writes the row's q in natural order (8
+// bytes per thread) to out [rows, cols] int8 and its scale to row_scales[row]
+// instead.
 template <typename In, bool kSiluGateUp, bool kQ8Blocks>
 __global__ void __launch_bounds__(kMoeRowThreads)
 moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
@@ -88,18 +93,20 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_chunks = cols / kMoeChunkValues;
-    constexpr int kStride = kMoeRowThreads * kMoeUnroll;
+    constexpr int kUnroll = kMoeUnroll<kSiluGateUp>;
+    constexpr int kStride = kMoeRowThreads * kUnroll;
+    const bool one_batch = n_chunks <= kStride;   // pass 2 reuses pass 1's chunks
     const In* xr = x + static_cast<i64>(row) * (kSiluGateUp ? 2 * cols : cols);
 
     float amax = 0.0f;
     int non_finite = 0;
+    Chunk chunk[kUnroll];
     for (int base = threadIdx.x; base < n_chunks; base += kStride) {
-        Chunk chunk[kMoeUnroll];
 #pragma unroll
-        for (int u = 0; u < kMoeUnroll; ++u)
+        for (int u = 0; u < kUnroll; ++u)
             if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
 #pragma unroll
-        for (int u = 0; u < kMoeUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             if (base + u * kMoeRowThreads >= n_chunks) break;
             float v[kMoeChunkValues];
             chunk[u].values(v);
@@ -135,13 +142,14 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
     u32* row_words = reinterpret_cast<u32*>(out + static_cast<i64>(row) * (kQ8Blocks ? cols / kQ8BlockValues * sizeof(Q8Block) : cols));
     if (!kQ8Blocks && threadIdx.x == 0) row_scales[row] = d;
     for (int base0 = warp * 32; base0 < n_chunks; base0 += kStride) {   // warp-uniform trip count
-        const int base = base0 + lane;
-        Chunk chunk[kMoeUnroll];
+        const int base = base0 + lane;   // = threadIdx.x in the first batch, as in pass 1
+        if (!one_batch) {
 #pragma unroll
-        for (int u = 0; u < kMoeUnroll; ++u)
-            if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+            for (int u = 0; u < kUnroll; ++u)
+                if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+        }
 #pragma unroll
-        for (int u = 0; u < kMoeUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             if (base0 + u * kMoeRowThreads >= n_chunks) break;   // warp-uniform
             const int c = base + u * kMoeRowThreads;
             const bool valid = c < n_chunks;                     // the same for a block's 4 lanes

@@ -12,7 +12,11 @@ decode suite's read-ceiling row): the membench kernel streaming as many bytes,
 rotated the same way, which is what any kernel reading those bytes once can
 reach in this harness (launch, ramp-up and tail included).
 
-    python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick]
+    python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick] [--configs]
+
+The paths: W4A8 on pre-quantized Q8 blocks (dp4a), W4A16 and W4A8 on pre-quantized
+per-token INT8 (matvec_a16's s8 instances). --configs times the last two once per
+(tiles, split) instance of A16_CONFIGS as well as with the dispatch's choice.
 """
 import json
 import os
@@ -24,6 +28,9 @@ import numpy as np
 import w4kern
 from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, _read_ceiling, environment, measure_ceilings
 
+from w4kern._registry import A16_CONFIGS
+from w4kern.linear import _linear
+
 args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] != "--m"]
 OUT = args[0]
 VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in args[1:]]
@@ -32,7 +39,8 @@ for i, a in enumerate(sys.argv):
     if a == "--m":
         MS = tuple(int(v) for v in sys.argv[i + 1].split(","))
 QUICK = "--quick" in sys.argv
-PATHS = {"w4a8-preq": "q8", "w4a16": "bf16"}
+PATHS = {"w4a8-preq": "q8", "w4a16": "bf16", "w4a8-int8-preq": "int8"}
+CONFIGS = "--configs" in sys.argv
 
 
 def use(src):
@@ -61,13 +69,17 @@ def main():
         for m in MS:
             x = rng.standard_normal((m, k), dtype=np.float32).astype(w4kern.bfloat16)
             xq = w4kern.quantize_q8(x)
-            for path, act in PATHS.items():
+            xi = w4kern.quantize_per_token_int8(x)
+            for path, act, config in [(p, a, None) for p, a in PATHS.items()] + [
+                    (f"{p}-t{c[0]}s{c[1]}", a, c) for p, a in PATHS.items() if CONFIGS and a != "q8"
+                    for c in A16_CONFIGS]:
                 first = None
+                kernel = {"q8": None, "bf16": "a16", "int8": "a8"}[act] if config else None
                 for label, src in VARIANTS:
                     use(src)
                     out = cp.full((m, n), np.nan, dtype=np.float32)
-                    arg = xq if act == "q8" else x
-                    w4kern.linear(arg, weights[0], act=act, out=out)
+                    arg = {"q8": xq, "int8": xi}.get(act, x)
+                    _linear(arg, weights[0], act=act, out=out, kernel=kernel, matvec_config=config)
                     if first is None:
                         first = out.copy()
                     else:
@@ -75,7 +87,8 @@ def main():
                         if not err < 1e-5:
                             print(f"  {label} {path} M={m}: output differs from {VARIANTS[0][0]} (rel {err:.2e})")
                     out16 = cp.empty((m, n), dtype=w4kern.bfloat16)   # timed with the README's output dtype
-                    us = timer.graph(lambda i: w4kern.linear(arg, weights[i % copies], act=act, out=out16))
+                    us = timer.graph(lambda i: _linear(arg, weights[i % copies], act=act, out=out16, kernel=kernel,
+                                                       matvec_config=config))
                     rows.append({"shape": name, "N": n, "K": k, "M": m, "system": f"{path}:{label}", "us": us,
                                  "floor_us": floor_us, "pct_floor": 100 * floor_us / us})
                     print(f"  M={m} {path:10s} {label:10s} {us:8.2f} us  {100 * floor_us / us:5.1f}% of floor "
