@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = row_of(b, i, g + 8 * h);
-                load_streaming<kChunkBytes>(st.w[i][h],
-                                            qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
+                load_streaming<kChunkBytes, true>(st.w[i][h],
+                                                  qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
 #pragma unroll
                 for (int c = 0; c < kColScales; ++c) {
                     // the step's group, or (slots) that of result column 2t + c; a

@@ -83,7 +83,7 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
 @pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16", "a16-bf16", "a16-f16",
-                                  "a8-int8", "a8-int8f32"])
+                                  "a8-int8", "a8-int8f32", "matvec-int8"])
 def test_int4_kernels_match_reference(cp, rng, path, group_size, scale_dtype, symmetric):
     kernel, act = path.split("-")
     dtype = np.float16 if act == "f16" else np.float32 if act == "int8f32" else w4kern.bfloat16
@@ -249,7 +249,7 @@ def test_nan_in_one_token_stays_in_that_token(cp, rng, act):
     weight = make_int4(rng, 64, 256, 128, True, np.float16)
     x = rng.standard_normal((4, 256)).astype(w4kern.bfloat16)
     x[2, 77] = np.nan
-    for kernel in {"q8": ("matvec", "small_m"), "bf16": ("small_m", "a16"), "int8": ("a8",)}[act]:
+    for kernel in {"q8": ("matvec", "small_m"), "bf16": ("small_m", "a16"), "int8": ("matvec", "a8")}[act]:
         y = cp.asnumpy(_linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, out_dtype=np.float32))
         assert np.isnan(y[2]).all(), kernel
         assert np.isfinite(np.delete(y, 2, axis=0)).all(), kernel

@@ -16,7 +16,10 @@ tokens). On CuPy arrays it picks one of three paths by M:
   several groups (``a16_instance``).
 - ``a8``: INT4 weights against per-token INT8 activations (``act="int8"``,
   W4A8 with one scale per token) on int8 tensor cores, the same kernel as
-  ``a16`` with s8 MMAs (``cuda_src/matvec_a16.cu``), M <= 8, flat in M.
+  ``a16`` with s8 MMAs (``cuda_src/matvec_a16.cu``), M <= 8, flat in M. At
+  the smallest M, act="int8" takes ``matvec`` instead, on the same per-token
+  INT8 laid out as Q8 blocks that share the row's scale
+  (``quant.per_token_q8_blocks``): the same products, summed in another order.
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
@@ -86,6 +89,10 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     # tensor-core kernel from M = 5 (M = 8: 2x faster)
     "NVIDIA H200": {
         ("int4", "q8"): ("matvec",) * 4 + ("small_m",) * 4,
+        # per-token INT8: dp4a (on row-scaled Q8 blocks) up to M = 3, the s8 tensor-core
+        # kernel from 4 (the five dense shapes summed, pre-quantized x, M = 3: 118 vs 130
+        # us, M = 4: 130 vs 130, M = 8: 167 vs 130; benchmarks/results/2026-11-22-h200-session10/)
+        ("int4", "int8"): ("matvec",) * 3 + ("a8",) * 5,
     },
 }
 
@@ -325,8 +332,8 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
             raise ValueError("the small-M tensor-core kernel takes INT4 weights only")
         if kernel == "small_m" and call.act == "int8":
             raise ValueError("the small-M tensor-core kernel takes Q8 or bf16/fp16 activations, not act='int8'")
-        if kernel == "matvec" and call.act != "q8":
-            raise ValueError("the dp4a matvec takes Q8 activations only (act='q8')")
+        if kernel == "matvec" and (call.act == "bf16" or isinstance(x, PerTokenInt8)):
+            raise ValueError("the dp4a matvec takes Q8 blocks (act='q8', or act='int8' quantizing x itself)")
         if kernel == "a16" and (call.act != "bf16" or call.kind != "int4"):
             raise ValueError("the a16 kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
         if kernel == "a8" and call.act != "int8":
@@ -477,7 +484,15 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
-    if call.act == "int8":
+    if call.act == "int8" and kernel == "matvec" and not isinstance(x, PerTokenInt8):
+        # per-token INT8 as Q8 blocks carrying the row's scale, for the dp4a matvec
+        check_aligned("x", x)
+        check_aligned("qweight", weight.qweight)
+        blocks = ws.q8_blocks(call.m, call.k)
+        _quantize_per_token_int8_cuda(cp, x.reshape(call.m, call.k), blocks, None)
+        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas)
+        return out
+    if call.act == "int8":   # a pre-quantized PerTokenInt8 always takes a8 (no layout change)
         check_aligned("qweight", weight.qweight)
         if isinstance(x, PerTokenInt8):
             check_aligned("x.q", x.q)
@@ -578,13 +593,15 @@ def _check_a16_weight_bytes(n: int, k: int) -> None:
 
 def _quantize_per_token_int8_cuda(cp, x, q, scales):
     """x float [M, K] (contiguous, 16-byte aligned, K a multiple of 32) -> q int8
-    [M, K] and scales float32 [M], bit-identical to quant.quantize_per_token_int8
-    (moe_decode.cu's per-token quantizer, plain rows)."""
+    [M, K] and scales float32 [M], bit-identical to quant.quantize_per_token_int8;
+    with scales None, q is uint8 [M, K / 32, 48]: the same values as Q8 blocks that
+    carry the row's scale (quant.per_token_q8_blocks). moe_decode.cu's per-token
+    quantizer."""
     from . import _runtime
-    from ._registry import MOE_ROW_THREADS, cxx_type
+    from ._registry import MOE_ROW_THREADS, cxx_bool, cxx_type
 
-    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), "false", "false"))(
-        (x.shape[0],), (MOE_ROW_THREADS,), (x, q, scales, np.int32(x.shape[1])))
+    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), "false", cxx_bool(scales is None)))(
+        (x.shape[0],), (MOE_ROW_THREADS,), (x, q, _pointer(scales), np.int32(x.shape[1])))
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):

@@ -28,9 +28,18 @@ __device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 sel) {
 // that skips L1 (L1::no_allocate): for weights streamed once, which would
 // otherwise evict the small arrays (group scales, activations) that a kernel
 // rereads from L1.
-template <int kBytes>
+//
+// kL2Fetch256: the 16-byte form also asks L2 to fetch the whole 256-byte block
+// around the address (.L2::256B), i.e. bytes that neighbouring warps or the next
+// steps of a row will read: 1-5% faster for matvec_a16, whose per-warp loads are
+// small, and 1-4% slower for matvec_q8 (H200, scripts/compare_sources.py,
+// benchmarks/results/2026-11-22-h200-session10/).
+template <int kBytes, bool kL2Fetch256 = false>
 __device__ __forceinline__ void load_streaming(u32 (&dst)[kBytes / 4], const void* p) {
-    if constexpr (kBytes == 16) {
+    if constexpr (kBytes == 16 && kL2Fetch256) {
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3]) : "l"(p));
+    } else if constexpr (kBytes == 16) {
         asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
             : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3]) : "l"(p));
     } else if constexpr (kBytes == 8) {
