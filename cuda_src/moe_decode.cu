@@ -20,19 +20,24 @@
 // Bit-exact with quant.per_token_q8_blocks (the NumPy/CuPy definition):
 // non-finite values are left out of max|x|; scale = max|x| / 127 (IEEE fp32
 // division); q = roundf(v / scale) clamped to [-127, 127] (an all-zero row
-// divides by 1 instead and gets q = 0); a row holding NaN/Inf gets d = NaN and
-// q = 0; every block's sum is d * sum(q) over its own 32 values.
+// divides by 1 instead and gets q = 0), reached without a division per value
+// (common/q8_rounding.cuh, as quantize_q8.cu); a row holding NaN/Inf gets d = NaN
+// and q = 0; every block's sum is d * sum(q) over its own 32 values.
 #include "common/formats.cuh"
+#include "common/q8_rounding.cuh"
 
 namespace w4kern {
 
-constexpr int kMoeRowThreads = 512;                       // one CTA per quantized row
+constexpr int kMoeRowThreads = 1024;                      // one CTA per quantized row
 constexpr int kMoeRowWarps = kMoeRowThreads / 32;
 constexpr int kMoeChunkValues = 8;                        // a thread's values: a quarter of a Q8 block
-// chunks a thread loads before using any: 6 x 512 x 8 = 24576 values (the [g; u] rows,
-// 64 bytes a chunk, take 4 under the 128 registers of 512 threads); a row that fits
-// is read once, its chunks kept in registers for the second pass
-template <bool kSiluGateUp> constexpr int kMoeUnroll = kSiluGateUp ? 4 : 6;
+// chunks a thread loads before using any: 3 x 1024 x 8 = 24576 values (the [g; u]
+// rows, 64 bytes a chunk, take 2 under the 64 registers of 1024 threads); a row that
+// fits is read once, its chunks kept in registers for the second pass. A whole CTA
+// on one row because M = 1 puts the row on one SM: 1024 threads halve each
+// thread's share of a long row (K = 21504: 6.8 us at 512 threads with a division
+// per value, H200)
+template <bool kSiluGateUp> constexpr int kMoeUnroll = kSiluGateUp ? 2 : 3;
 constexpr int kMoeCombineThreads = 256;
 constexpr unsigned kMoeFullWarp = 0xFFFFFFFFu;
 
@@ -135,7 +140,6 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
         non_finite |= warp_non_finite[w];
     }
     const float scale = amax / 127.0f;
-    const float divisor = scale == 0.0f ? 1.0f : scale;
     const float d = non_finite ? __int_as_float(0x7FC00000) : scale;   // NaN marks the row
 
     const int t = lane & 3;
@@ -155,26 +159,30 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
             const bool valid = c < n_chunks;                     // the same for a block's 4 lanes
             float v[kMoeChunkValues];
             chunk[u].values(v);
-            int q[kMoeChunkValues];
-            int q_sum = 0;
+            // q = roundf(v / scale) clamped, as the bits of kRoundMagic + q (its low
+            // byte is q); scale 0 (an all-zero row) gives q = 0
+            u32 bits[kMoeChunkValues];
+            int ignored = 0;   // the row's non-finite flag is known from pass 1
+            quantize_values_q8(v, scale, bits, ignored);
+            u32 bits_sum = 0;
 #pragma unroll
             for (int i = 0; i < kMoeChunkValues; ++i) {
-                q[i] = (non_finite || !valid) ? 0
-                                              : static_cast<int>(fminf(fmaxf(roundf(v[i] / divisor), -127.0f), 127.0f));
-                q_sum += q[i];
+                if (non_finite || !valid) bits[i] = kRoundMagicBits;   // q = 0
+                bits_sum += bits[i];
             }
             if constexpr (!kQ8Blocks) {   // the chunk's 8 bytes in k order
                 if (valid)
                     *reinterpret_cast<uint2*>(row_words + 2 * c) =
-                        make_uint2((q[0] & 0xFF) | (q[1] & 0xFF) << 8 | (q[2] & 0xFF) << 16 | static_cast<u32>(q[3] & 0xFF) << 24,
-                                   (q[4] & 0xFF) | (q[5] & 0xFF) << 8 | (q[6] & 0xFF) << 16 | static_cast<u32>(q[7] & 0xFF) << 24);
+                        make_uint2(pack_low_bytes(bits[0], bits[1], bits[2], bits[3]),
+                                   pack_low_bytes(bits[4], bits[5], bits[6], bits[7]));
                 continue;
             }
+            int q_sum = q_sum_from_bits<kMoeChunkValues>(bits_sum);
             q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 1);
             q_sum += __shfl_xor_sync(kMoeFullWarp, q_sum, 2);
             if (!valid) continue;
-            const u32 even = (q[0] & 0xFF) | (q[2] & 0xFF) << 8 | (q[4] & 0xFF) << 16 | static_cast<u32>(q[6] & 0xFF) << 24;
-            const u32 odd = (q[1] & 0xFF) | (q[3] & 0xFF) << 8 | (q[5] & 0xFF) << 16 | static_cast<u32>(q[7] & 0xFF) << 24;
+            const u32 even = pack_low_bytes(bits[0], bits[2], bits[4], bits[6]);
+            const u32 odd = pack_low_bytes(bits[1], bits[3], bits[5], bits[7]);
             u32* block = row_words + (c >> 2) * (sizeof(Q8Block) / 4);
             block[t] = even;        // qs_even word t
             block[4 + t] = odd;     // qs_odd word t

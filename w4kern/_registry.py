@@ -182,7 +182,7 @@ MOE_OFFSETS_THREADS = 1024
 
 #: fused_moe decode glue (moe_decode.cu): threads of the one-CTA-per-row quantizer
 #: (kMoeRowThreads) and of the combine kernel (kMoeCombineThreads)
-MOE_ROW_THREADS = 512
+MOE_ROW_THREADS = 1024
 MOE_COMBINE_THREADS = 256
 
 
