@@ -28,15 +28,17 @@
 
 namespace w4kern {
 
-constexpr int kMoeRowThreads = 1024;                      // one CTA per quantized row
-constexpr int kMoeRowWarps = kMoeRowThreads / 32;
+// One CTA per quantized row, of 32 x (1 .. 32) threads (blockDim.x: the host gives
+// a row's chunks one thread each, up to 1024 threads, w4kern._registry.moe_row_threads)
+constexpr int kMoeRowMaxThreads = 1024;
+constexpr int kMoeRowMaxWarps = kMoeRowMaxThreads / 32;
 constexpr int kMoeChunkValues = 8;                        // a thread's values: a quarter of a Q8 block
 // chunks a thread loads before using any: 3 x 1024 x 8 = 24576 values (the [g; u]
 // rows, 64 bytes a chunk, take 2 under the 64 registers of 1024 threads); a row that
-// fits is read once, its chunks kept in registers for the second pass. A whole CTA
-// on one row because M = 1 puts the row on one SM: 1024 threads halve each
-// thread's share of a long row (K = 21504: 6.8 us at 512 threads with a division
-// per value, H200)
+// fits is read once, its chunks kept in registers for the second pass. Up to 1024
+// threads on one row because M = 1 puts the row on one SM: a long row (K = 21504)
+// took 6.8 us at 512 threads with a division per value (H200), while the MoE
+// decode path's short rows (768 to 7168 values) want few threads.
 template <bool kSiluGateUp> constexpr int kMoeUnroll = kSiluGateUp ? 2 : 3;
 constexpr int kMoeCombineThreads = 256;
 constexpr unsigned kMoeFullWarp = 0xFFFFFFFFu;
@@ -91,7 +93,7 @@ struct MoeChunk {
 // bytes per thread) to out [rows, cols] int8 and its scale to row_scales[row]
 // instead.
 template <typename In, bool kSiluGateUp, bool kQ8Blocks>
-__global__ void __launch_bounds__(kMoeRowThreads)
+__global__ void __launch_bounds__(kMoeRowMaxThreads)
 moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
     using Chunk = MoeChunk<In, kSiluGateUp>;
     const int row = blockIdx.x;
@@ -99,20 +101,21 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
     const int warp = threadIdx.x >> 5;
     const int n_chunks = cols / kMoeChunkValues;
     constexpr int kUnroll = kMoeUnroll<kSiluGateUp>;
-    constexpr int kStride = kMoeRowThreads * kUnroll;
-    const bool one_batch = n_chunks <= kStride;   // pass 2 reuses pass 1's chunks
+    const int threads = blockDim.x;
+    const int stride = threads * kUnroll;
+    const bool one_batch = n_chunks <= stride;   // pass 2 reuses pass 1's chunks
     const In* xr = x + static_cast<i64>(row) * (kSiluGateUp ? 2 * cols : cols);
 
     float amax = 0.0f;
     int non_finite = 0;
     Chunk chunk[kUnroll];
-    for (int base = threadIdx.x; base < n_chunks; base += kStride) {
+    for (int base = threadIdx.x; base < n_chunks; base += stride) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
-            if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+            if (base + u * threads < n_chunks) chunk[u].load(xr, base + u * threads, cols);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            if (base + u * kMoeRowThreads >= n_chunks) break;
+            if (base + u * threads >= n_chunks) break;
             float v[kMoeChunkValues];
             chunk[u].values(v);
 #pragma unroll
@@ -125,8 +128,8 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kMoeFullWarp, amax, off));
     non_finite = __any_sync(kMoeFullWarp, non_finite);
-    __shared__ float warp_amax[kMoeRowWarps];
-    __shared__ int warp_non_finite[kMoeRowWarps];
+    __shared__ float warp_amax[kMoeRowMaxWarps];
+    __shared__ int warp_non_finite[kMoeRowMaxWarps];
     if (lane == 0) {
         warp_amax[warp] = amax;
         warp_non_finite[warp] = non_finite;
@@ -135,7 +138,7 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
     amax = 0.0f;
     non_finite = 0;
 #pragma unroll
-    for (int w = 0; w < kMoeRowWarps; ++w) {
+    for (int w = 0; w < threads / 32; ++w) {
         amax = fmaxf(amax, warp_amax[w]);
         non_finite |= warp_non_finite[w];
     }
@@ -145,17 +148,17 @@ moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __res
     const int t = lane & 3;
     u32* row_words = reinterpret_cast<u32*>(out + static_cast<i64>(row) * (kQ8Blocks ? cols / kQ8BlockValues * sizeof(Q8Block) : cols));
     if (!kQ8Blocks && threadIdx.x == 0) row_scales[row] = d;
-    for (int base0 = warp * 32; base0 < n_chunks; base0 += kStride) {   // warp-uniform trip count
+    for (int base0 = warp * 32; base0 < n_chunks; base0 += stride) {   // warp-uniform trip count
         const int base = base0 + lane;   // = threadIdx.x in the first batch, as in pass 1
         if (!one_batch) {
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                if (base + u * kMoeRowThreads < n_chunks) chunk[u].load(xr, base + u * kMoeRowThreads, cols);
+                if (base + u * threads < n_chunks) chunk[u].load(xr, base + u * threads, cols);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            if (base0 + u * kMoeRowThreads >= n_chunks) break;   // warp-uniform
-            const int c = base + u * kMoeRowThreads;
+            if (base0 + u * threads >= n_chunks) break;   // warp-uniform
+            const int c = base + u * threads;
             const bool valid = c < n_chunks;                     // the same for a block's 4 lanes
             float v[kMoeChunkValues];
             chunk[u].values(v);

@@ -187,33 +187,36 @@ def check_q8_blocks(cp, got, expected):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, w4kern.bfloat16], ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("cols", [32, 96, 2080, 7168, 8224])
+@pytest.mark.parametrize("cols", [32, 96, 2080, 7168, 8224, 30016])
 def test_moe_token_q8_kernel_matches_per_token_q8_blocks(cp, rng, dtype, cols):
     from w4kern import _runtime
-    from w4kern._registry import MOE_ROW_THREADS, cxx_type
+    from w4kern._registry import cxx_type, moe_row_threads
 
     x = cp.asarray(q8_row_case(rng, dtype, 9, cols))
     got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)   # poison
     _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), "false", "true"))(
-        (9,), (MOE_ROW_THREADS,), (x, got, np.uint64(0), np.int32(cols)))
+        (9,), (moe_row_threads(cols),), (x, got, np.uint64(0), np.int32(cols)))
     # against the NumPy definition (the CuPy path's own element-wise kernels may
     # flush subnormals, NumPy does not)
     check_q8_blocks(cp, got, w4kern.quant.per_token_q8_blocks(cp.asnumpy(x)).blocks)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, w4kern.bfloat16], ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("cols", [32, 96, 2080, 7168, 8224])
-def test_token_int8_kernel_matches_quantize_per_token_int8(cp, rng, dtype, cols):
+@pytest.mark.parametrize("cols, threads", [(32, None), (96, None), (2080, None), (2080, 64), (7168, None),
+                                           (8224, None), (30016, None), (30016, 256)])
+def test_token_int8_kernel_matches_quantize_per_token_int8(cp, rng, dtype, cols, threads):
     """The plain-rows output (linear's act="int8"): q and scales bit-identical to
-    the NumPy quantize_per_token_int8, special rows (zero, NaN/Inf, tiny) included."""
+    the NumPy quantize_per_token_int8, special rows (zero, NaN/Inf, tiny) included;
+    rows longer than one batch of loads (30016 values) and CTAs smaller than the
+    host's choice walk the row in several batches."""
     from w4kern import _runtime
-    from w4kern._registry import MOE_ROW_THREADS, cxx_type
+    from w4kern._registry import cxx_type, moe_row_threads
 
     x = cp.asarray(q8_row_case(rng, dtype, 9, cols))
     q = cp.full((9, cols), 0x5A, dtype=np.uint8)   # poison
     scales = cp.full((9,), 12345.0, dtype=np.float32)
     _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), "false", "false"))(
-        (9,), (MOE_ROW_THREADS,), (x, q, scales, np.int32(cols)))
+        (9,), (threads or moe_row_threads(cols),), (x, q, scales, np.int32(cols)))
     want = w4kern.quant.quantize_per_token_int8(cp.asnumpy(x))
     np.testing.assert_array_equal(cp.asnumpy(q).view(np.int8), want.q)
     np.testing.assert_array_equal(cp.asnumpy(scales).view(np.uint32), want.scales.view(np.uint32))
@@ -222,12 +225,12 @@ def test_token_int8_kernel_matches_quantize_per_token_int8(cp, rng, dtype, cols)
 @pytest.mark.parametrize("cols", [32, 96, 768, 2048])
 def test_moe_token_q8_kernel_silu_gate_up_matches_cupy(cp, rng, cols):
     from w4kern import _runtime
-    from w4kern._registry import MOE_ROW_THREADS
+    from w4kern._registry import moe_row_threads
 
     gate_up = cp.asarray(np.concatenate([q8_row_case(rng, np.float32, 9, cols) * np.float32(3),
                                          q8_row_case(rng, np.float32, 9, cols)], axis=1))
     got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)
-    _runtime.get_kernel("moe_token_q8", ("float", "true", "true"))((9,), (MOE_ROW_THREADS,),
+    _runtime.get_kernel("moe_token_q8", ("float", "true", "true"))((9,), (moe_row_threads(cols),),
                                                                    (gate_up, got, np.uint64(0), np.int32(cols)))
     g, u = gate_up[:, :cols], gate_up[:, cols:]
     a = g / (np.float32(1) + cp.exp(-g)) * u      # the CuPy steps the kernel replaced (expf, as the kernel)

@@ -182,7 +182,13 @@ MOE_OFFSETS_THREADS = 1024
 
 #: fused_moe decode glue (moe_decode.cu): threads of the one-CTA-per-row quantizer
 #: (kMoeRowThreads) and of the combine kernel (kMoeCombineThreads)
-MOE_ROW_THREADS = 1024
+MOE_ROW_MAX_THREADS = 1024
+
+
+def moe_row_threads(cols: int) -> int:
+    """Threads of the per-token quantizer's CTA for a row of ``cols`` values: one per
+    8-value chunk, a multiple of 32, at most MOE_ROW_MAX_THREADS (moe_decode.cu)."""
+    return min(MOE_ROW_MAX_THREADS, -(-(cols // 8) // 32) * 32)
 MOE_COMBINE_THREADS = 256
 
 

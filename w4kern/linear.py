@@ -598,10 +598,10 @@ def _quantize_per_token_int8_cuda(cp, x, q, scales):
     carry the row's scale (quant.per_token_q8_blocks). moe_decode.cu's per-token
     quantizer."""
     from . import _runtime
-    from ._registry import MOE_ROW_THREADS, cxx_bool, cxx_type
+    from ._registry import cxx_bool, cxx_type, moe_row_threads
 
     _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), "false", cxx_bool(scales is None)))(
-        (x.shape[0],), (MOE_ROW_THREADS,), (x, q, _pointer(scales), np.int32(x.shape[1])))
+        (x.shape[0],), (moe_row_threads(x.shape[1]),), (x, q, _pointer(scales), np.int32(x.shape[1])))
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
