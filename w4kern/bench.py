@@ -478,8 +478,9 @@ _torch_decode_peers.dense = {}
 
 def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """The data behind ``w4kern.linear.DISPATCH``: dp4a matvec (every instance at M = 1)
-    vs the tensor-core small-M kernel per M, and for W4A16 the small-M kernel vs every
-    matvec_a16 instance."""
+    vs the tensor-core small-M kernel per M, for W4A16 the small-M kernel vs every
+    matvec_a16 instance, and for per-token INT8 every s8 instance of matvec_a16 (its
+    dp4a route is the linear_q8 matvec rows: the same kernel on row-scaled Q8 blocks)."""
     import cupy as cp
 
     import w4kern
@@ -515,11 +516,14 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                  lambda i, a=act: _linear(xq if a == "q8" else x, weights[i % copies], act=a,
                                                           kernel="small_m", out=out, ctas_per_sm=3),
                                  _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
-            for config in A16_CONFIGS:   # W4A16 on tensor cores without shared memory
-                rows += _measure(timer, "a16-t{}-s{}".format(*config), "linear_bf16", shape,
-                                 lambda i, c=config: _linear(x, weights[i % copies], act="bf16", kernel="a16",
-                                                             out=out, matvec_config=c),
-                                 _linear_bytes(base, m, k, n, "bf16"), ceilings, ("graph",))
+            xi = w4kern.quantize_per_token_int8(x)
+            # matvec_a16 on tensor cores without shared memory: W4A16 and per-token W4A8
+            for act, kernel, xa in (("bf16", "a16", x), ("int8", "a8", xi)):
+                for config in A16_CONFIGS:
+                    rows += _measure(timer, "{}-t{}-s{}".format(kernel, *config), f"linear_{act}", shape,
+                                     lambda i, c=config, a=act, kn=kernel, xx=xa:
+                                     _linear(xx, weights[i % copies], act=a, kernel=kn, out=out, matvec_config=c),
+                                     _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
         del base, weights, w8, weights8
         cp.get_default_memory_pool().free_all_blocks()
     return rows
