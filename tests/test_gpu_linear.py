@@ -221,14 +221,14 @@ def test_prequantized_per_token_int8(cp, rng):
 def test_gpu_per_token_int8_matches_numpy_quantizer(cp, rng):
     """linear(act="int8") quantizes on the GPU: its q and scales are bit-identical to
     quantize_per_token_int8's, so the kernel test's reference sees the same input."""
-    from w4kern.linear import _quantize_per_token_int8_cuda
+    from w4kern.quant import _quantize_per_token_cuda
 
     for dtype in (np.float32, np.float16, w4kern.bfloat16):
         x = (rng.standard_normal((7, 4128)) * 3).astype(dtype)
         x[4] = 0
         q = cp.full((7, 4128), 99, dtype=np.int8)
         scales = cp.full(7, np.nan, dtype=np.float32)
-        _quantize_per_token_int8_cuda(cp, cp.asarray(x), q, scales)
+        _quantize_per_token_cuda(cp.asarray(x), q, scales)
         want = w4kern.quantize_per_token_int8(x)
         np.testing.assert_array_equal(cp.asnumpy(q), want.q)
         np.testing.assert_array_equal(cp.asnumpy(scales), want.scales)

@@ -139,3 +139,25 @@ def test_every_a16_choice_is_a_registered_instance(group_size):
                         args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
                                 str(tiles), str(split), str(slots))
                         assert args in family.instances, args
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_every_a8_choice_is_a_registered_instance(group_size):
+    """linear's per-token INT8 instance (a8_instance: one group per step) exists in its
+    family for every scale dtype, symmetry and config the plan can combine it with."""
+    import numpy as np
+
+    from w4kern import bfloat16
+    from w4kern._registry import A16_CONFIGS, INT8_ACT, a8_instance, cxx_bool, cxx_type
+
+    name, chunk, per_channel = a8_instance(group_size)
+    family = FAMILIES[name]
+    assert name == ("matvec_a8_gch" if group_size == -1 else f"matvec_a8_g{group_size}")
+    assert family.source == "matvec_a16.cu" and per_channel == (group_size == -1)
+    assert chunk == (16 if group_size in (128, -1) else group_size // 8)
+    for scale in (np.float16, bfloat16, np.float32):
+        for has_zeros in (False, True):
+            for tiles, split in A16_CONFIGS:
+                args = (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                        str(tiles), str(split), "1")
+                assert args in family.instances, args

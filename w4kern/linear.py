@@ -484,25 +484,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
-    if call.act == "int8" and kernel == "matvec" and not isinstance(x, PerTokenInt8):
-        # per-token INT8 as Q8 blocks carrying the row's scale, for the dp4a matvec
-        check_aligned("x", x)
-        check_aligned("qweight", weight.qweight)
-        blocks = ws.q8_blocks(call.m, call.k)
-        _quantize_per_token_int8_cuda(cp, x.reshape(call.m, call.k), blocks, None)
-        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas)
-        return out
-    if call.act == "int8":   # a pre-quantized PerTokenInt8 always takes a8 (no layout change)
-        check_aligned("qweight", weight.qweight)
-        if isinstance(x, PerTokenInt8):
-            check_aligned("x.q", x.q)
-            q, scales = x.q, x.scales
-        else:
-            # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
-            check_aligned("x", x)
-            q, scales = ws.per_token_int8(call.m, call.k)   # the workspace is 16-byte aligned
-            _quantize_per_token_int8_cuda(cp, x.reshape(call.m, call.k), q, scales)
-        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
+    if call.act == "int8":
+        _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_ctas)
         return out
     if call.act == "q8":
         if isinstance(x, Q8Activations):
@@ -591,17 +574,29 @@ def _check_a16_weight_bytes(n: int, k: int) -> None:
                          f"matrix, got N x K = {n} x {k} ({n * k // 2} bytes)")
 
 
-def _quantize_per_token_int8_cuda(cp, x, q, scales):
-    """x float [M, K] (contiguous, 16-byte aligned, K a multiple of 32) -> q int8
-    [M, K] and scales float32 [M], bit-identical to quant.quantize_per_token_int8;
-    with scales None, q is uint8 [M, K / 32, 48]: the same values as Q8 blocks that
-    carry the row's scale (quant.per_token_q8_blocks). moe_decode.cu's per-token
-    quantizer."""
-    from . import _runtime
-    from ._registry import cxx_bool, cxx_type, moe_row_threads
+def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_ctas):
+    """act='int8': x quantized per token once (or a PerTokenInt8 as given), then the
+    s8 tensor-core kernel (a8), or the dp4a matvec on the same values laid out as Q8
+    blocks carrying the row's scale. A PerTokenInt8 always takes a8 (no layout change)."""
+    from .quant import _quantize_per_token_cuda
 
-    _runtime.get_kernel("moe_token_q8", (cxx_type(x.dtype), "false", cxx_bool(scales is None)))(
-        (x.shape[0],), (moe_row_threads(x.shape[1]),), (x, q, _pointer(scales), np.int32(x.shape[1])))
+    check_aligned("qweight", weight.qweight)
+    if isinstance(x, PerTokenInt8):
+        check_aligned("x.q", x.q)
+        _launch_a16(call, x.q, weight, bias, out, matvec_config, matvec_ctas, x_scales=x.scales)
+        return
+    # x was validated above (float dtype, contiguous, K a multiple of 32 like W's); the
+    # workspace is 16-byte aligned
+    check_aligned("x", x)
+    rows = x.reshape(call.m, call.k)
+    if kernel == "matvec":
+        blocks = ws.q8_blocks(call.m, call.k)
+        _quantize_per_token_cuda(rows, blocks)
+        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas)
+    else:
+        q, scales = ws.per_token_int8(call.m, call.k)
+        _quantize_per_token_cuda(rows, q, scales)
+        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):

@@ -340,16 +340,14 @@ def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items):
 def _token_q8_blocks(cp, rows, silu_gate_up=False):
     """Per-token INT8 of float rows [M, K] (or of silu(g) * u for [g; u] rows [M, 2K])
     as Q8 blocks [M, K / 32, 48] sharing the row's scale (moe_decode.cu)."""
-    from . import _runtime
-    from ._registry import cxx_bool, cxx_type, moe_row_threads
+    from .quant import _quantize_per_token_cuda
 
     rows = cp.ascontiguousarray(rows)
     if rows.data.ptr % 16:   # moe_decode.cu loads 16-byte vectors (a DLPack view may start anywhere)
         rows = rows.copy()
     m, cols = rows.shape[0], rows.shape[1] // (2 if silu_gate_up else 1)
     blocks = cp.empty((m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
-    _runtime.get_kernel("moe_token_q8", (cxx_type(rows.dtype), cxx_bool(silu_gate_up), "true"))(
-        (m,), (moe_row_threads(cols),), (rows, blocks, np.uint64(0), np.int32(cols)))
+    _quantize_per_token_cuda(rows, blocks, silu_gate_up=silu_gate_up)
     return blocks
 
 
