@@ -22,9 +22,20 @@
 // scale of the weight group holding the block. M tokens (1 <= M <= kMaxM)
 // share each weight load.
 //
-// Items (kItems, the MoE int8 decode path): blockIdx.y is an item
-// (common/moe_items.cuh): expert item_experts[i]'s weights, the activation rows
-// of item i / act_item_div, output rows i * M ...; zeros for an id outside [0, E).
+// Item modes (kItemMode, the MoE int8 decode path's expert GEMMs):
+//   kPerItem (GEMM1): blockIdx.y is an item (common/moe_items.cuh): expert
+//     item_experts[i]'s weights, the activation rows of item i / act_item_div,
+//     output rows i * M ...; zeros for an id outside [0, E).
+//   kTokenSum (GEMM2 with the combine fused): blockIdx.y is a token t with
+//     k = act_item_div slots (k <= 32). Its K runs over the k slots one after
+//     another: virtual K block v = j * n_blocks + b is block b of slot j, so the
+//     activation blocks are simply rows t * k .. t * k + k - 1 read as one long
+//     row, while the weights of block v come from expert item_experts[t * k + j].
+//     The slot's weight item_weights[t * k + j] scales the activation's d and
+//     sum, so y[t] = sum_j w_j W[e_j] a_j comes out of one fixed-order reduction
+//     (the same bits every run); a slot whose id is outside [0, E) is left out,
+//     as moe_combine_kernel leaves it out. Lane j holds slot j's expert and
+//     weight, and the walk reads them with shuffles (no dependent loads).
 #include "common/formats.cuh"
 #include "common/moe_items.cuh"
 #include "common/ptx.cuh"
@@ -61,8 +72,11 @@ struct WeightBlock<8> {
     __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
 };
 
+constexpr int kPlainMatvec = 0, kPerItem = 1, kTokenSum = 2;   // kItemMode
+constexpr int kTokenSumMaxSlots = 32;                           // one slot per lane
+
 template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll, int kSplit,
-          bool kItems>
+          int kItemMode>
 __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const u8* __restrict__ qweight,      // [N, K * kWeightBits / 8]
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -73,9 +87,12 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     i32 n_rows, i32 m_tokens, i32 n_blocks, i32 n_groups,
     i32 group_shift,                     // log2(blocks per group); 31 for one group per row
     i32 out_kind,
-    const i32* __restrict__ item_experts,   // [items] expert of each item (kItems only)
+    const i32* __restrict__ item_experts,   // [items] expert of each item (item modes only)
+    const float* __restrict__ item_weights, // [items] weight of each item (kTokenSum only)
     i32 n_experts, i32 act_item_div)
 {
+    constexpr bool kItems = kItemMode == kPerItem, kTokenSums = kItemMode == kTokenSum;
+    static_assert(!kTokenSums || kMaxM == 1, "token sums: one token per grid row");
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
     static_assert(kMatvecWarps % kSplit == 0, "a CTA's warps split evenly over its row groups");
@@ -87,7 +104,9 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     const int part = warp % kSplit;                        // this warp's share of K
     const int n_row_groups = (n_rows + kRows - 1) / kRows;
     const int n_sets = (n_row_groups + kGroupsPerCta - 1) / kGroupsPerCta;
-    const int steps = (n_blocks + kStepBlocks - 1) / kStepBlocks;    // per row group
+    // K blocks of a row: kTokenSum walks the k slots' blocks as one row
+    const int k_blocks = kTokenSums ? n_blocks * act_item_div : n_blocks;
+    const int steps = (k_blocks + kStepBlocks - 1) / kStepBlocks;    // per row group
     const int my_steps = (steps + kSplit - 1) / kSplit;              // per warp, the same for all
     const i64 row_bytes = static_cast<i64>(n_blocks) * Block::kBytes;
     const float implicit_zero = kWeightBits == 4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
@@ -105,6 +124,40 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         it.move_to_expert<kHasZeros>(qweight, scales, zeros, n_rows, row_bytes, n_groups);
         act += it.act_row * n_blocks;
     }
+    int slot_expert = 0;        // lane j: slot j's expert (0 when left out) ...
+    float slot_weight = 0.0f;   // ... its weight ...
+    bool slot_used = false;     // ... and whether its id is in [0, E)
+    if constexpr (kTokenSums) {
+        const i64 first = static_cast<i64>(blockIdx.y) * act_item_div;
+        if (lane < act_item_div) {
+            const int e = item_experts[first + lane];
+            slot_used = e >= 0 && e < n_experts;
+            slot_expert = slot_used ? e : 0;
+            slot_weight = item_weights[first + lane];
+        }
+        out_base = static_cast<i64>(blockIdx.y) * n_rows;
+        act += first * n_blocks;
+    }
+    // Where virtual K block v lies: the weight block within the expert's row, the
+    // expert's first row, and the factor on the activations (kTokenSum; block v
+    // itself and 1 otherwise). Every lane of the warp calls it (shuffles).
+    struct SlotBlock {
+        int block;
+        int expert_row0;
+        float act_weight;
+        bool used;
+    };
+    auto slot_block = [&](int v) {
+        if constexpr (kTokenSums) {
+            const int j = min(v / n_blocks, act_item_div - 1);
+            const int e = __shfl_sync(0xffffffffu, slot_expert, j);
+            const float w = __shfl_sync(0xffffffffu, slot_weight, j);
+            const bool used = __shfl_sync(0xffffffffu, static_cast<int>(slot_used), j) != 0;
+            return SlotBlock{v - j * n_blocks, e * n_rows, w, used};
+        } else {
+            return SlotBlock{v, 0, 1.0f, true};
+        }
+    };
 
     // a task is (row-group set, step): the warp's row group in the set and the
     // first K block of the step for this lane
@@ -119,24 +172,28 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
 
-    // one Q8 block b of every row of row group g and every token
-    auto accumulate = [&](const Block (&w)[kRows], int g, int b) {
-        const int group = b >> group_shift;
+    // Q8 block v of every row of row group g and every token (sb: slot_block(v))
+    auto accumulate = [&](const Block (&w)[kRows], int g, int v, const SlotBlock& sb) {
+        const int group = sb.block >> group_shift;
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            const i64 at = static_cast<i64>(row_of(g, r)) * n_groups + group;
+            const i64 at = (static_cast<i64>(sb.expert_row0) + row_of(g, r)) * n_groups + group;
             s[r] = to_float(scales[at]);
             z[r] = kHasZeros ? to_float(zeros[at]) : implicit_zero;
         }
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
             if (m >= m_tokens) break;
-            const uint4* blk = reinterpret_cast<const uint4*>(act + static_cast<i64>(m) * n_blocks + b);
+            const uint4* blk = reinterpret_cast<const uint4*>(act + static_cast<i64>(m) * n_blocks + v);
             const uint4 qe = blk[0], qo = blk[1], ds = blk[2];
             const u32 xe[4] = {qe.x, qe.y, qe.z, qe.w};
             const u32 xo[4] = {qo.x, qo.y, qo.z, qo.w};
-            const float d = __uint_as_float(ds.x), sum = __uint_as_float(ds.y);
+            float d = __uint_as_float(ds.x), sum = __uint_as_float(ds.y);
+            if constexpr (kTokenSums) {   // the slot's weight
+                d *= sb.act_weight;
+                sum *= sb.act_weight;
+            }
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 i32 dot = 0;
@@ -196,11 +253,13 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         if (g >= n_row_groups) return;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int b = block_of(step, u);
-            if (b < n_blocks)
+            const int v = block_of(step, u);
+            const SlotBlock sb = slot_block(v);
+            if (v < k_blocks && sb.used)
 #pragma unroll
                 for (int r = 0; r < kRows; ++r)
-                    w[u][r].load(qweight + row_of(g, r) * row_bytes + static_cast<i64>(b) * Block::kBytes);
+                    w[u][r].load(qweight + (static_cast<i64>(sb.expert_row0) + row_of(g, r)) * row_bytes +
+                                 static_cast<i64>(sb.block) * Block::kBytes);
         }
     };
     int set = blockIdx.x, step = 0;
@@ -215,8 +274,9 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         if (g < n_row_groups) {
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-                const int b = block_of(step, u);
-                if (b < n_blocks) accumulate(cur[u], g, b);
+                const int v = block_of(step, u);
+                const SlotBlock sb = slot_block(v);
+                if (v < k_blocks && sb.used) accumulate(cur[u], g, v, sb);
             }
         }
         if (next_step == 0) finish_group(g);

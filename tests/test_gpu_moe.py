@@ -450,3 +450,65 @@ def test_fused_moe_batched_refuses_more_blocks_than_a_grid_takes(cp, rng, monkey
         with pytest.raises(ValueError, match="split the tokens"):
             w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
                              activation=activation)
+
+
+@pytest.mark.parametrize("e,k", [(40, 32), (40, 33)], ids=["k32-token-sums", "k33-per-item"])
+def test_fused_moe_int8_decode_at_the_token_sum_slot_limit(cp, rng, e, k):
+    # k <= 32 sums a token's slots inside GEMM2 (one slot per lane); k = 33 takes a
+    # GEMM2 per item and the combine kernel
+    check_fused_moe(cp, *moe_case(rng, 2, e, k, hidden=96, inter=64, group_size=32, symmetric=False))
+
+
+def test_fused_moe_int8_decode_out_of_range_ids_are_left_out(cp, rng):
+    x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
+    bad = ids.copy()
+    bad[1, 1] = 8
+    bad[2, 0] = -3
+    got = run_fused_moe(cp, x, w13, w2, weights, bad, "int8")
+    # a left-out slot is the same as a valid slot of weight 0 (each intermediate row
+    # is quantized on its own)
+    kept = np.where((bad >= 0) & (bad < 8), weights, 0).astype(np.float32)
+    valid = np.where((bad >= 0) & (bad < 8), bad, 0).astype(np.int32)
+    assert_within(got, w4kern.reference.fused_moe(x, w13, w2, kept, valid, "int8"), 2.0 ** -7, 2e-3,
+                  extra=int8_step_flips(x, w13, w2, kept, valid))
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, w4kern.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tokens,slots,n,k,group_size,symmetric", [
+    (1, 8, 136, 96, 32, True),       # 3 blocks a slot: one warp step holds all 8 slots
+    (3, 4, 72, 1056, 64, False),     # 33 blocks a slot: slots straddle warp steps
+    (5, 1, 40, 256, -1, False),      # one slot, per-channel
+    (2, 32, 24, 64, 32, False),      # the most slots, one per lane
+], ids=["t1-k8", "t3-k4", "t5-k1-gch", "t2-k32"])
+def test_token_sum_matvec_matches_numpy(cp, rng, out_dtype, tokens, slots, n, k, group_size, symmetric):
+    """The MoE int8 decode GEMM2 (matvec_q8 in token-sum mode) on its own: random Q8
+    rows, slot weights with a zero, a repeated expert and a left-out slot, against
+    float64 sums of the same dequantized values; a NaN-poisoned out."""
+    from w4kern.linear import _launch_matvec_token_sums
+    from w4kern.quant import dequantize_q8, per_token_q8_blocks
+
+    n_experts = 6
+    w = w4kern.quantize_int4(rng.standard_normal((n_experts, n, k)).astype(np.float32) * 0.1,
+                             group_size=group_size, symmetric=symmetric)
+    rows = rng.standard_normal((tokens * slots, k)).astype(np.float32) * rng.uniform(0.1, 10, (tokens * slots, 1))
+    act = per_token_q8_blocks(rows.astype(np.float32))
+    ids = rng.integers(0, n_experts, (tokens, slots)).astype(np.int32)
+    weights = rng.random((tokens, slots)).astype(np.float32)
+    ids[0, 0] = n_experts - 1
+    if slots > 1:
+        ids[0, 1] = n_experts - 1        # the same expert twice in a token
+        weights[-1, -1] = 0.0
+    if slots > 2:
+        ids[-1, 1] = n_experts + 3       # left out, as the combine leaves it out
+    out = cp.full((tokens, n), np.nan, dtype=out_dtype)
+    _launch_matvec_token_sums(cp, to_gpu(cp, w), cp.asarray(act.blocks), out, cp.asarray(ids), cp.asarray(weights))
+    a = dequantize_q8(act).astype(np.float64).reshape(tokens, slots, k)
+    wf = w4kern.reference.dequantize_weight(w).astype(np.float64)
+    expected = np.zeros((tokens, n))
+    for t in range(tokens):
+        for j in range(slots):
+            if 0 <= ids[t, j] < n_experts:
+                expected[t] += np.float64(weights[t, j]) * (wf[ids[t, j]] @ a[t, j])
+    got = cp.asnumpy(out).astype(np.float64)
+    rel = 2.0 ** -8 if out_dtype == w4kern.bfloat16 else 1e-5
+    assert_within(got, expected, rel, 1e-5)

@@ -69,6 +69,11 @@ MATVEC_MAX_M = (1, 4, 8)
 #: (each activation block a lane loads serves them all), kUnroll blocks per lane per
 #: step (double-buffered), kSplit warps splitting one row group's K
 MATVEC_CONFIGS = ((1, 8, 1, 1), (1, 8, 1, 4), (1, 4, 2, 4), (4, 4, 1, 1), (4, 4, 1, 4), (8, 4, 1, 1))
+#: matvec_q8's kItemMode: a plain layer, one (token, expert) item per grid row (the MoE
+#: decode GEMM1), or one token's k slots summed with their weights (GEMM2, the combine
+#: fused; at most MATVEC_TOKEN_SUM_MAX_SLOTS slots, one per lane)
+MATVEC_ITEM_MODES = {"plain": 0, "per_item": 1, "token_sum": 2}
+MATVEC_TOKEN_SUM_MAX_SLOTS = 32
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
 #: shared memory of gemm_small_m (SmallMLayout in gemm_small_m.cu): 4 pipeline stages,
@@ -275,14 +280,15 @@ FAMILIES: dict[str, KernelFamily] = {
             source="matvec_q8.cu",
             template="w4kern::matvec_q8_kernel",
             # (weight bits, scale type, has zeros, max tokens, rows per warp, blocks per lane
-            # per step, warps per row group, items): items (MoE decode, one token per
-            # (token, expert) item) for the one-token INT4 instances only
+            # per step, warps per row group, item mode): the item modes (MATVEC_ITEM_MODES:
+            # the MoE decode path's per-item GEMM1 and token-sum GEMM2) for the one-token
+            # INT4 instances only
             instances=tuple(
-                (str(bits), cxx_type(scale), cxx_bool(has_zeros), *map(str, config), cxx_bool(items))
+                (str(bits), cxx_type(scale), cxx_bool(has_zeros), *map(str, config), str(mode))
                 for bits, has_zeros in ((4, False), (4, True), (8, False))
                 for scale in _FLOAT_TYPES
                 for config in MATVEC_CONFIGS
-                for items in ((False, True) if bits == 4 and config[0] == 1 else (False,))
+                for mode in (MATVEC_ITEM_MODES.values() if bits == 4 and config[0] == 1 else (0,))
             ),
         ),
     ) + tuple(

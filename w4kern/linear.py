@@ -516,9 +516,9 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _matvec_plan(call, weight, out_dtype, config, ctas, items=False):
+def _matvec_plan(call, weight, out_dtype, config, ctas, item_mode="plain"):
     from . import _runtime
-    from ._registry import MATVEC_CONFIGS, cxx_bool, cxx_type
+    from ._registry import MATVEC_CONFIGS, MATVEC_ITEM_MODES, cxx_bool, cxx_type
 
     bits = 4 if call.kind == "int4" else 8
     zeros = getattr(weight, "zeros", None)
@@ -532,7 +532,8 @@ def _matvec_plan(call, weight, out_dtype, config, ctas, items=False):
     rows, split = config[1], config[3]
     kernel = _runtime.get_kernel(
         "matvec_q8",
-        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config), cxx_bool(items)),
+        (str(bits), cxx_type(weight.scales.dtype), cxx_bool(zeros is not None), *map(str, config),
+         str(MATVEC_ITEM_MODES[item_mode])),
     )
     row_group_sets = -(-(-(-call.n // rows)) // (4 // split))
     # persistent CTAs: no more than the GPU keeps resident at once
@@ -540,7 +541,7 @@ def _matvec_plan(call, weight, out_dtype, config, ctas, items=False):
         ctas = min(row_group_sets, _sm_count(call.xp) * _resident_ctas(kernel, 128, 0))
     tail = (np.int32(call.n), np.int32(call.m), np.int32(call.k // Q8_BLOCK_VALUES),
             np.int32(weight.scales.shape[-1]), np.int32(_group_shift(weight)), np.int32(_OUT_KIND[out_dtype]),
-            np.uint64(0), np.int32(1), np.int32(1))   # item arguments (unused without kItems)
+            np.uint64(0), np.uint64(0), np.int32(1), np.int32(1))   # item arguments (unused when plain)
     return kernel, (ctas,), tail
 
 
@@ -714,17 +715,54 @@ def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, confi
         if config is None:
             warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
             config = matvec_items_config(n, k, items, _sm_count(cp), warps)
-        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, items=True)
+        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, item_mode="per_item")
         if ctas is None:
             # about MATVEC_ITEM_SETS_PER_CTA row-group sets per CTA, and at least the
             # GPU's resident CTAs over all items (grid y)
             total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
             ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // items))))
-        plan = _PLANS[key] = (kernel, (ctas, items), tail[:-3])
+        plan = _PLANS[key] = (kernel, (ctas, items), tail[:-4])
     kernel, grid, tail = plan
     zeros = weight.zeros
     kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          np.uint64(0), out) + tail + (item_experts, np.int32(n_experts), np.int32(act_item_div)))
+                          np.uint64(0), out) + tail + (item_experts, np.uint64(0), np.int32(n_experts),
+                                                       np.int32(act_item_div)))
+
+
+def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights):
+    """matvec_q8 summing each token's slots (the MoE int8 decode path's GEMM2 with the
+    combine fused): out[t] = sum_j topk_weights[t, j] * W[topk_ids[t, j]] @ a[t * k + j]
+    for stacked INT4 expert weights W [E, N, K], Q8 activation rows ``act`` [T * k,
+    K // 32, 48] and out [T, N] (float32, bfloat16 or float16), summed in one fixed
+    order (the same bits every run). Slots with an id outside [0, E) are left out.
+    k <= MATVEC_TOKEN_SUM_MAX_SLOTS (one slot per lane)."""
+    from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS
+
+    n_experts, n, k = weight.shape
+    tokens, slots = topk_ids.shape
+    if not 1 <= slots <= MATVEC_TOKEN_SUM_MAX_SLOTS:
+        raise ValueError(f"k={slots} slots: the token-sum matvec takes 1..{MATVEC_TOKEN_SUM_MAX_SLOTS}")
+    if not 1 <= tokens <= MATVEC_MAX_ITEMS:
+        raise ValueError(f"{tokens} tokens: one launch takes 1..{MATVEC_MAX_ITEMS}")
+    # the slots' K run one after another: the config sees one row of slots * K
+    call = _Call(cp, "int4", "q8", 1, n, slots * k, (tokens,), out.dtype)
+    key = ("matvec_token_sums", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, slots,
+           weight.group_size, weight.scales.dtype, weight.zeros is not None, out.dtype, tokens)
+    plan = _PLANS.get(key)
+    if plan is None:
+        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+        config = matvec_items_config(n, slots * k, tokens, _sm_count(cp), warps)
+        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, item_mode="token_sum")
+        total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
+        ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // tokens))))
+        # n_blocks is one slot's K blocks (the kernel multiplies by the slots)
+        tail = tail[:2] + (np.int32(k // Q8_BLOCK_VALUES),) + tail[3:-4]
+        plan = _PLANS[key] = (kernel, (ctas, tokens), tail)
+    kernel, grid, tail = plan
+    zeros = weight.zeros
+    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          np.uint64(0), out) + tail + (topk_ids, topk_weights, np.int32(n_experts),
+                                                       np.int32(slots)))
 
 
 def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):

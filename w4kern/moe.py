@@ -194,17 +194,20 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     GEMM2 each pair's [H] row, and the k rows of a token are summed with their
     weights in slot order (deterministic) straight into the output. Ids outside
     [0, E) contribute zeros (the caller's contract).
-    - "int8": five launches, the dp4a matvec (matvec_q8.cu) between the glue of
+    - "int8": four launches, the dp4a matvec (matvec_q8.cu) after the glue of
       moe_decode.cu: x quantized per token to INT8 (as Q8 blocks sharing the row
-      scale) and silu(g) * u quantized per (token, slot) row the same way. The
-      quantizer is bit-identical to NumPy's quant.per_token_q8_blocks
-      (tests/test_gpu_moe.py checks it).
+      scale), GEMM1 per (token, slot) item, silu(g) * u quantized per item the same
+      way, then GEMM2 as one token-sum matvec per token: its K runs over the k
+      slots, each slot's weight scaling its activations, so the combine is part of
+      GEMM2's own fixed-order reduction (k <= 32; larger k takes a GEMM2 per item
+      and the combine kernel). The quantizer is bit-identical to NumPy's
+      quant.per_token_q8_blocks (tests/test_gpu_moe.py checks it).
     - "bf16": four launches, the W4A16 tensor-core matvec (matvec_a16.cu) on x
       (float32 x rounded to bfloat16 first), with silu(g) * u rounded to x's 16-bit
       type between the GEMMs (moe_silu_mul_kernel, as the batched A16 epilogue)."""
     from . import _runtime
-    from ._registry import MOE_COMBINE_THREADS, cxx_type
-    from .linear import _launch_a16_items, _launch_matvec_items
+    from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS, MOE_COMBINE_THREADS, cxx_type
+    from .linear import _launch_a16_items, _launch_matvec_items, _launch_matvec_token_sums
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
@@ -215,11 +218,17 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
         return y
     ids = topk_ids.reshape(t * k)
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
-    down = cp.empty((t * k, hidden), dtype=np.float32)
     if activation == "int8":
         _launch_matvec_items(cp, w13, _token_q8_blocks(cp, x), gate_up, ids, k)
-        _launch_matvec_items(cp, w2, _token_q8_blocks(cp, gate_up, silu_gate_up=True), down, ids, 1)
+        inter_blocks = _token_q8_blocks(cp, gate_up, silu_gate_up=True)
+        if k <= MATVEC_TOKEN_SUM_MAX_SLOTS:
+            _launch_matvec_token_sums(cp, w2, inter_blocks, y, cp.ascontiguousarray(topk_ids),
+                                      cp.ascontiguousarray(topk_weights))
+            return y
+        down = cp.empty((t * k, hidden), dtype=np.float32)
+        _launch_matvec_items(cp, w2, inter_blocks, down, ids, 1)
     else:
+        down = cp.empty((t * k, hidden), dtype=np.float32)
         act = _a16_activations(cp, x)
         _launch_a16_items(cp, w13, act, gate_up, ids, k)
         inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
