@@ -262,9 +262,14 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
                                  static_cast<i64>(sb.block) * Block::kBytes);
         }
     };
+    // Under a programmatic dependent launch (the op's quantizer just before), the
+    // weights of the first step are in flight while that kernel finishes: they are
+    // the op's constant input, while the activations and the output wait for it.
+    pdl_launch_dependents();
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
     load_step(cur, set, 0);
+    pdl_wait();
     while (true) {
         int next_set = set, next_step = step + 1;
         if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }

@@ -24,6 +24,7 @@
 // (common/q8_rounding.cuh, as quantize_q8.cu); a row holding NaN/Inf gets d = NaN
 // and q = 0; every block's sum is d * sum(q) over its own 32 values.
 #include "common/formats.cuh"
+#include "common/ptx.cuh"
 #include "common/q8_rounding.cuh"
 
 namespace w4kern {
@@ -96,6 +97,8 @@ template <typename In, bool kSiluGateUp, bool kQ8Blocks>
 __global__ void __launch_bounds__(kMoeRowMaxThreads)
 moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
     using Chunk = MoeChunk<In, kSiluGateUp>;
+    pdl_launch_dependents();   // the matvec after it may start and fetch weights
+    pdl_wait();                // launched after GEMM1 (silu(g) * u): its rows are ready
     const int row = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;

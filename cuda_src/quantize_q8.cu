@@ -11,6 +11,7 @@
 // fp32 division here and there, and q = roundf(x / d) (half away from zero) is
 // reached without a division per value (quantize_values_q8 says how).
 #include "common/formats.cuh"
+#include "common/ptx.cuh"
 #include "common/q8_rounding.cuh"
 
 namespace w4kern {
@@ -35,6 +36,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
     // 4, so the 4 lanes of one Q8 block are either all active or all inactive;
     // inactive lanes still take part in the shuffles (full-warp masks) and
     // store nothing.
+    pdl_launch_dependents();   // the op's matvec may start and fetch its weights
     const i64 first_chunk = static_cast<i64>(blockIdx.x) * kQ8ChunksPerThread * blockDim.x + threadIdx.x;
 
     Vec<InT, kQ8ValuesPerThread> in[kQ8ChunksPerThread];
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kerne
     Q8Block* __restrict__ out,    // [rows, K / 32] contiguous
     i64 n_blocks)                 // rows * K / 32
 {
+    pdl_launch_dependents();   // the op's matvec may start and fetch its weights
     const i64 block = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (block >= n_blocks) return;
     constexpr int kChunks = kQ8BlockValues / kQ8ValuesPerThread;   // 4 chunks of 8 values

@@ -296,3 +296,22 @@ def test_quality_against_unquantized_bf16_math(cp, rng, capsys):
         print("\ncosine similarity vs bf16 math:", scores)
     assert scores["w4a8_g128"] > 0.99 and scores["w4a16_g128"] > 0.99 and scores["w8a8"] > 0.999
     assert scores["w4a8_int8_g128"] > 0.99
+
+
+@pytest.mark.parametrize("act", ["q8", "int8"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_programmatic_launch_of_the_matvec_gives_the_same_bits(cp, rng, monkeypatch, act, m):
+    """W4KERN_PDL=always: the dp4a matvec after the op's quantizer is a programmatic
+    dependent launch in eager calls too (sm_90+): the same bits as plain launches, for
+    INT4 and (act='q8') INT8 weights, over many back-to-back calls."""
+    weights = [to_gpu(cp, make_int4(rng, 2048, 4096, 128, False, w4kern.bfloat16))]
+    if act == "q8":
+        weights.append(to_gpu(cp, w4kern.quantize_int8(rng.standard_normal((1024, 4096)).astype(np.float32))))
+    x = cp.asarray(rng.standard_normal((m, 4096)).astype(w4kern.bfloat16))
+    for weight in weights:
+        monkeypatch.setenv("W4KERN_PDL", "never")
+        plain = cp.asnumpy(_linear(x, weight, act=act, kernel="matvec", out_dtype=np.float32))
+        monkeypatch.setenv("W4KERN_PDL", "always")
+        outs = [_linear(x, weight, act=act, kernel="matvec", out_dtype=np.float32) for _ in range(20)]
+        for got in outs:
+            np.testing.assert_array_equal(cp.asnumpy(got), plain)

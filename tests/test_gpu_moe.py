@@ -475,8 +475,8 @@ def test_fused_moe_int8_decode_out_of_range_ids_are_left_out(cp, rng):
 
 @pytest.mark.parametrize("out_dtype", [np.float32, w4kern.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("tokens,slots,n,k,group_size,symmetric", [
-    (1, 8, 136, 96, 32, True),       # 3 blocks a slot: one warp step holds all 8 slots
-    (3, 4, 72, 1056, 64, False),     # 33 blocks a slot: slots straddle warp steps
+    (1, 8, 136, 128, 64, True),      # 4 blocks a slot: one warp step holds all 8 slots
+    (3, 4, 72, 1056, 32, False),     # 33 blocks a slot: slots straddle warp steps
     (5, 1, 40, 256, -1, False),      # one slot, per-channel
     (2, 32, 24, 64, 32, False),      # the most slots, one per lane
 ], ids=["t1-k8", "t3-k4", "t5-k1-gch", "t2-k32"])
@@ -512,3 +512,21 @@ def test_token_sum_matvec_matches_numpy(cp, rng, out_dtype, tokens, slots, n, k,
     got = cp.asnumpy(out).astype(np.float64)
     rel = 2.0 ** -8 if out_dtype == w4kern.bfloat16 else 1e-5
     assert_within(got, expected, rel, 1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_fused_moe_int8_decode_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, t):
+    """W4KERN_PDL=always makes the decode chain's later kernels programmatic dependent
+    launches in eager calls too (on sm_90+; elsewhere a plain launch): the same bits as
+    plain launches, repeated many times so that an overlap without its wait would show."""
+    x, w13, w2, weights, ids = moe_case(rng, t, 16, 4, hidden=256, inter=128, group_size=32, symmetric=False)
+    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    monkeypatch.setenv("W4KERN_PDL", "never")
+    plain = cp.asnumpy(w4kern.fused_moe(*args, activation="int8")).view(np.uint16)
+    monkeypatch.setenv("W4KERN_PDL", "always")
+    outs = [w4kern.fused_moe(*args, activation="int8") for _ in range(20)]
+    for got in outs:
+        np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), plain)
+    monkeypatch.setenv("W4KERN_PDL", "sometimes")
+    with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
+        w4kern.fused_moe(*args, activation="int8")

@@ -332,6 +332,106 @@ def get_kernel(family: str, args: tuple[str, ...]):
     return _kernels[key]
 
 
+# ---------------------------------------------------------------------------
+# Programmatic dependent launch (PDL, Hopper and later). Within one op's chain of
+# kernels (a quantizer, then the matvec that reads its output), the second kernel
+# may be launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: its
+# CTAs then start while the first kernel still runs, as soon as every CTA of the
+# first has executed `griddepcontrol.launch_dependents` (common/ptx.cuh,
+# pdl_launch_dependents), issue the loads of data that no kernel of the chain
+# writes (the weights), and block in `griddepcontrol.wait` (pdl_wait) until the
+# first kernel has finished and its writes are visible. Rules for callers:
+#   - only a kernel whose stream predecessor is a kernel of the same op may ask
+#     for it (the op's first kernel waits for the user's work as usual), and
+#   - a kernel launched this way calls pdl_wait before it reads anything a kernel
+#     of the chain wrote and before its first global write.
+# CuPy's launch takes no launch attributes, so such launches go through the
+# driver's cuLaunchKernelEx (ctypes). W4KERN_PDL picks when: "graph" (default:
+# while the stream is being captured into a CUDA graph, where the saved latency
+# shows; eager calls keep CuPy's cheaper host path), "always" or "never".
+PDL_MODES = ("graph", "always", "never")
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_pdl_driver = None          # (cuLaunchKernelEx, config struct, attribute struct), or False
+_pdl_devices: dict[int, bool] = {}
+
+
+def _pdl_launcher():
+    global _pdl_driver
+    if _pdl_driver is None:
+        import ctypes
+
+        class LaunchAttribute(ctypes.Structure):   # CUlaunchAttribute: id, pad to 8, a 64-byte union
+            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                        ("value_pad", ctypes.c_char * 60)]
+
+        class LaunchConfig(ctypes.Structure):     # CUlaunchConfig
+            _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttribute)),
+                        ("n_attrs", ctypes.c_uint)]
+
+        try:
+            launch = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        except (OSError, AttributeError):   # no driver library, or a driver before CUDA 12
+            _pdl_driver = False
+        else:
+            launch.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                               ctypes.c_void_p]
+            launch.restype = ctypes.c_int
+            _pdl_driver = (launch, LaunchConfig, LaunchAttribute)
+    return _pdl_driver
+
+
+def _use_pdl(cupy, stream) -> bool:
+    mode = os.environ.get("W4KERN_PDL", "graph")
+    if mode not in PDL_MODES:
+        raise ValueError(f"W4KERN_PDL must be one of {PDL_MODES}, got {mode!r}")
+    if mode == "never" or (mode == "graph" and not stream.is_capturing()):
+        return False
+    device_id = cupy.cuda.runtime.getDevice()
+    ok = _pdl_devices.get(device_id)
+    if ok is None:
+        ok = _pdl_devices[device_id] = (int(cupy.cuda.Device(device_id).compute_capability) >= 90
+                                        and bool(_pdl_launcher()))
+    return ok
+
+
+def _kernel_argument(ctypes, np, cupy, a):
+    if isinstance(a, cupy.ndarray):
+        return ctypes.c_void_p(a.data.ptr)
+    for dtype, ctype in ((np.int32, ctypes.c_int32), (np.uint64, ctypes.c_uint64), (np.float32, ctypes.c_float)):
+        if isinstance(a, dtype):
+            return ctype(a.item())
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a CuPy array, np.int32, np.uint64 or "
+                    "np.float32")
+
+
+def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
+    """Launch ``kernel`` (a ``cupy.RawKernel`` from get_kernel) on the current stream,
+    as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see above)."""
+    from ._arrays import cupy_module
+
+    cupy = cupy_module()
+    stream = cupy.cuda.get_current_stream()
+    if not (pdl and _use_pdl(cupy, stream)):
+        kernel(grid, block, args, shared_mem=shared_mem)
+        return
+    import ctypes
+
+    import numpy as np
+
+    launch_ex, LaunchConfig, LaunchAttribute = _pdl_launcher()
+    values = [_kernel_argument(ctypes, np, cupy, a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    config = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream.ptr,
+                          ctypes.pointer(attr), 1)
+    status = launch_ex(ctypes.byref(config), ctypes.c_void_p(kernel.kernel.ptr), params, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} ({kernel.name})")
+
+
 def clear_memo() -> None:
     """Forget loaded kernels (tests that edit sources call this)."""
     _kernels.clear()

@@ -487,6 +487,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     if call.act == "int8":
         _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_ctas)
         return out
+    quantized_here = call.act == "q8" and not isinstance(x, Q8Activations)   # the matvec may overlap it
     if call.act == "q8":
         if isinstance(x, Q8Activations):
             act = x.blocks
@@ -502,7 +503,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
-        _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas)
+        _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas, pdl=quantized_here)
     elif kernel == "a16":
         _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas)
     else:
@@ -545,7 +546,11 @@ def _matvec_plan(call, weight, out_dtype, config, ctas, item_mode="plain"):
     return kernel, (ctas,), tail
 
 
-def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
+def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None, pdl=False):
+    """The dp4a matvec (matvec_q8.cu); pdl: right after the op's quantizer (a
+    programmatic dependent launch: _runtime.launch)."""
+    from . import _runtime
+
     zeros = getattr(weight, "zeros", None)
     key = ("matvec", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), call.kind, call.m, call.n, call.k, weight.group_size,
            weight.scales.dtype, zeros is not None, out.dtype, None if config is None else tuple(config), ctas)
@@ -553,8 +558,8 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None):
     if plan is None:
         plan = _PLANS[key] = _matvec_plan(call, weight, out.dtype, config, ctas)
     kernel, grid, tail = plan
-    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          _pointer(bias), out) + tail)
+    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
+                                           act, _pointer(bias), out) + tail, pdl=pdl)
 
 
 def _a16_block_sets(n, tiles, split):
@@ -593,7 +598,7 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     if kernel == "matvec":
         blocks = ws.q8_blocks(call.m, call.k)
         _quantize_per_token_cuda(rows, blocks)
-        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas)
+        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas, pdl=True)
     else:
         q, scales = ws.per_token_int8(call.m, call.k)
         _quantize_per_token_cuda(rows, q, scales)
@@ -696,12 +701,15 @@ def _k_use(config, n_blocks: int) -> float:
     return n_blocks / (config[3] * -(-steps // config[3]) * step_blocks)
 
 
-def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, config=None, ctas=None):
+def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, config=None, ctas=None, pdl=False):
     """matvec_q8 over items (the MoE decode path): out[i] = W[item_experts[i]] @
     x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], Q8 activation
     rows ``act`` [rows, K // 32, 48] and out [items, N] (float32, bfloat16 or float16).
     An expert id outside [0, E) gives a zero row (the kernels never read out of bounds).
-    ``config`` and ``ctas`` (CTAs per item, grid x) override the rules (sweeps)."""
+    ``config`` and ``ctas`` (CTAs per item, grid x) override the rules (sweeps); pdl:
+    right after another kernel of the op (_runtime.launch)."""
+    from . import _runtime
+
     n_experts, n, k = weight.shape
     items = item_experts.shape[0]
     if not 1 <= items <= MATVEC_MAX_ITEMS:
@@ -724,18 +732,21 @@ def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, confi
         plan = _PLANS[key] = (kernel, (ctas, items), tail[:-4])
     kernel, grid, tail = plan
     zeros = weight.zeros
-    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          np.uint64(0), out) + tail + (item_experts, np.uint64(0), np.int32(n_experts),
-                                                       np.int32(act_item_div)))
+    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
+                                           act, np.uint64(0), out) + tail + (item_experts, np.uint64(0),
+                                                                             np.int32(n_experts),
+                                                                             np.int32(act_item_div)), pdl=pdl)
 
 
-def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights):
+def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=False):
     """matvec_q8 summing each token's slots (the MoE int8 decode path's GEMM2 with the
     combine fused): out[t] = sum_j topk_weights[t, j] * W[topk_ids[t, j]] @ a[t * k + j]
     for stacked INT4 expert weights W [E, N, K], Q8 activation rows ``act`` [T * k,
     K // 32, 48] and out [T, N] (float32, bfloat16 or float16), summed in one fixed
     order (the same bits every run). Slots with an id outside [0, E) are left out.
-    k <= MATVEC_TOKEN_SUM_MAX_SLOTS (one slot per lane)."""
+    k <= MATVEC_TOKEN_SUM_MAX_SLOTS (one slot per lane). pdl: right after another
+    kernel of the op (_runtime.launch)."""
+    from . import _runtime
     from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS
 
     n_experts, n, k = weight.shape
@@ -760,9 +771,10 @@ def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights):
         plan = _PLANS[key] = (kernel, (ctas, tokens), tail)
     kernel, grid, tail = plan
     zeros = weight.zeros
-    kernel(grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                          np.uint64(0), out) + tail + (topk_ids, topk_weights, np.int32(n_experts),
-                                                       np.int32(slots)))
+    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
+                                           act, np.uint64(0), out) + tail + (topk_ids, topk_weights,
+                                                                             np.int32(n_experts), np.int32(slots)),
+                    pdl=pdl)
 
 
 def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):

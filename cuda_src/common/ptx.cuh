@@ -277,4 +277,22 @@ __device__ __forceinline__ void store_from_float(void* p, i64 index, float v, i3
     else static_cast<bf16_t*>(p)[index] = from_float<bf16_t>(v);
 }
 
+// Programmatic dependent launch (w4kern/_runtime.py, launch(pdl=True)); no-ops
+// before sm_90 and for a grid launched without the attribute. A kernel that a
+// later kernel of the same op may overlap calls pdl_launch_dependents early (its
+// dependent's CTAs may then start and prefetch); a kernel launched with the
+// attribute calls pdl_wait before it reads what an earlier kernel of the chain
+// wrote and before its first global write.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 }  // namespace w4kern
