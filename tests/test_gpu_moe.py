@@ -514,19 +514,22 @@ def test_token_sum_matvec_matches_numpy(cp, rng, out_dtype, tokens, slots, n, k,
     assert_within(got, expected, rel, 1e-5)
 
 
-@pytest.mark.parametrize("t", [1, 5])
-def test_fused_moe_int8_decode_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, t):
-    """W4KERN_PDL=always makes the decode chain's later kernels programmatic dependent
+@pytest.mark.parametrize("activation,t,k", [("int8", 1, 4), ("int8", 5, 4), ("int8", 3, 33), ("bf16", 1, 4),
+                                             ("bf16", 5, 4), ("bf16", 24, 4), ("int8", 24, 4)])
+def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, activation, t, k):
+    """W4KERN_PDL=always makes each chain's later kernels programmatic dependent
     launches in eager calls too (on sm_90+; elsewhere a plain launch): the same bits as
-    plain launches, repeated many times so that an overlap without its wait would show."""
-    x, w13, w2, weights, ids = moe_case(rng, t, 16, 4, hidden=256, inter=128, group_size=32, symmetric=False)
+    plain launches, repeated many times so that an overlap without its wait would show.
+    Decode paths (k = 33: GEMM2 per item and the combine) and the batched path (T = 24:
+    its combine)."""
+    x, w13, w2, weights, ids = moe_case(rng, t, 40, k, hidden=256, inter=128, group_size=32, symmetric=False)
     args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
     monkeypatch.setenv("W4KERN_PDL", "never")
-    plain = cp.asnumpy(w4kern.fused_moe(*args, activation="int8")).view(np.uint16)
+    plain = cp.asnumpy(w4kern.fused_moe(*args, activation=activation)).view(np.uint16)
     monkeypatch.setenv("W4KERN_PDL", "always")
-    outs = [w4kern.fused_moe(*args, activation="int8") for _ in range(20)]
+    outs = [w4kern.fused_moe(*args, activation=activation) for _ in range(20)]
     for got in outs:
         np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), plain)
     monkeypatch.setenv("W4KERN_PDL", "sometimes")
     with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
-        w4kern.fused_moe(*args, activation="int8")
+        w4kern.fused_moe(*args, activation=activation)
