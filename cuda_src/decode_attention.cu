@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     __shared__ __align__(8) u64 sm_bar[kAttnWarps][kStages];   // chunk arrivals (sm_90 copy engine)
     static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
 
+    pdl_launch_dependents();   // the merge's CTAs may start (they wait for this grid)
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = hq / hkv;
     const int head_tiles = (group + kAttnHeads - 1) / kAttnHeads;
@@ -351,6 +352,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_attention_merge_kernel(
     constexpr int kGroups = kMergeThreads / kDim;
     constexpr int kWarps = kMergeThreads / 32;
     __shared__ float sm_w[kMergeThreads], sm_red[2][kWarps], sm_part[kGroups][kDim];
+    pdl_wait();   // a programmatic dependent launch after the split kernel: its partials
     const i64 row = blockIdx.x;
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const int group = t / kDim, d = t % kDim;

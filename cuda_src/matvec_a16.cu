@@ -184,10 +184,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     // row r of tile i of row block b, clamped so every load is in bounds (only real rows are stored)
     auto row_of = [&](int b, int i, int r) { return min(b * kBlockRows + i * 16 + r, n_rows - 1); };
 
-    // A step's loads come in two parts: the weights, scales and zeros (the op's
-    // constant input: the first step's may be issued before pdl_wait) and the
-    // activations.
-    auto load_weights = [&](Step& st, int set, int step) {
+    auto load_step = [&](Step& st, int set, int step) {
         const int b = block_of(set);
         if (b >= n_blocks) return;
         const int chunk = step * kSplit + part;
@@ -226,13 +223,6 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     }
                 }
             }
-    };
-    auto load_x = [&](Step& st, int set, int step) {
-        const int b = block_of(set);
-        if (b >= n_blocks) return;
-        const int chunk = step * kSplit + part;
-        const int k0 = chunk * kStepK + t * 2 * kChunkBytes;
-        const bool mine_in_k = chunk < steps && k0 < k_dim;
         // B column g: token g / kGroupSlots, given by the threads whose k range is in
         // group slot g % kGroupSlots (without slots: token g, every thread)
         const int x_token = g / kGroupSlots;
@@ -253,11 +243,6 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
             for (int j = 0; j < Step::kXWords; ++j) st.x[j] = 0u;
         }
-    };
-
-    auto load_step = [&](Step& st, int set, int step) {
-        load_weights(st, set, step);
-        load_x(st, set, step);
     };
 
     float y[kTiles][4];
@@ -408,16 +393,10 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     };
 
     // Persistent CTAs walk row-block sets blockIdx.x, blockIdx.x + gridDim.x, ...
-    // Under a programmatic dependent launch (the op's quantizer just before), the
-    // first step's weights are in flight while that kernel finishes; its
-    // activations, the token scales and the output wait for it.
-    pdl_launch_dependents();
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
     Step cur, next;
-    load_weights(cur, set, 0);
-    pdl_wait();
-    load_x(cur, set, 0);
+    load_step(cur, set, 0);
     while (true) {
         int next_set = set, next_step = step + 1;
         if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }

@@ -65,17 +65,17 @@ if command -v compute-sanitizer >/dev/null; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   compute-sanitizer --tool memcheck --error-exitcode 7 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_linear.py \
-      -k "(kernels_match_reference and float16 and not asym and (g32 or g-1)) or (int8_matvec_matches_reference and g64) or (split_k and 64) or walk_many or (walks_many and t1-s8) or per_token_int8" \
+      -k "(kernels_match_reference and float16 and not asym and (g32 or g-1)) or (int8_matvec_matches_reference and g64) or (split_k and 64) or walk_many or (walks_many and t1-s8) or per_token_int8 or (programmatic and 3-)" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   compute-sanitizer --tool memcheck --error-exitcode 7 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py \
-      -k "out_of_contract or (paged and bfloat16) or (every_head_dim and 32x8) or (batches and 7) or shallow_rings" \
+      -k "out_of_contract or (paged and bfloat16) or (every_head_dim and 32x8) or (batches and 7) or shallow_rings or programmatic" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   compute-sanitizer --tool memcheck --error-exitcode 7 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_moe.py \
-      -k "(moe_align and (out_of_range or expert_map or many_experts or (bit_identical and 33-))) or fused_moe_decode_skewed or token_q8 or token_int8 or combine or batched_skewed or bf16_out_of_range or (batched_matches and 60-4 and (-33] or -1024]))" \
+      -k "(moe_align and (out_of_range or expert_map or many_experts or (bit_identical and 33-))) or fused_moe_decode_skewed or token_q8 or token_int8 or combine or batched_skewed or bf16_out_of_range or (batched_matches and 60-4 and (-33] or -1024])) or token_sum or slot_limit or int8_decode_out_of_range or (programmatic and (int8-1-4 or bf16-5-4 or int8-3-33))" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else

@@ -230,3 +230,22 @@ def test_cp_async_rings_before_sm90(cp, rng, tmp_path, monkeypatch):
     for d in (128, 256):
         q, k, v, lens = contiguous_case(rng, 2, 8, 2, 1000, d, np.float16, [1000, 17])
         check(cp, run(cp, q, k, v, lens, num_splits=5), q, k, v, lens)
+
+
+@pytest.mark.parametrize("splits", [3, 33])
+def test_programmatic_launch_of_the_merge_gives_the_same_bits(cp, rng, monkeypatch, splits):
+    """W4KERN_PDL=always: the split merge is a programmatic dependent launch in eager
+    calls too (sm_90+), waiting for the split kernel's partials: the same bits as plain
+    launches over many back-to-back calls, which reuse one partials buffer."""
+    q, k, v, lens = contiguous_case(rng, 2, 32, 8, 2048, 128, w4kern.bfloat16, [2048, 999])
+    q, k, v, lens = (cp.asarray(a) for a in (q, k, v, lens))
+    monkeypatch.setenv("W4KERN_PDL", "never")
+    plain = cp.asnumpy(w4kern.decode_attention(q, k, v, lens, num_splits=splits)).view(np.uint16)
+    monkeypatch.setenv("W4KERN_PDL", "always")
+    q2 = [q * (i + 1) for i in range(10)]   # different inputs back to back: a merge reading
+    outs = [w4kern.decode_attention(qi, k, v, lens, num_splits=splits) for qi in [q] + q2]   # early partials shows
+    np.testing.assert_array_equal(cp.asnumpy(outs[0]).view(np.uint16), plain)
+    monkeypatch.setenv("W4KERN_PDL", "never")
+    for qi, got in zip(q2, outs[1:]):
+        expected = w4kern.decode_attention(qi, k, v, lens, num_splits=splits)
+        np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(expected).view(np.uint16))

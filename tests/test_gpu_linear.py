@@ -298,22 +298,22 @@ def test_quality_against_unquantized_bf16_math(cp, rng, capsys):
     assert scores["w4a8_int8_g128"] > 0.99
 
 
-@pytest.mark.parametrize("act,kernel", [("q8", "matvec"), ("int8", "matvec"), ("int8", "a8")])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("act,kernel", [("q8", "matvec"), ("int8", "matvec")])
+@pytest.mark.parametrize("m", [1, 3])
 def test_programmatic_launch_of_the_matvec_gives_the_same_bits(cp, rng, monkeypatch, act, kernel, m):
-    """W4KERN_PDL=always: the matvec after the op's quantizer (dp4a, or the s8 kernel)
-    is a programmatic dependent launch in eager calls too (sm_90+): the same bits as
-    plain launches, for INT4 and (act='q8') INT8 weights, over many back-to-back calls."""
-    if kernel == "matvec" and m > 4:
-        pytest.skip("the dp4a matvec instances for M > 4 are not the point here")
+    """W4KERN_PDL=always: the dp4a matvec after the op's quantizer is a programmatic
+    dependent launch in eager calls too (sm_90+): the same bits as plain launches, for
+    INT4 and (act='q8') INT8 weights, over many back-to-back calls."""
     weights = [to_gpu(cp, make_int4(rng, 2048, 4096, 128, False, w4kern.bfloat16))]
     if act == "q8":
         weights.append(to_gpu(cp, w4kern.quantize_int8(rng.standard_normal((1024, 4096)).astype(np.float32))))
-    x = cp.asarray(rng.standard_normal((m, 4096)).astype(w4kern.bfloat16))
+    # different x back to back: a matvec that read the quantizer's output early would
+    # see the previous call's activations
+    xs = [cp.asarray(rng.standard_normal((m, 4096)).astype(w4kern.bfloat16)) for _ in range(12)]
     for weight in weights:
         monkeypatch.setenv("W4KERN_PDL", "never")
-        plain = cp.asnumpy(_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32))
+        plain = [cp.asnumpy(_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32)) for x in xs]
         monkeypatch.setenv("W4KERN_PDL", "always")
-        outs = [_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32) for _ in range(20)]
-        for got in outs:
-            np.testing.assert_array_equal(cp.asnumpy(got), plain)
+        outs = [_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32) for x in xs]
+        for got, expected in zip(outs, plain):
+            np.testing.assert_array_equal(cp.asnumpy(got), expected)

@@ -523,13 +523,16 @@ def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch
     Decode paths (k = 33: GEMM2 per item and the combine) and the batched path (T = 24:
     its combine)."""
     x, w13, w2, weights, ids = moe_case(rng, t, 40, k, hidden=256, inter=128, group_size=32, symmetric=False)
-    args = (cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    rest = (to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+    # different x back to back: a kernel that read its predecessor's output early
+    # would see the previous call's
+    xs = [cp.asarray(x) * (1 + i % 3) * (-1) ** i for i in range(12)]
     monkeypatch.setenv("W4KERN_PDL", "never")
-    plain = cp.asnumpy(w4kern.fused_moe(*args, activation=activation)).view(np.uint16)
+    plain = [cp.asnumpy(w4kern.fused_moe(xi, *rest, activation=activation)).view(np.uint16) for xi in xs]
     monkeypatch.setenv("W4KERN_PDL", "always")
-    outs = [w4kern.fused_moe(*args, activation=activation) for _ in range(20)]
-    for got in outs:
-        np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), plain)
+    outs = [w4kern.fused_moe(xi, *rest, activation=activation) for xi in xs]
+    for got, expected in zip(outs, plain):
+        np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), expected)
     monkeypatch.setenv("W4KERN_PDL", "sometimes")
     with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
-        w4kern.fused_moe(*args, activation=activation)
+        w4kern.fused_moe(xs[0], *rest, activation=activation)

@@ -190,6 +190,8 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,
                            paged):
+    from . import _runtime
+
     b = q.shape[0]
     if out is None:
         out = cp.empty(q.shape, dtype=q.dtype)
@@ -206,8 +208,9 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     kernel, grid, smem, head, tail, merge, merge_args = plan
     table = block_table if paged else kv_lens   # any int32 pointer: the contiguous kernel never reads it
     kernel(grid, (128,), (q, k_cache, v_cache, kv_lens, table, out) + head + tail, shared_mem=smem)
-    if merge is not None:
-        merge((b * q.shape[1],), (MERGE_THREADS,), merge_args[:2] + (out,) + merge_args[2:])
+    if merge is not None:   # a programmatic dependent launch: it waits for the splits
+        _runtime.launch(merge, (b * q.shape[1],), (MERGE_THREADS,), merge_args[:2] + (out,) + merge_args[2:],
+                        pdl=True)
     return out
 
 

@@ -602,7 +602,9 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     else:
         q, scales = ws.per_token_int8(call.m, call.k)
         _quantize_per_token_cuda(rows, q, scales)
-        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales, pdl=True)
+        # a plain launch: matvec_a16 takes no programmatic one (its wait before the
+        # first step's loads, or those loads split around it, cost W4A16 1-8%)
+        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
@@ -636,11 +638,8 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     return kernel, (ctas,), tail
 
 
-def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None, pdl=False):
-    """matvec_a16 on bf16/fp16 x (W4A16) or on per-token INT8 x with its scales (W4A8);
-    pdl: right after the op's quantizer (_runtime.launch)."""
-    from . import _runtime
-
+def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None):
+    """matvec_a16 on bf16/fp16 x (W4A16) or on per-token INT8 x with its scales (W4A8)."""
     zeros = weight.zeros
     key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
            call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
@@ -649,20 +648,16 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=N
     if plan is None:
         plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
     kernel, grid, tail = plan
-    _runtime.launch(kernel, grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
-                                           act, _pointer(x_scales), _pointer(bias), out) + tail
-                    + (np.uint64(0), np.int32(0), np.int32(1)), pdl=pdl)
+    kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          _pointer(x_scales), _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
 
 
-def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div, pdl=False):
+def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
     """matvec_a16 over items (fused_moe's bf16 decode path): out[i] = W[item_experts[i]]
     @ x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], bf16/fp16
     activation rows ``act`` [rows, K] and out [items, N] (float32). An expert id
     outside [0, E) gives a zero row (the kernel never reads out of bounds). One CTA
-    per row-block set and item: the config is picked for the N * items rows. pdl:
-    right after another kernel of the op (_runtime.launch)."""
-    from . import _runtime
-
+    per row-block set and item: the config is picked for the N * items rows."""
     n_experts, n, k = weight.shape
     items = item_experts.shape[0]
     if not 1 <= items <= MATVEC_MAX_ITEMS:
@@ -679,9 +674,9 @@ def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div, pdl=Fals
         plan = _PLANS[key] = (kernel, (_a16_block_sets(n, *config), items), tail)
     kernel, grid, tail = plan
     zeros = weight.zeros
-    _runtime.launch(kernel, grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
-                                           act, np.uint64(0), np.uint64(0), out) + tail
-                    + (item_experts, np.int32(n_experts), np.int32(act_item_div)), pdl=pdl)
+    kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          np.uint64(0), np.uint64(0), out) + tail + (item_experts, np.int32(n_experts),
+                                                                      np.int32(act_item_div)))
 
 
 #: items (grid y) one matvec_q8 launch takes

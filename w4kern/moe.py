@@ -233,12 +233,12 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     else:
         down = cp.empty((t * k, hidden), dtype=np.float32)
         act = _a16_activations(cp, x)
-        _launch_a16_items(cp, w13, act, gate_up, ids, k)   # the op's first kernel (x may be used as is)
+        _launch_a16_items(cp, w13, act, gate_up, ids, k)
         inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
         _runtime.launch(_runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),)),
                         (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,),
                         (gate_up, inter_rows, np.int32(inter)), pdl=True)
-        _launch_a16_items(cp, w2, inter_rows, down, ids, 1, pdl=True)
+        _launch_a16_items(cp, w2, inter_rows, down, ids, 1)   # matvec_a16 takes no PDL (linear.py)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
 
