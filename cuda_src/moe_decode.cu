@@ -206,8 +206,6 @@ template <typename Out>
 __global__ void __launch_bounds__(kMoeCombineThreads)
 moe_combine_kernel(const float* __restrict__ down, const float* __restrict__ topk_weights,
                    const i32* __restrict__ topk_ids, Out* __restrict__ out, int hidden, int k, int n_experts) {
-    pdl_launch_dependents();
-    pdl_wait();   // launched right after the GEMM that wrote down[]
     const int t = blockIdx.y;
     const int h = blockIdx.x * kMoeCombineThreads + threadIdx.x;
     if (h >= hidden) return;
@@ -224,8 +222,6 @@ moe_combine_kernel(const float* __restrict__ down, const float* __restrict__ top
 template <typename Out>
 __global__ void __launch_bounds__(kMoeCombineThreads)
 moe_silu_mul_kernel(const float* __restrict__ gate_up, Out* __restrict__ out, int cols) {
-    pdl_launch_dependents();   // GEMM2 may start and fetch its weights
-    pdl_wait();                // launched right after GEMM1
     const i64 row = blockIdx.y;
     const int c = blockIdx.x * kMoeCombineThreads + threadIdx.x;
     if (c >= cols) return;

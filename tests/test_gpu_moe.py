@@ -514,14 +514,12 @@ def test_token_sum_matvec_matches_numpy(cp, rng, out_dtype, tokens, slots, n, k,
     assert_within(got, expected, rel, 1e-5)
 
 
-@pytest.mark.parametrize("activation,t,k", [("int8", 1, 4), ("int8", 5, 4), ("int8", 3, 33), ("bf16", 1, 4),
-                                             ("bf16", 5, 4), ("bf16", 24, 4), ("int8", 24, 4)])
+@pytest.mark.parametrize("activation,t,k", [("int8", 1, 4), ("int8", 5, 4), ("int8", 3, 33)])
 def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, activation, t, k):
-    """W4KERN_PDL=always makes each chain's later kernels programmatic dependent
-    launches in eager calls too (on sm_90+; elsewhere a plain launch): the same bits as
-    plain launches, repeated many times so that an overlap without its wait would show.
-    Decode paths (k = 33: GEMM2 per item and the combine) and the batched path (T = 24:
-    its combine)."""
+    """W4KERN_PDL=always makes the int8 decode chain's later kernels programmatic
+    dependent launches in eager calls too (on sm_90+; elsewhere a plain launch): the
+    same bits as plain launches, with different inputs back to back so that an overlap
+    without its wait would show (k = 33: GEMM2 per item after the silu quantizer)."""
     x, w13, w2, weights, ids = moe_case(rng, t, 40, k, hidden=256, inter=128, group_size=32, symmetric=False)
     rest = (to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
     # different x back to back: a kernel that read its predecessor's output early

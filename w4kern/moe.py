@@ -235,10 +235,12 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
         act = _a16_activations(cp, x)
         _launch_a16_items(cp, w13, act, gate_up, ids, k)
         inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
-        _runtime.launch(_runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),)),
-                        (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,),
-                        (gate_up, inter_rows, np.int32(inter)), pdl=True)
-        _launch_a16_items(cp, w2, inter_rows, down, ids, 1)   # matvec_a16 takes no PDL (linear.py)
+        # plain launches: programmatic ones of the glue kernels measured 0.3-1.9% slower
+        # here (benchmarks/results/2026-11-22-h200-session11/pdl-ab/), and matvec_a16
+        # takes none (linear.py)
+        _runtime.get_kernel("moe_silu_mul", (cxx_type(act.dtype),))(
+            (-(-inter // MOE_COMBINE_THREADS), t * k), (MOE_COMBINE_THREADS,), (gate_up, inter_rows, np.int32(inter)))
+        _launch_a16_items(cp, w2, inter_rows, down, ids, 1)
     _combine(cp, down, topk_weights, topk_ids, y, w13.shape[0])
     return y
 
@@ -260,12 +262,10 @@ def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
     from ._registry import MOE_COMBINE_THREADS, cxx_type
 
     t, hidden = y.shape
-    topk_weights = cp.ascontiguousarray(topk_weights)   # (a copy kernel here would end the chain)
-    # a programmatic dependent launch after the GEMM that wrote down[] (it waits for it)
-    _runtime.launch(_runtime.get_kernel("moe_combine", (cxx_type(y.dtype),)),
-                    (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
-                    (down, topk_weights, topk_ids, y, np.int32(hidden), np.int32(topk_ids.shape[1]),
-                     np.int32(n_experts)), pdl=True)
+    _runtime.get_kernel("moe_combine", (cxx_type(y.dtype),))(
+        (-(-hidden // MOE_COMBINE_THREADS), t), (MOE_COMBINE_THREADS,),
+        (down, cp.ascontiguousarray(topk_weights), topk_ids, y, np.int32(hidden), np.int32(topk_ids.shape[1]),
+         np.int32(n_experts)))
 
 
 def moe_block_size(items: int, n_experts: int) -> int:
