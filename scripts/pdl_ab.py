@@ -1,5 +1,11 @@
-"""A/B in one process: W4KERN_PDL=never against the default (graph) for the op chains
-that use programmatic dependent launches, graph mode, inputs rotated past L2."""
+"""Programmatic dependent launches on and off, in one process: W4KERN_PDL=never
+against the default ("graph") for every op chain that uses them (fused_moe's decode
+paths, linear's quantizer + matvec at M = 1 and 8, decode_attention's split merge),
+graph mode (w4kern.bench.Timer), inputs rotated past the L2. Each mode is timed
+twice, alternating, and the median printed.
+
+    python3 scripts/pdl_ab.py [OUT.json]
+"""
 import os, statistics, sys, json
 import cupy as cp
 import numpy as np
