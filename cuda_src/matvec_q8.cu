@@ -72,8 +72,8 @@ struct WeightBlock<8> {
     __device__ __forceinline__ u32 odd(int j) const { return byte_perm(w[2 * j], w[2 * j + 1], 0x7531); }
 };
 
-constexpr int kPlainMatvec = 0, kPerItem = 1, kTokenSum = 2;   // kItemMode
-constexpr int kTokenSumMaxSlots = 32;                           // one slot per lane
+// kItemMode; kTokenSum takes at most 32 slots, one per lane (the host checks)
+constexpr int kPlainMatvec = 0, kPerItem = 1, kTokenSum = 2;
 
 template <int kWeightBits, typename ScaleT, bool kHasZeros, int kMaxM, int kRows, int kUnroll, int kSplit,
           int kItemMode>
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // itself and 1 otherwise). Every lane of the warp calls it (shuffles).
     struct SlotBlock {
         int block;
-        int expert_row0;
+        i64 expert_row0;
         float act_weight;
         bool used;
     };
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             const int e = __shfl_sync(0xffffffffu, slot_expert, j);
             const float w = __shfl_sync(0xffffffffu, slot_weight, j);
             const bool used = __shfl_sync(0xffffffffu, static_cast<int>(slot_used), j) != 0;
-            return SlotBlock{v - j * n_blocks, e * n_rows, w, used};
+            return SlotBlock{v - j * n_blocks, static_cast<i64>(e) * n_rows, w, used};
         } else {
             return SlotBlock{v, 0, 1.0f, true};
         }
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            const i64 at = (static_cast<i64>(sb.expert_row0) + row_of(g, r)) * n_groups + group;
+            const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + group;
             s[r] = to_float(scales[at]);
             z[r] = kHasZeros ? to_float(zeros[at]) : implicit_zero;
         }
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             if (v < k_blocks && sb.used)
 #pragma unroll
                 for (int r = 0; r < kRows; ++r)
-                    w[u][r].load(qweight + (static_cast<i64>(sb.expert_row0) + row_of(g, r)) * row_bytes +
+                    w[u][r].load(qweight + (sb.expert_row0 + row_of(g, r)) * row_bytes +
                                  static_cast<i64>(sb.block) * Block::kBytes);
         }
     };
