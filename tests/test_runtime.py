@@ -161,3 +161,49 @@ def test_every_a8_choice_is_a_registered_instance(group_size):
                 args = (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
                         str(tiles), str(split), "1")
                 assert args in family.instances, args
+
+
+class _FakeCupy:
+    """Just enough of CuPy for the launch helpers' host logic (no GPU here)."""
+
+    class ndarray:
+        class data:
+            ptr = 4096
+
+    class _Stream:
+        def __init__(self, capturing):
+            self.capturing = capturing
+
+        def is_capturing(self):
+            return self.capturing
+
+
+def test_programmatic_launch_arguments_are_typed_or_refused():
+    import ctypes
+
+    import numpy as np
+
+    from w4kern._runtime import _kernel_argument
+
+    assert _kernel_argument(ctypes, np, _FakeCupy, _FakeCupy.ndarray()).value == 4096
+    assert _kernel_argument(ctypes, np, _FakeCupy, np.int32(-7)).value == -7
+    assert _kernel_argument(ctypes, np, _FakeCupy, np.uint64(2 ** 40)).value == 2 ** 40
+    assert _kernel_argument(ctypes, np, _FakeCupy, np.float32(0.5)).value == 0.5
+    with pytest.raises(TypeError, match="kernel argument of type int"):
+        _kernel_argument(ctypes, np, _FakeCupy, 3)   # a Python int has no C type of its own
+
+
+@pytest.mark.parametrize("mode,capturing", [("never", True), ("graph", False)])
+def test_programmatic_launch_modes_that_never_reach_the_driver(monkeypatch, mode, capturing):
+    from w4kern._runtime import _use_pdl
+
+    monkeypatch.setenv("W4KERN_PDL", mode)
+    assert _use_pdl(_FakeCupy, _FakeCupy._Stream(capturing)) is False   # no device query needed
+
+
+def test_programmatic_launch_mode_is_checked(monkeypatch):
+    from w4kern._runtime import _use_pdl
+
+    monkeypatch.setenv("W4KERN_PDL", "sometimes")
+    with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
+        _use_pdl(_FakeCupy, _FakeCupy._Stream(True))
