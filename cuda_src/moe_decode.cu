@@ -1,13 +1,15 @@
 // moe_decode: the glue of fused_moe's decode path (w4kern/moe.py,
-// _fused_moe_decode_cuda). The two expert GEMMs are matvec_q8's kItems
-// instances; around them run three launches of this file:
+// _fused_moe_decode_cuda). The two expert GEMMs are matvec_q8's item-mode
+// instances (GEMM1 per item, GEMM2 per token summing its slots); around them
+// run launches of this file:
 //   1. moe_token_q8_kernel<In, false>: x [T, H] -> per-token INT8 rows stored as
 //      Q8 blocks [T, H / 32] that all carry the row's scale.
 //   2. moe_token_q8_kernel<float, true>: GEMM1's fp32 [g; u] rows [T * k, 2I] ->
 //      silu(g) * u, quantized the same way into [T * k, I / 32] Q8 blocks.
 //   3. moe_combine_kernel<Out>: y[t] = sum_j topk_weights[t, j] * down[t * k + j],
-//      summed in slot order j = 0, 1, ... (the same bits every run). The batched
-//      path (moe_gemm.cu) uses it too.
+//      summed in slot order j = 0, 1, ... (the same bits every run), for the
+//      batched path (moe_gemm.cu), the bf16 decode path, and the int8 decode path
+//      beyond 32 slots (where GEMM2 runs per item).
 // Kernel 1 with kQ8Blocks = false also serves w4kern.linear(act="int8"): the
 // same per-token INT8 as plain rows, q int8 [T, H] and scales float32 [T]
 // (PerTokenInt8, quant.quantize_per_token_int8), for matvec_a16's INT8 instances.

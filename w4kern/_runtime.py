@@ -410,9 +410,11 @@ def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
     as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see above)."""
     from ._arrays import cupy_module
 
-    cupy = cupy_module()
-    stream = cupy.cuda.get_current_stream()
-    if not (pdl and _use_pdl(cupy, stream)):
+    if pdl:
+        cupy = cupy_module()
+        stream = cupy.cuda.get_current_stream()
+        pdl = _use_pdl(cupy, stream)
+    if not pdl:
         kernel(grid, block, args, shared_mem=shared_mem)
         return
     import ctypes

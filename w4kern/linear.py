@@ -703,6 +703,31 @@ def _k_use(config, n_blocks: int) -> float:
     return n_blocks / (config[3] * -(-steps // config[3]) * step_blocks)
 
 
+def _items_plan(cp, call, weight, out_dtype, grid_rows, item_mode, config=None, ctas=None):
+    """(kernel, grid, tail without the item arguments) of a matvec_q8 item-mode launch
+    with ``grid_rows`` grid rows (items or tokens); ``call.k`` is the row the config
+    sees. ``config`` and ``ctas`` (CTAs per grid row) override the rules (sweeps)."""
+    if config is None:
+        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
+        config = matvec_items_config(call.n, call.k, grid_rows, _sm_count(cp), warps)
+    kernel, (sets,), tail = _matvec_plan(call, weight, out_dtype, config, None, item_mode=item_mode)
+    if ctas is None:
+        # about MATVEC_ITEM_SETS_PER_CTA row-group sets per CTA, and at least the
+        # GPU's resident CTAs over all grid rows
+        total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
+        ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // grid_rows))))
+    return kernel, (ctas, grid_rows), tail[:-4]
+
+
+def _launch_items(plan, weight, act, out, item_args, pdl):
+    from . import _runtime
+
+    kernel, grid, tail = plan
+    zeros = weight.zeros
+    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
+                                           act, np.uint64(0), out) + tail + item_args, pdl=pdl)
+
+
 def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, config=None, ctas=None, pdl=False):
     """matvec_q8 over items (the MoE decode path): out[i] = W[item_experts[i]] @
     x[i // act_item_div] for stacked INT4 expert weights W [E, N, K], Q8 activation
@@ -710,34 +735,19 @@ def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, confi
     An expert id outside [0, E) gives a zero row (the kernels never read out of bounds).
     ``config`` and ``ctas`` (CTAs per item, grid x) override the rules (sweeps); pdl:
     right after another kernel of the op (_runtime.launch)."""
-    from . import _runtime
-
     n_experts, n, k = weight.shape
     items = item_experts.shape[0]
     if not 1 <= items <= MATVEC_MAX_ITEMS:
         raise ValueError(f"{items} (token, expert) items: one launch takes 1..{MATVEC_MAX_ITEMS}")
-    call = _Call(cp, "int4", "q8", 1, n, k, (items,), out.dtype)
     key = ("matvec_items", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, weight.group_size,
            weight.scales.dtype, weight.zeros is not None, out.dtype, items,
            None if config is None else tuple(config), ctas)
     plan = _PLANS.get(key)
     if plan is None:
-        if config is None:
-            warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
-            config = matvec_items_config(n, k, items, _sm_count(cp), warps)
-        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, item_mode="per_item")
-        if ctas is None:
-            # about MATVEC_ITEM_SETS_PER_CTA row-group sets per CTA, and at least the
-            # GPU's resident CTAs over all items (grid y)
-            total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
-            ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // items))))
-        plan = _PLANS[key] = (kernel, (ctas, items), tail[:-4])
-    kernel, grid, tail = plan
-    zeros = weight.zeros
-    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
-                                           act, np.uint64(0), out) + tail + (item_experts, np.uint64(0),
-                                                                             np.int32(n_experts),
-                                                                             np.int32(act_item_div)), pdl=pdl)
+        call = _Call(cp, "int4", "q8", 1, n, k, (items,), out.dtype)
+        plan = _PLANS[key] = _items_plan(cp, call, weight, out.dtype, items, "per_item", config, ctas)
+    _launch_items(plan, weight, act, out, (item_experts, np.uint64(0), np.int32(n_experts), np.int32(act_item_div)),
+                  pdl)
 
 
 def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=False):
@@ -748,7 +758,6 @@ def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=
     order (the same bits every run). Slots with an id outside [0, E) are left out.
     k <= MATVEC_TOKEN_SUM_MAX_SLOTS (one slot per lane). pdl: right after another
     kernel of the op (_runtime.launch)."""
-    from . import _runtime
     from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS
 
     n_experts, n, k = weight.shape
@@ -757,26 +766,16 @@ def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=
         raise ValueError(f"k={slots} slots: the token-sum matvec takes 1..{MATVEC_TOKEN_SUM_MAX_SLOTS}")
     if not 1 <= tokens <= MATVEC_MAX_ITEMS:
         raise ValueError(f"{tokens} tokens: one launch takes 1..{MATVEC_MAX_ITEMS}")
-    # the slots' K run one after another: the config sees one row of slots * K
-    call = _Call(cp, "int4", "q8", 1, n, slots * k, (tokens,), out.dtype)
     key = ("matvec_token_sums", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, slots,
            weight.group_size, weight.scales.dtype, weight.zeros is not None, out.dtype, tokens)
     plan = _PLANS.get(key)
     if plan is None:
-        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
-        config = matvec_items_config(n, slots * k, tokens, _sm_count(cp), warps)
-        kernel, (sets,), tail = _matvec_plan(call, weight, out.dtype, config, None, item_mode="token_sum")
-        total = _sm_count(cp) * _resident_ctas(kernel, 128, 0)
-        ctas = max(1, min(sets, max(-(-sets // MATVEC_ITEM_SETS_PER_CTA), -(-total // tokens))))
-        # n_blocks is one slot's K blocks (the kernel multiplies by the slots)
-        tail = tail[:2] + (np.int32(k // Q8_BLOCK_VALUES),) + tail[3:-4]
-        plan = _PLANS[key] = (kernel, (ctas, tokens), tail)
-    kernel, grid, tail = plan
-    zeros = weight.zeros
-    _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
-                                           act, np.uint64(0), out) + tail + (topk_ids, topk_weights,
-                                                                             np.int32(n_experts), np.int32(slots)),
-                    pdl=pdl)
+        # the slots' K run one after another: the config sees one row of slots * K
+        call = _Call(cp, "int4", "q8", 1, n, slots * k, (tokens,), out.dtype)
+        kernel, grid, tail = _items_plan(cp, call, weight, out.dtype, tokens, "token_sum")
+        # but n_blocks is one slot's K blocks (the kernel multiplies by the slots)
+        plan = _PLANS[key] = (kernel, grid, tail[:2] + (np.int32(k // Q8_BLOCK_VALUES),) + tail[3:])
+    _launch_items(plan, weight, act, out, (topk_ids, topk_weights, np.int32(n_experts), np.int32(slots)), pdl)
 
 
 def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):

@@ -6,7 +6,8 @@ launches, output shapes known without a device read) and the NumPy reference
 on NumPy arrays. ``fused_moe`` validates its arguments on both sides and runs
 the NumPy reference on NumPy arrays; on CuPy arrays it runs a decode path (up
 to MOE_DECODE_MAX_TOKENS tokens: a matvec over each (token, expert) pair, dp4a
-for "int8", W4A16 tensor cores for "bf16": ``_fused_moe_decode_cuda``) or the
+for "int8" (whose second GEMM sums a token's experts itself), W4A16 tensor cores
+for "bf16": ``_fused_moe_decode_cuda``) or the
 batched path
 (``_fused_moe_batched_cuda``: alignment, then the tensor-core expert GEMMs of
 ``cuda_src/moe_gemm.cu``, A16 or A8). Never a fallback to the host.
@@ -221,7 +222,7 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     if activation == "int8":
         # each kernel after the first is a programmatic dependent launch (while a graph
         # is captured): its CTAs fetch their first weights while the one before ends
-        topk_ids, topk_weights = cp.ascontiguousarray(topk_ids), cp.ascontiguousarray(topk_weights)
+        topk_weights = cp.ascontiguousarray(topk_weights)   # (topk_ids is checked contiguous)
         x_blocks = _token_q8_blocks(cp, x)
         _launch_matvec_items(cp, w13, x_blocks, gate_up, ids, k, pdl=True)
         inter_blocks = _token_q8_blocks(cp, gate_up, silu_gate_up=True, pdl=True)
@@ -395,7 +396,8 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
       (moe_align_block_size, then two tensor-core expert GEMMs over the aligned
       blocks with INT4 dequantized in registers, SiLU * up fused into the first).
     - activation="int8": up to MOE_DECODE_MAX_TOKENS (16) tokens the decode
-      path (one dp4a matvec item per (token, slot), no sorting); beyond, the
+      path (a dp4a matvec item per (token, slot) for GEMM1, GEMM2 per token over
+      its k slots with the routing weights applied, no sorting); beyond, the
       batched path with int8 tensor-core GEMMs (activations quantized per token
       once before each GEMM, INT4 nibbles fed to the MMAs as int8, scales and
       zero points applied per group).
