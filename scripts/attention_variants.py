@@ -3,11 +3,15 @@
 and check each variant's output against the tree's (fp32-accumulation tolerance).
 Beside them: torch SDPA (flash) on the same tensors.
 
-    python3 scripts/attention_variants.py OUT.json [label=DIR | label=smem:BYTES ...] [--only D] [--batch B]
+    python3 scripts/attention_variants.py OUT.json [label=DIR | label=smem:BYTES |
+        label=attr:NAME=V[,NAME=V] | label=env:NAME=V ...] [--only D] [--batch B] [--plain]
 
 A variant smem:BYTES runs the tree's kernels as if a CTA could have BYTES of
-shared memory (shallower rings, more CTAs per SM); --only D keeps the configs of
-head dim D, --batch B those of batch B.
+shared memory (shallower rings, more CTAs per SM); attr:NAME=V sets module
+constants of w4kern.attention (integers, e.g. MAX_CLUSTER_SPLITS=0); env:NAME=V
+sets an environment variable (e.g. W4KERN_PDL=never). --only D keeps the configs
+of head dim D, --batch B those of batch B; --plain also times the rule's split
+count with plain launches. The JSON is rewritten after every config.
 """
 import json
 import os
@@ -24,14 +28,15 @@ OUT = sys.argv[1]
 VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in sys.argv[2:] if "=" in a]
 ONLY = int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else None
+PLAIN = "--plain" in sys.argv
 CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 8, 128), 1, 256, (None, 1, 2, 4)),
-    ((32, 8, 128), 1, 2048, (None, 4, 8, 16, 32)),
+    ((32, 8, 128), 1, 2048, (None, 4, 8, 12, 16, 32)),
     ((64, 8, 128), 1, 2048, (None, 8, 16)),
     ((32, 16, 256), 1, 2048, (None, 4, 8, 16)),
     ((32, 8, 128), 1, 8192, (None, 16, 33)),
     ((32, 8, 128), 1, 32768, (None, 16, 33, 66)),
-    ((32, 8, 128), 1, 131072, (None, 33, 66)),
+    ((32, 8, 128), 1, 131072, (None, 16, 33, 66)),
     ((32, 8, 128), 8, 8192, (None, 4, 8)),
     ((32, 16, 256), 1, 32768, (None, 8, 16)),
     ((64, 8, 128), 8, 8192, (None, 4, 8)),
@@ -53,15 +58,32 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
 
 
 _OPTIN = attention._cta_smem_optin
+_ATTRS = {name: getattr(attention, name) for name in ("MAX_CLUSTER_SPLITS", "FIRST_KERNEL_PDL")}
+_ENV = {name: os.environ.get(name) for name in ("W4KERN_PDL",)}
 
 
 def use(src):
     attention._cta_smem_optin = _OPTIN
     attention._PLANS.clear()
-    if src is None or src.startswith("smem:"):
-        os.environ.pop("W4KERN_CUDA_SRC", None)
-        if src is not None:
-            attention._cta_smem_optin = lambda device, n=int(src[5:]): n
+    for name, value in _ATTRS.items():
+        setattr(attention, name, value)
+    for name, value in _ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    os.environ.pop("W4KERN_CUDA_SRC", None)
+    if src is None:
+        return
+    if src.startswith("smem:"):
+        attention._cta_smem_optin = lambda device, n=int(src[5:]): n
+    elif src.startswith("attr:"):
+        for item in src[5:].split(","):
+            name, value = item.split("=")
+            setattr(attention, name, int(value))
+    elif src.startswith("env:"):
+        name, value = src[4:].split("=", 1)
+        os.environ[name] = value
     else:
         os.environ["W4KERN_CUDA_SRC"] = os.path.abspath(src)
 
@@ -108,11 +130,17 @@ def main():
                 parts.append(f"{splits}:{t:.1f}")
                 rows.append({"config": name, "system": label, "splits": splits, "us": t, "floor_us": floor,
                              "max_abs_diff_vs_tree": err})
+            if PLAIN:
+                t = timer.plain(lambda i: w4kern.decode_attention(q, ks[i % copies], vs[i % copies], lens, out=out))
+                parts.append(f"plain:{t:.1f}")
+                rows.append({"config": name, "system": label, "splits": None, "mode": "plain", "us": t,
+                             "floor_us": floor, "max_abs_diff_vs_tree": err})
             line.append(" ".join(parts))
         use(None)
         print(" | ".join(line), flush=True)
-    with open(OUT, "w") as f:
-        json.dump({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "rows": rows}, f, indent=1)
+        with open(OUT, "w") as f:
+            json.dump({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
