@@ -42,9 +42,6 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kAttnHeads = 8;      // query heads per CTA: the MMA's 8 columns
 constexpr int kAttnChunk = 16;     // tokens per warp step: the MMA's 16 rows
-// Most splits a cluster merges (w4kern.attention.MAX_CLUSTER_SPLITS): the largest
-// cluster Hopper schedules (16 needs the non-portable size the host allows)
-constexpr int kAttnMaxClusterSplits = 16;
 // Whether the copy engine fills the rings (sm_90); tests/test_gpu_attention.py
 // sets it to 0 in a copy of this file to run the cp.async path on an sm_90 GPU.
 #define W4KERN_ATTN_COPY_ENGINE (__CUDA_ARCH__ >= 900)
@@ -85,21 +82,16 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     float* __restrict__ part_ml,          // [B, Hq, splits, 2]: m, l
     i32 hq, i32 hkv,
     i32 rows,                             // L_max (contiguous) or page_size (paged)
-    i32 max_pages, i32 n_pages, i32 capacity, i32 splits,
-    i32 cluster_merge,                    // 1: the grid's clusters are the splits of a row, merged in place
-    float scale_log2)
+    i32 max_pages, i32 n_pages, i32 capacity, i32 splits, float scale_log2)
 {
     using Shape = AttnShape<kDim, kStages>;
     constexpr int kSteps = Shape::kSteps;
     __shared__ float sm_m[kAttnWarps][kAttnHeads], sm_l[kAttnWarps][kAttnHeads];
     __shared__ __align__(8) u64 sm_bar[kAttnWarps][kStages];   // chunk arrivals (sm_90 copy engine)
-    // the rings' memory, once drained: the warps' O^T, then the CTA's (o, m, l) for the cluster merge
-    constexpr int kWarpAccBytes = kAttnWarps * kAttnHeads * kDim * 4;
-    static_assert(kWarpAccBytes + kAttnHeads * kDim * 4 + kAttnHeads * 8 <= Shape::kSmemBytes,
-                  "the merges reuse the rings' memory");
+    static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
 
-    // A programmatic dependent launch (the op's only or first kernel, after any
-    // kernel): nothing global is touched before the previous grid is done.
+    // A programmatic dependent launch (the op's first kernel, after any kernel):
+    // nothing global is touched before the previous grid is done.
     pdl_wait();
     pdl_launch_dependents();   // the merge's CTAs (or the next op's) may start; they wait for this grid
     const int split = blockIdx.x, b = blockIdx.z;
@@ -318,8 +310,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         }
     }
     __syncthreads();
-    float* cta_o = reinterpret_cast<float*>(attn_smem + kWarpAccBytes);   // [kAttnHeads][kDim]
-    float* cta_ml = cta_o + kAttnHeads * kDim;                            // [kAttnHeads][2]: m, l
     for (int idx = threadIdx.x; idx < n_heads * kDim; idx += kAttnThreads) {
         const int h = idx / kDim, d = idx % kDim;
         float m_max = neg_inf();
@@ -337,12 +327,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
         const i64 row = static_cast<i64>(b) * hq + h0 + h;
         if (splits == 1) {
             out[row * kDim + d] = from_float<T>(l_sum > 0.0f ? __fdividef(acc, l_sum) : 0.0f);
-        } else if (cluster_merge) {
-            cta_o[idx] = acc;
-            if (d == 0) {
-                cta_ml[2 * h] = m_max;
-                cta_ml[2 * h + 1] = l_sum;
-            }
         } else {
             part_o[(row * splits + split) * kDim + d] = acc;
             if (d == 0) {
@@ -351,46 +335,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
             }
         }
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (cluster_merge) {
-        // The cluster is the row's `splits` CTAs (cluster rank = split). Each
-        // holds its (o, m, l) in shared memory; CTA r finalizes outputs r * 128 +
-        // thread, r * 128 + thread + splits * 128, ... reading every split's
-        // values over the cluster (in split order, as the merge kernel sums:
-        // the same bits every run), so no partial goes through global memory
-        // and no merge kernel runs.
-        cluster_sync();
-        const u32 o_local = smem_address(cta_o), ml_local = smem_address(cta_ml);
-        for (int idx = split * kAttnThreads + threadIdx.x; idx < n_heads * kDim; idx += splits * kAttnThreads) {
-            const int h = idx / kDim;
-            float ms[kAttnMaxClusterSplits], ls[kAttnMaxClusterSplits], os[kAttnMaxClusterSplits];
-            float m_max = neg_inf();
-#pragma unroll
-            for (int s = 0; s < kAttnMaxClusterSplits; ++s) {
-                if (s < splits) {
-                    ms[s] = ld_cluster_f32(cluster_map(ml_local + 8 * h, s));
-                    ls[s] = ld_cluster_f32(cluster_map(ml_local + 8 * h + 4, s));
-                    os[s] = ld_cluster_f32(cluster_map(o_local + 4 * idx, s));
-                    m_max = fmaxf(m_max, ms[s]);
-                }
-            }
-            float acc = 0.0f, total = 0.0f;
-#pragma unroll
-            for (int s = 0; s < kAttnMaxClusterSplits; ++s) {
-                if (s < splits) {
-                    const float wt = m_max != neg_inf() ? exp2f(ms[s] - m_max) : 0.0f;
-                    acc = fmaf(wt, os[s], acc);
-                    total = fmaf(wt, ls[s], total);
-                }
-            }
-            out[(static_cast<i64>(b) * hq + h0 + h) * kDim + idx % kDim] =
-                from_float<T>(total > 0.0f ? acc / total : 0.0f);
-        }
-        cluster_sync();   // no CTA leaves while another still reads its shared memory
-    }
-#else
-    if (cluster_merge) __trap();   // the host launches clusters on sm_90 and later only
-#endif
 }
 
 // Combines the splits of one (sequence, query head) row: out = sum_s w_s o_s /

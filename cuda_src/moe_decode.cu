@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kMoeRowMaxThreads)
 moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
     using Chunk = MoeChunk<In, kSiluGateUp>;
     pdl_launch_dependents();   // the matvec after it may start and fetch weights
-    pdl_wait();                // launched after GEMM1 (silu(g) * u): its rows are ready
+    pdl_wait();                // the kernel before it (GEMM1's silu(g) * u, or any) has finished
     const int row = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;

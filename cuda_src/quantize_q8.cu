@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
     // inactive lanes still take part in the shuffles (full-warp masks) and
     // store nothing.
     pdl_launch_dependents();   // the op's matvec may start and fetch its weights
+    pdl_wait();                // the op's first kernel: the stream's previous kernel has finished
     const i64 first_chunk = static_cast<i64>(blockIdx.x) * kQ8ChunksPerThread * blockDim.x + threadIdx.x;
 
     Vec<InT, kQ8ValuesPerThread> in[kQ8ChunksPerThread];
@@ -127,6 +128,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kerne
     i64 n_blocks)                 // rows * K / 32
 {
     pdl_launch_dependents();   // the op's matvec may start and fetch its weights
+    pdl_wait();                // the op's first kernel: the stream's previous kernel has finished
     const i64 block = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (block >= n_blocks) return;
     constexpr int kChunks = kQ8BlockValues / kQ8ValuesPerThread;   // 4 chunks of 8 values

@@ -8,7 +8,7 @@ Beside them: torch SDPA (flash) on the same tensors.
 
 A variant smem:BYTES runs the tree's kernels as if a CTA could have BYTES of
 shared memory (shallower rings, more CTAs per SM); attr:NAME=V sets module
-constants of w4kern.attention (integers, e.g. MAX_CLUSTER_SPLITS=0); env:NAME=V
+constants (integers: attention.SPLIT_WAVES, _runtime.FIRST_KERNEL_PDL); env:NAME=V
 sets an environment variable (e.g. W4KERN_PDL=never). --only D keeps the configs
 of head dim D, --batch B those of batch B; --plain also times the rule's split
 count with plain launches. The JSON is rewritten after every config.
@@ -21,7 +21,7 @@ import cupy as cp
 import numpy as np
 
 import w4kern
-from w4kern import attention
+from w4kern import _runtime, attention
 from w4kern.bench import Timer, _torch_and_timer
 
 OUT = sys.argv[1]
@@ -31,12 +31,12 @@ BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv el
 PLAIN = "--plain" in sys.argv
 CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
     ((32, 8, 128), 1, 256, (None, 1, 2, 4)),
-    ((32, 8, 128), 1, 2048, (None, 4, 8, 12, 16, 32)),
+    ((32, 8, 128), 1, 2048, (None, 4, 8, 16, 32)),
     ((64, 8, 128), 1, 2048, (None, 8, 16)),
     ((32, 16, 256), 1, 2048, (None, 4, 8, 16)),
     ((32, 8, 128), 1, 8192, (None, 16, 33)),
     ((32, 8, 128), 1, 32768, (None, 16, 33, 66)),
-    ((32, 8, 128), 1, 131072, (None, 16, 33, 66)),
+    ((32, 8, 128), 1, 131072, (None, 33, 66)),
     ((32, 8, 128), 8, 8192, (None, 4, 8)),
     ((32, 16, 256), 1, 32768, (None, 8, 16)),
     ((64, 8, 128), 8, 8192, (None, 4, 8)),
@@ -58,7 +58,8 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
 
 
 _OPTIN = attention._cta_smem_optin
-_ATTRS = {name: getattr(attention, name) for name in ("MAX_CLUSTER_SPLITS", "FIRST_KERNEL_PDL")}
+_HOMES = {"SPLIT_WAVES": attention, "FIRST_KERNEL_PDL": _runtime}   # where attr: variants set a constant
+_ATTRS = {name: getattr(home, name) for name, home in _HOMES.items()}
 _ENV = {name: os.environ.get(name) for name in ("W4KERN_PDL",)}
 
 
@@ -66,7 +67,7 @@ def use(src):
     attention._cta_smem_optin = _OPTIN
     attention._PLANS.clear()
     for name, value in _ATTRS.items():
-        setattr(attention, name, value)
+        setattr(_HOMES[name], name, value)
     for name, value in _ENV.items():
         if value is None:
             os.environ.pop(name, None)
@@ -80,7 +81,7 @@ def use(src):
     elif src.startswith("attr:"):
         for item in src[5:].split(","):
             name, value = item.split("=")
-            setattr(attention, name, int(value))
+            setattr(_HOMES[name], name, int(value))
     elif src.startswith("env:"):
         name, value = src[4:].split("=", 1)
         os.environ[name] = value

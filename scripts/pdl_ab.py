@@ -1,5 +1,6 @@
-"""Programmatic dependent launches on and off, in one process: W4KERN_PDL=never
-against the default ("graph") for every op chain that uses them (fused_moe's decode
+"""Programmatic dependent launches on and off, in one process: W4KERN_PDL=never,
+the default without the ops' first kernels (_runtime.FIRST_KERNEL_PDL off), and the
+default ("graph") for every op chain that uses them (fused_moe's decode
 paths, linear's quantizer + matvec at M = 1 and 8, decode_attention's split merge),
 graph mode (w4kern.bench.Timer), inputs rotated past the L2. Each mode is timed
 twice, alternating, and the median printed.
@@ -10,6 +11,7 @@ import os, statistics, sys, json
 import cupy as cp
 import numpy as np
 import w4kern
+from w4kern import _runtime
 from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts
 
 timer = Timer(warmup=3, repeats=9, launches=20)
@@ -17,15 +19,20 @@ rng = cp.random.default_rng(0)
 results = {}
 
 def ab(label, fn):
-    got = {"never": [], "graph": []}
+    # never: no programmatic launch; within: only within an op's chain (the op's
+    # first kernel a plain launch); graph: the default (first kernels too)
+    got = {"never": [], "within": [], "graph": []}
     for _ in range(2):
-        for mode in ("never", "graph"):
-            os.environ["W4KERN_PDL"] = mode
+        for mode in got:
+            os.environ["W4KERN_PDL"] = "never" if mode == "never" else "graph"
+            _runtime.FIRST_KERNEL_PDL = mode != "within"
             got[mode].append(timer.graph(fn))
     os.environ.pop("W4KERN_PDL", None)
-    n, g = statistics.median(got["never"]), statistics.median(got["graph"])
-    results[label] = {"never_us": n, "pdl_us": g, "runs": got}
-    print(f"{label:40s} plain {n:8.2f} us   pdl {g:8.2f} us   {100 * (g / n - 1):+.1f}%", flush=True)
+    _runtime.FIRST_KERNEL_PDL = True
+    n, w, g = (statistics.median(got[m]) for m in ("never", "within", "graph"))
+    results[label] = {"never_us": n, "within_op_us": w, "pdl_us": g, "runs": got}
+    print(f"{label:40s} plain {n:8.2f} us   within-op {w:8.2f} us   all {g:8.2f} us   {100 * (g / n - 1):+.1f}%  "
+          f"first-kernel {100 * (g / w - 1):+.1f}%", flush=True)
 
 for name, t in (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 16), ("deepseek-v3", 1)):
     e, k, h, inter = MOE_LAYERS[name]

@@ -232,111 +232,26 @@ def test_cp_async_rings_before_sm90(cp, rng, tmp_path, monkeypatch):
         check(cp, run(cp, q, k, v, lens, num_splits=5), q, k, v, lens)
 
 
-@pytest.mark.parametrize("splits", [3, 33])
-def test_programmatic_launch_of_the_merge_gives_the_same_bits(cp, rng, monkeypatch, splits):
-    """W4KERN_PDL=always: the split merge is a programmatic dependent launch in eager
-    calls too (sm_90+), waiting for the split kernel's partials: the same bits as plain
-    launches over many back-to-back calls, which reuse one partials buffer."""
+@pytest.mark.parametrize("splits", [1, 3, 33])
+def test_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, splits):
+    """W4KERN_PDL=always: the split kernel and the merge are programmatic dependent
+    launches in eager calls too (sm_90+): the split kernel waits for the kernel that
+    wrote its q just before it, the merge for the split kernel's partials. The same
+    bits as plain launches over many back-to-back calls, which reuse one partials
+    buffer."""
     q, k, v, lens = contiguous_case(rng, 2, 32, 8, 2048, 128, w4kern.bfloat16, [2048, 999])
     q, k, v, lens = (cp.asarray(a) for a in (q, k, v, lens))
     monkeypatch.setenv("W4KERN_PDL", "never")
     plain = cp.asnumpy(w4kern.decode_attention(q, k, v, lens, num_splits=splits)).view(np.uint16)
     monkeypatch.setenv("W4KERN_PDL", "always")
-    q2 = [q * (i + 1) for i in range(10)]   # different inputs back to back: a merge reading
-    outs = [w4kern.decode_attention(qi, k, v, lens, num_splits=splits) for qi in [q] + q2]   # early partials shows
+    # different inputs back to back, each q written by the kernel just before the
+    # call: a split kernel reading q early, or a merge reading early partials, shows
+    outs, q2 = [w4kern.decode_attention(q, k, v, lens, num_splits=splits)], []
+    for i in range(10):
+        q2.append(q * (i + 1))
+        outs.append(w4kern.decode_attention(q2[-1], k, v, lens, num_splits=splits))
     np.testing.assert_array_equal(cp.asnumpy(outs[0]).view(np.uint16), plain)
     monkeypatch.setenv("W4KERN_PDL", "never")
     for qi, got in zip(q2, outs[1:]):
         expected = w4kern.decode_attention(qi, k, v, lens, num_splits=splits)
         np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(expected).view(np.uint16))
-
-
-def _plans_clusters(attention, q, k):
-    """The cluster sizes (None: no cluster) of the cached plans for these shapes."""
-    return [plan[3] for key, plan in attention._PLANS.items() if key[3] == q.shape and key[5] == k.shape]
-
-
-@pytest.mark.parametrize("d", [64, 96, 128, 256])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_cluster_merge_matches_the_reference_and_the_merge_kernel(cp, rng, monkeypatch, paged, d):
-    """On sm_90+ the splits of a row run as one cluster and merge over distributed
-    shared memory: 2 to 16 splits (16 is past the portable cluster size; D = 256's
-    deep ring holds one CTA per SM and takes at most 8), rows of length 0 and 1, and
-    rows shorter than the split count (empty splits), against the reference and
-    against the same splits merged by the merge kernel (cluster merge off)."""
-    from w4kern import _runtime, attention
-
-    if not _runtime.cluster_launch_available():
-        pytest.skip("thread-block clusters need sm_90 or later")
-    monkeypatch.setattr(attention, "_PLANS", {})
-    hq, hkv, b = 32, 8, 4
-    lens = np.array([1300, 0, 1, 20], np.int32)
-    if paged:
-        page = 64
-        table = rng.permutation(b * 21).reshape(b, 21).astype(np.int32)
-        k = rng.standard_normal((b * 21, page, hkv, d)).astype(w4kern.bfloat16)
-        v = rng.standard_normal((b * 21, page, hkv, d)).astype(w4kern.bfloat16)
-        q = rng.standard_normal((b, hq, d)).astype(w4kern.bfloat16)
-        kw = {"block_table": table}
-    else:
-        q, k, v, lens = contiguous_case(rng, b, hq, hkv, 1300, d, w4kern.bfloat16, lens)
-        kw = {}
-    most = attention.cluster_splits(attention.resident_ctas(d, max(attention.ATTENTION_STAGES[d])))
-    assert most == (8 if d == 256 else 16)
-    for splits in (2, 5, 8, 16):
-        got = run(cp, q, k, v, lens, num_splits=splits, **kw)
-        check(cp, got, q, k, v, lens, block_table=kw.get("block_table"))
-        assert _plans_clusters(attention, q, k)[-1] == (splits if splits <= most else None)
-        with monkeypatch.context() as m:
-            m.setattr(attention, "MAX_CLUSTER_SPLITS", 0)
-            m.setattr(attention, "_PLANS", {})
-            merged = run(cp, q, k, v, lens, num_splits=splits, **kw)
-            assert _plans_clusters(attention, q, k) == [None]
-        check(cp, merged, q, k, v, lens, block_table=kw.get("block_table"))
-        # the two merges sum in different orders: equal within the output's rounding
-        eps = 2.0 ** -7
-        np.testing.assert_allclose(cp.asnumpy(got).astype(np.float32), cp.asnumpy(merged).astype(np.float32),
-                                   rtol=2 * eps, atol=1e-2)
-
-
-def test_the_rule_caps_its_splits_at_one_cluster(cp, rng, monkeypatch):
-    """B = 1 at L = 32768: the rule wants 33 splits; with clusters it takes 16, and the
-    result matches the reference (and the 33-split merge kernel path within rounding)."""
-    from w4kern import _runtime, attention
-
-    if not _runtime.cluster_launch_available():
-        pytest.skip("thread-block clusters need sm_90 or later")
-    monkeypatch.setattr(attention, "_PLANS", {})
-    q, k, v, lens = contiguous_case(rng, 1, 32, 8, 32768, 128, w4kern.bfloat16, [32768])
-    got = run(cp, q, k, v, lens)
-    check(cp, got, q, k, v, lens)
-    plan = next(iter(attention._PLANS.values()))
-    assert plan[3] == 16 and plan[1][0] == 16
-
-
-def test_cluster_launches_in_a_cuda_graph_give_eager_bits(cp, rng, monkeypatch):
-    """A cluster launch (with the programmatic attribute while capturing) replays to the
-    eager result's bits, over back-to-back replays with different inputs."""
-    from w4kern import _runtime, attention
-
-    if not _runtime.cluster_launch_available():
-        pytest.skip("thread-block clusters need sm_90 or later")
-    monkeypatch.setattr(attention, "_PLANS", {})
-    q, k, v, lens = contiguous_case(rng, 2, 64, 8, 3000, 128, w4kern.bfloat16, [3000, 777])
-    q, k, v, lens = (cp.asarray(a) for a in (q, k, v, lens))
-    qs = [q * (i + 1) for i in range(4)]
-    eager = [cp.asnumpy(w4kern.decode_attention(qi, k, v, lens, num_splits=12)).view(np.uint16) for qi in qs]
-    outs = [cp.empty(q.shape, dtype=q.dtype) for _ in qs]
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for qi, o in zip(qs, outs):
-            w4kern.decode_attention(qi, k, v, lens, num_splits=12, out=o)
-        graph = stream.end_capture()
-        for o in outs:
-            o.fill(0)
-        graph.launch()
-    stream.synchronize()
-    assert _plans_clusters(attention, q, k) == [12]
-    for e, o in zip(eager, outs):
-        np.testing.assert_array_equal(cp.asnumpy(o).view(np.uint16), e)

@@ -301,8 +301,8 @@ def test_quality_against_unquantized_bf16_math(cp, rng, capsys):
 @pytest.mark.parametrize("act,kernel", [("q8", "matvec"), ("int8", "matvec")])
 @pytest.mark.parametrize("m", [1, 3])
 def test_programmatic_launch_of_the_matvec_gives_the_same_bits(cp, rng, monkeypatch, act, kernel, m):
-    """W4KERN_PDL=always: the dp4a matvec after the op's quantizer is a programmatic
-    dependent launch in eager calls too (sm_90+): the same bits as plain launches, for
+    """W4KERN_PDL=always: the op's quantizer and the dp4a matvec after it are programmatic
+    dependent launches in eager calls too (sm_90+): the same bits as plain launches, for
     INT4 and (act='q8') INT8 weights, over many back-to-back calls."""
     weights = [to_gpu(cp, make_int4(rng, 2048, 4096, 128, False, w4kern.bfloat16))]
     if act == "q8":
@@ -314,6 +314,12 @@ def test_programmatic_launch_of_the_matvec_gives_the_same_bits(cp, rng, monkeypa
         monkeypatch.setenv("W4KERN_PDL", "never")
         plain = [cp.asnumpy(_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32)) for x in xs]
         monkeypatch.setenv("W4KERN_PDL", "always")
-        outs = [_linear(x, weight, act=act, kernel=kernel, out_dtype=np.float32) for x in xs]
+        # each x written by a copy kernel just before its call: the op's first kernel
+        # (the quantizer, a programmatic launch too) must wait for it
+        outs = []
+        for x in xs:
+            fresh = cp.empty_like(x)
+            fresh[...] = x
+            outs.append(_linear(fresh, weight, act=act, kernel=kernel, out_dtype=np.float32))
         for got, expected in zip(outs, plain):
             np.testing.assert_array_equal(cp.asnumpy(got), expected)

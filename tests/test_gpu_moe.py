@@ -516,7 +516,7 @@ def test_token_sum_matvec_matches_numpy(cp, rng, out_dtype, tokens, slots, n, k,
 
 @pytest.mark.parametrize("activation,t,k", [("int8", 1, 4), ("int8", 5, 4), ("int8", 3, 33)])
 def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch, activation, t, k):
-    """W4KERN_PDL=always makes the int8 decode chain's later kernels programmatic
+    """W4KERN_PDL=always makes the int8 decode chain's kernels programmatic
     dependent launches in eager calls too (on sm_90+; elsewhere a plain launch): the
     same bits as plain launches, with different inputs back to back so that an overlap
     without its wait would show (k = 33: GEMM2 per item after the silu quantizer)."""
@@ -528,7 +528,13 @@ def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch
     monkeypatch.setenv("W4KERN_PDL", "never")
     plain = [cp.asnumpy(w4kern.fused_moe(xi, *rest, activation=activation)).view(np.uint16) for xi in xs]
     monkeypatch.setenv("W4KERN_PDL", "always")
-    outs = [w4kern.fused_moe(xi, *rest, activation=activation) for xi in xs]
+    # each x written by a copy kernel just before its call: the chain's first kernel
+    # (the quantizer, a programmatic launch too) must wait for it
+    outs = []
+    for xi in xs:
+        fresh = cp.empty_like(xi)
+        fresh[...] = xi
+        outs.append(w4kern.fused_moe(fresh, *rest, activation=activation))
     for got, expected in zip(outs, plain):
         np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16), expected)
     monkeypatch.setenv("W4KERN_PDL", "sometimes")

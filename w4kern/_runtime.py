@@ -337,28 +337,29 @@ def get_kernel(family: str, args: tuple[str, ...]):
 # with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: its CTAs then start
 # while the kernel before it in the stream still runs, as soon as every CTA of
 # that one has executed `griddepcontrol.launch_dependents` (common/ptx.cuh,
-# pdl_launch_dependents) or exited, and block in `griddepcontrol.wait`
-# (pdl_wait) until it has finished and its writes are visible. Rules for callers:
+# pdl_launch_dependents) or exited, and block in `griddepcontrol.wait` (pdl_wait)
+# until it has finished and its writes are visible. Rules for callers:
 #   - a kernel whose stream predecessor may be anything (an op's first kernel)
-#     calls pdl_wait before any global memory access: it gains only its launch
-#     and start-up, overlapped with the end of the predecessor;
+#     calls pdl_wait before any global memory access: it gains its launch and
+#     start-up, overlapped with the end of the predecessor;
 #   - a kernel whose predecessor is a kernel of the same op (a quantizer, then the
-#     matvec that reads its output) may load, before pdl_wait, data that no kernel
-#     of the chain writes (the weights), and calls pdl_wait before it reads what the
-#     chain wrote and before its first global write.
-# CuPy's launch takes no launch attributes, so such launches (and cluster
-# launches) go through the driver's cuLaunchKernelEx (ctypes). W4KERN_PDL picks
-# when: "graph" (default: while the stream is being captured into a CUDA graph,
-# where the saved latency shows; eager calls keep CuPy's cheaper host path),
-# "always" or "never".
+#     matvec that reads its output) may load before pdl_wait data that no kernel
+#     of the chain writes (the weights), and calls pdl_wait before it reads what
+#     the chain wrote and before its first global write.
+# CuPy's launch takes no launch attributes, so such launches go through the
+# driver's cuLaunchKernelEx (ctypes). W4KERN_PDL picks when: "graph" (default:
+# while the stream is being captured into a CUDA graph, where the saved latency
+# shows; eager calls keep CuPy's cheaper host path), "always" or "never".
 PDL_MODES = ("graph", "always", "never")
-_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+#: Whether an op's first kernel (the split kernel of decode_attention, the
+#: activation quantizers of linear and fused_moe) is a programmatic launch of the
+#: first kind above. Measured 0.4-0.9 us faster per decode_attention call in graph
+#: mode on an H200 (benchmarks/results/2026-11-22-h200-session12/); scripts set it
+#: to False for A/B runs.
+FIRST_KERNEL_PDL = True
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-_CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
-PORTABLE_CLUSTER = 8        # CTAs per cluster every sm_90 GPU schedules; up to 16 with the non-portable opt-in
-_pdl_driver = None          # (cuLaunchKernelEx, config struct, attribute struct, cuFuncSetAttribute), or False
+_pdl_driver = None          # (cuLaunchKernelEx, config struct, attribute struct), or False
 _pdl_devices: dict[int, bool] = {}
-_non_portable: set[int] = set()   # kernels (CUfunction handles) that may take clusters of over 8 CTAs
 
 
 def _pdl_launcher():
@@ -367,7 +368,8 @@ def _pdl_launcher():
         import ctypes
 
         class LaunchAttribute(ctypes.Structure):   # CUlaunchAttribute: id, pad to 8, a 64-byte union
-            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                        ("value_pad", ctypes.c_char * 60)]
 
         class LaunchConfig(ctypes.Structure):     # CUlaunchConfig
             _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
@@ -375,36 +377,15 @@ def _pdl_launcher():
                         ("n_attrs", ctypes.c_uint)]
 
         try:
-            driver = ctypes.CDLL("libcuda.so.1")
-            launch, set_attribute = driver.cuLaunchKernelEx, driver.cuFuncSetAttribute
+            launch = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
         except (OSError, AttributeError):   # no driver library, or a driver before CUDA 12
             _pdl_driver = False
         else:
             launch.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                ctypes.c_void_p]
             launch.restype = ctypes.c_int
-            set_attribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-            set_attribute.restype = ctypes.c_int
-            _pdl_driver = (launch, LaunchConfig, LaunchAttribute, set_attribute)
+            _pdl_driver = (launch, LaunchConfig, LaunchAttribute)
     return _pdl_driver
-
-
-def _device_has_pdl(cupy) -> bool:
-    """Whether the current device takes programmatic launches and clusters (sm_90+ and a
-    driver with cuLaunchKernelEx)."""
-    device_id = cupy.cuda.runtime.getDevice()
-    ok = _pdl_devices.get(device_id)
-    if ok is None:
-        ok = _pdl_devices[device_id] = (int(cupy.cuda.Device(device_id).compute_capability) >= 90
-                                        and bool(_pdl_launcher()))
-    return ok
-
-
-def cluster_launch_available() -> bool:
-    """Whether ``launch(cluster=...)`` works on the current device."""
-    from ._arrays import cupy_module
-
-    return _device_has_pdl(cupy_module())
 
 
 def _use_pdl(cupy, stream) -> bool:
@@ -413,7 +394,12 @@ def _use_pdl(cupy, stream) -> bool:
         raise ValueError(f"W4KERN_PDL must be one of {PDL_MODES}, got {mode!r}")
     if mode == "never" or (mode == "graph" and not stream.is_capturing()):
         return False
-    return _device_has_pdl(cupy)
+    device_id = cupy.cuda.runtime.getDevice()
+    ok = _pdl_devices.get(device_id)
+    if ok is None:
+        ok = _pdl_devices[device_id] = (int(cupy.cuda.Device(device_id).compute_capability) >= 90
+                                        and bool(_pdl_launcher()))
+    return ok
 
 
 def _kernel_argument(ctypes, np, cupy, a):
@@ -426,49 +412,31 @@ def _kernel_argument(ctypes, np, cupy, a):
                     "np.float32")
 
 
-def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False, cluster=None):
+def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
     """Launch ``kernel`` (a ``cupy.RawKernel`` from get_kernel) on the current stream,
-    as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see above),
-    and in clusters of ``cluster`` consecutive CTAs along x when given (sm_90+: callers
-    check cluster_launch_available; up to 16, past PORTABLE_CLUSTER by the kernel's
-    non-portable opt-in, which the caller must know the GPU can schedule)."""
+    as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see above)."""
     from ._arrays import cupy_module
 
-    cupy = cupy_module()
     if pdl:
-        pdl = _use_pdl(cupy, cupy.cuda.get_current_stream())
-    if not pdl and cluster is None:
+        cupy = cupy_module()
+        stream = cupy.cuda.get_current_stream()
+        pdl = _use_pdl(cupy, stream)
+    if not pdl:
         kernel(grid, block, args, shared_mem=shared_mem)
         return
     import ctypes
 
     import numpy as np
 
-    launch_ex, LaunchConfig, LaunchAttribute, set_attribute = _pdl_launcher()
-    function = kernel.kernel.ptr
+    launch_ex, LaunchConfig, LaunchAttribute = _pdl_launcher()
     values = [_kernel_argument(ctypes, np, cupy, a) for a in args]
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    attrs = (LaunchAttribute * 2)()
-    n_attrs = 0
-    if cluster is not None:
-        if cluster > PORTABLE_CLUSTER and function not in _non_portable:
-            status = set_attribute(ctypes.c_void_p(function), _CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
-            if status != 0:
-                raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUresult {status} "
-                                   f"({kernel.name})")
-            _non_portable.add(function)
-        attrs[n_attrs].id = _CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        attrs[n_attrs].value[0], attrs[n_attrs].value[1], attrs[n_attrs].value[2] = cluster, 1, 1
-        n_attrs += 1
-    if pdl:
-        attrs[n_attrs].id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attrs[n_attrs].value[0] = 1
-        n_attrs += 1
+    attr = LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
-    config = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                          cupy.cuda.get_current_stream().ptr, attrs, n_attrs)
-    status = launch_ex(ctypes.byref(config), ctypes.c_void_p(function), params, None)
+    config = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream.ptr,
+                          ctypes.pointer(attr), 1)
+    status = launch_ex(ctypes.byref(config), ctypes.c_void_p(kernel.kernel.ptr), params, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} ({kernel.name})")
 

@@ -45,16 +45,6 @@ SPLIT_WAVES = 1
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
 MERGE_THREADS = 512            # kMergeThreads: threads of the merge kernel (at least MAX_SPLITS)
-#: On sm_90+ the splits of a row run as one thread-block cluster and merge over
-#: distributed shared memory at the end of the split kernel (no partials in global
-#: memory, no merge kernel), for up to this many splits (kAttnMaxClusterSplits in
-#: decode_attention.cu; 0 turns the cluster merge off). A cluster must fit the SMs
-#: of one GPC: past _runtime.PORTABLE_CLUSTER (8) CTAs only where an SM holds two.
-MAX_CLUSTER_SPLITS = 16
-#: The split kernel, the op's first, is a programmatic dependent launch (see
-#: _runtime.launch; under W4KERN_PDL's rule): its CTAs start while the stream's
-#: previous kernel finishes, and wait for it before they touch memory.
-FIRST_KERNEL_PDL = True
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
 
@@ -215,11 +205,11 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged)
-    kernel, grid, smem, cluster, head, tail, merge, merge_args = plan
+    kernel, grid, smem, head, tail, merge, merge_args = plan
     table = block_table if paged else kv_lens   # any int32 pointer: the contiguous kernel never reads it
     # the op's first kernel: a programmatic launch waits for its predecessor before it touches memory
     _runtime.launch(kernel, grid, (128,), (q, k_cache, v_cache, kv_lens, table, out) + head + tail,
-                    shared_mem=smem, pdl=FIRST_KERNEL_PDL, cluster=cluster)
+                    shared_mem=smem, pdl=_runtime.FIRST_KERNEL_PDL)
     if merge is not None:   # a programmatic dependent launch: it waits for the splits
         _runtime.launch(merge, (b * q.shape[1],), (MERGE_THREADS,), merge_args[:2] + (out,) + merge_args[2:],
                         pdl=True)
@@ -227,9 +217,8 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
 
 
 def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged):
-    """(kernel, grid, shared memory, cluster size or None, split-K scratch, scalar
-    arguments, merge kernel or None, its arguments but the output) of one
-    decode_attention call."""
+    """(kernel, grid, shared memory, split-K scratch, scalar arguments, merge kernel
+    or None, its arguments but the output) of one decode_attention call."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type
     from .linear import _sm_count, _Workspace
@@ -243,10 +232,6 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     resident = resident_ctas(d, stages, sm_shared)
     splits = num_splits if num_splits is not None else choose_splits(b, hkv, group, capacity, sms, resident)
     splits = int(min(splits, MAX_SPLITS))
-    most = cluster_splits(resident) if _runtime.cluster_launch_available() else 0
-    if num_splits is None and splits > 1 and most > 1:
-        splits = min(splits, most)   # the rule's count, down to one cluster
-    cluster = splits if 1 < splits <= most else None
     # the split count is the deep ring's: a grid of SHALLOW_RING_WAVES waves has one split
     stages = ring_stages(d, optin, splits * hkv * -(-group // HEADS_PER_CTA) * b, sms, sm_shared)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -257,24 +242,16 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
             capacity = 0         # nothing to read: every sequence attends to nothing
     else:
         rows, max_pages, n_pages = k_cache.shape[2], 0, 0
-    n_o = b * hq * splits * d if splits > 1 and cluster is None else 0
+    n_o = b * hq * splits * d if splits > 1 else 0
     # the plan keeps its views of the stream's workspace: if the workspace grows
     # later, they keep the old buffer alive and stay this plan's alone
-    scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if n_o else 1)
+    scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if splits > 1 else 1)
     part_o, part_ml = scratch[:n_o], scratch[n_o:]
     grid = (splits, hkv * -(-group // HEADS_PER_CTA), b)
     tail = (np.int32(hq), np.int32(hkv), np.int32(rows), np.int32(max_pages), np.int32(n_pages),
-            np.int32(capacity), np.int32(splits), np.int32(cluster is not None),
-            np.float32(scale * math.log2(math.e)))
+            np.int32(capacity), np.int32(splits), np.float32(scale * math.log2(math.e)))
     merge, merge_args = None, ()
-    if splits > 1 and cluster is None:
+    if splits > 1:
         merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
         merge_args = (part_o, part_ml, np.int32(splits))
-    return kernel, grid, attention_smem_bytes(d, stages), cluster, (part_o, part_ml), tail, merge, merge_args
-
-
-def cluster_splits(resident: int) -> int:
-    """Most splits one cluster merges where an SM holds ``resident`` split CTAs."""
-    from ._runtime import PORTABLE_CLUSTER
-
-    return min(MAX_CLUSTER_SPLITS, PORTABLE_CLUSTER * min(resident, 2))
+    return kernel, grid, attention_smem_bytes(d, stages), (part_o, part_ml), tail, merge, merge_args

@@ -131,23 +131,28 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
     if chunks_per_thread == 0:
         kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
         n_blocks = n_chunks // 4
-        kernel(((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)))
+        _runtime.launch(kernel, ((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)),
+                        pdl=_runtime.FIRST_KERNEL_PDL)
         return
     kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
     threads = 256                                  # kQ8Threads
     per_cta = threads * chunks_per_thread
-    kernel(((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)))
+    # an op's first kernel: a programmatic launch waits for its predecessor before it touches memory
+    _runtime.launch(kernel, ((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)),
+                    pdl=_runtime.FIRST_KERNEL_PDL)
 
 
-def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=False) -> None:
+def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False) -> None:
     """Per-token INT8 of float rows [M, K] on the GPU (moe_decode.cu's per-token
     quantizer, one CTA per row), bit-identical to ``quantize_per_token_int8``: into q
     int8 [M, K] and scales float32 [M], or, with scales None, into Q8 blocks uint8
     [M, K / 32, 48] that carry the row's scale (``per_token_q8_blocks``).
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
-    pdl: a programmatic dependent launch (_runtime.launch), for a call right after
-    another kernel of the same op."""
+    Always a programmatic dependent launch (_runtime.launch): the kernel waits for
+    the stream's previous kernel before it touches memory, so any call may overlap
+    its start with that kernel's end (an op's first kernel, or fused_moe's second
+    quantizer after GEMM1)."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
@@ -155,7 +160,8 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=Fal
     kernel = _runtime.get_kernel("moe_token_q8",
                                  (cxx_type(rows.dtype), cxx_bool(silu_gate_up), cxx_bool(scales is None)))
     _runtime.launch(kernel, (rows.shape[0],), (moe_row_threads(cols),),
-                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols)), pdl=pdl)
+                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols)),
+                    pdl=_runtime.FIRST_KERNEL_PDL)
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):

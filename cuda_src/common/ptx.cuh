@@ -295,28 +295,4 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Thread block clusters (sm_90; w4kern/_runtime.py launch(cluster=...)). A
-// cluster's CTAs read each other's shared memory: cluster_map turns this CTA's
-// shared address into the same offset in CTA `rank` of the cluster, which
-// ld_cluster_f32 reads. cluster_sync is a barrier of every thread of the cluster
-// that orders the shared-memory writes before it (release) with the reads after
-// it (acquire); every thread of every CTA must reach it.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ u32 cluster_map(u32 addr, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-    return remote;
-}
-
-__device__ __forceinline__ float ld_cluster_f32(u32 addr) {
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-#endif
-
 }  // namespace w4kern
