@@ -188,6 +188,7 @@ def test_programmatic_launch_arguments_are_typed_or_refused():
     assert _kernel_argument(ctypes, np, _FakeCupy, _FakeCupy.ndarray()).value == 4096
     assert _kernel_argument(ctypes, np, _FakeCupy, np.int32(-7)).value == -7
     assert _kernel_argument(ctypes, np, _FakeCupy, np.uint64(2 ** 40)).value == 2 ** 40
+    assert _kernel_argument(ctypes, np, _FakeCupy, np.int64(-2 ** 40)).value == -2 ** 40
     assert _kernel_argument(ctypes, np, _FakeCupy, np.float32(0.5)).value == 0.5
     with pytest.raises(TypeError, match="kernel argument of type int"):
         _kernel_argument(ctypes, np, _FakeCupy, 3)   # a Python int has no C type of its own

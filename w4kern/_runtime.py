@@ -405,11 +405,12 @@ def _use_pdl(cupy, stream) -> bool:
 def _kernel_argument(ctypes, np, cupy, a):
     if isinstance(a, cupy.ndarray):
         return ctypes.c_void_p(a.data.ptr)
-    for dtype, ctype in ((np.int32, ctypes.c_int32), (np.uint64, ctypes.c_uint64), (np.float32, ctypes.c_float)):
+    for dtype, ctype in ((np.int32, ctypes.c_int32), (np.int64, ctypes.c_int64), (np.uint64, ctypes.c_uint64),
+                         (np.float32, ctypes.c_float)):
         if isinstance(a, dtype):
             return ctype(a.item())
-    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a CuPy array, np.int32, np.uint64 or "
-                    "np.float32")
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a CuPy array, np.int32, np.int64, "
+                    "np.uint64 or np.float32")
 
 
 def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
