@@ -97,10 +97,20 @@ struct MoeChunk {
 // instead.
 template <typename In, bool kSiluGateUp, bool kQ8Blocks>
 __global__ void __launch_bounds__(kMoeRowMaxThreads)
-moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols) {
+moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols,
+                    int first_kernel) {   // 1: the op's first kernel (see quantize_q8.cu's order)
     using Chunk = MoeChunk<In, kSiluGateUp>;
-    pdl_launch_dependents();   // the matvec after it may start and fetch weights
-    pdl_wait();                // the kernel before it (GEMM1's silu(g) * u, or any) has finished
+    // Programmatic launches: the kernel before it has finished at pdl_wait; the
+    // matvec after it may start and fetch weights from pdl_launch_dependents. After
+    // GEMM1 in one op, the matvec may start at once; as an op's first kernel, only
+    // once the previous op is done.
+    if (first_kernel) {
+        pdl_wait();
+        pdl_launch_dependents();
+    } else {
+        pdl_launch_dependents();
+        pdl_wait();
+    }
     const int row = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;

@@ -195,7 +195,7 @@ def test_moe_token_q8_kernel_matches_per_token_q8_blocks(cp, rng, dtype, cols):
     x = cp.asarray(q8_row_case(rng, dtype, 9, cols))
     got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)   # poison
     _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), "false", "true"))(
-        (9,), (moe_row_threads(cols),), (x, got, np.uint64(0), np.int32(cols)))
+        (9,), (moe_row_threads(cols),), (x, got, np.uint64(0), np.int32(cols), np.int32(1)))
     # against the NumPy definition (the CuPy path's own element-wise kernels may
     # flush subnormals, NumPy does not)
     check_q8_blocks(cp, got, w4kern.quant.per_token_q8_blocks(cp.asnumpy(x)).blocks)
@@ -216,7 +216,7 @@ def test_token_int8_kernel_matches_quantize_per_token_int8(cp, rng, dtype, cols,
     q = cp.full((9, cols), 0x5A, dtype=np.uint8)   # poison
     scales = cp.full((9,), 12345.0, dtype=np.float32)
     _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), "false", "false"))(
-        (9,), (threads or moe_row_threads(cols),), (x, q, scales, np.int32(cols)))
+        (9,), (threads or moe_row_threads(cols),), (x, q, scales, np.int32(cols), np.int32(1)))
     want = w4kern.quant.quantize_per_token_int8(cp.asnumpy(x))
     np.testing.assert_array_equal(cp.asnumpy(q).view(np.int8), want.q)
     np.testing.assert_array_equal(cp.asnumpy(scales).view(np.uint32), want.scales.view(np.uint32))
@@ -231,7 +231,8 @@ def test_moe_token_q8_kernel_silu_gate_up_matches_cupy(cp, rng, cols):
                                          q8_row_case(rng, np.float32, 9, cols)], axis=1))
     got = cp.full((9, cols // 32, 48), 0xA5, dtype=np.uint8)
     _runtime.get_kernel("moe_token_q8", ("float", "true", "true"))((9,), (moe_row_threads(cols),),
-                                                                   (gate_up, got, np.uint64(0), np.int32(cols)))
+                                                                   (gate_up, got, np.uint64(0), np.int32(cols),
+                                                                    np.int32(0)))   # after GEMM1: trigger first
     g, u = gate_up[:, :cols], gate_up[:, cols:]
     a = g / (np.float32(1) + cp.exp(-g)) * u      # the CuPy steps the kernel replaced (expf, as the kernel)
     check_q8_blocks(cp, got, w4kern.quant.per_token_q8_blocks(cp.asnumpy(a)).blocks)

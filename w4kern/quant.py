@@ -142,17 +142,18 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
                     pdl=_runtime.FIRST_KERNEL_PDL)
 
 
-def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False) -> None:
+def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, first_kernel=True) -> None:
     """Per-token INT8 of float rows [M, K] on the GPU (moe_decode.cu's per-token
     quantizer, one CTA per row), bit-identical to ``quantize_per_token_int8``: into q
     int8 [M, K] and scales float32 [M], or, with scales None, into Q8 blocks uint8
     [M, K / 32, 48] that carry the row's scale (``per_token_q8_blocks``).
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
-    Always a programmatic dependent launch (_runtime.launch): the kernel waits for
-    the stream's previous kernel before it touches memory, so any call may overlap
-    its start with that kernel's end (an op's first kernel, or fused_moe's second
-    quantizer after GEMM1)."""
+    A programmatic dependent launch (_runtime.launch): the kernel waits for the
+    stream's previous kernel before it touches memory. first_kernel: the op's first
+    (under _runtime.FIRST_KERNEL_PDL; the matvec after it may start only once the
+    previous kernel is done), else right after a kernel of the same op (fused_moe's
+    second quantizer after GEMM1; the matvec after it may start at once)."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
@@ -160,8 +161,8 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False) -> None
     kernel = _runtime.get_kernel("moe_token_q8",
                                  (cxx_type(rows.dtype), cxx_bool(silu_gate_up), cxx_bool(scales is None)))
     _runtime.launch(kernel, (rows.shape[0],), (moe_row_threads(cols),),
-                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols)),
-                    pdl=_runtime.FIRST_KERNEL_PDL)
+                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols), np.int32(first_kernel)),
+                    pdl=_runtime.FIRST_KERNEL_PDL or not first_kernel)
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):
