@@ -351,11 +351,16 @@ def get_kernel(family: str, args: tuple[str, ...]):
 # while the stream is being captured into a CUDA graph, where the saved latency
 # shows; eager calls keep CuPy's cheaper host path), "always" or "never".
 PDL_MODES = ("graph", "always", "never")
-#: Whether an op's first kernel (the split kernel of decode_attention, the
-#: activation quantizers of linear and fused_moe) is a programmatic launch of the
-#: first kind above. Measured 0.4-0.9 us faster per decode_attention call in graph
-#: mode on an H200 (benchmarks/results/2026-11-22-h200-session12/); scripts set it
-#: to False for A/B runs.
+#: Whether an op's first kernel is a programmatic launch of the first kind above:
+#: decode_attention's split kernel, and the activation quantizer of linear and of
+#: fused_moe's int8 decode path where the dp4a matvec after it is a programmatic
+#: launch too. Such a first kernel waits for its predecessor, then lets its own
+#: op's matvec start (the other order let that matvec overlap the previous op's
+#: and ran up to 8% slower). In graph mode on an H200 it saved 2.6-9.5% at M=1
+#: (linear), 7.6% (decode_attention B=1 L=2048) and 0.8-2.7% (fused_moe int8 decode);
+#: before a plain-launched kernel (the M=8 paths) it cost 0.5-3%, so those keep a
+#: plain launch (benchmarks/results/2026-11-22-h200-session12/pdl-ab-*). Scripts
+#: set it to False for A/B runs.
 FIRST_KERNEL_PDL = True
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 _pdl_driver = None          # (cuLaunchKernelEx, config struct, attribute struct), or False

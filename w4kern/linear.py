@@ -497,7 +497,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
             # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
             check_aligned("x", x)
             act = ws.q8_blocks(call.m, call.k)    # the workspace is 16-byte aligned
-            _quantize_q8_cuda(x, act)
+            # the op's first kernel; a programmatic launch where the dp4a matvec after it is one
+            _quantize_q8_cuda(x, act, first_of_chain=kernel == "matvec")
     else:
         act = x
     check_aligned("x", act)
@@ -597,7 +598,7 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     rows = x.reshape(call.m, call.k)
     if kernel == "matvec":
         blocks = ws.q8_blocks(call.m, call.k)
-        _quantize_per_token_cuda(rows, blocks)
+        _quantize_per_token_cuda(rows, blocks, pdl="first")
         _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas, pdl=True)
     else:
         q, scales = ws.per_token_int8(call.m, call.k)

@@ -220,12 +220,13 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     ids = topk_ids.reshape(t * k)
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
     if activation == "int8":
-        # each kernel after the first is a programmatic dependent launch (while a graph
-        # is captured): its CTAs fetch their first weights while the one before ends
+        # each kernel is a programmatic dependent launch (while a graph is captured):
+        # the first one's CTAs start while the previous op ends and wait for it, each
+        # later one's fetch their first weights while the one before ends
         topk_weights = cp.ascontiguousarray(topk_weights)   # (topk_ids is checked contiguous)
-        x_blocks = _token_q8_blocks(cp, x)
+        x_blocks = _token_q8_blocks(cp, x, pdl="first")
         _launch_matvec_items(cp, w13, x_blocks, gate_up, ids, k, pdl=True)
-        inter_blocks = _token_q8_blocks(cp, gate_up, silu_gate_up=True, first_kernel=False)
+        inter_blocks = _token_q8_blocks(cp, gate_up, silu_gate_up=True, pdl="chained")
         if k <= MATVEC_TOKEN_SUM_MAX_SLOTS:
             _launch_matvec_token_sums(cp, w2, inter_blocks, y, topk_ids, topk_weights, pdl=True)
             return y
@@ -353,7 +354,7 @@ def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items):
            shared_mem=smem)
 
 
-def _token_q8_blocks(cp, rows, silu_gate_up=False, first_kernel=True):
+def _token_q8_blocks(cp, rows, silu_gate_up=False, pdl=None):
     """Per-token INT8 of float rows [M, K] (or of silu(g) * u for [g; u] rows [M, 2K])
     as Q8 blocks [M, K / 32, 48] sharing the row's scale (moe_decode.cu)."""
     from .quant import _quantize_per_token_cuda
@@ -363,7 +364,7 @@ def _token_q8_blocks(cp, rows, silu_gate_up=False, first_kernel=True):
         rows = rows.copy()
     m, cols = rows.shape[0], rows.shape[1] // (2 if silu_gate_up else 1)
     blocks = cp.empty((m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
-    _quantize_per_token_cuda(rows, blocks, silu_gate_up=silu_gate_up, first_kernel=first_kernel)
+    _quantize_per_token_cuda(rows, blocks, silu_gate_up=silu_gate_up, pdl=pdl)
     return blocks
 
 

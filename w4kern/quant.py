@@ -117,9 +117,11 @@ def _q8_variant(n_blocks: int) -> int:
     return 0 if n_blocks >= Q8_THREAD_PER_BLOCK_MIN_BLOCKS else 1
 
 
-def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
+def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, first_of_chain: bool = False) -> None:
     """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
-    block); None picks by size (_q8_variant)."""
+    block); None picks by size (_q8_variant). first_of_chain: the op's first kernel,
+    before a matvec that is a programmatic launch: a programmatic launch itself
+    (under _runtime.FIRST_KERNEL_PDL)."""
     from . import _runtime
     from ._registry import cxx_type
 
@@ -132,28 +134,27 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None) -> None:
         kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
         n_blocks = n_chunks // 4
         _runtime.launch(kernel, ((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)),
-                        pdl=_runtime.FIRST_KERNEL_PDL)
+                        pdl=first_of_chain and _runtime.FIRST_KERNEL_PDL)
         return
     kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
     threads = 256                                  # kQ8Threads
     per_cta = threads * chunks_per_thread
-    # an op's first kernel: a programmatic launch waits for its predecessor before it touches memory
     _runtime.launch(kernel, ((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)),
-                    pdl=_runtime.FIRST_KERNEL_PDL)
+                    pdl=first_of_chain and _runtime.FIRST_KERNEL_PDL)
 
 
-def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, first_kernel=True) -> None:
+def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=None) -> None:
     """Per-token INT8 of float rows [M, K] on the GPU (moe_decode.cu's per-token
     quantizer, one CTA per row), bit-identical to ``quantize_per_token_int8``: into q
     int8 [M, K] and scales float32 [M], or, with scales None, into Q8 blocks uint8
     [M, K / 32, 48] that carry the row's scale (``per_token_q8_blocks``).
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
-    A programmatic dependent launch (_runtime.launch): the kernel waits for the
-    stream's previous kernel before it touches memory. first_kernel: the op's first
-    (under _runtime.FIRST_KERNEL_PDL; the matvec after it may start only once the
-    previous kernel is done), else right after a kernel of the same op (fused_moe's
-    second quantizer after GEMM1; the matvec after it may start at once)."""
+    pdl: None for a plain launch; "first" for an op's first kernel before a matvec that
+    is a programmatic launch (a programmatic launch too, under
+    _runtime.FIRST_KERNEL_PDL; the kernel waits for the previous kernel, then lets
+    the matvec start); "chained" right after a kernel of the same op (fused_moe's
+    silu quantizer after GEMM1; the matvec after it may start at once)."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
@@ -161,8 +162,9 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, first_k
     kernel = _runtime.get_kernel("moe_token_q8",
                                  (cxx_type(rows.dtype), cxx_bool(silu_gate_up), cxx_bool(scales is None)))
     _runtime.launch(kernel, (rows.shape[0],), (moe_row_threads(cols),),
-                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols), np.int32(first_kernel)),
-                    pdl=_runtime.FIRST_KERNEL_PDL or not first_kernel)
+                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols),
+                     np.int32(pdl != "chained")),
+                    pdl=pdl == "chained" or (pdl == "first" and _runtime.FIRST_KERNEL_PDL))
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):
