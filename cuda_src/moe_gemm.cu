@@ -119,9 +119,10 @@ struct MoeGroupScales {
 };
 
 // Launch bounds: 4 CTAs per SM at one m16 tile (ptxas, left alone, capped these
-// at 96 registers and spilled); none at four (ptxas picks 166 registers, 3 CTAs).
+// at 96 registers and spilled), 3 at two; none at four (ptxas picks 166 registers,
+// 3 CTAs).
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 0)) moe_gemm_a16_kernel(
     const ActT* __restrict__ act,              // [rows, K]
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]
@@ -342,11 +343,11 @@ struct MoeGemmA8Layout {
     static constexpr int kRowChunks = 3 * kMoeA8Blocks;
 };
 
-// Launch bounds: 4 CTAs per SM at one m16 tile (128 registers), 1 at four (an
-// explicit minimum: without one ptxas held the instances to 72 registers and
-// spilled; they take ~240, 2 CTAs per SM).
+// Launch bounds: 4 CTAs per SM at one m16 tile (128 registers), 3 at two (168),
+// 1 at four (an explicit minimum: without one ptxas held the instances to 72
+// registers and spilled; they take ~240, 2 CTAs per SM).
 template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 1) moe_gemm_a8_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 1)) moe_gemm_a8_kernel(
     const Q8Block* __restrict__ act,           // [rows, K / 32], per-token (one d per row)
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]

@@ -1,6 +1,7 @@
 """Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count and shared-memory
-carveout of the A8 and A16 kernels, and the alignment block (16 or 64 rows), on
-the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing.
+carveout of the A8 and A16 kernels, and the alignment block, on
+the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
+block of 16, 32 and 64 rows.
 
 Each variant is moe_gemm.cu with its constants rewritten, compiled through
 w4kern's runtime from a copy of cuda_src/ (only the instances timed here), and
@@ -39,9 +40,9 @@ SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 # (kernel, stages, shared-memory carveout in percent; None: the family's)
 VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a16", 3, None), ("a16", 3, 100), ("a16", 4, None)]
 if QUICK:
-    VARIANTS = [v for v in VARIANTS if v[1] == 3]
+    VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
-M_TILES = (1, 4)
+M_TILES = (1, 2, 4)
 
 
 @functools.cache

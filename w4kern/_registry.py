@@ -199,7 +199,7 @@ MOE_COMBINE_THREADS = 256
 
 #: the batched expert GEMMs (moe_gemm.cu): m16 tiles per aligned block (block size
 #: 16 * tiles), 128 weight rows per CTA, 3 stages of K tiles of 64
-MOE_GEMM_M_TILES = (1, 4)
+MOE_GEMM_M_TILES = (1, 2, 4)
 MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = 128
 MOE_GEMM_BK = 64
