@@ -119,10 +119,10 @@ struct MoeGroupScales {
 };
 
 // Launch bounds: 4 CTAs per SM at one m16 tile (ptxas, left alone, capped these
-// at 96 registers and spilled), 3 at two; none at four (ptxas picks 166 registers,
-// 3 CTAs).
+// at 96 registers and spilled); none at four (ptxas picks 166 registers, 3 CTAs).
+// (Two m16 tiles, 32-row blocks, ran slower than four: w4kern.moe.moe_block_size.)
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 0)) moe_gemm_a16_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
     const ActT* __restrict__ act,              // [rows, K]
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]

@@ -386,8 +386,9 @@ def check_fused(cp, activation, *case):
 @pytest.mark.parametrize("activation,t", BATCHED_CASES)
 @pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
 def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
-    # H and I not multiples of the 64/128-wide tiles or of K's 64; both block sizes
-    # (16 below 16 items per expert, 64 from there); symmetric g32 and asymmetric g64
+    # H and I not multiples of the 64/128-wide tiles or of K's 64; every block size
+    # (16 below 16 items per expert, 64 from there; int8 32 from 16 to 127: e.g. T=256
+    # at E=8, k=1 and T=1024 at E=128, k=8); symmetric g32 and asymmetric g64
     check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
     check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 

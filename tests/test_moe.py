@@ -137,13 +137,25 @@ def test_fused_moe_bad_input(rng):
 
 
 def test_moe_block_size_grows_with_the_items_per_expert():
-    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT as per, moe_block_size
+    from w4kern._registry import MOE_GEMM_A16_M_TILES, MOE_GEMM_M_TILES
+    from w4kern.moe import MOE_GEMM_A8_MID_BLOCK_PER_EXPERT as mid, MOE_GEMM_LARGE_BLOCK_PER_EXPERT as per
+    from w4kern.moe import moe_block_size
 
-    assert moe_block_size(1, 8) == 16
-    assert moe_block_size(8 * per - 1, 8) == 16
+    for act in ("bf16", "int8"):
+        assert moe_block_size(1, 8, act) == 16
+        assert moe_block_size(8 * per - 1, 8, act) == 16
+        assert moe_block_size(128 * 8, 128, act) == 16     # Qwen3-30B-A3B, T = 128: 8 items per expert
+        assert moe_block_size(8 * mid, 8, act) == 64
+        assert moe_block_size(4096 * 8, 128, act) == 64    # Qwen3-30B-A3B, T = 4096: 256 per expert
     assert moe_block_size(8 * per, 8) == 64
-    assert moe_block_size(128 * 8, 128) == 16     # Qwen3-30B-A3B, T = 128: 8 items per expert
-    assert moe_block_size(1024 * 8, 256) == 64    # DeepSeek-V3, T = 1024: 32 per expert
+    assert moe_block_size(8 * per, 8, "int8") == 32
+    assert moe_block_size(8 * mid - 1, 8, "int8") == 32
+    assert moe_block_size(1024 * 8, 256) == 64            # DeepSeek-V3, T = 1024: 32 per expert
+    assert moe_block_size(1024 * 8, 256, "int8") == 32
+    assert moe_block_size(1024 * 8, 128, "int8") == 32    # Qwen3-30B-A3B, T = 1024: 64 per expert
+    # every block size is a compiled tile count, and every compiled one is picked
+    assert {moe_block_size(n, 1) // 16 for n in (1, per, mid)} == set(MOE_GEMM_A16_M_TILES)
+    assert {moe_block_size(n, 1, "int8") // 16 for n in (1, per, mid)} == set(MOE_GEMM_M_TILES)
 
 
 def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
@@ -168,9 +180,12 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
     combination must be a registered instance (name_expression raises otherwise)."""
     from w4kern._registry import FAMILIES, cxx_bool, cxx_type
     from w4kern.formats import FLOAT_DTYPES, SCALE_DTYPES
-    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
+    from w4kern.moe import MOE_GEMM_A8_MID_BLOCK_PER_EXPERT, MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
 
-    m_tiles = {moe_block_size(1, 1) // 16, moe_block_size(MOE_GEMM_LARGE_BLOCK_PER_EXPERT, 1) // 16}
+    m_tiles = {act: {moe_block_size(n, 1, act) // 16 for n in (1, MOE_GEMM_LARGE_BLOCK_PER_EXPERT,
+                                                                MOE_GEMM_A8_MID_BLOCK_PER_EXPERT)}
+               for act in ("bf16", "int8")}
+    assert m_tiles == {"bf16": {1, 4}, "int8": {1, 2, 4}}
     for x_dtype in FLOAT_DTYPES:
         act = np.dtype(w4kern.bfloat16) if np.dtype(x_dtype) == np.float32 else np.dtype(x_dtype)
         FAMILIES["moe_token_q8"].name_expression((cxx_type(x_dtype), "false", "true"))
@@ -179,10 +194,11 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
         FAMILIES["moe_silu_mul"].name_expression((cxx_type(act),))   # the bf16 decode path
         for scale in SCALE_DTYPES:
             for zeros in (True, False):
-                for tiles in m_tiles:
-                    for silu in (True, False):
-                        args = (cxx_type(scale), cxx_bool(zeros), str(tiles), cxx_bool(silu))
-                        FAMILIES["moe_gemm_a16"].name_expression((cxx_type(act),) + args)
-                        FAMILIES["moe_gemm_a8"].name_expression(args)
+                for activation, family in (("bf16", "moe_gemm_a16"), ("int8", "moe_gemm_a8")):
+                    for tiles in m_tiles[activation]:
+                        for silu in (True, False):
+                            args = (cxx_type(scale), cxx_bool(zeros), str(tiles), cxx_bool(silu))
+                            FAMILIES[family].name_expression(((cxx_type(act),) if family == "moe_gemm_a16" else ())
+                                                             + args)
     for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
         FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu), "true"))

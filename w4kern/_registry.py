@@ -198,29 +198,33 @@ MOE_COMBINE_THREADS = 256
 
 
 #: the batched expert GEMMs (moe_gemm.cu): m16 tiles per aligned block (block size
-#: 16 * tiles), 128 weight rows per CTA, 3 stages of K tiles of 64
+#: 16 * tiles; the A16 kernels take no 2-tile blocks, w4kern.moe.moe_block_size), 128
+#: weight rows per CTA, 3 stages of K tiles of 64
 MOE_GEMM_M_TILES = (1, 2, 4)
+MOE_GEMM_A16_M_TILES = (1, 4)
 MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = 128
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
 #: shared-memory carveouts (percent of the SM's 228 KiB) of the expert GEMMs: room for
-#: the CTAs their registers allow (A8: 2 of 37 KiB at 64-row blocks, 4 of 18 KiB at
-#: 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest left to L1, which then holds the
-#: 32-byte sectors of scales and zeros the kernels read 2 bytes at a time
+#: the CTAs their registers allow (A8: 2 of 37 KiB at 64-row blocks, 3 of 25 KiB at
+#: 32, 4 of 18 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest left
+#: to L1, which then holds the 32-byte sectors of scales and zeros the kernels read 2
+#: bytes at a time
 MOE_GEMM_A8_CARVEOUT = 50
 MOE_GEMM_A16_CARVEOUT = 60
 
 
 #: the template arguments both expert-GEMM kernels share: (scale type, zeros, m16
 #: tiles per block, GEMM1 with the SiLU * up epilogue); A16 puts the activation type first
-_MOE_GEMM_ARGS = tuple(
-    (cxx_type(s), cxx_bool(zeros), str(m_tiles), cxx_bool(silu))
-    for s in CXX_TYPES
-    for zeros in (True, False)
-    for m_tiles in MOE_GEMM_M_TILES
-    for silu in (True, False)
-)
+def _moe_gemm_args(m_tiles: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(
+        (cxx_type(s), cxx_bool(zeros), str(tiles), cxx_bool(silu))
+        for s in CXX_TYPES
+        for zeros in (True, False)
+        for tiles in m_tiles
+        for silu in (True, False)
+    )
 
 
 def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
@@ -398,8 +402,9 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_gemm_a16",
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a16_kernel",
-            instances=tuple((cxx_type(a),) + args for a in _HALF_TYPES for args in _MOE_GEMM_ARGS),
-            max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_M_TILES)),
+            instances=tuple((cxx_type(a),) + args for a in _HALF_TYPES
+                            for args in _moe_gemm_args(MOE_GEMM_A16_M_TILES)),
+            max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_A16_M_TILES)),
             smem_carveout=MOE_GEMM_A16_CARVEOUT,
         ),
         # the batched path's A8 expert GEMMs: (scale type, zeros, m16 tiles per block,
@@ -408,7 +413,7 @@ FAMILIES: dict[str, KernelFamily] = {
             name="moe_gemm_a8",
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a8_kernel",
-            instances=_MOE_GEMM_ARGS,
+            instances=_moe_gemm_args(MOE_GEMM_M_TILES),
             max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
             smem_carveout=MOE_GEMM_A8_CARVEOUT,
         ),

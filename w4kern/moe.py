@@ -187,6 +187,15 @@ MOE_GEMM_MAX_BLOCKS = 65535
 #: benchmarks/results/2026-11-22-h200-session6/): at 4 and 8 items per expert the
 #: 16-row blocks take 0.55x the time of 64-row ones, at 32 and 64 1.3x.
 MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
+#: activation="int8" aligns to 32-row blocks (two m16 tiles) from
+#: MOE_GEMM_LARGE_BLOCK_PER_EXPERT up to this many items per expert, 64-row ones from
+#: here. Measured on an H200 (scripts/sweep_moe_gemm.py, benchmarks/results/
+#: 2026-11-22-h200-session12/sweep-blocks-94e2be0/), GEMM1 + GEMM2 with 16 / 32 / 64-row
+#: blocks: DeepSeek-V3 T=1024 (32 items per expert) 6201 / 5109 / 5639 us, Qwen3-30B-A3B
+#: T=1024 (64 per expert) 623 / 518 / 538; 64-row blocks pad less as the experts fill,
+#: so the crossover lies above 64 (not measured between 64 and 256). The A16 kernels
+#: were slower at 32 rows than at 64 in both (7970 vs 6842, 774 vs 581 us).
+MOE_GEMM_A8_MID_BLOCK_PER_EXPERT = 128
 
 
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
@@ -270,13 +279,15 @@ def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
          np.int32(n_experts)))
 
 
-def moe_block_size(items: int, n_experts: int) -> int:
+def moe_block_size(items: int, n_experts: int, activation: str = "bf16") -> int:
     """Alignment block of the batched path: 16 rows (one m16 tile) while the average
-    expert gets few items, 64 from MOE_GEMM_LARGE_BLOCK_PER_EXPERT items per expert."""
-    from ._registry import MOE_GEMM_M_TILES
-
-    large = items >= MOE_GEMM_LARGE_BLOCK_PER_EXPERT * n_experts
-    return 16 * (max(MOE_GEMM_M_TILES) if large else min(MOE_GEMM_M_TILES))
+    expert gets fewer than MOE_GEMM_LARGE_BLOCK_PER_EXPERT items, 64 from there; for
+    activation="int8" 32 in between, up to MOE_GEMM_A8_MID_BLOCK_PER_EXPERT."""
+    if items < MOE_GEMM_LARGE_BLOCK_PER_EXPERT * n_experts:
+        return 16
+    if activation == "int8" and items < MOE_GEMM_A8_MID_BLOCK_PER_EXPERT * n_experts:
+        return 32
+    return 64
 
 
 def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
@@ -301,7 +312,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    block = moe_block_size(items, n_experts)
+    block = moe_block_size(items, n_experts, activation)
     m_tiles = block // 16
     sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
     blocks = expert_ids.shape[0]   # known without a device read
