@@ -38,7 +38,8 @@ OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
 # (kernel, stages, shared-memory carveout in percent; None: the family's)
-VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a16", 3, None), ("a16", 3, 100), ("a16", 4, None)]
+VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a8", 5, None), ("a16", 3, None), ("a16", 3, 100),
+            ("a16", 4, None)]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
