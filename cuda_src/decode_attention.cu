@@ -90,10 +90,9 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     __shared__ __align__(8) u64 sm_bar[kAttnWarps][kStages];   // chunk arrivals (sm_90 copy engine)
     static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
 
-    // A programmatic dependent launch (the op's first kernel, after any kernel):
-    // nothing global is touched before the previous grid is done.
-    pdl_wait();
-    pdl_launch_dependents();   // the merge's CTAs (or the next op's) may start; they wait for this grid
+    // the op's first kernel: nothing global is touched before the previous grid is
+    // done; then the merge's CTAs may start (they wait for this grid)
+    pdl_first_kernel_start();
     const int split = blockIdx.x, b = blockIdx.z;
     const int group = hq / hkv;
     const int head_tiles = (group + kAttnHeads - 1) / kAttnHeads;

@@ -98,15 +98,14 @@ struct MoeChunk {
 template <typename In, bool kSiluGateUp, bool kQ8Blocks>
 __global__ void __launch_bounds__(kMoeRowMaxThreads)
 moe_token_q8_kernel(const In* __restrict__ x, u8* __restrict__ out, float* __restrict__ row_scales, int cols,
-                    int first_kernel) {   // 1: the op's first kernel (see quantize_q8.cu's order)
+                    int first_kernel) {   // 1: the op's first kernel (common/ptx.cuh)
     using Chunk = MoeChunk<In, kSiluGateUp>;
     // Programmatic launches: the kernel before it has finished at pdl_wait; the
     // matvec after it may start and fetch weights from pdl_launch_dependents. After
     // GEMM1 in one op, the matvec may start at once; as an op's first kernel, only
     // once the previous op is done.
     if (first_kernel) {
-        pdl_wait();
-        pdl_launch_dependents();
+        pdl_first_kernel_start();
     } else {
         pdl_launch_dependents();
         pdl_wait();

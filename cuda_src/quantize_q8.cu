@@ -36,12 +36,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_kernel(
     // 4, so the 4 lanes of one Q8 block are either all active or all inactive;
     // inactive lanes still take part in the shuffles (full-warp masks) and
     // store nothing.
-    // The op's first kernel: wait for the stream's previous kernel, then let the
-    // op's matvec start and fetch its weights. In this order, not the reverse: a
-    // trigger before the wait would let the matvec start while the previous op's
-    // kernel still runs (measured up to 8% slower on gemma3-27b.down M=1).
-    pdl_wait();
-    pdl_launch_dependents();
+    pdl_first_kernel_start();   // the op's matvec may then start and fetch its weights
     const i64 first_chunk = static_cast<i64>(blockIdx.x) * kQ8ChunksPerThread * blockDim.x + threadIdx.x;
 
     Vec<InT, kQ8ValuesPerThread> in[kQ8ChunksPerThread];
@@ -131,12 +126,7 @@ __global__ void __launch_bounds__(kQ8Threads) quantize_q8_thread_per_block_kerne
     Q8Block* __restrict__ out,    // [rows, K / 32] contiguous
     i64 n_blocks)                 // rows * K / 32
 {
-    // The op's first kernel: wait for the stream's previous kernel, then let the
-    // op's matvec start and fetch its weights. In this order, not the reverse: a
-    // trigger before the wait would let the matvec start while the previous op's
-    // kernel still runs (measured up to 8% slower on gemma3-27b.down M=1).
-    pdl_wait();
-    pdl_launch_dependents();
+    pdl_first_kernel_start();   // the op's matvec may then start and fetch its weights
     const i64 block = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (block >= n_blocks) return;
     constexpr int kChunks = kQ8BlockValues / kQ8ValuesPerThread;   // 4 chunks of 8 values

@@ -208,3 +208,15 @@ def test_programmatic_launch_mode_is_checked(monkeypatch):
     monkeypatch.setenv("W4KERN_PDL", "sometimes")
     with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
         _use_pdl(_FakeCupy, _FakeCupy._Stream(True))
+
+
+def test_quantizer_launch_kinds_map_to_programmatic_launches(monkeypatch):
+    from w4kern import _runtime
+    from w4kern.quant import _first_kernel_pdl
+
+    monkeypatch.setattr(_runtime, "FIRST_KERNEL_PDL", True)
+    assert (_first_kernel_pdl(None), _first_kernel_pdl("first"), _first_kernel_pdl("chained")) == (False, True, True)
+    monkeypatch.setattr(_runtime, "FIRST_KERNEL_PDL", False)   # only the first kernels follow the switch
+    assert (_first_kernel_pdl(None), _first_kernel_pdl("first"), _first_kernel_pdl("chained")) == (False, False, True)
+    with pytest.raises(ValueError, match="pdl must be None, 'first' or 'chained'"):
+        _first_kernel_pdl("always")

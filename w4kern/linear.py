@@ -498,7 +498,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
             check_aligned("x", x)
             act = ws.q8_blocks(call.m, call.k)    # the workspace is 16-byte aligned
             # the op's first kernel; a programmatic launch where the dp4a matvec after it is one
-            _quantize_q8_cuda(x, act, first_of_chain=kernel == "matvec")
+            _quantize_q8_cuda(x, act, pdl="first" if kernel == "matvec" else None)
     else:
         act = x
     check_aligned("x", act)

@@ -117,11 +117,10 @@ def _q8_variant(n_blocks: int) -> int:
     return 0 if n_blocks >= Q8_THREAD_PER_BLOCK_MIN_BLOCKS else 1
 
 
-def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, first_of_chain: bool = False) -> None:
+def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str | None = None) -> None:
     """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
-    block); None picks by size (_q8_variant). first_of_chain: the op's first kernel,
-    before a matvec that is a programmatic launch: a programmatic launch itself
-    (under _runtime.FIRST_KERNEL_PDL)."""
+    block); None picks by size (_q8_variant). pdl: None or "first" (see
+    _first_kernel_pdl)."""
     from . import _runtime
     from ._registry import cxx_type
 
@@ -134,13 +133,27 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, first_of_
         kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
         n_blocks = n_chunks // 4
         _runtime.launch(kernel, ((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)),
-                        pdl=first_of_chain and _runtime.FIRST_KERNEL_PDL)
+                        pdl=_first_kernel_pdl(pdl))
         return
     kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
     threads = 256                                  # kQ8Threads
     per_cta = threads * chunks_per_thread
     _runtime.launch(kernel, ((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)),
-                    pdl=first_of_chain and _runtime.FIRST_KERNEL_PDL)
+                    pdl=_first_kernel_pdl(pdl))
+
+
+def _first_kernel_pdl(pdl: str | None) -> bool:
+    """Whether a quantizer launch is programmatic (_runtime.launch). pdl: None, a plain
+    launch; "first", an op's first kernel before a matvec that is a programmatic launch
+    (under _runtime.FIRST_KERNEL_PDL; the kernel waits for the previous kernel, then
+    lets the matvec start); "chained" (the per-token quantizer only), right after a
+    kernel of the same op (fused_moe's silu quantizer after GEMM1; the matvec after it
+    may start at once)."""
+    from . import _runtime
+
+    if pdl not in (None, "first", "chained"):
+        raise ValueError(f"pdl must be None, 'first' or 'chained', got {pdl!r}")
+    return pdl == "chained" or (pdl == "first" and _runtime.FIRST_KERNEL_PDL)
 
 
 def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=None) -> None:
@@ -150,11 +163,7 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=Non
     [M, K / 32, 48] that carry the row's scale (``per_token_q8_blocks``).
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
-    pdl: None for a plain launch; "first" for an op's first kernel before a matvec that
-    is a programmatic launch (a programmatic launch too, under
-    _runtime.FIRST_KERNEL_PDL; the kernel waits for the previous kernel, then lets
-    the matvec start); "chained" right after a kernel of the same op (fused_moe's
-    silu quantizer after GEMM1; the matvec after it may start at once)."""
+    pdl: None, "first" or "chained" (_first_kernel_pdl)."""
     from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
@@ -164,7 +173,7 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=Non
     _runtime.launch(kernel, (rows.shape[0],), (moe_row_threads(cols),),
                     (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols),
                      np.int32(pdl != "chained")),
-                    pdl=pdl == "chained" or (pdl == "first" and _runtime.FIRST_KERNEL_PDL))
+                    pdl=_first_kernel_pdl(pdl))
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):

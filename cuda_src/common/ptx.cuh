@@ -295,4 +295,14 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// The start of an op's first kernel (_runtime.FIRST_KERNEL_PDL): wait for the
+// stream's previous kernel, whatever it is, before touching memory, then let this
+// op's next kernel start. In this order, not the reverse: a trigger before the
+// wait lets the op's next kernel (a matvec) start while the previous op's matvec
+// still runs, measured up to 8% slower (gemma3-27b.down M=1).
+__device__ __forceinline__ void pdl_first_kernel_start() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 }  // namespace w4kern
