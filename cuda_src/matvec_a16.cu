@@ -40,6 +40,21 @@
 // next step (the same or the next row block) before the MMAs of this one.
 // Split warps reduce through shared memory in a fixed order (deterministic).
 //
+// Row runs (kRowRun, one token, 16-bit activations): the walk above makes each
+// load instruction read 64 bytes from each of 8 rows, and a pure-load copy of it
+// streams far below the read ceiling on every decode shape (scripts/load_patterns.py:
+// gemma3-27b.down 59 us against 16 us), while one instruction reading 512
+// contiguous bytes of one row reaches the ceiling. So for M = 1 the B operand's 8
+// columns hold 8 consecutive k chunks of the one token instead of 8 tokens, and A
+// row g (g + 8) holds chunk g of one weight row (another row): thread (g, t) owns
+// bytes (g * 4 + t) * kChunkBytes of a step's run, i.e. lane * kChunkBytes, so a
+// warp's load covers 32 * kChunkBytes contiguous bytes of one row. Only the
+// diagonal of the result is wanted: D[g][g] = chunk g of the row times chunk g of
+// x, held by thread (g, g / 2) in result column g % 2. The other columns are
+// computed and dropped (the MMA is not the cost), each step scales the diagonal
+// by its group (one chunk = one group: kChunkBytes = group size / 8), and a
+// row's chunks are summed across the warp once, when the row block is done.
+//
 // INT8 activations (ActT = i8, W4A8 with per-token activation scales: x ~= d[m] *
 // q[m, k], PerTokenInt8): the same walk with mma.m16n8k32 s8 MMAs. A weight word's
 // low nibbles (its even k) and high nibbles (odd k) are the A slots 4t.. and
@@ -128,7 +143,7 @@ struct A16Step {
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
-          int kSplit, int kGroupSlots>
+          int kSplit, int kGroupSlots, bool kRowRun>
 __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const u8* __restrict__ qweight,      // [N, K / 2] ([E, N, K / 2] with items)
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -147,13 +162,16 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                   "group slots split a 128-k step of g64 or g32 weights");
     constexpr bool kInt8 = sizeof(ActT) == 1;        // i8: per-token INT8 activations
     static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
+    static_assert(!kRowRun || (!kInt8 && kGroupSlots == 1), "row runs: 16-bit activations, one group per chunk");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
     using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT))>;
     constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
     constexpr int kWords = Step::kWords;
-    constexpr int kBlockRows = 16 * kTiles;
+    // a tile is 16 weight rows, or with row runs 2 (A rows g and g + 8 hold one each)
+    constexpr int kBlockRows = (kRowRun ? 2 : 16) * kTiles;
     constexpr int kBlocksPerSet = kA16Warps / kSplit;
-    constexpr int kStepK = 8 * kChunkBytes;          // k per step per row (4 threads x 2 * kChunkBytes)
+    // k per step per row: 4 threads x 2 * kChunkBytes, or with row runs 8 chunks of that
+    constexpr int kStepK = (kRowRun ? 64 : 8) * kChunkBytes;
     constexpr int kOutPerThread = kTiles * 4;        // (rows g, g + 8) x (tokens 2t, 2t + 1) per tile
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -183,12 +201,15 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     auto block_of = [&](int set) { return set * kBlocksPerSet + warp / kSplit; };
     // row r of tile i of row block b, clamped so every load is in bounds (only real rows are stored)
     auto row_of = [&](int b, int i, int r) { return min(b * kBlockRows + i * 16 + r, n_rows - 1); };
+    // row runs: half h of tile i is one weight row, also clamped
+    auto run_row_of = [&](int b, int i, int h) { return min(b * kBlockRows + 2 * i + h, n_rows - 1); };
 
     auto load_step = [&](Step& st, int set, int step) {
         const int b = block_of(set);
         if (b >= n_blocks) return;
         const int chunk = step * kSplit + part;
-        const int k0 = chunk * kStepK + t * 2 * kChunkBytes;       // this thread's first k
+        // this thread's first k: its slot of the row block's step, or (row runs) of chunk g
+        const int k0 = chunk * kStepK + (kRowRun ? lane : t) * 2 * kChunkBytes;
         // A step past the end of K (the last warps of a split) contributes nothing;
         // a thread past the end of a step that K ends inside (per-channel K not a
         // multiple of 128) keeps the row's scale, because the MMA result it holds
@@ -204,15 +225,21 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int row = row_of(b, i, g + 8 * h);
-                load_streaming<kChunkBytes, true>(st.w[i][h],
-                                                  qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
+                const int row = kRowRun ? run_row_of(b, i, h) : row_of(b, i, g + 8 * h);
+                // Row runs skip the load past K instead (whole chunks drop out there, and
+                // the registers keep finite weights: the nibble conversion makes any bits
+                // a finite value, which meets zero activations)
+                if (!kRowRun || mine_in_k)
+                    load_streaming<kChunkBytes, true>(
+                        st.w[i][h], qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
 #pragma unroll
                 for (int c = 0; c < kColScales; ++c) {
                     // the step's group, or (slots) that of result column 2t + c; a
                     // column past the last group has zero activations and scale 0
                     const int group = kGroupSlots > 1 ? chunk * kGroupSlots + (2 * t + c) % kGroupSlots
-                                                      : (kPerChannel ? 0 : chunk);
+                                      : kPerChannel ? 0
+                                      : kRowRun ? chunk * 8 + g   // chunk g of the step
+                                                : chunk;
                     if (step_in_k && group < n_groups) {
                         const u32 at = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
                         st.s[i][h][c] = to_float(scales[at]);
@@ -224,8 +251,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                 }
             }
         // B column g: token g / kGroupSlots, given by the threads whose k range is in
-        // group slot g % kGroupSlots (without slots: token g, every thread)
-        const int x_token = g / kGroupSlots;
+        // group slot g % kGroupSlots (without slots: token g, every thread; row runs:
+        // chunk g of token 0, every thread)
+        const int x_token = kRowRun ? 0 : g / kGroupSlots;
         if (mine_in_k && x_token < m_tokens && t * kGroupSlots / 4 == g % kGroupSlots) {
             const ActT* src = x + static_cast<i64>(x_token) * k_dim + k0;
             if constexpr (Step::kXWords < 4) {
@@ -320,6 +348,20 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             }
             // acc: (row g, tokens 2t, 2t+1), (row g+8, same tokens); sum_x: the same
             // two tokens' sums in every row
+            if constexpr (kRowRun) {
+                // the diagonal: column g % 2 of thread (g, g / 2) is chunk g (one group) of
+                // the tile's two rows; the other threads scale columns nobody keeps
+                const int c = g & 1;
+                const float sx = c ? sum_x[1] : sum_x[0];
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const float a = c ? acc[i][2 * h + 1] : acc[i][2 * h];
+                        y[i][2 * h] += st.s[i][h][0] * (2.0f * a - (16.0f + st.z[i][h][0]) * sx);
+                    }
+                return;
+            }
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -337,6 +379,20 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     // Row block b is done: sum the split warps' results through shared memory
     // in split order and store. Every warp of the CTA calls this at once.
     auto finish_block = [&](int b) {
+        if constexpr (kRowRun) {
+            // a row's chunks: thread (g, g / 2) holds chunk g's sum in y[i][2h]; a
+            // butterfly over the warp (a fixed order: the same bits every run) leaves
+            // the row's sum in every lane
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float v = t == (g >> 1) ? y[i][2 * h] : 0.0f;
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    y[i][2 * h] = v;
+                }
+        }
         if constexpr (kSplit > 1) {
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
@@ -352,7 +408,22 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             }
             __syncthreads();   // partial[] is free for the next row block
         }
-        if (part == 0 && b < n_blocks) {
+        if constexpr (kRowRun) {
+            // lane 2i + h stores row 2i + h of the block (token 0)
+            if (part == 0 && b < n_blocks) {
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = b * kBlockRows + 2 * i + h;
+                        if (lane == 2 * i + h && row < n_rows) {
+                            float v = zero_item ? 0.0f : y[i][2 * h];
+                            if (bias != nullptr) v += load_as_float(bias, row, out_kind);
+                            store_from_float(out, out_base + row, v, out_kind);
+                        }
+                    }
+            }
+        } else if (part == 0 && b < n_blocks) {
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -396,6 +467,14 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
     Step cur, next;
+    if constexpr (kRowRun) {   // weights a thread skips past K stay defined (see load_step)
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < kWords; ++j) cur.w[i][h][j] = next.w[i][h][j] = 0u;
+    }
     load_step(cur, set, 0);
     while (true) {
         int next_set = set, next_step = step + 1;

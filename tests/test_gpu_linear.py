@@ -13,7 +13,7 @@ import pytest
 
 import w4kern
 from w4kern import reference
-from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
+from w4kern._registry import A16_CONFIGS, A16_ROW_CONFIGS, MATVEC_CONFIGS, a16_rows_instance
 from w4kern.linear import _linear
 
 pytestmark = pytest.mark.gpu
@@ -83,15 +83,20 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
 @pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("group_size", list(CASES), ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("path", ["matvec-q8", "small_m-q8", "small_m-bf16", "small_m-f16", "a16-bf16", "a16-f16",
-                                  "a8-int8", "a8-int8f32", "matvec-int8"])
+                                  "a16_rows-bf16", "a16_rows-f16", "a8-int8", "a8-int8f32", "matvec-int8"])
 def test_int4_kernels_match_reference(cp, rng, path, group_size, scale_dtype, symmetric):
     kernel, act = path.split("-")
     dtype = np.float16 if act == "f16" else np.float32 if act == "int8f32" else w4kern.bfloat16
     act = {"f16": "bf16", "int8f32": "int8"}.get(act, act)
+    if kernel == "a16_rows" and a16_rows_instance(group_size) is None:
+        weight = make_int4(rng, *CASES[group_size][0], group_size, symmetric, scale_dtype)
+        with pytest.raises(ValueError, match="a16_rows kernel takes one token and g128 or per-channel"):
+            check(cp, rng, weight, 1, CASES[group_size][0][1], act=act, kernel=kernel, dtype=dtype)
+        return
     for n, k in CASES[group_size]:
         weight = make_int4(rng, n, k, group_size, symmetric, scale_dtype)
-        for m in MS:
-            check(cp, rng, weight, m, k, act=act, kernel=kernel, dtype=dtype, bias=(m == 3))
+        for m in ([1] if kernel == "a16_rows" else MS):   # the row-run walk takes one token
+            check(cp, rng, weight, m, k, act=act, kernel=kernel, dtype=dtype, bias=(m == 3 or kernel == "a16_rows"))
 
 
 @pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
@@ -141,6 +146,21 @@ def test_a16_every_instance_walks_many_row_blocks(cp, rng, config, act):
                   matvec_ctas=ctas, bias=(m == 1))
 
 
+@pytest.mark.parametrize("dtype", [w4kern.bfloat16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("config", A16_ROW_CONFIGS, ids=lambda c: "t{}-s{}".format(*c))
+def test_a16_rows_every_instance_walks_many_row_blocks(cp, rng, config, dtype):
+    """Every row-run instance on 1 or 3 CTAs (each warp walks many row blocks,
+    prefetching across them) and on GPU-filling grids. K = 384 and 4224 end inside a
+    1024-k step (whole chunks past K), per-channel K = 1056 and 4128 end inside a
+    chunk (some threads of it past K), K = 21504 is 21 whole steps, and N = 1, 7,
+    20011 leave a row block partly empty."""
+    for group_size, n, k, ctas in [(128, 20011, 384, None), (128, 7, 4224, 1), (128, 333, 21504, 3),
+                                   (-1, 99, 1056, 1), (-1, 40, 4128, None), (-1, 1, 32, None), (128, 5, 128, 1)]:
+        weight = make_int4(rng, n, k, group_size, group_size != 128, np.float16)
+        check(cp, rng, weight, 1, k, act="bf16", kernel="a16_rows", dtype=dtype, matvec_config=config,
+              matvec_ctas=ctas, bias=(n != 7))
+
+
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])
 @pytest.mark.parametrize("act", ["q8", "bf16"])
 def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
@@ -157,13 +177,14 @@ def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
 
 
 @pytest.mark.parametrize("out_dtype", [np.float32, np.float16, w4kern.bfloat16], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("kernel", ["matvec", "small_m", "a16", "a8"])
+@pytest.mark.parametrize("kernel", ["matvec", "small_m", "a16", "a16_rows", "a8"])
 def test_output_dtypes_and_bias(cp, rng, kernel, out_dtype):
-    weight = make_int4(rng, 77, 512, 64, True, np.float16)
-    x = rng.standard_normal((3, 512)).astype(w4kern.bfloat16)
+    m, group_size = (1, 128) if kernel == "a16_rows" else (3, 64)
+    weight = make_int4(rng, 77, 512, group_size, True, np.float16)
+    x = rng.standard_normal((m, 512)).astype(w4kern.bfloat16)
     b = rng.standard_normal(77).astype(out_dtype)
-    out = cp.full((3, 77), np.nan, dtype=out_dtype)
-    act = {"a16": "bf16", "a8": "int8"}.get(kernel, "q8")
+    out = cp.full((m, 77), np.nan, dtype=out_dtype)
+    act = {"a16": "bf16", "a16_rows": "bf16", "a8": "int8"}.get(kernel, "q8")
     _linear(cp.asarray(x), to_gpu(cp, weight), act=act, kernel=kernel, bias=cp.asarray(b), out=out)
     x_ref = quantized(x, act)
     expected = reference.linear(x_ref, weight, b.astype(np.float32))

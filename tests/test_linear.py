@@ -72,7 +72,18 @@ def test_dispatch_table_covers_every_small_m():
         for key, kernels in table.items():
             assert len(kernels) == MAX_SMALL_M, (gpu, key)
             allowed = {"q8": {"matvec", "small_m"}, "bf16": {"small_m", "a16"}, "int8": {"matvec", "a8"}}[key[1]]
-            assert set(kernels) <= allowed, (gpu, key)
+            one_token = allowed | ({"a16_rows"} if key[1] == "bf16" else set())   # row runs: M = 1 only
+            assert kernels[0] in one_token and set(kernels[1:]) <= allowed, (gpu, key)
+
+
+def test_a16_rows_config_by_rows():
+    from w4kern.linear import A16_ROW_CANDIDATES, a16_rows_config
+
+    assert a16_rows_config(10**6, 132, 12) == A16_ROW_CANDIDATES[0]
+    assert a16_rows_config(7, 132, 12) == A16_ROW_CANDIDATES[-1]
+    assert a16_rows_config(28672, 132, 12) == (2, 1)     # 7168 warps
+    assert a16_rows_config(5376, 132, 12) == (2, 2)      # 1344 warps unsplit: short of 12 per SM
+    assert a16_rows_config(4096, 132, 12) == (2, 2)      # 2048 warps
 
 
 def test_a16_config_by_rows():

@@ -137,8 +137,36 @@ def test_every_a16_choice_is_a_registered_instance(group_size):
                 for has_zeros in (False, True):
                     for tiles, split in A16_CONFIGS:
                         args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                                str(tiles), str(split), str(slots))
+                                str(tiles), str(split), str(slots), "false")
                         assert args in family.instances, args
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_every_a16_rows_choice_is_a_registered_instance(group_size):
+    """The row-run walk (M = 1) has a family for g128 and per-channel weights, with
+    every dtype and config the plan can combine; g32 and g64 have none (linear falls
+    back to the group-slot walk)."""
+    import numpy as np
+
+    from w4kern import bfloat16
+    from w4kern._registry import A16_ROW_CONFIGS, a16_rows_instance, cxx_bool, cxx_type
+    from w4kern.linear import A16_ROW_CANDIDATES
+
+    assert set(A16_ROW_CANDIDATES) <= set(A16_ROW_CONFIGS)
+    found = a16_rows_instance(group_size)
+    if group_size in (32, 64):
+        assert found is None
+        return
+    name, chunk, per_channel = found
+    family = FAMILIES[name]
+    assert family.source == "matvec_a16.cu" and chunk == 16 and per_channel == (group_size == -1)
+    for act in (bfloat16, np.float16):
+        for scale in (np.float16, bfloat16, np.float32):
+            for has_zeros in (False, True):
+                for tiles, split in A16_ROW_CONFIGS:
+                    args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                            str(tiles), str(split), "1", "true")
+                    assert args in family.instances, args
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
@@ -159,7 +187,7 @@ def test_every_a8_choice_is_a_registered_instance(group_size):
         for has_zeros in (False, True):
             for tiles, split in A16_CONFIGS:
                 args = (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                        str(tiles), str(split), "1")
+                        str(tiles), str(split), "1", "false")
                 assert args in family.instances, args
 
 

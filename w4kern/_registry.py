@@ -130,6 +130,24 @@ def a16_instance(group_size: int, m: int) -> tuple[str, int, bool, int]:
     return family, chunk, per_channel, 1
 
 
+#: (kTiles, kSplit) instances of matvec_a16's row-run walk (M = 1, 16-bit x): tiles of
+#: 2 weight rows, each load instruction one 512-byte run of a row (see matvec_a16.cu)
+A16_ROW_CONFIGS = ((2, 1), (2, 2), (2, 4), (2, 8))
+#: group sizes with a row-run family (a chunk of 128 k is one group or part of the
+#: per-channel row); g32 and g64 keep the group-slot walk
+A16_ROW_GROUP_FAMILIES = {"g128": (16, False), "gch": (16, True)}
+
+
+def a16_rows_instance(group_size: int) -> tuple[str, int, bool] | None:
+    """(family, bytes of a row per thread and step, per-channel) of matvec_a16's
+    row-run walk for a group size, or None where it has none."""
+    label = "gch" if group_size == -1 else f"g{group_size}"
+    if label not in A16_ROW_GROUP_FAMILIES:
+        return None
+    chunk, per_channel = A16_ROW_GROUP_FAMILIES[label]
+    return f"matvec_a16_rows_{label}", chunk, per_channel
+
+
 def a16_family(group_size: int) -> str:
     return f"matvec_a16_{'gch' if group_size == -1 else f'g{group_size}'}"
 
@@ -317,10 +335,10 @@ FAMILIES: dict[str, KernelFamily] = {
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
             # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split,
-            # group slots)
+            # group slots, row runs)
             instances=tuple(
                 (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(step_chunk), cxx_bool(per_channel),
-                 *map(str, config), str(slots))
+                 *map(str, config), str(slots), "false")
                 for step_chunk, slots in ((chunk, 1),) + (((16, A16_GROUP_SLOTS[label]),)
                                                            if label in A16_GROUP_SLOTS else ())
                 for act in (bfloat16, np.float16)
@@ -331,16 +349,33 @@ FAMILIES: dict[str, KernelFamily] = {
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + tuple(
+        # the row-run walk (M = 1): a family of its own, compiled only where it is used
+        KernelFamily(
+            name=f"matvec_a16_rows_{label}",
+            source="matvec_a16.cu",
+            template="w4kern::matvec_a16_kernel",
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, true)
+            instances=tuple(
+                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                 *map(str, config), "1", "true")
+                for act in (bfloat16, np.float16)
+                for scale in _FLOAT_TYPES
+                for has_zeros in (False, True)
+                for config in A16_ROW_CONFIGS
+            ),
+        )
+        for label, (chunk, per_channel) in A16_ROW_GROUP_FAMILIES.items()
+    ) + tuple(
         # the same kernel on per-token INT8 activations (W4A8 with int8 MMAs): a family
         # of its own, so a first W4A16 call does not compile these too
         KernelFamily(
             name=a8_family_name(label),
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1)
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, false)
             instances=tuple(
                 (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 *map(str, config), "1")
+                 *map(str, config), "1", "false")
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
                 for config in A16_CONFIGS

@@ -479,12 +479,12 @@ _torch_decode_peers.dense = {}
 def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """The data behind ``w4kern.linear.DISPATCH``: dp4a matvec (every instance at M = 1)
     vs the tensor-core small-M kernel per M, for W4A16 the small-M kernel vs every
-    matvec_a16 instance, and for per-token INT8 every s8 instance of matvec_a16 (its
+    matvec_a16 instance (and its row-run walk at M = 1), and for per-token INT8 every s8 instance of matvec_a16 (its
     dp4a route is the linear_q8 matvec rows: the same kernel on row-scaled Q8 blocks)."""
     import cupy as cp
 
     import w4kern
-    from w4kern._registry import A16_CONFIGS, MATVEC_CONFIGS
+    from w4kern._registry import A16_CONFIGS, A16_ROW_CONFIGS, MATVEC_CONFIGS
     from w4kern.linear import _linear
 
     rng = cp.random.default_rng(3)
@@ -524,6 +524,12 @@ def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -
                                      lambda i, c=config, a=act, kn=kernel, xx=xa:
                                      _linear(xx, weights[i % copies], act=a, kernel=kn, out=out, matvec_config=c),
                                      _linear_bytes(base, m, k, n, act), ceilings, ("graph",))
+            if m == 1:   # the one-token row-run walk of matvec_a16
+                for config in A16_ROW_CONFIGS:
+                    rows += _measure(timer, "a16_rows-t{}-s{}".format(*config), "linear_bf16", shape,
+                                     lambda i, c=config: _linear(x, weights[i % copies], act="bf16",
+                                                                 kernel="a16_rows", out=out, matvec_config=c),
+                                     _linear_bytes(base, m, k, n, "bf16"), ceilings, ("graph",))
         del base, weights, w8, weights8
         cp.get_default_memory_pool().free_all_blocks()
     return rows

@@ -14,6 +14,10 @@ tokens). On CuPy arrays it picks one of three paths by M:
   fed straight from global memory (``cuda_src/matvec_a16.cu``), M <= 8, flat
   in M; g32 weights at M <= 2 and g64 at M <= 4 take 128-k steps holding
   several groups (``a16_instance``).
+- ``a16_rows``: the same kernel for one token (M = 1) with a walk that reads
+  each weight row in 512-byte runs (the tensor core's 8 columns hold 8 chunks of
+  the token instead of 8 tokens), g128 and per-channel weights; the W4A16 decode
+  step.
 - ``a8``: INT4 weights against per-token INT8 activations (``act="int8"``,
   W4A8 with one scale per token) on int8 tensor cores, the same kernel as
   ``a16`` with s8 MMAs (``cuda_src/matvec_a16.cu``), M <= 8, flat in M. At
@@ -144,6 +148,20 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
         if -(-n // config[1]) * config[3] >= warps_per_sm * sm_count:
             return config
     return candidates[-1]
+
+
+#: matvec_a16 row-run instances (kTiles, kSplit), preferred first: a layer takes the
+#: first that gives every SM A16_ROWS_WARPS_PER_SM warps (N / (2 kTiles) * kSplit)
+A16_ROW_CANDIDATES = ((2, 1), (2, 2), (2, 4), (2, 8))
+A16_ROWS_WARPS_PER_SM = {"default": 12}
+
+
+def a16_rows_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
+    """The row-run matvec_a16 instance for an N-row layer (see A16_ROW_CANDIDATES)."""
+    for tiles, split in A16_ROW_CANDIDATES:
+        if -(-n // (2 * tiles)) * split >= warps_per_sm * sm_count:
+            return tiles, split
+    return A16_ROW_CANDIDATES[-1]
 
 
 def a16_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
@@ -324,8 +342,8 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
     if kernel is not None:
-        if kernel not in ("matvec", "small_m", "a16", "a8", "dense"):
-            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16', 'a8' or 'dense', got {kernel!r}")
+        if kernel not in ("matvec", "small_m", "a16", "a16_rows", "a8", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16', 'a16_rows', 'a8' or 'dense', got {kernel!r}")
         if kernel != "dense" and call.m > MAX_SMALL_M:
             raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
         if kernel == "small_m" and call.kind == "int8":
@@ -334,8 +352,13 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
             raise ValueError("the small-M tensor-core kernel takes Q8 or bf16/fp16 activations, not act='int8'")
         if kernel == "matvec" and (call.act == "bf16" or isinstance(x, PerTokenInt8)):
             raise ValueError("the dp4a matvec takes Q8 blocks (act='q8', or act='int8' quantizing x itself)")
-        if kernel == "a16" and (call.act != "bf16" or call.kind != "int4"):
-            raise ValueError("the a16 kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
+        if kernel in ("a16", "a16_rows") and (call.act != "bf16" or call.kind != "int4"):
+            raise ValueError(f"the {kernel} kernel takes INT4 weights and bf16/fp16 activations only (act='bf16')")
+        from ._registry import a16_rows_instance
+
+        if kernel == "a16_rows" and (call.m != 1 or a16_rows_instance(weight.group_size) is None):
+            raise ValueError(f"the a16_rows kernel takes one token and g128 or per-channel weights, got "
+                             f"M={call.m}, group_size={weight.group_size}")
         if kernel == "a8" and call.act != "int8":
             raise ValueError("the a8 kernel takes per-token INT8 activations only (act='int8')")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
@@ -480,7 +503,12 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
-    kernel = kernel or choose_kernel(call.kind, call.act, call.m)
+    if kernel is None:
+        from ._registry import a16_rows_instance
+
+        kernel = choose_kernel(call.kind, call.act, call.m)
+        if kernel == "a16_rows" and a16_rows_instance(weight.group_size) is None:
+            kernel = "a16"   # g32 / g64: the group-slot walk
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
@@ -505,8 +533,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
         _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas, pdl=quantized_here)
-    elif kernel == "a16":
-        _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas)
+    elif kernel in ("a16", "a16_rows"):
+        _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas, rows=kernel == "a16_rows")
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
@@ -563,10 +591,10 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None, pdl=Fal
                                            act, _pointer(bias), out) + tail, pdl=pdl)
 
 
-def _a16_block_sets(n, tiles, split):
-    """Row-block sets of an N-row matvec_a16 launch: blocks of 16 * tiles rows, 8 // split
-    of them per CTA of 8 warps (kBlocksPerSet)."""
-    return -(-(-(-n // (16 * tiles))) // (8 // split))
+def _a16_block_sets(n, tiles, split, rows=False):
+    """Row-block sets of an N-row matvec_a16 launch: blocks of 16 * tiles rows (row
+    runs: 2 * tiles), 8 // split of them per CTA of 8 warps (kBlocksPerSet)."""
+    return -(-(-(-n // ((2 if rows else 16) * tiles))) // (8 // split))
 
 
 #: matvec_a16 addresses one weight matrix (one expert's) with 32-bit byte offsets
@@ -608,30 +636,38 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
         _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
 
 
-def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
+def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
+    """rows: the row-run walk (one token, 16-bit x, a16_rows_instance's group sizes)."""
     from . import _runtime
-    from ._registry import A16_CONFIGS, INT8_ACT, a8_instance, a16_instance, cxx_bool, cxx_type
+    from ._registry import (A16_CONFIGS, A16_ROW_CONFIGS, INT8_ACT, a8_instance, a16_instance, a16_rows_instance,
+                            cxx_bool, cxx_type)
 
     _check_a16_weight_bytes(call.n, call.k)
-    if act_dtype == np.int8:   # per-token INT8 activations: one group per step
+    if rows:
+        assert call.m == 1 and act_dtype != np.int8, "the row-run walk takes one token of 16-bit x"
+        family, chunk, per_channel = a16_rows_instance(weight.group_size)
+        slots, act_type = 1, cxx_type(act_dtype)
+        configs, warps_table, pick = A16_ROW_CONFIGS, A16_ROWS_WARPS_PER_SM, a16_rows_config
+    elif act_dtype == np.int8:   # per-token INT8 activations: one group per step
         family, chunk, per_channel = a8_instance(weight.group_size)
         slots, act_type = 1, INT8_ACT
+        configs, warps_table, pick = A16_CONFIGS, A16_WARPS_PER_SM, a16_config
     else:
         family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
         act_type = cxx_type(act_dtype)
+        configs, warps_table, pick = A16_CONFIGS, A16_WARPS_PER_SM, a16_config
     if config is None:
-        warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
-        config = a16_config(call.n, _sm_count(call.xp), warps)
+        config = pick(call.n, _sm_count(call.xp), warps_table.get(_gpu_name(), warps_table["default"]))
     config = tuple(config)
-    if config not in A16_CONFIGS:
-        raise ValueError(f"a16 config {config} is not one of {A16_CONFIGS}")
+    if config not in configs:
+        raise ValueError(f"a16 config {config} is not one of {configs}")
     tiles, split = config
     kernel = _runtime.get_kernel(
         family,
         (act_type, cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
-         cxx_bool(per_channel), str(tiles), str(split), str(slots)),
+         cxx_bool(per_channel), str(tiles), str(split), str(slots), cxx_bool(rows)),
     )
-    block_sets = _a16_block_sets(call.n, tiles, split)
+    block_sets = _a16_block_sets(call.n, tiles, split, rows)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
     tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
@@ -639,15 +675,16 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
     return kernel, (ctas,), tail
 
 
-def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None):
-    """matvec_a16 on bf16/fp16 x (W4A16) or on per-token INT8 x with its scales (W4A8)."""
+def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None, rows=False):
+    """matvec_a16 on bf16/fp16 x (W4A16; rows: the one-token row-run walk) or on
+    per-token INT8 x with its scales (W4A8)."""
     zeros = weight.zeros
     key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
            call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
-           None if config is None else tuple(config), ctas)
+           None if config is None else tuple(config), ctas, rows)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas)
+        plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas, rows)
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(x_scales), _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
