@@ -16,7 +16,8 @@ reach in this harness (launch, ramp-up and tail included).
 
 The paths: W4A8 on pre-quantized Q8 blocks (dp4a), W4A16 and W4A8 on pre-quantized
 per-token INT8 (matvec_a16's s8 instances). --configs times the last two once per
-(tiles, split) instance of A16_CONFIGS as well as with the dispatch's choice.
+(tiles, split) instance of A16_CONFIGS as well as with the dispatch's choice, and at
+M = 1 W4A16's row-run walk once per instance of A16_ROW_CONFIGS.
 """
 import json
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import w4kern
 from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, _read_ceiling, environment, measure_ceilings
 
-from w4kern._registry import A16_CONFIGS
+from w4kern._registry import A16_CONFIGS, A16_ROW_CONFIGS
 from w4kern.linear import _linear
 
 args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] != "--m"]
@@ -72,9 +73,11 @@ def main():
             xi = w4kern.quantize_per_token_int8(x)
             for path, act, config in [(p, a, None) for p, a in PATHS.items()] + [
                     (f"{p}-t{c[0]}s{c[1]}", a, c) for p, a in PATHS.items() if CONFIGS and a != "q8"
-                    for c in A16_CONFIGS]:
+                    for c in A16_CONFIGS] + [
+                    (f"w4a16rows-t{c[0]}s{c[1]}", "bf16", c) for c in A16_ROW_CONFIGS if CONFIGS and m == 1]:
                 first = None
-                kernel = {"q8": None, "bf16": "a16", "int8": "a8"}[act] if config else None
+                kernel = ("a16_rows" if path.startswith("w4a16rows") else
+                          {"q8": None, "bf16": "a16", "int8": "a8"}[act]) if config else None
                 for label, src in VARIANTS:
                     use(src)
                     out = cp.full((m, n), np.nan, dtype=np.float32)

@@ -72,8 +72,21 @@ def test_dispatch_table_covers_every_small_m():
         for key, kernels in table.items():
             assert len(kernels) == MAX_SMALL_M, (gpu, key)
             allowed = {"q8": {"matvec", "small_m"}, "bf16": {"small_m", "a16"}, "int8": {"matvec", "a8"}}[key[1]]
-            one_token = allowed | ({"a16_rows"} if key[1] == "bf16" else set())   # row runs: M = 1 only
-            assert kernels[0] in one_token and set(kernels[1:]) <= allowed, (gpu, key)
+            assert set(kernels) <= allowed, (gpu, key)
+
+
+def test_a16_rows_by_k_and_group(monkeypatch):
+    """W4A16 at M = 1 takes the row-run walk from the GPU's A16_ROWS_MIN_K on, for the
+    group sizes it has a family for; a GPU without a measured row never does."""
+    import importlib
+
+    linear = importlib.import_module("w4kern.linear")   # the module (w4kern.linear is the function)
+    monkeypatch.setattr(linear, "_gpu_name", lambda: "NVIDIA H200")
+    assert linear.uses_a16_rows(14336, 128) and linear.uses_a16_rows(21504, -1)
+    assert not linear.uses_a16_rows(4096, 128) and not linear.uses_a16_rows(5376, 128)
+    assert not linear.uses_a16_rows(14336, 64) and not linear.uses_a16_rows(14336, 32)
+    monkeypatch.setattr(linear, "_gpu_name", lambda: "some GPU without a row")
+    assert not linear.uses_a16_rows(21504, 128)
 
 
 def test_a16_rows_config_by_rows():

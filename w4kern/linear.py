@@ -16,8 +16,8 @@ tokens). On CuPy arrays it picks one of three paths by M:
   several groups (``a16_instance``).
 - ``a16_rows``: the same kernel for one token (M = 1) with a walk that reads
   each weight row in 512-byte runs (the tensor core's 8 columns hold 8 chunks of
-  the token instead of 8 tokens), g128 and per-channel weights; the W4A16 decode
-  step.
+  the token instead of 8 tokens), g128 and per-channel weights; W4A16's decode
+  step on long rows (``A16_ROWS_MIN_K``).
 - ``a8``: INT4 weights against per-token INT8 activations (``act="int8"``,
   W4A8 with one scale per token) on int8 tensor cores, the same kernel as
   ``a16`` with s8 MMAs (``cuda_src/matvec_a16.cu``), M <= 8, flat in M. At
@@ -154,6 +154,22 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
 #: first that gives every SM A16_ROWS_WARPS_PER_SM warps (N / (2 kTiles) * kSplit)
 A16_ROW_CANDIDATES = ((2, 1), (2, 2), (2, 4), (2, 8))
 A16_ROWS_WARPS_PER_SM = {"default": 12}
+
+
+#: W4A16 at M = 1 takes the row-run walk from this K on (g128 and per-channel
+#: weights), per GPU; None: never (not measured there). H200 (compare_sources,
+#: benchmarks/results/2026-11-23-h200-session13/chains/): faster on llama3-8b.down
+#: (K = 14336: 15.8 vs 16.4 us) and gemma3-27b.down (K = 21504: 33.6 vs 37.5 us),
+#: slower on the K <= 5376 shapes (llama3-8b.gate_up 32.0 vs 24.9 us)
+A16_ROWS_MIN_K = {"default": None, "NVIDIA H200": 8192}
+
+
+def uses_a16_rows(k: int, group_size: int) -> bool:
+    """Whether linear's one-token W4A16 call takes the row-run walk on this GPU."""
+    from ._registry import a16_rows_instance
+
+    min_k = A16_ROWS_MIN_K.get(_gpu_name(), A16_ROWS_MIN_K["default"])
+    return min_k is not None and k >= min_k and a16_rows_instance(group_size) is not None
 
 
 def a16_rows_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
@@ -504,11 +520,9 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
     if kernel is None:
-        from ._registry import a16_rows_instance
-
         kernel = choose_kernel(call.kind, call.act, call.m)
-        if kernel == "a16_rows" and a16_rows_instance(weight.group_size) is None:
-            kernel = "a16"   # g32 / g64: the group-slot walk
+        if kernel == "a16" and call.m == 1 and uses_a16_rows(call.k, weight.group_size):
+            kernel = "a16_rows"
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
