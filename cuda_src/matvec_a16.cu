@@ -40,7 +40,20 @@
 // next step (the same or the next row block) before the MMAs of this one.
 // Split warps reduce through shared memory in a fixed order (deterministic).
 //
-// matvec_a16_rows_kernel (below) is the one-token walk of long rows on sm_90.
+// Row runs (kRowRun, one token, 16-bit activations): the walk above makes each
+// load instruction read 64 bytes from each of 8 rows, and a pure-load copy of it
+// streams far below the read ceiling on every decode shape (scripts/load_patterns.py:
+// gemma3-27b.down 59 us against 16 us), while one instruction reading 512
+// contiguous bytes of one row reaches the ceiling. So for M = 1 the B operand's 8
+// columns hold 8 consecutive k chunks of the one token instead of 8 tokens, and A
+// row g (g + 8) holds chunk g of one weight row (another row): thread (g, t) owns
+// bytes (g * 4 + t) * kChunkBytes of a step's run, i.e. lane * kChunkBytes, so a
+// warp's load covers 32 * kChunkBytes contiguous bytes of one row. Only the
+// diagonal of the result is wanted: D[g][g] = chunk g of the row times chunk g of
+// x, held by thread (g, g / 2) in result column g % 2. The other columns are
+// computed and dropped (the MMA is not the cost), each step scales the diagonal
+// by its group (one chunk = one group: kChunkBytes = group size / 8), and a
+// row's chunks are summed across the warp once, when the row block is done.
 //
 // INT8 activations (ActT = i8, W4A8 with per-token activation scales: x ~= d[m] *
 // q[m, k], PerTokenInt8): the same walk with mma.m16n8k32 s8 MMAs. A weight word's
@@ -130,7 +143,7 @@ struct A16Step {
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
-          int kSplit, int kGroupSlots>
+          int kSplit, int kGroupSlots, bool kRowRun>
 __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const u8* __restrict__ qweight,      // [N, K / 2] ([E, N, K / 2] with items)
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -149,13 +162,16 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                   "group slots split a 128-k step of g64 or g32 weights");
     constexpr bool kInt8 = sizeof(ActT) == 1;        // i8: per-token INT8 activations
     static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
+    static_assert(!kRowRun || (!kInt8 && kGroupSlots == 1), "row runs: 16-bit activations, one group per chunk");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
     using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT))>;
     constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
     constexpr int kWords = Step::kWords;
-    constexpr int kBlockRows = 16 * kTiles;
+    // a tile is 16 weight rows, or with row runs 2 (A rows g and g + 8 hold one each)
+    constexpr int kBlockRows = (kRowRun ? 2 : 16) * kTiles;
     constexpr int kBlocksPerSet = kA16Warps / kSplit;
-    constexpr int kStepK = 8 * kChunkBytes;          // k per step per row (4 threads x 2 * kChunkBytes)
+    // k per step per row: 4 threads x 2 * kChunkBytes, or with row runs 8 chunks of that
+    constexpr int kStepK = (kRowRun ? 64 : 8) * kChunkBytes;
     constexpr int kOutPerThread = kTiles * 4;        // (rows g, g + 8) x (tokens 2t, 2t + 1) per tile
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -185,12 +201,15 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     auto block_of = [&](int set) { return set * kBlocksPerSet + warp / kSplit; };
     // row r of tile i of row block b, clamped so every load is in bounds (only real rows are stored)
     auto row_of = [&](int b, int i, int r) { return min(b * kBlockRows + i * 16 + r, n_rows - 1); };
+    // row runs: half h of tile i is one weight row, also clamped
+    auto run_row_of = [&](int b, int i, int h) { return min(b * kBlockRows + 2 * i + h, n_rows - 1); };
 
     auto load_step = [&](Step& st, int set, int step) {
         const int b = block_of(set);
         if (b >= n_blocks) return;
         const int chunk = step * kSplit + part;
-        const int k0 = chunk * kStepK + t * 2 * kChunkBytes;       // this thread's first k
+        // this thread's first k: its slot of the row block's step, or (row runs) of chunk g
+        const int k0 = chunk * kStepK + (kRowRun ? lane : t) * 2 * kChunkBytes;
         // A step past the end of K (the last warps of a split) contributes nothing;
         // a thread past the end of a step that K ends inside (per-channel K not a
         // multiple of 128) keeps the row's scale, because the MMA result it holds
@@ -206,15 +225,21 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         for (int i = 0; i < kTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int row = row_of(b, i, g + 8 * h);
-                load_streaming<kChunkBytes, true>(st.w[i][h],
-                                                  qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
+                const int row = kRowRun ? run_row_of(b, i, h) : row_of(b, i, g + 8 * h);
+                // Row runs skip the load past K instead (whole chunks drop out there, and
+                // the registers keep finite weights: the nibble conversion makes any bits
+                // a finite value, which meets zero activations)
+                if (!kRowRun || mine_in_k)
+                    load_streaming<kChunkBytes, true>(
+                        st.w[i][h], qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
 #pragma unroll
                 for (int c = 0; c < kColScales; ++c) {
                     // the step's group, or (slots) that of result column 2t + c; a
                     // column past the last group has zero activations and scale 0
                     const int group = kGroupSlots > 1 ? chunk * kGroupSlots + (2 * t + c) % kGroupSlots
-                                                      : (kPerChannel ? 0 : chunk);
+                                      : kPerChannel ? 0
+                                      : kRowRun ? chunk * 8 + g   // chunk g of the step
+                                                : chunk;
                     if (step_in_k && group < n_groups) {
                         const u32 at = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
                         st.s[i][h][c] = to_float(scales[at]);
@@ -226,8 +251,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                 }
             }
         // B column g: token g / kGroupSlots, given by the threads whose k range is in
-        // group slot g % kGroupSlots (without slots: token g, every thread)
-        const int x_token = g / kGroupSlots;
+        // group slot g % kGroupSlots (without slots: token g, every thread; row runs:
+        // chunk g of token 0, every thread)
+        const int x_token = kRowRun ? 0 : g / kGroupSlots;
         if (mine_in_k && x_token < m_tokens && t * kGroupSlots / 4 == g % kGroupSlots) {
             const ActT* src = x + static_cast<i64>(x_token) * k_dim + k0;
             if constexpr (Step::kXWords < 4) {
@@ -322,6 +348,20 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             }
             // acc: (row g, tokens 2t, 2t+1), (row g+8, same tokens); sum_x: the same
             // two tokens' sums in every row
+            if constexpr (kRowRun) {
+                // the diagonal: column g % 2 of thread (g, g / 2) is chunk g (one group) of
+                // the tile's two rows; the other threads scale columns nobody keeps
+                const int c = g & 1;
+                const float sx = c ? sum_x[1] : sum_x[0];
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const float a = c ? acc[i][2 * h + 1] : acc[i][2 * h];
+                        y[i][2 * h] += st.s[i][h][0] * (2.0f * a - (16.0f + st.z[i][h][0]) * sx);
+                    }
+                return;
+            }
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -339,6 +379,20 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     // Row block b is done: sum the split warps' results through shared memory
     // in split order and store. Every warp of the CTA calls this at once.
     auto finish_block = [&](int b) {
+        if constexpr (kRowRun) {
+            // a row's chunks: thread (g, g / 2) holds chunk g's sum in y[i][2h]; a
+            // butterfly over the warp (a fixed order: the same bits every run) leaves
+            // the row's sum in every lane
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float v = t == (g >> 1) ? y[i][2 * h] : 0.0f;
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    y[i][2 * h] = v;
+                }
+        }
         if constexpr (kSplit > 1) {
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
@@ -354,7 +408,22 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
             }
             __syncthreads();   // partial[] is free for the next row block
         }
-        if (part == 0 && b < n_blocks) {
+        if constexpr (kRowRun) {
+            // lane 2i + h stores row 2i + h of the block (token 0)
+            if (part == 0 && b < n_blocks) {
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = b * kBlockRows + 2 * i + h;
+                        if (lane == 2 * i + h && row < n_rows) {
+                            float v = zero_item ? 0.0f : y[i][2 * h];
+                            if (bias != nullptr) v += load_as_float(bias, row, out_kind);
+                            store_from_float(out, out_base + row, v, out_kind);
+                        }
+                    }
+            }
+        } else if (part == 0 && b < n_blocks) {
 #pragma unroll
             for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -398,6 +467,14 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
     Step cur, next;
+    if constexpr (kRowRun) {   // weights a thread skips past K stay defined (see load_step)
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < kWords; ++j) cur.w[i][h][j] = next.w[i][h][j] = 0u;
+    }
     load_step(cur, set, 0);
     while (true) {
         int next_set = set, next_step = step + 1;
@@ -412,268 +489,6 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
         step = next_step;
         cur = next;
     }
-}
-
-
-// ---------------------------------------------------------------------------
-// matvec_a16_rows_kernel: W4A16 for one token (M = 1) in row runs, on sm_90.
-//
-// matvec_a16_kernel's walk makes each load instruction read 64 bytes from each of
-// 8 rows, and a pure-load copy of that walk streams far below the read ceiling
-// (scripts/load_patterns.py, H200: gemma3-27b.down 59 us against 16 us), while
-// loads of 512 contiguous bytes of one row reach it. So here the MMA's 8 B
-// columns hold 8 consecutive k chunks of the one token instead of 8 tokens, and
-// A row g (g + 8) holds chunk g of one weight row (of another): thread (g, t)
-// owns bytes lane * 16 of a step's 512-byte run of each row, and D[g][g] is
-// chunk g of the row times chunk g of x, in result column g % 2 of thread
-// (g, g / 2). The other columns are computed and dropped (the MMAs are not the
-// cost). A chunk is 128 k: one group of g128 weights (each step scales the
-// diagonal by its group) or part of a per-channel row; a row's chunks are summed
-// across the warp once, when its row block is done.
-//
-// The weights come through shared memory on the copy engine: each warp has a
-// ring of kRowsStages steps, a step being its 4 rows' 512-byte runs (4 bulk
-// copies, one mbarrier), issued kRowsStages - 1 steps ahead. So the bytes in
-// flight cost no registers, and the kernel fits kRowsMinBlocks CTAs per SM
-// (more warps to hide the MMA and conversion latency: the register-fed walk is
-// latency-bound at 2 CTAs per SM, ncu 2026-11-23). Lane l reads bytes 16 l of
-// each run, so the shared loads are conflict-free. Work split and reduction as
-// in matvec_a16_kernel (kSplit warps share a row block of 4 rows and split its
-// steps; CTAs are persistent).
-constexpr int kRowsStages = 4;                       // ring depth per warp
-constexpr int kRowsPerWarpStep = 4;                  // 2 MMA tiles x rows g and g + 8
-constexpr int kRunBytes = 512;                       // 32 lanes x 16 bytes of one row per step
-constexpr int kRowsStageBytes = kRowsPerWarpStep * kRunBytes;
-constexpr int kRowsMinBlocks = 3;
-
-// dynamic shared memory of one CTA (the host passes the same number)
-constexpr int kRowsSmemBytes = kA16Warps * kRowsStages * kRowsStageBytes;
-
-template <typename ActT, typename ScaleT, bool kHasZeros, bool kPerChannel, int kSplit>
-__global__ void __launch_bounds__(kA16Threads, kRowsMinBlocks) matvec_a16_rows_kernel(
-    const u8* __restrict__ qweight,      // [N, K / 2]
-    const ScaleT* __restrict__ scales,   // [N, n_groups]
-    const ScaleT* __restrict__ zeros,    // [N, n_groups] (asymmetric only)
-    const ActT* __restrict__ x,          // [1, K]
-    const void* __restrict__ bias,       // [N] of the output type, or null
-    void* __restrict__ out,              // [1, N]
-    i32 n_rows, i32 k_dim, i32 n_groups, i32 out_kind)
-{
-#if __CUDA_ARCH__ >= 900
-    static_assert(kA16Warps % kSplit == 0, "a CTA's warps split evenly over its row blocks");
-    using Nib = A16Nibbles<ActT>;
-    constexpr int kTiles = kRowsPerWarpStep / 2;
-    constexpr int kBlocksPerSet = kA16Warps / kSplit;
-    constexpr int kStepK = 2 * kRunBytes;            // k per row and step (two per byte)
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int part = warp % kSplit;
-    const int n_blocks = (n_rows + kRowsPerWarpStep - 1) / kRowsPerWarpStep;
-    const int n_sets = (n_blocks + kBlocksPerSet - 1) / kBlocksPerSet;
-    const int steps = (k_dim + kStepK - 1) / kStepK;   // per row block
-    const int my_steps = (steps + kSplit - 1) / kSplit;
-    if (static_cast<int>(blockIdx.x) >= n_sets) return;   // whole CTA
-    // this CTA's sets blockIdx.x, blockIdx.x + gridDim.x, ...: the same step count for every warp
-    const int total = (n_sets - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x * my_steps;
-    const u32 row_bytes = static_cast<u32>(k_dim) / 2;   // N * K / 2 < 2^32 (the host checks)
-
-    extern __shared__ __align__(128) unsigned char rows_smem[];
-    __shared__ __align__(8) unsigned long long rows_bars[kA16Warps][kRowsStages];
-    __shared__ float partial[kSplit > 1 ? kA16Warps : 1][kTiles * 2][32];
-    const u32 ring = smem_address(rows_smem) + warp * (kRowsStages * kRowsStageBytes);
-    const u32 bars = smem_address(&rows_bars[warp][0]);
-    if (lane == 0) {
-#pragma unroll
-        for (int s = 0; s < kRowsStages; ++s) mbarrier_init(bars + 8 * s, 1);
-        fence_mbarrier_init();
-    }
-    __syncwarp();
-
-    // The warp's j-th step: row block b, this warp's chunk of it (cursors advance
-    // one step at a time: no divisions in the loop)
-    struct Cursor { int j, b, step, chunk; };
-    auto advance = [&](Cursor& c) {
-        ++c.j;
-        if (++c.step == my_steps) { c.step = 0; c.b += gridDim.x * kBlocksPerSet; }
-        c.chunk = c.step * kSplit + part;
-    };
-    const Cursor first{0, static_cast<int>(blockIdx.x) * kBlocksPerSet + warp / kSplit, 0, part};
-    // Step c.j's runs into stage c.j % kRowsStages. Every step arrives on its
-    // barrier (with 0 bytes where nothing is copied: a block past the last, or a
-    // split warp's step past K), so the waits stay uniform.
-    auto issue = [&](const Cursor& c) {
-        if (c.j >= total) return;
-        const u32 byte0 = static_cast<u32>(c.chunk) * kRunBytes;
-        const u32 bytes = c.b < n_blocks && c.chunk < steps ? min(static_cast<u32>(kRunBytes), row_bytes - byte0) : 0u;
-        const int slot = c.j % kRowsStages;
-        const u32 bar = bars + 8 * slot;
-        if (lane == 0) mbarrier_arrive_expect_tx(bar, bytes * kRowsPerWarpStep);
-        if (lane < kRowsPerWarpStep && bytes > 0) {
-            const int row = min(c.b * kRowsPerWarpStep + lane, n_rows - 1);   // clamped: real bytes
-            bulk_copy_to_shared(ring + slot * kRowsStageBytes + lane * kRunBytes,
-                                qweight + (static_cast<u32>(row) * row_bytes + byte0), bytes, bar);
-        }
-    };
-
-    // Per step, in registers one step ahead: its rows' scale and zero for chunk g's
-    // group (from L2). The activations are read at the step (L1 keeps the row).
-    struct Side {
-        float s[kTiles][2], z[kTiles][2];
-    };
-    auto load_side = [&](Side& sd, const Cursor& at) {
-        const int group = kPerChannel ? 0 : at.chunk * 8 + g;
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = min(at.b * kRowsPerWarpStep + 2 * i + h, n_rows - 1);
-                if (at.chunk < steps && group < n_groups) {
-                    const u32 idx = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
-                    sd.s[i][h] = to_float(scales[idx]);
-                    sd.z[i][h] = kHasZeros ? to_float(zeros[idx]) : static_cast<float>(kInt4SymmetricZero);
-                } else {
-                    sd.s[i][h] = 0.0f;   // a chunk past K: scale 0
-                    sd.z[i][h] = 0.0f;
-                }
-            }
-    };
-
-    float y[kTiles][2];
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) y[i][0] = y[i][1] = 0.0f;
-
-    // Step j: its stage's weights (the runs of rows 2i + h), the side registers.
-    auto compute = [&](const Side& sd, int j, int chunk) {
-        // this thread's 32 activations k0 .. k0 + 31 (zeros past K, where they meet
-        // whatever the stage holds)
-        u32 xw[16];
-        const int k0 = chunk * kStepK + lane * 32;
-        if (chunk < steps && k0 < k_dim) {   // K % 32 == 0: all 32 or none
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                u32 v[4];
-                load_words<16>(v, reinterpret_cast<const u8*>(x + k0) + 16 * q);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) xw[4 * q + e] = v[e];
-            }
-        } else {
-#pragma unroll
-            for (int e = 0; e < 16; ++e) xw[e] = 0u;
-        }
-        const u32 stage = ring + (j % kRowsStages) * kRowsStageBytes + lane * 16;
-        u32 w[kTiles][2][4];
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint4 v = lds_u32x4(stage + (2 * i + h) * kRunBytes);
-                w[i][h][0] = v.x; w[i][h][1] = v.y; w[i][h][2] = v.z; w[i][h][3] = v.w;
-            }
-        float acc[kTiles][4];
-        float sum_x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-        const u32 ones[4] = {Nib::kOnes, Nib::kOnes, Nib::kOnes, Nib::kOnes};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const u32* u = xw + 4 * q;
-            const u32 x04 = byte_perm(u[0], u[2], 0x5410), x15 = byte_perm(u[0], u[2], 0x7632);
-            const u32 x26 = byte_perm(u[1], u[3], 0x5410), x37 = byte_perm(u[1], u[3], 0x7632);
-#pragma unroll
-            for (int i = 0; i < kTiles; ++i) {
-                const u32 lo = w[i][0][q], hi = w[i][1][q];
-                const u32 a0[4] = {a16_pair<ActT, 0, true>(lo), a16_pair<ActT, 0, true>(hi),
-                                   a16_pair<ActT, 4, true>(lo), a16_pair<ActT, 4, true>(hi)};
-                mma_m16n8k16<ActT>(acc[i], a0, x04, x15);
-                const u32 a1[4] = {a16_pair<ActT, 8, true>(lo), a16_pair<ActT, 8, true>(hi),
-                                   a16_pair<ActT, 12, true>(lo), a16_pair<ActT, 12, true>(hi)};
-                mma_m16n8k16<ActT>(acc[i], a1, x26, x37);
-            }
-            mma_m16n8k16<ActT>(sum_x, ones, x04, x15);
-            mma_m16n8k16<ActT>(sum_x, ones, x26, x37);
-        }
-        // the diagonal: column g % 2 of thread (g, g / 2) is chunk g of rows 2i and
-        // 2i + 1; sum (q - z) x = 2 sum f x - (16 + z) sum x as in matvec_a16_kernel
-        const int c = g & 1;
-        const float sx = c ? sum_x[1] : sum_x[0];
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float a = c ? acc[i][2 * h + 1] : acc[i][2 * h];
-                y[i][h] += sd.s[i][h] * (2.0f * a - (16.0f + sd.z[i][h]) * sx);
-            }
-    };
-
-    // Row block b is done: a row's chunks across the warp (thread (g, g / 2) holds
-    // chunk g; a butterfly, a fixed order), then the split warps' sums in split
-    // order through shared memory. Every warp of the CTA calls this at once.
-    auto finish_block = [&](int b) {
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float v = t == (g >> 1) ? y[i][h] : 0.0f;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                y[i][h] = v;
-            }
-        if constexpr (kSplit > 1) {
-#pragma unroll
-            for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) partial[warp][2 * i + h][lane] = y[i][h];
-            __syncthreads();
-            if (part == 0) {
-#pragma unroll
-                for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-                        for (int p = 1; p < kSplit; ++p) y[i][h] += partial[warp + p][2 * i + h][lane];
-            }
-            __syncthreads();   // partial[] is free for the next row block
-        }
-        if (part == 0 && b < n_blocks) {
-#pragma unroll
-            for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = b * kRowsPerWarpStep + 2 * i + h;
-                    if (lane == 2 * i + h && row < n_rows) {   // lane r stores row r of the block
-                        float v = y[i][h];
-                        if (bias != nullptr) v += load_as_float(bias, row, out_kind);
-                        store_from_float(out, row, v, out_kind);
-                    }
-                }
-        }
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i) y[i][0] = y[i][1] = 0.0f;
-    };
-
-    Cursor ahead = first, side = first, at = first;
-#pragma unroll
-    for (int j = 0; j < kRowsStages - 1; ++j) { issue(ahead); advance(ahead); }
-    Side cur, next;
-    load_side(cur, side);
-    advance(side);
-    for (; at.j < total; advance(at)) {
-        // stage (j - 1) % kRowsStages was read by every lane (step j - 1): refill it
-        __syncwarp();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        issue(ahead);
-        advance(ahead);
-        if (side.j < total) load_side(next, side);
-        advance(side);
-        mbarrier_wait_parity(bars + 8 * (at.j % kRowsStages), (at.j / kRowsStages) & 1);
-        if (at.b < n_blocks) compute(cur, at.j, at.chunk);
-        if (at.step == my_steps - 1) finish_block(at.b);
-        cur = next;
-    }
-#else
-    __trap();   // the host launches this kernel on sm_90 and later only
-#endif
 }
 
 }  // namespace w4kern

@@ -94,9 +94,9 @@ def test_a16_rows_config_by_rows():
 
     assert a16_rows_config(10**6, 132, 12) == A16_ROW_CANDIDATES[0]
     assert a16_rows_config(7, 132, 12) == A16_ROW_CANDIDATES[-1]
-    assert a16_rows_config(28672, 132, 12) == (2, 2)     # 14336 warps
+    assert a16_rows_config(28672, 132, 12) == (2, 1)     # 7168 warps
+    assert a16_rows_config(5376, 132, 12) == (2, 2)      # 1344 warps unsplit: short of 12 per SM
     assert a16_rows_config(4096, 132, 12) == (2, 2)      # 2048 warps
-    assert a16_rows_config(1024, 132, 12) == (2, 8)      # 1024 warps at (2, 4): short of 12 per SM
 
 
 def test_a16_config_by_rows():

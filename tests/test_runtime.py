@@ -137,7 +137,7 @@ def test_every_a16_choice_is_a_registered_instance(group_size):
                 for has_zeros in (False, True):
                     for tiles, split in A16_CONFIGS:
                         args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                                str(tiles), str(split), str(slots))
+                                str(tiles), str(split), str(slots), "false")
                         assert args in family.instances, args
 
 
@@ -149,7 +149,7 @@ def test_every_a16_rows_choice_is_a_registered_instance(group_size):
     import numpy as np
 
     from w4kern import bfloat16
-    from w4kern._registry import A16_ROW_CONFIGS, A16_ROWS_SMEM_BYTES, a16_rows_instance, cxx_bool, cxx_type
+    from w4kern._registry import A16_ROW_CONFIGS, a16_rows_instance, cxx_bool, cxx_type
     from w4kern.linear import A16_ROW_CANDIDATES
 
     assert set(A16_ROW_CANDIDATES) <= set(A16_ROW_CONFIGS)
@@ -160,13 +160,12 @@ def test_every_a16_rows_choice_is_a_registered_instance(group_size):
     name, chunk, per_channel = found
     family = FAMILIES[name]
     assert family.source == "matvec_a16.cu" and chunk == 16 and per_channel == (group_size == -1)
-    assert family.template == "w4kern::matvec_a16_rows_kernel" and family.max_dynamic_smem == A16_ROWS_SMEM_BYTES
     for act in (bfloat16, np.float16):
         for scale in (np.float16, bfloat16, np.float32):
             for has_zeros in (False, True):
                 for tiles, split in A16_ROW_CONFIGS:
-                    assert tiles == 2   # fixed in the kernel
-                    args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), cxx_bool(per_channel), str(split))
+                    args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                            str(tiles), str(split), "1", "true")
                     assert args in family.instances, args
 
 
@@ -188,7 +187,7 @@ def test_every_a8_choice_is_a_registered_instance(group_size):
         for has_zeros in (False, True):
             for tiles, split in A16_CONFIGS:
                 args = (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                        str(tiles), str(split), "1")
+                        str(tiles), str(split), "1", "false")
                 assert args in family.instances, args
 
 

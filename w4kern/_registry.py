@@ -130,13 +130,9 @@ def a16_instance(group_size: int, m: int) -> tuple[str, int, bool, int]:
     return family, chunk, per_channel, 1
 
 
-#: (kTiles, kSplit) instances of matvec_a16_rows_kernel (M = 1, 16-bit x, sm_90): 2
-#: tiles of 2 weight rows per warp (fixed), kSplit warps per row block; each step
-#: reads a 512-byte run of each row (see matvec_a16.cu)
-# (no unsplit instance: it spills at the 3-CTAs-per-SM register cap)
-A16_ROW_CONFIGS = ((2, 2), (2, 4), (2, 8))
-#: its dynamic shared memory: 8 warps x kRowsStages (4) x 4 rows x 512 bytes
-A16_ROWS_SMEM_BYTES = 8 * 4 * 4 * 512
+#: (kTiles, kSplit) instances of matvec_a16's row-run walk (M = 1, 16-bit x): tiles of
+#: 2 weight rows, each load instruction one 512-byte run of a row (see matvec_a16.cu)
+A16_ROW_CONFIGS = ((2, 1), (2, 2), (2, 4), (2, 8))
 #: group sizes with a row-run family (a chunk of 128 k is one group or part of the
 #: per-channel row); g32 and g64 keep the group-slot walk
 A16_ROW_GROUP_FAMILIES = {"g128": (16, False), "gch": (16, True)}
@@ -339,10 +335,10 @@ FAMILIES: dict[str, KernelFamily] = {
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
             # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split,
-            # group slots)
+            # group slots, row runs)
             instances=tuple(
                 (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(step_chunk), cxx_bool(per_channel),
-                 *map(str, config), str(slots))
+                 *map(str, config), str(slots), "false")
                 for step_chunk, slots in ((chunk, 1),) + (((16, A16_GROUP_SLOTS[label]),)
                                                            if label in A16_GROUP_SLOTS else ())
                 for act in (bfloat16, np.float16)
@@ -353,20 +349,20 @@ FAMILIES: dict[str, KernelFamily] = {
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + tuple(
-        # the one-token row-run walk (sm_90): a family of its own, compiled only where it is used
+        # the row-run walk (M = 1): a family of its own, compiled only where it is used
         KernelFamily(
             name=f"matvec_a16_rows_{label}",
             source="matvec_a16.cu",
-            template="w4kern::matvec_a16_rows_kernel",
-            # (activation type, scale type, has zeros, per-channel, split)
+            template="w4kern::matvec_a16_kernel",
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, true)
             instances=tuple(
-                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), cxx_bool(per_channel), str(split))
+                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
+                 *map(str, config), "1", "true")
                 for act in (bfloat16, np.float16)
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
-                for _, split in A16_ROW_CONFIGS
+                for config in A16_ROW_CONFIGS
             ),
-            max_dynamic_smem=A16_ROWS_SMEM_BYTES,
         )
         for label, (chunk, per_channel) in A16_ROW_GROUP_FAMILIES.items()
     ) + tuple(
@@ -376,10 +372,10 @@ FAMILIES: dict[str, KernelFamily] = {
             name=a8_family_name(label),
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1)
+            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, false)
             instances=tuple(
                 (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 *map(str, config), "1")
+                 *map(str, config), "1", "false")
                 for scale in _FLOAT_TYPES
                 for has_zeros in (False, True)
                 for config in A16_CONFIGS

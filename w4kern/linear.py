@@ -152,7 +152,7 @@ def matvec_config(kind: str, m: int, n: int, sm_count: int, warps_per_sm: int) -
 
 #: matvec_a16 row-run instances (kTiles, kSplit), preferred first: a layer takes the
 #: first that gives every SM A16_ROWS_WARPS_PER_SM warps (N / (2 kTiles) * kSplit)
-A16_ROW_CANDIDATES = ((2, 2), (2, 4), (2, 8))
+A16_ROW_CANDIDATES = ((2, 1), (2, 2), (2, 4), (2, 8))
 A16_ROWS_WARPS_PER_SM = {"default": 12}
 
 
@@ -650,62 +650,43 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
         _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
 
 
-def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas):
+def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
+    """rows: the row-run walk (one token, 16-bit x, a16_rows_instance's group sizes)."""
     from . import _runtime
-    from ._registry import A16_CONFIGS, INT8_ACT, a8_instance, a16_instance, cxx_bool, cxx_type
+    from ._registry import (A16_CONFIGS, A16_ROW_CONFIGS, INT8_ACT, a8_instance, a16_instance, a16_rows_instance,
+                            cxx_bool, cxx_type)
 
     _check_a16_weight_bytes(call.n, call.k)
-    if act_dtype == np.int8:   # per-token INT8 activations: one group per step
+    if rows:
+        assert call.m == 1 and act_dtype != np.int8, "the row-run walk takes one token of 16-bit x"
+        family, chunk, per_channel = a16_rows_instance(weight.group_size)
+        slots, act_type = 1, cxx_type(act_dtype)
+        configs, warps_table, pick = A16_ROW_CONFIGS, A16_ROWS_WARPS_PER_SM, a16_rows_config
+    elif act_dtype == np.int8:   # per-token INT8 activations: one group per step
         family, chunk, per_channel = a8_instance(weight.group_size)
         slots, act_type = 1, INT8_ACT
+        configs, warps_table, pick = A16_CONFIGS, A16_WARPS_PER_SM, a16_config
     else:
         family, chunk, per_channel, slots = a16_instance(weight.group_size, call.m)
         act_type = cxx_type(act_dtype)
+        configs, warps_table, pick = A16_CONFIGS, A16_WARPS_PER_SM, a16_config
     if config is None:
-        warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
-        config = a16_config(call.n, _sm_count(call.xp), warps)
+        config = pick(call.n, _sm_count(call.xp), warps_table.get(_gpu_name(), warps_table["default"]))
     config = tuple(config)
-    if config not in A16_CONFIGS:
-        raise ValueError(f"a16 config {config} is not one of {A16_CONFIGS}")
+    if config not in configs:
+        raise ValueError(f"a16 config {config} is not one of {configs}")
     tiles, split = config
     kernel = _runtime.get_kernel(
         family,
         (act_type, cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
-         cxx_bool(per_channel), str(tiles), str(split), str(slots)),
+         cxx_bool(per_channel), str(tiles), str(split), str(slots), cxx_bool(rows)),
     )
-    block_sets = _a16_block_sets(call.n, tiles, split)
+    block_sets = _a16_block_sets(call.n, tiles, split, rows)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
     tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
             np.int32(_OUT_KIND[out_dtype]))
-    return kernel, (ctas,), 0, tail
-
-
-def _a16_rows_plan(call, weight, act_dtype, out_dtype, config, ctas):
-    """matvec_a16_rows_kernel (one token of 16-bit x, g128 or per-channel, sm_90+)."""
-    from . import _runtime
-    from ._registry import A16_ROW_CONFIGS, A16_ROWS_SMEM_BYTES, a16_rows_instance, cxx_bool, cxx_type
-
-    _check_a16_weight_bytes(call.n, call.k)
-    if int(call.xp.cuda.Device().compute_capability) < 90:
-        raise ValueError("the a16_rows kernel needs an sm_90 GPU (its weights come through the copy engine)")
-    family, _, per_channel = a16_rows_instance(weight.group_size)
-    if config is None:
-        warps = A16_ROWS_WARPS_PER_SM.get(_gpu_name(), A16_ROWS_WARPS_PER_SM["default"])
-        config = a16_rows_config(call.n, _sm_count(call.xp), warps)
-    config = tuple(config)
-    if config not in A16_ROW_CONFIGS:
-        raise ValueError(f"a16_rows config {config} is not one of {A16_ROW_CONFIGS}")
-    tiles, split = config
-    kernel = _runtime.get_kernel(
-        family, (cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None),
-                 cxx_bool(per_channel), str(split)),
-    )
-    block_sets = _a16_block_sets(call.n, tiles, split, rows=True)
-    if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
-        ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, A16_ROWS_SMEM_BYTES))
-    tail = (np.int32(call.n), np.int32(call.k), np.int32(weight.scales.shape[-1]), np.int32(_OUT_KIND[out_dtype]))
-    return kernel, (ctas,), A16_ROWS_SMEM_BYTES, tail
+    return kernel, (ctas,), tail
 
 
 def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=None, rows=False):
@@ -717,12 +698,8 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=N
            None if config is None else tuple(config), ctas, rows)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = (_a16_rows_plan if rows else _a16_plan)(call, weight, act.dtype, out.dtype, config, ctas)
-    kernel, grid, smem, tail = plan
-    if rows:
-        kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                              _pointer(bias), out) + tail, shared_mem=smem)
-        return
+        plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas, rows)
+    kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(x_scales), _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
 
@@ -744,7 +721,7 @@ def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
     if plan is None:
         warps = A16_WARPS_PER_SM.get(_gpu_name(), A16_WARPS_PER_SM["default"])
         config = a16_config(n * items, _sm_count(cp), warps)
-        kernel, _, _, tail = _a16_plan(call, weight, act.dtype, out.dtype, config, None)
+        kernel, _, tail = _a16_plan(call, weight, act.dtype, out.dtype, config, None)
         # every set of one item: a CTA each
         plan = _PLANS[key] = (kernel, (_a16_block_sets(n, *config), items), tail)
     kernel, grid, tail = plan
