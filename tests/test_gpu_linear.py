@@ -161,6 +161,17 @@ def test_a16_rows_every_instance_walks_many_row_blocks(cp, rng, config, dtype):
               matvec_ctas=ctas, bias=(n != 7))
 
 
+def test_one_token_w4a16_public_dispatch_on_long_rows(cp, rng):
+    """linear(act="bf16") at M = 1 on down-projection-length rows (K = 14336: the
+    row-run walk where the GPU's table says so, else matvec_a16's walk) agrees with
+    the reference, for g128 and per-channel weights."""
+    for group_size in (128, -1):
+        weight = make_int4(rng, 300, 14336, group_size, False, w4kern.bfloat16)
+        x = rng.standard_normal((1, 14336)).astype(w4kern.bfloat16)
+        got = w4kern.linear(cp.asarray(x), to_gpu(cp, weight), act="bf16", out_dtype=np.float32)
+        np.testing.assert_array_less(np.abs(cp.asnumpy(got) - reference.linear(x, weight)), tolerance(x, weight))
+
+
 @pytest.mark.parametrize("ctas_per_sm", [1, 3, 64])
 @pytest.mark.parametrize("act", ["q8", "bf16"])
 def test_small_m_split_k_is_exact_and_deterministic(cp, rng, act, ctas_per_sm):
