@@ -57,8 +57,7 @@ struct MoeGemmLayout {
 };
 
 // The (aligned block, column tile) a CTA of either expert GEMM works on: the
-// block's expert (blockIdx.y), and the columns of the tile's low and high halves
-// (blockIdx.x): for GEMM1 (kSiluGateUp) gate rows lo_base .. + 63 and the matching
+// block's expert, and the columns of the tile's low and high halves: for GEMM1 (kSiluGateUp) gate rows lo_base .. + 63 and the matching
 // up rows hi_base = I + lo_base ..; for GEMM2 128 consecutive rows. valid is false
 // past the used blocks and for a block without an expert.
 template <bool kSiluGateUp>
@@ -75,15 +74,14 @@ struct MoeTile {
 };
 
 template <bool kSiluGateUp>
-__device__ __forceinline__ MoeTile<kSiluGateUp> moe_tile(int block_rows, const i32* expert_ids,
+__device__ __forceinline__ MoeTile<kSiluGateUp> moe_tile(int block, int col, int block_rows, const i32* expert_ids,
                                                          const i32* num_post_padded, int n_rows, int n_experts) {
     MoeTile<kSiluGateUp> tile;
-    const int block = blockIdx.y;
     tile.valid = block * block_rows < num_post_padded[0];   // past the used blocks: nothing to do
     tile.expert = tile.valid ? expert_ids[block] : -1;
     tile.valid = tile.valid && tile.expert >= 0 && tile.expert < n_experts;   // (moe_align writes none here)
     tile.out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
-    tile.lo_base = blockIdx.x * (kSiluGateUp ? kMoeHalf : kMoeBN);
+    tile.lo_base = col * (kSiluGateUp ? kMoeHalf : kMoeBN);
     tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kMoeHalf;
     tile.lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
     return tile;
@@ -114,15 +112,54 @@ __device__ __forceinline__ void moe_load_weight_tile(u32 b_dst, const u8* const 
 
 // 16 * scale and -(16 + zero) * scale of a thread's weight rows for the two 32-k
 // halves of a K tile (the two constants of w = m * 16 s - (16 + z) s).
+// Column tiles of an expert GEMM: GEMM1 tiles the I = N / 2 outputs by half a tile
+// (the gate and up rows of the same columns), GEMM2 the N outputs by a whole one.
+template <bool kSiluGateUp>
+__device__ __forceinline__ int moe_col_tiles(int n_rows) {
+    return kSiluGateUp ? (n_rows / 2 + kMoeHalf - 1) / kMoeHalf : (n_rows + kMoeBN - 1) / kMoeBN;
+}
+
+// Which (block, column tile) pairs a CTA computes. Not kPersistent: the grid is
+// (column tiles, max blocks), one pair per CTA (CTAs past the used blocks return at
+// once). kPersistent: a 1-D grid of resident CTAs walks pairs blockIdx.x, +
+// gridDim.x, ... of the used blocks only, numbered in groups of group_m blocks:
+// within a group the column tile changes slowest, so the group's blocks
+// (consecutive blocks share an expert) take one weight tile one after another
+// while it is in L2 (Triton's GROUP_SIZE_M order). A template parameter, not a
+// runtime switch: the loop costs the four-tile A8 instances 20+ registers and
+// spills, so the persistent kernels are instances (and families) of their own.
+template <bool kSiluGateUp, bool kPersistent, typename RunTile>
+__device__ __forceinline__ void moe_walk_tiles(int group_m, int block_rows, int n_rows, const i32* num_post_padded,
+                                               RunTile&& run_tile) {
+    if constexpr (!kPersistent) {
+        run_tile(static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x));
+        return;
+    }
+    const int cols = moe_col_tiles<kSiluGateUp>(n_rows);
+    const int used = (num_post_padded[0] + block_rows - 1) / block_rows;
+    const int per_group = group_m * cols;
+    for (int id = blockIdx.x; id < used * cols; id += gridDim.x) {
+        const int first = id / per_group * group_m;
+        const int size = min(used - first, group_m);
+        const int r = id % per_group;
+        run_tile(first + r % size, r / size);
+        cp_async_wait<0>();
+        __syncthreads();   // the next pair reuses the shared memory
+    }
+}
+
 struct MoeGroupScales {
     float s16[kMoeNTiles][2], offset[kMoeNTiles][2];
 };
 
-// Launch bounds: 4 CTAs per SM at one m16 tile (ptxas, left alone, capped these
-// at 96 registers and spilled); none at four (ptxas picks 166 registers, 3 CTAs).
-// (Two m16 tiles, 32-row blocks, ran slower than four: w4kern.moe.moe_block_size.)
+// One (block, column tile) pair of the A16 GEMM; moe_gemm_a16_kernel (below) walks
+// them. Its launch bounds: 4 CTAs per SM at one m16 tile (ptxas, left alone,
+// capped these at 96 registers and spilled); none at four (ptxas picks 166
+// registers, 3 CTAs). (Two m16 tiles, 32-row blocks, ran slower than four:
+// w4kern.moe.moe_block_size.)
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
+__device__ __forceinline__ void moe_gemm_a16_tile(
+    int block, int col,
     const ActT* __restrict__ act,              // [rows, K]
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]
@@ -141,9 +178,10 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
     extern __shared__ __align__(16) u8 smem[];
     i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
 
-    const MoeTile<kSiluGateUp> tile = moe_tile<kSiluGateUp>(kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    const MoeTile<kSiluGateUp> tile =
+        moe_tile<kSiluGateUp>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
     if (!tile.valid) return;
-    const int block = blockIdx.y, expert = tile.expert;
+    const int expert = tile.expert;
     const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
     auto weight_row = [&](int c) { return tile.weight_row(c, n_rows); };
 
@@ -303,6 +341,21 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
         }
 }
 
+template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp, bool kPersistent>
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
+    const ActT* __restrict__ act, const u8* __restrict__ qweight, const ScaleT* __restrict__ scales,
+    const ScaleT* __restrict__ zeros, const i32* __restrict__ sorted_ids, const i32* __restrict__ expert_ids,
+    const i32* __restrict__ num_post_padded, void* __restrict__ out, i32 n_rows, i32 k_dim, i32 n_groups,
+    i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
+    i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
+{
+    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
+        moe_gemm_a16_tile<ActT, ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
+            block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
+            n_groups, group_shift, n_items, act_div, n_experts);
+    });
+}
+
 // ---------------------------------------------------------------------------
 // A8: per-token INT8 activations (Q8 blocks whose d is the row's scale, as
 // moe_decode.cu's moe_token_q8_kernel writes them) against the same INT4
@@ -343,11 +396,13 @@ struct MoeGemmA8Layout {
     static constexpr int kRowChunks = 3 * kMoeA8Blocks;
 };
 
-// Launch bounds: 4 CTAs per SM at one m16 tile (128 registers), 3 at two (168),
-// 1 at four (an explicit minimum: without one ptxas held the instances to 72
-// registers and spilled; they take ~240, 2 CTAs per SM).
+// One (block, column tile) pair of the A8 GEMM; moe_gemm_a8_kernel (below) walks
+// them. Its launch bounds: 4 CTAs per SM at one m16 tile (128 registers), 3 at two
+// (168), 1 at four (an explicit minimum: without one ptxas held the instances to
+// 72 registers and spilled; they take ~240, 2 CTAs per SM).
 template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 1)) moe_gemm_a8_kernel(
+__device__ __forceinline__ void moe_gemm_a8_tile(
+    int block, int col,
     const Q8Block* __restrict__ act,           // [rows, K / 32], per-token (one d per row)
     const u8* __restrict__ qweight,            // [E, N, K / 2]
     const ScaleT* __restrict__ scales,         // [E, N, n_groups]
@@ -365,9 +420,10 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles =
     extern __shared__ __align__(16) u8 smem[];
     i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
 
-    const MoeTile<kSiluGateUp> tile = moe_tile<kSiluGateUp>(kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    const MoeTile<kSiluGateUp> tile =
+        moe_tile<kSiluGateUp>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
     if (!tile.valid) return;
-    const int block = blockIdx.y, expert = tile.expert;
+    const int expert = tile.expert;
     const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
     auto weight_row = [&](int c) { return tile.weight_row(c, n_rows); };
 
@@ -536,6 +592,21 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles =
                 }
             }
         }
+}
+
+template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp, bool kPersistent>
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 1)) moe_gemm_a8_kernel(
+    const Q8Block* __restrict__ act, const u8* __restrict__ qweight, const ScaleT* __restrict__ scales,
+    const ScaleT* __restrict__ zeros, const i32* __restrict__ sorted_ids, const i32* __restrict__ expert_ids,
+    const i32* __restrict__ num_post_padded, float* __restrict__ out, i32 n_rows, i32 k_dim, i32 n_groups,
+    i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
+    i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
+{
+    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
+        moe_gemm_a8_tile<ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
+            block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
+            n_groups, group_shift, n_items, act_div, n_experts);
+    });
 }
 
 }  // namespace w4kern

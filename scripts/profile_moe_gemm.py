@@ -32,7 +32,7 @@ x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
 aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
 items = t * k
 for w, silu, act_div, n_out in ((w13, True, k, inter), (w2, False, 1, hidden)):
-    base = (cxx_type(w.scales.dtype), cxx_bool(True), str(m_tiles), cxx_bool(silu))
+    base = (cxx_type(w.scales.dtype), cxx_bool(True), str(m_tiles), cxx_bool(silu), "false")
     if act == "int8":
         a = _token_q8_blocks(cp, x) if silu else _token_q8_blocks(
             cp, rng.standard_normal((items, inter), dtype=np.float32))

@@ -1,5 +1,6 @@
 """Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count and shared-memory
-carveout of the A8 and A16 kernels, and the alignment block, on
+carveout of the A8 and A16 kernels, the alignment block, and (--persistent) one CTA
+per (block, column tile) against the persistent CTAs of moe_walk_tiles, on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
 block of 16, 32 and 64 rows.
 
@@ -12,7 +13,7 @@ bandwidth measured in the same process. Each variant's outputs are compared
 with the first variant's on the same inputs (the pipeline changes no arithmetic
 order within a group, so they must agree to fp32 rounding).
 
-    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick]
+    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent]
 """
 import dataclasses
 import functools
@@ -29,20 +30,24 @@ import numpy as np
 
 import w4kern
 from w4kern import _runtime
-from w4kern._registry import FAMILIES, cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
+from w4kern._registry import (FAMILIES, cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_family,
+                              moe_gemm_smem_bytes)
 from w4kern.bench import MOE_LAYERS, Timer, _expert_bytes, _random_int4_experts, measure_ceilings
-from w4kern.moe import _token_q8_blocks, launch_moe_gemm, moe_align_block_size
+from w4kern.moe import _token_q8_blocks, launch_moe_gemm, moe_align_block_size, moe_block_size
 
 QUICK = "--quick" in sys.argv
 OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+PERSISTENT_AB = "--persistent" in sys.argv
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
-# (kernel, stages, shared-memory carveout in percent; None: the family's)
-VARIANTS = [("a8", 3, None), ("a8", 3, 100), ("a8", 4, None), ("a8", 5, None), ("a16", 3, None), ("a16", 3, 100),
-            ("a16", 4, None)]
+# (kernel, stages, shared-memory carveout in percent; None: the family's, persistent CTAs)
+VARIANTS = [("a8", 3, None, False), ("a8", 3, 100, False), ("a8", 4, None, False), ("a8", 5, None, False),
+            ("a16", 3, None, False), ("a16", 3, 100, False), ("a16", 4, None, False)]
+if PERSISTENT_AB:
+    VARIANTS = [(kind, 3, None, p) for kind in ("a8", "a16") for p in (False, True)]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
-TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024)}
+TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB else (128, 1024)}
 M_TILES = (1, 2, 4)
 
 
@@ -60,9 +65,10 @@ def variant_source(stages) -> str:
 
 
 @functools.cache
-def variant_kernels(kind, src, instances):
-    """RawKernels of the given instances of moe_gemm_<kind>, compiled from ``src``."""
-    family = dataclasses.replace(FAMILIES[f"moe_gemm_{kind}"], instances=tuple(instances), max_dynamic_smem=0)
+def variant_kernels(kind, src, instances, persistent=False):
+    """RawKernels of the given instances of moe_gemm_<kind>[_persistent], compiled from ``src``."""
+    family = dataclasses.replace(FAMILIES[moe_gemm_family("int8" if kind == "a8" else "bf16", persistent)],
+                                 instances=tuple(instances), max_dynamic_smem=0)
     old = os.environ.get("W4KERN_CUDA_SRC")
     os.environ["W4KERN_CUDA_SRC"] = src
     try:
@@ -103,10 +109,13 @@ def main():
             baseline = {}
             for m_tiles in M_TILES:
                 aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
-                for kind, stages, carveout in VARIANTS:
+                for kind, stages, carveout, persistent in VARIANTS:
                     fam = FAMILIES[f"moe_gemm_{kind}"]
                     carveout = fam.smem_carveout if carveout is None else carveout
-                    name = f"{kind}-s{stages}-c{carveout}"
+                    name = f"{kind}-s{stages}-c{carveout}" + ("-persistent" if persistent else "")
+                    activation = "int8" if kind == "a8" else "bf16"
+                    if PERSISTENT_AB and m_tiles != moe_block_size(items, experts, activation) // 16:
+                        continue   # the A/B at fused_moe's own block size
                     smem = (moe_gemm_a8_smem_bytes(m_tiles, stages) if kind == "a8"
                             else moe_gemm_smem_bytes(m_tiles, stages))
                     if smem > SMEM_LIMIT:
@@ -114,21 +123,21 @@ def main():
                     src = variant_source(stages)
                     base = (cxx_type(w13.scales.dtype), cxx_bool(True), str(m_tiles))
                     pre = () if kind == "a8" else (cxx_type(w4kern.bfloat16),)
-                    insts = tuple(pre + base + (cxx_bool(s),) for s in (True, False))
-                    kernels, regs = variant_kernels(kind, src, insts)
+                    insts = tuple(pre + base + (cxx_bool(s), cxx_bool(persistent)) for s in (True, False))
+                    kernels, regs = variant_kernels(kind, src, insts, persistent)
                     for kern in kernels.values():
                         kern.max_dynamic_shared_size_bytes = smem
                         kern.preferred_shared_memory_carveout = carveout
                     for gemm, w, silu, act_div in (("gate_up", w13, True, k), ("down", w2, False, 1)):
-                        inst = pre + base + (cxx_bool(silu),)
+                        inst = pre + base + (cxx_bool(silu), cxx_bool(persistent))
                         a = (x_q8 if silu else inter_q8) if kind == "a8" else (x if silu else inter_bf)
                         n_out = inter if silu else hidden
                         f32_out = kind == "a8" or not silu
                         dst = cp.empty((items, n_out), dtype=np.float32 if f32_out else w4kern.bfloat16)
                         dst.view(np.uint32 if f32_out else np.uint16).fill(0x7FC00000 if f32_out else 0x7FC0)  # NaN
 
-                        def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div):
-                            launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items)
+                        def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div, p=persistent):
+                            launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items, persistent=p)
 
                         fn(0)
                         got = dst if f32_out else (dst.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -144,6 +153,7 @@ def main():
                         nbytes = touched * _expert_bytes(w)
                         gbps = nbytes / us / 1e3
                         row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, stages=stages, carveout=carveout,
+                                   persistent=persistent,
                                    m_tiles=m_tiles, regs=regs[inst], smem=smem, us=round(us, 1),
                                    gbps=round(gbps), eff=round(gbps / ceilings.read_gbps, 3),
                                    rel_err_vs_first=err, finite=finite)

@@ -405,6 +405,25 @@ def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, activati
                                                 symmetric=symmetric))
 
 
+@pytest.mark.parametrize("sms", [None, 1], ids=["full-grid", "one-sm"])
+@pytest.mark.parametrize("activation", ["bf16", "int8"])
+def test_fused_moe_batched_persistent_gemms(cp, rng, monkeypatch, activation, sms):
+    """The persistent expert GEMMs (resident CTAs walking the used blocks' (block,
+    column tile) pairs in groups of MOE_GEMM_GROUP_M blocks) against the reference:
+    every block size, skewed routing (one expert's many blocks, most experts empty),
+    and a grid of one SM's CTAs, so that each CTA walks many pairs and groups."""
+    import importlib
+
+    lin = importlib.import_module("w4kern.linear")
+    monkeypatch.setitem(w4kern.moe.MOE_GEMM_PERSISTENT, lin._gpu_name(), frozenset({activation}))
+    if sms is not None:
+        monkeypatch.setattr(lin, "_sm_count", lambda cp: sms)
+    for t, e, k in ((33, 8, 2), (256, 8, 1), (1024, 128, 8), (300, 60, 4)):
+        check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
+    check_fused(cp, activation, *moe_case(rng, 300, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                            skew=True))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_fused_moe_batched_other_activation_dtypes(cp, rng, dtype):
     x, w13, w2, weights, ids = moe_case(rng, 40, 8, 2, hidden=160, inter=64, group_size=32, symmetric=False)

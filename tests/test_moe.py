@@ -174,11 +174,32 @@ def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
         moe._fused_moe_batched_cuda(np, x, w13, w2, weights, ids, None, "bf16")
 
 
+def test_persistent_moe_gemms_are_chosen_per_gpu_and_activation(monkeypatch):
+    """The batched GEMMs take the persistent kernels only where the GPU's row of
+    MOE_GEMM_PERSISTENT names the activation; the families exist for both."""
+    import importlib
+
+    from w4kern import moe
+    from w4kern._registry import FAMILIES, moe_gemm_family
+
+    lin = importlib.import_module("w4kern.linear")
+    monkeypatch.setattr(lin, "_gpu_name", lambda: "a GPU without a row")
+    assert not moe.uses_persistent_moe_gemm("int8") and not moe.uses_persistent_moe_gemm("bf16")
+    monkeypatch.setitem(moe.MOE_GEMM_PERSISTENT, "a GPU without a row", frozenset({"int8"}))
+    assert moe.uses_persistent_moe_gemm("int8") and not moe.uses_persistent_moe_gemm("bf16")
+    for activation in ("int8", "bf16"):
+        plain, persistent = FAMILIES[moe_gemm_family(activation)], FAMILIES[moe_gemm_family(activation, True)]
+        assert plain.template == persistent.template and plain.source == persistent.source == "moe_gemm.cu"
+        assert {i[:-1] for i in plain.instances} == {i[:-1] for i in persistent.instances}
+        assert {i[-1] for i in plain.instances} == {"false"} and {i[-1] for i in persistent.instances} == {"true"}
+
+
 def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
     """CI's compile check covers the registry; the MoE paths pick their instances from
     x's dtype, the weights' scale dtype and zeros, the block size and the GEMM: every
-    combination must be a registered instance (name_expression raises otherwise)."""
-    from w4kern._registry import FAMILIES, cxx_bool, cxx_type
+    combination must be a registered instance (name_expression raises otherwise), for
+    the one-pair-per-CTA and the persistent GEMMs alike."""
+    from w4kern._registry import FAMILIES, cxx_bool, cxx_type, moe_gemm_family
     from w4kern.formats import FLOAT_DTYPES, SCALE_DTYPES
     from w4kern.moe import MOE_GEMM_A8_MID_BLOCK_PER_EXPERT, MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
 
@@ -194,11 +215,14 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
         FAMILIES["moe_silu_mul"].name_expression((cxx_type(act),))   # the bf16 decode path
         for scale in SCALE_DTYPES:
             for zeros in (True, False):
-                for activation, family in (("bf16", "moe_gemm_a16"), ("int8", "moe_gemm_a8")):
-                    for tiles in m_tiles[activation]:
-                        for silu in (True, False):
-                            args = (cxx_type(scale), cxx_bool(zeros), str(tiles), cxx_bool(silu))
-                            FAMILIES[family].name_expression(((cxx_type(act),) if family == "moe_gemm_a16" else ())
-                                                             + args)
+                for activation in ("bf16", "int8"):
+                    for persistent in (False, True):
+                        family = moe_gemm_family(activation, persistent)
+                        for tiles in m_tiles[activation]:
+                            for silu in (True, False):
+                                args = (cxx_type(scale), cxx_bool(zeros), str(tiles), cxx_bool(silu),
+                                        cxx_bool(persistent))
+                                FAMILIES[family].name_expression(((cxx_type(act),) if activation == "bf16" else ())
+                                                                 + args)
     for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
         FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu), "true"))

@@ -235,14 +235,21 @@ MOE_GEMM_A16_CARVEOUT = 60
 
 #: the template arguments both expert-GEMM kernels share: (scale type, zeros, m16
 #: tiles per block, GEMM1 with the SiLU * up epilogue); A16 puts the activation type first
-def _moe_gemm_args(m_tiles: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+def _moe_gemm_args(m_tiles: tuple[int, ...], persistent: bool = False) -> tuple[tuple[str, ...], ...]:
     return tuple(
-        (cxx_type(s), cxx_bool(zeros), str(tiles), cxx_bool(silu))
+        (cxx_type(s), cxx_bool(zeros), str(tiles), cxx_bool(silu), cxx_bool(persistent))
         for s in CXX_TYPES
         for zeros in (True, False)
         for tiles in m_tiles
         for silu in (True, False)
     )
+
+
+def moe_gemm_family(activation: str, persistent: bool = False) -> str:
+    """The kernel family of fused_moe's batched expert GEMMs: A8 for activation="int8",
+    A16 for "bf16"; the persistent CTAs (moe_gemm.cu's moe_walk_tiles) are families of
+    their own, compiled only where they are used."""
+    return f"moe_gemm_{'a8' if activation == 'int8' else 'a16'}{'_persistent' if persistent else ''}"
 
 
 def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
@@ -431,27 +438,32 @@ FAMILIES: dict[str, KernelFamily] = {
             instances=tuple((cxx_type(t), "false", "true") for t in CXX_TYPES) + (("float", "true", "true"),)
             + tuple((cxx_type(t), "false", "false") for t in CXX_TYPES),
         ),
+    ) + tuple(
         # the batched path's A16 expert GEMMs: (activation type, scale type, zeros,
-        # m16 tiles per aligned block, GEMM1 with the SiLU * up epilogue)
+        # m16 tiles per aligned block, GEMM1 with the SiLU * up epilogue, persistent)
         KernelFamily(
-            name="moe_gemm_a16",
+            name=moe_gemm_family("bf16", persistent),
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a16_kernel",
             instances=tuple((cxx_type(a),) + args for a in _HALF_TYPES
-                            for args in _moe_gemm_args(MOE_GEMM_A16_M_TILES)),
+                            for args in _moe_gemm_args(MOE_GEMM_A16_M_TILES, persistent)),
             max_dynamic_smem=moe_gemm_smem_bytes(max(MOE_GEMM_A16_M_TILES)),
             smem_carveout=MOE_GEMM_A16_CARVEOUT,
-        ),
+        )
+        for persistent in (False, True)
+    ) + tuple(
         # the batched path's A8 expert GEMMs: (scale type, zeros, m16 tiles per block,
-        # GEMM1 with the SiLU * up epilogue)
+        # GEMM1 with the SiLU * up epilogue, persistent)
         KernelFamily(
-            name="moe_gemm_a8",
+            name=moe_gemm_family("int8", persistent),
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a8_kernel",
-            instances=_moe_gemm_args(MOE_GEMM_M_TILES),
+            instances=_moe_gemm_args(MOE_GEMM_M_TILES, persistent),
             max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
             smem_carveout=MOE_GEMM_A8_CARVEOUT,
-        ),
+        )
+        for persistent in (False, True)
+    ) + (
         KernelFamily(
             name="moe_silu_mul",
             source="moe_decode.cu",

@@ -196,6 +196,12 @@ MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
 #: so the crossover lies above 64 (not measured between 64 and 256). The A16 kernels
 #: were slower at 32 rows than at 64 in both (7970 vs 6842, 774 vs 581 us).
 MOE_GEMM_A8_MID_BLOCK_PER_EXPERT = 128
+#: the batched GEMMs' persistent CTAs (one grid of resident CTAs walking the (block,
+#: column tile) pairs in groups of MOE_GEMM_GROUP_M blocks, moe_gemm.cu's
+#: moe_walk_tiles): per GPU, the activations ("int8" / "bf16") that take them;
+#: measured with scripts/sweep_moe_gemm.py --persistent
+MOE_GEMM_PERSISTENT: dict[str, frozenset] = {"default": frozenset()}
+MOE_GEMM_GROUP_M = 8
 
 
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
@@ -302,7 +308,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
       silu(g) * u rows per item (once, before GEMM2), both as Q8 blocks; INT4 nibbles
       feed int8 MMAs directly, scales and zero points per group."""
     from . import _runtime
-    from ._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
+    from ._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_family, moe_gemm_smem_bytes
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
@@ -321,15 +327,19 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
                          f"{block}; the batched GEMMs take at most {MOE_GEMM_MAX_BLOCKS} (one grid row each): "
                          "split the tokens into several calls")
     a8 = activation == "int8"
+    persistent = uses_persistent_moe_gemm(activation)
 
     def gemm(w, a, dst, silu, act_div):
-        args = (cxx_type(w.scales.dtype), cxx_bool(w.zeros is not None), str(m_tiles), cxx_bool(silu))
+        args = (cxx_type(w.scales.dtype), cxx_bool(w.zeros is not None), str(m_tiles), cxx_bool(silu),
+                cxx_bool(persistent))
+        family = moe_gemm_family(activation, persistent)
         if a8:
-            kernel, smem = _runtime.get_kernel("moe_gemm_a8", args), moe_gemm_a8_smem_bytes(m_tiles)
+            kernel, smem = _runtime.get_kernel(family, args), moe_gemm_a8_smem_bytes(m_tiles)
         else:
-            kernel = _runtime.get_kernel("moe_gemm_a16", (cxx_type(a.dtype),) + args)
+            kernel = _runtime.get_kernel(family, (cxx_type(a.dtype),) + args)
             smem = moe_gemm_smem_bytes(m_tiles)
-        launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, (sorted_ids, expert_ids, post_padded), items)
+        launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, (sorted_ids, expert_ids, post_padded), items,
+                        persistent=persistent)
 
     down = cp.empty((items, hidden), dtype=np.float32)
     if a8:
@@ -346,22 +356,39 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
     return y
 
 
-def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items):
+def uses_persistent_moe_gemm(activation: str) -> bool:
+    """Whether the batched path's GEMMs take the persistent kernels on this GPU."""
+    from .linear import _gpu_name
+
+    table = MOE_GEMM_PERSISTENT
+    return activation in table.get(_gpu_name(), table["default"])
+
+
+def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, persistent=False):
     """One batched expert GEMM (a moe_gemm.cu kernel) over the aligned blocks
     ``aligned`` = moe_align_block_size's (sorted_ids, expert_ids, post_padded): a CTA
-    per (column tile, block); GEMM1 (``silu``) tiles the I outputs of [g; u] by half
-    a tile. scripts/sweep_moe_gemm.py launches its variants through here too."""
+    per (column tile, block), or with ``persistent`` (a kernel of a _persistent
+    family) as many CTAs as the GPU holds at once, walking the used blocks' pairs;
+    GEMM1 (``silu``) tiles the I outputs of [g; u] by half a tile.
+    scripts/sweep_moe_gemm.py launches its variants through here too."""
     from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS
+    from .linear import _resident_ctas, _sm_count
 
     sorted_ids, expert_ids, post_padded = aligned
     n, kd = w.shape[1], w.shape[2]
     zeros = w.zeros
     cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
-    kernel((cols, expert_ids.shape[0]), (MOE_GEMM_THREADS,),
+    if persistent:   # the used blocks are known on the device only: the most pairs there can be
+        import cupy as cp
+
+        grid = (min(cols * expert_ids.shape[0], _sm_count(cp) * _resident_ctas(kernel, MOE_GEMM_THREADS, smem)),)
+    else:
+        grid = (cols, expert_ids.shape[0])
+    kernel(grid, (MOE_GEMM_THREADS,),
            (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
             dst, np.int32(n), np.int32(kd), np.int32(w.scales.shape[-1]),
             np.int32(31 if w.group_size == -1 else int(w.group_size).bit_length() - 1),
-            np.int32(items), np.int32(act_div), np.int32(w.shape[0])),
+            np.int32(items), np.int32(act_div), np.int32(w.shape[0]), np.int32(MOE_GEMM_GROUP_M)),
            shared_mem=smem)
 
 
