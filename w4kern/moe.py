@@ -199,7 +199,13 @@ MOE_GEMM_A8_MID_BLOCK_PER_EXPERT = 128
 #: the batched GEMMs' persistent CTAs (one grid of resident CTAs walking the (block,
 #: column tile) pairs in groups of MOE_GEMM_GROUP_M blocks, moe_gemm.cu's
 #: moe_walk_tiles): per GPU, the activations ("int8" / "bf16") that take them;
-#: measured with scripts/sweep_moe_gemm.py --persistent
+#: measured with scripts/sweep_moe_gemm.py --persistent. None does: on an H200 they
+#: were slower on every GEMM of both layers at T = 128, 1024 and 4096 (A8 +0.9 to
+#: +9.2%, A16 +5.3 to +16.5%; benchmarks/results/2026-11-23-h200-session13/
+#: persistent-542f094/), and as slow with GROUP_SIZE_M = 1, the one-CTA-per-pair
+#: grid's own order (persistent-group1-542f094/): the loss is the persistence (a
+#: CTA starts its next pair's loads only after its last pair's epilogue, where
+#: separate CTAs overlap them), not the order.
 MOE_GEMM_PERSISTENT: dict[str, frozenset] = {"default": frozenset()}
 MOE_GEMM_GROUP_M = 8
 
