@@ -6,8 +6,9 @@
 # cache.log and the benchmark JSON. Exit status: non-zero if any step failed.
 # W4KERN_STEPS="tests sanitizer" (any of: info tests cache sanitizer bench) runs a
 # subset, W4KERN_SUITES the benchmark suites. The whole check takes longer than one
-# 10-minute device call on an H200 (2026-11-22: GPU tests ~4 min, sanitizer ~3 min,
-# benchmarks ~4 min): run W4KERN_STEPS="info tests cache sanitizer", then "bench".
+# 10-minute device call on an H200 (2026-11-23: GPU tests ~5.5 min, sanitizer ~5 min,
+# benchmarks ~2.5 min): run W4KERN_STEPS="info tests cache", then "sanitizer", then
+# "bench".
 # Pass W4KERN_COMMIT=<sha of the committed tree>: the device's copy of the tree may
 # carry stale git metadata, and results of the 2026-11-22 fourth session recorded the
 # session's first commit that way. Each result file also records `source_tree`
