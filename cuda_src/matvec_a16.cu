@@ -42,18 +42,20 @@
 //
 // Row runs (kRowRun, one token, 16-bit activations): the walk above makes each
 // load instruction read 64 bytes from each of 8 rows, and a pure-load copy of it
-// streams far below the read ceiling on every decode shape (scripts/load_patterns.py:
-// gemma3-27b.down 59 us against 16 us), while one instruction reading 512
-// contiguous bytes of one row reaches the ceiling. So for M = 1 the B operand's 8
-// columns hold 8 consecutive k chunks of the one token instead of 8 tokens, and A
-// row g (g + 8) holds chunk g of one weight row (another row): thread (g, t) owns
-// bytes (g * 4 + t) * kChunkBytes of a step's run, i.e. lane * kChunkBytes, so a
-// warp's load covers 32 * kChunkBytes contiguous bytes of one row. Only the
-// diagonal of the result is wanted: D[g][g] = chunk g of the row times chunk g of
-// x, held by thread (g, g / 2) in result column g % 2. The other columns are
-// computed and dropped (the MMA is not the cost), each step scales the diagonal
-// by its group (one chunk = one group: kChunkBytes = group size / 8), and a
-// row's chunks are summed across the warp once, when the row block is done.
+// streams well below loads of 512 contiguous bytes of one row, which come near the
+// read ceiling (scripts/load_patterns.py, H200: gemma3-27b.gate_up 40.1 against
+// 31.3 us, a plain stream 28.8). So for M = 1 the B operand's 8 columns hold 8
+// consecutive k chunks of the one token instead of 8 tokens, and A row g (g + 8)
+// holds chunk g of one weight row (another row): thread (g, t) owns bytes
+// (g * 4 + t) * kChunkBytes of a step's run, i.e. lane * kChunkBytes, so a warp's
+// load covers 32 * kChunkBytes contiguous bytes of one row. Only the diagonal of
+// the result is wanted: D[g][g] = chunk g of the row times chunk g of x, held by
+// thread (g, g / 2) in result column g % 2. The other columns are computed and
+// dropped, each step scales the diagonal by its group (one chunk = one group:
+// kChunkBytes = group size / 8), and a row's chunks are summed across the warp
+// once, when the row block is done. The walk executes 31-40% more instructions
+// than the one above (ncu, session 13), and both are latency-bound at 2 CTAs per
+// SM, so it wins on long rows only: linear takes it from K >= A16_ROWS_MIN_K.
 //
 // INT8 activations (ActT = i8, W4A8 with per-token activation scales: x ~= d[m] *
 // q[m, k], PerTokenInt8): the same walk with mma.m16n8k32 s8 MMAs. A weight word's
