@@ -135,7 +135,7 @@ def a16_instance(group_size: int, m: int) -> tuple[str, int, bool, int]:
 A16_ROW_CONFIGS = ((2, 1), (2, 2), (2, 4), (2, 8))
 #: group sizes with a row-run family (a chunk of 128 k is one group or part of the
 #: per-channel row); g32 and g64 keep the group-slot walk
-A16_ROW_GROUP_FAMILIES = {"g128": (16, False), "gch": (16, True)}
+A16_ROW_GROUP_FAMILIES = {label: A16_GROUP_FAMILIES[label] for label in ("g128", "gch")}
 
 
 def a16_rows_instance(group_size: int) -> tuple[str, int, bool] | None:
@@ -146,6 +146,21 @@ def a16_rows_instance(group_size: int) -> tuple[str, int, bool] | None:
         return None
     chunk, per_channel = A16_ROW_GROUP_FAMILIES[label]
     return f"matvec_a16_rows_{label}", chunk, per_channel
+
+
+def _matvec_a16_args(acts, per_channel, configs, chunks_and_slots, row_runs=False) -> tuple[tuple[str, ...], ...]:
+    """Template arguments of matvec_a16_kernel: (activation type, scale type, has zeros,
+    chunk bytes, per-channel, tiles, split, group slots, row runs) for every scale
+    dtype, symmetry and (tiles, split) config, per (chunk bytes, group slots) pair."""
+    return tuple(
+        (act, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel), *map(str, config),
+         str(slots), cxx_bool(row_runs))
+        for chunk, slots in chunks_and_slots
+        for act in acts
+        for scale in _FLOAT_TYPES
+        for has_zeros in (False, True)
+        for config in configs
+    )
 
 
 def a16_family(group_size: int) -> str:
@@ -341,18 +356,9 @@ FAMILIES: dict[str, KernelFamily] = {
             name=f"matvec_a16_{label}",
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split,
-            # group slots, row runs)
-            instances=tuple(
-                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(step_chunk), cxx_bool(per_channel),
-                 *map(str, config), str(slots), "false")
-                for step_chunk, slots in ((chunk, 1),) + (((16, A16_GROUP_SLOTS[label]),)
-                                                           if label in A16_GROUP_SLOTS else ())
-                for act in (bfloat16, np.float16)
-                for scale in _FLOAT_TYPES
-                for has_zeros in (False, True)
-                for config in A16_CONFIGS
-            ),
+            instances=_matvec_a16_args((cxx_type(bfloat16), cxx_type(np.float16)), per_channel, A16_CONFIGS,
+                                       ((chunk, 1),) + (((16, A16_GROUP_SLOTS[label]),)
+                                                        if label in A16_GROUP_SLOTS else ())),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + tuple(
@@ -361,15 +367,8 @@ FAMILIES: dict[str, KernelFamily] = {
             name=f"matvec_a16_rows_{label}",
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, true)
-            instances=tuple(
-                (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 *map(str, config), "1", "true")
-                for act in (bfloat16, np.float16)
-                for scale in _FLOAT_TYPES
-                for has_zeros in (False, True)
-                for config in A16_ROW_CONFIGS
-            ),
+            instances=_matvec_a16_args((cxx_type(bfloat16), cxx_type(np.float16)), per_channel, A16_ROW_CONFIGS,
+                                       ((chunk, 1),), row_runs=True),
         )
         for label, (chunk, per_channel) in A16_ROW_GROUP_FAMILIES.items()
     ) + tuple(
@@ -379,14 +378,7 @@ FAMILIES: dict[str, KernelFamily] = {
             name=a8_family_name(label),
             source="matvec_a16.cu",
             template="w4kern::matvec_a16_kernel",
-            # (activation type, scale type, has zeros, chunk bytes, per-channel, tiles, split, 1, false)
-            instances=tuple(
-                (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                 *map(str, config), "1", "false")
-                for scale in _FLOAT_TYPES
-                for has_zeros in (False, True)
-                for config in A16_CONFIGS
-            ),
+            instances=_matvec_a16_args((INT8_ACT,), per_channel, A16_CONFIGS, ((chunk, 1),)),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
     ) + (

@@ -479,8 +479,9 @@ _torch_decode_peers.dense = {}
 def suite_linear_tuning(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """The data behind ``w4kern.linear.DISPATCH``: dp4a matvec (every instance at M = 1)
     vs the tensor-core small-M kernel per M, for W4A16 the small-M kernel vs every
-    matvec_a16 instance (and its row-run walk at M = 1), and for per-token INT8 every s8 instance of matvec_a16 (its
-    dp4a route is the linear_q8 matvec rows: the same kernel on row-scaled Q8 blocks)."""
+    matvec_a16 instance (and its row-run walk at M = 1: ``A16_ROWS_MIN_K``), and for
+    per-token INT8 every s8 instance of matvec_a16 (its dp4a route is the linear_q8
+    matvec rows: the same kernel on row-scaled Q8 blocks)."""
     import cupy as cp
 
     import w4kern
