@@ -9,17 +9,18 @@
 // of the A tile is activation row i / act_div (GEMM1: the token's x row,
 // act_div = k; GEMM2: the item's own intermediate row, act_div = 1).
 //
-// A tile of kMoeBN = 128 weight rows has a low half (tile columns 0..63) and a
-// high half (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and
-// the matching up rows I + n0 .. I + n0 + 63, so that every thread holds the
-// gate and up accumulators of the same outputs and the epilogue writes
-// silu(g) * u straight away (as ActT, GEMM2's A operand); for GEMM2 simply 128
-// consecutive rows, written as fp32 per item (the combine kernel of
-// moe_decode.cu sums an item's k rows in slot order: deterministic).
+// A tile of kMoeBN = 128 weight rows (256 in the A8 GEMM's two-tile instances,
+// MoeGemmA8Layout) has a low half (tile columns 0..63) and a high half
+// (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and the
+// matching up rows I + n0 .. I + n0 + 63, so that every thread holds the gate
+// and up accumulators of the same outputs and the epilogue writes silu(g) * u
+// straight away (as ActT, GEMM2's A operand); for GEMM2 simply 128 consecutive
+// rows, written as fp32 per item (the combine kernel of moe_decode.cu sums an
+// item's k rows in slot order: deterministic).
 //
-// Warp w (of 4) owns tile columns 16w .. 16w + 15 of both halves (4 n8 MMA
-// tiles) and all BM rows. Each K tile (kMoeBK = 64) goes through a kMoeStages
-// cp.async ring in shared memory: the A rows (gathered; padding rows are
+// Warp w (of 4, or 8 for 256 rows) owns tile columns 16w .. 16w + 15 of both
+// halves (4 n8 MMA tiles) and all BM rows. Each K tile (kMoeBK = 64) goes
+// through a kMoeStages cp.async ring in shared memory: the A rows (gathered; padding rows are
 // zero-filled) and the raw nibbles of the weight rows. A thread's B fragment
 // of an n8 tile and k16 step needs weights k = 2t, 2t + 1, 2t + 8, 2t + 9 of
 // weight row g (t = lane % 4, g = lane / 4): bytes t and 4 + t of the row's 8
@@ -35,9 +36,8 @@
 
 namespace w4kern {
 
-constexpr int kMoeGemmThreads = 128;
-constexpr int kMoeGemmWarps = kMoeGemmThreads / 32;
-constexpr int kMoeBN = 128;                  // weight rows per tile (two halves of 64)
+constexpr int kMoeGemmThreads = 128;         // the A16 GEMM's CTA (the A8 GEMM's: MoeGemmA8Layout)
+constexpr int kMoeBN = kMoeGemmThreads;      // weight rows per tile (two halves); a thread pair loads two
 constexpr int kMoeHalf = kMoeBN / 2;
 constexpr int kMoeBK = 64;                   // k per K tile
 constexpr int kMoeStages = 3;
@@ -60,7 +60,7 @@ struct MoeGemmLayout {
 // block's expert, and the columns of the tile's low and high halves: for GEMM1 (kSiluGateUp) gate rows lo_base .. + 63 and the matching
 // up rows hi_base = I + lo_base ..; for GEMM2 128 consecutive rows. valid is false
 // past the used blocks and for a block without an expert.
-template <bool kSiluGateUp>
+template <bool kSiluGateUp, int kBN = kMoeBN>
 struct MoeTile {
     bool valid;
     int expert;
@@ -69,20 +69,20 @@ struct MoeTile {
     int lo_end;              // where the low half's rows end
     // weight row of tile column c, clamped in bounds (only real columns are stored)
     __device__ __forceinline__ int weight_row(int c, int n_rows) const {
-        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
+        return c < kBN / 2 ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kBN / 2, n_rows - 1);
     }
 };
 
-template <bool kSiluGateUp>
-__device__ __forceinline__ MoeTile<kSiluGateUp> moe_tile(int block, int col, int block_rows, const i32* expert_ids,
+template <bool kSiluGateUp, int kBN = kMoeBN>
+__device__ __forceinline__ MoeTile<kSiluGateUp, kBN> moe_tile(int block, int col, int block_rows, const i32* expert_ids,
                                                          const i32* num_post_padded, int n_rows, int n_experts) {
-    MoeTile<kSiluGateUp> tile;
+    MoeTile<kSiluGateUp, kBN> tile;
     tile.valid = block * block_rows < num_post_padded[0];   // past the used blocks: nothing to do
     tile.expert = tile.valid ? expert_ids[block] : -1;
     tile.valid = tile.valid && tile.expert >= 0 && tile.expert < n_experts;   // (moe_align writes none here)
     tile.out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
-    tile.lo_base = col * (kSiluGateUp ? kMoeHalf : kMoeBN);
-    tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kMoeHalf;
+    tile.lo_base = col * (kSiluGateUp ? kBN / 2 : kBN);
+    tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kBN / 2;
     tile.lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
     return tile;
 }
@@ -99,7 +99,7 @@ __device__ __forceinline__ u32 moe_b_offset(int row, int half) {
 }
 
 // Copies this thread's two weight-row halves of K tile kt: tile rows tid / 2 and
-// tid / 2 + 64, half tid % 2 (src[r]: the weight row's first byte).
+// tid / 2 + kMoeBN / 2, half tid % 2 (src[r]: the weight row's first byte).
 __device__ __forceinline__ void moe_load_weight_tile(u32 b_dst, const u8* const (&src)[2], int kt, i64 row_bytes,
                                                      int tid) {
     const int half = tid & 1;
@@ -107,16 +107,16 @@ __device__ __forceinline__ void moe_load_weight_tile(u32 b_dst, const u8* const 
     const bool in = byte < row_bytes;   // K is a multiple of 32: whole halves
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        cp_async16(b_dst + moe_b_offset((tid >> 1) + 64 * r, half), src[r] + (in ? byte : 0), in ? 16 : 0);
+        cp_async16(b_dst + moe_b_offset((tid >> 1) + kMoeHalf * r, half), src[r] + (in ? byte : 0), in ? 16 : 0);
 }
 
 // 16 * scale and -(16 + zero) * scale of a thread's weight rows for the two 32-k
 // halves of a K tile (the two constants of w = m * 16 s - (16 + z) s).
 // Column tiles of an expert GEMM: GEMM1 tiles the I = N / 2 outputs by half a tile
 // (the gate and up rows of the same columns), GEMM2 the N outputs by a whole one.
-template <bool kSiluGateUp>
+template <bool kSiluGateUp, int kBN = kMoeBN>
 __device__ __forceinline__ int moe_col_tiles(int n_rows) {
-    return kSiluGateUp ? (n_rows / 2 + kMoeHalf - 1) / kMoeHalf : (n_rows + kMoeBN - 1) / kMoeBN;
+    return kSiluGateUp ? (n_rows / 2 + kBN / 2 - 1) / (kBN / 2) : (n_rows + kBN - 1) / kBN;
 }
 
 // Which (block, column tile) pairs a CTA computes. Not kPersistent: the grid is
@@ -128,14 +128,14 @@ __device__ __forceinline__ int moe_col_tiles(int n_rows) {
 // while it is in L2 (Triton's GROUP_SIZE_M order). A template parameter, not a
 // runtime switch: the loop costs the four-tile A8 instances 20+ registers and
 // spills, so the persistent kernels are instances (and families) of their own.
-template <bool kSiluGateUp, bool kPersistent, typename RunTile>
+template <bool kSiluGateUp, bool kPersistent, int kBN, typename RunTile>
 __device__ __forceinline__ void moe_walk_tiles(int group_m, int block_rows, int n_rows, const i32* num_post_padded,
                                                RunTile&& run_tile) {
     if constexpr (!kPersistent) {
         run_tile(static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x));
         return;
     }
-    const int cols = moe_col_tiles<kSiluGateUp>(n_rows);
+    const int cols = moe_col_tiles<kSiluGateUp, kBN>(n_rows);
     const int used = (num_post_padded[0] + block_rows - 1) / block_rows;
     const int per_group = group_m * cols;
     for (int id = blockIdx.x; id < used * cols; id += gridDim.x) {
@@ -196,18 +196,21 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
     if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
     __syncthreads();
 
-    // Loads: thread tid copies 16-byte chunk tid % 8 of A rows tid / 8 + 16 j,
-    // and both 16-byte halves of weight row tid.
-    const ActT* a_src[kMTiles];
-    bool a_valid[kMTiles];
+    // Loads: thread tid copies 16-byte chunk tid % 8 of A rows tid / 8 + kARowsPerPass j
+    // (past the block's rows: none), and two weight-row halves (moe_load_weight_tile).
+    constexpr int kARowsPerPass = kMoeGemmThreads / 8;
+    constexpr int kAPasses = (kBM + kARowsPerPass - 1) / kARowsPerPass;
+    const ActT* a_src[kAPasses];
+    bool a_valid[kAPasses];
 #pragma unroll
-    for (int j = 0; j < kMTiles; ++j) {
-        const int item = block_items[tid / 8 + 16 * j];
+    for (int j = 0; j < kAPasses; ++j) {
+        const int r = tid / 8 + kARowsPerPass * j;
+        const int item = r < kBM ? block_items[r] : -1;
         a_valid[j] = item >= 0 && item < n_items;
         a_src[j] = act + static_cast<i64>(a_valid[j] ? item / act_div : 0) * k_dim + (tid % 8) * 8;
     }
     const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes,
-                          expert_q + static_cast<i64>(weight_row((tid >> 1) + 64)) * row_bytes};
+                          expert_q + static_cast<i64>(weight_row((tid >> 1) + kMoeHalf)) * row_bytes};
     const u32 smem_base = smem_address(smem);
     const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
 
@@ -217,8 +220,9 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
         const int k0 = kt * kMoeBK;
         const bool a_in = k0 + (tid % 8) * 8 < k_dim;   // K is a multiple of 32: whole chunks
 #pragma unroll
-        for (int j = 0; j < kMTiles; ++j) {
-            const int r = tid / 8 + 16 * j;
+        for (int j = 0; j < kAPasses; ++j) {
+            const int r = tid / 8 + kARowsPerPass * j;
+            if (kBM % kARowsPerPass != 0 && r >= kBM) break;
             cp_async16(a_dst + r * kMoeARowBytes + (tid % 8) * 16, a_src[j] + (a_in ? k0 : 0),
                        a_valid[j] && a_in ? 16 : 0);
         }
@@ -342,14 +346,15 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
 }
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp, bool kPersistent>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gemm_a16_kernel(
+__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 512 / kMoeGemmThreads : 0) moe_gemm_a16_kernel(
     const ActT* __restrict__ act, const u8* __restrict__ qweight, const ScaleT* __restrict__ scales,
     const ScaleT* __restrict__ zeros, const i32* __restrict__ sorted_ids, const i32* __restrict__ expert_ids,
     const i32* __restrict__ num_post_padded, void* __restrict__ out, i32 n_rows, i32 k_dim, i32 n_groups,
     i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
     i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
 {
-    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
+    moe_walk_tiles<kSiluGateUp, kPersistent, kMoeBN>(group_m, 16 * kMTiles, n_rows, num_post_padded,
+                                                     [&](int block, int col) {
         moe_gemm_a16_tile<ActT, ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
             block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
             n_groups, group_shift, n_items, act_div, n_experts);
@@ -367,39 +372,67 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : 0) moe_gem
 // word t of the 16-byte k32 chunk and slots 16+4t.. (the odd k) its high
 // nibbles: b0 = word & 0x0F0F0F0F, b1 = (word >> 4) & 0x0F0F0F0F, the nibbles q
 // in [0, 15] as int8. The zero point and the scales come back per group, as in
-// matvec_q8: sum_k w x = s * (d * sum q_w q_x - z * S), with S the sum of the
-// blocks' `sum` fields (d * sum q_x) over the group, once the group's int32 dot
-// is complete (groups wider than 128 k, and per-channel weights, flush every 128
-// k: the int32 dot of 128 k stays below 2^22, so a magic-number add converts it
-// exactly). A tile's smem rows hold its blocks' int8 values (rows padded by 16
-// bytes, conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
+// matvec_q8, but with the row's d taken out (it is every block's d): sum_k w x =
+// d * sum_groups s * (sum q_w q_x - z * S / d), with S the sum of the blocks'
+// `sum` fields (d * sum q_x) over the group. The flush adds s * (dot - z * S / d)
+// to an fp32 accumulator once the group's int32 dot is complete (groups wider
+// than 128 k, and per-channel weights, flush every 128 k), and the epilogue
+// multiplies by d. The int32 dots start at the bits of 1.5 * 2^23: a dot of
+// 128 k stays below 2^22 in magnitude, so the accumulator's bits are the float
+// 1.5 * 2^23 + dot and one subtraction converts it exactly. So a flush costs
+// four instructions per accumulator (subtract, two FMAs, reset).
+//
+// A tile's smem rows hold its blocks' int8 values (rows padded by 16 bytes,
+// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
 // int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
-// n8 tile (not its B column g), so the flush reads those columns' scales.
+// n8 tile (not its B column g), so the flush needs those columns' scales and
+// zeros: lane l of a warp loads the group's (s, z) of the warp's weight row
+// 8 (l / 8) + l % 8 (a global load per group, issued a group ahead), the warp
+// puts them in shared memory, and thread (g, t) reads columns 2t, 2t + 1 of n8
+// tile j as one 16-byte (s, z, s, z).
 constexpr int kMoeA8Blocks = kMoeBK / kQ8BlockValues;     // Q8 blocks per row per K tile
 constexpr int kMoeA8RowBytes = kMoeBK + 16;         // the blocks' int8 values, padded (conflict-free ldmatrix)
 constexpr int kMoeA8HeaderBytes = kMoeA8Blocks * 16 + 16;   // their 16-byte d / sum headers, padded
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
 constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
 constexpr i32 kMoeRoundMagicBits = 0x4B400000;
+// The 1, 2 and 4-tile A8 instances: threads per CTA (= weight rows per tile) and
+// their launch bounds' CTAs per SM (see moe_gemm_a8_tile)
+constexpr int kMoeA8Threads[3] = {128, 256, 128};
+constexpr int kMoeA8MinCtas[3] = {4, 2, 1};
+__host__ __device__ constexpr int moe_a8_instance(int m_tiles) { return m_tiles == 1 ? 0 : (m_tiles == 2 ? 1 : 2); }
 
 template <int kMTiles>
 struct MoeGemmA8Layout {
+    static constexpr int kThreads = kMoeA8Threads[moe_a8_instance(kMTiles)];
+    static constexpr int kBN = kThreads;   // weight rows per tile: a thread pair loads two
+    static constexpr int kHalf = kBN / 2;
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
     static constexpr int kHeaderBytes = kRows * kMoeA8HeaderBytes;
-    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
+    static constexpr int kBBytes = kBN * kMoeBRowBytes;
     static constexpr int kStageBytes = kABytes + kHeaderBytes + kBBytes;
-    static constexpr int kSmemBytes = kMoeStages * kStageBytes + kRows * 4;
+    // the stages, the block's item ids and rows' d, the warps' group scales and zeros
+    // (a warp's 32 weight rows' (s, z) as float2)
+    static constexpr int kItemsOffset = kMoeStages * kStageBytes;
+    static constexpr int kRowDOffset = kItemsOffset + kRows * 4;
+    static constexpr int kGroupOffset = kRowDOffset + kRows * 4;
+    static constexpr int kSmemBytes = kGroupOffset + kThreads * 8;
     // A loads: each row's blocks are 3 * kMoeA8Blocks 16-byte chunks (qs_even,
     // qs_odd, header), spread over the kThreadsPerRow threads of the row
-    static constexpr int kThreadsPerRow = kMoeGemmThreads / kRows;
+    static constexpr int kThreadsPerRow = kThreads / kRows;
     static constexpr int kRowChunks = 3 * kMoeA8Blocks;
+    static constexpr int kChunksPerThread = (kRowChunks + kThreadsPerRow - 1) / kThreadsPerRow;
 };
 
 // One (block, column tile) pair of the A8 GEMM; moe_gemm_a8_kernel (below) walks
-// them. Its launch bounds: 4 CTAs per SM at one m16 tile (128 registers), 3 at two
-// (168), 1 at four (an explicit minimum: without one ptxas held the instances to
-// 72 registers and spilled; they take ~240, 2 CTAs per SM).
+// them. Its launch bounds: 4 CTAs of 128 threads per SM at one m16 tile (128
+// registers), 2 of 256 at two (128: 16 warps, where 3 CTAs of 128 threads at 168
+// registers had 12), 1 at four (an explicit minimum: without one ptxas held the
+// instances to 72 registers and spilled; they take ~250, 2 CTAs per SM).
+// Addresses that do not change along K (shared-memory offsets, source pointers)
+// are worked out once before the K loop, and the ring's stages are walked by
+// adding the stage size: the loop body is mostly MMAs, nibble masks and the flush.
 template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp>
 __device__ __forceinline__ void moe_gemm_a8_tile(
     int block, int col,
@@ -418,10 +451,11 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     using Layout = MoeGemmA8Layout<kMTiles>;
     constexpr int kBM = Layout::kRows;
     extern __shared__ __align__(16) u8 smem[];
-    i32* block_items = reinterpret_cast<i32*>(smem + kMoeStages * Layout::kStageBytes);
+    i32* block_items = reinterpret_cast<i32*>(smem + Layout::kItemsOffset);
 
-    const MoeTile<kSiluGateUp> tile =
-        moe_tile<kSiluGateUp>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    constexpr int kHalf = Layout::kHalf;
+    const MoeTile<kSiluGateUp, Layout::kBN> tile =
+        moe_tile<kSiluGateUp, Layout::kBN>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
     if (!tile.valid) return;
     const int expert = tile.expert;
     const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
@@ -438,52 +472,95 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
     __syncthreads();
 
-    const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes,
-                          expert_q + static_cast<i64>(weight_row((tid >> 1) + 64)) * row_bytes};
     const u32 smem_base = smem_address(smem);
     const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
 
-    // A: this thread's row of the tile and its activation row (resolved once: the
-    // per-stage loop only adds the K tile's offset)
+    // A loads: this thread's row of the tile, its activation row, and its chunks
+    // (chunk c: block c / 3, part c % 3: qs_even, qs_odd, header), as offsets into a
+    // stage and into the K tile's span of the activation row
     const int a_row = tid / Layout::kThreadsPerRow, a_sub = tid % Layout::kThreadsPerRow;
     const int a_item = block_items[a_row];
     const bool a_valid = a_item >= 0 && a_item < n_items;
     const u8* a_src = reinterpret_cast<const u8*>(act + static_cast<i64>(a_valid ? a_item / act_div : 0) * n_blocks);
-    auto load_tile = [&](int kt, int stage) {
-        const u32 a_dst = smem_base + stage * Layout::kStageBytes;
-        const u32 h_dst = a_dst + Layout::kABytes;
-        const u32 b_dst = h_dst + Layout::kHeaderBytes;
+    u32 a_dst_off[Layout::kChunksPerThread], a_src_off[Layout::kChunksPerThread];
+    int a_block[Layout::kChunksPerThread];
 #pragma unroll
-        for (int c0 = 0; c0 < Layout::kRowChunks; c0 += Layout::kThreadsPerRow) {
-            const int c = c0 + a_sub;   // chunk: block c / 3, part c % 3 (qs_even, qs_odd, header)
-            if (Layout::kRowChunks % Layout::kThreadsPerRow != 0 && c >= Layout::kRowChunks) break;
-            const int b = c / 3, part = c % 3;
-            const int blk = kt * kMoeA8Blocks + b;
-            const bool in = a_valid && blk < n_blocks;
-            const u32 dst = part < 2 ? a_dst + a_row * kMoeA8RowBytes + b * 32 + part * 16
-                                     : h_dst + a_row * kMoeA8HeaderBytes + b * 16;
-            cp_async16(dst, a_src + (in ? static_cast<i64>(blk) * sizeof(Q8Block) + part * 16 : 0), in ? 16 : 0);
+    for (int u = 0; u < Layout::kChunksPerThread; ++u) {
+        const int c = u * Layout::kThreadsPerRow + a_sub, b = c / 3, part = c % 3;
+        a_block[u] = c < Layout::kRowChunks ? b : kMoeA8Blocks;   // past the row's chunks: none
+        a_dst_off[u] = part < 2 ? a_row * kMoeA8RowBytes + b * 32 + part * 16
+                                : Layout::kABytes + a_row * kMoeA8HeaderBytes + b * 16;
+        a_src_off[u] = b * static_cast<u32>(sizeof(Q8Block)) + part * 16;
+    }
+    int a_blocks_left = a_valid ? n_blocks : 0;   // of the row, from the next K tile to load on
+    // B loads: two weight-row halves (moe_load_weight_tile's split), and how many of
+    // the row's bytes are left from the next K tile's half on
+    i64 b_bytes_left = row_bytes - 16 * (tid & 1);
+    const int b_half = b_bytes_left > 0 ? 16 * (tid & 1) : 0;   // (K = 32: a row has one half)
+    const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes + b_half,
+                          expert_q + static_cast<i64>(weight_row((tid >> 1) + kHalf)) * row_bytes + b_half};
+    const u32 b_dst_off[2] = {Layout::kABytes + Layout::kHeaderBytes + moe_b_offset(tid >> 1, tid & 1),
+                              Layout::kABytes + Layout::kHeaderBytes + moe_b_offset((tid >> 1) + kHalf, tid & 1)};
+    // Loads the next K tile into `stage`; the sources advance by a K tile each call.
+    // A source past the row's end is never read (zero bytes copied): the pointers
+    // stay where they are then.
+    auto load_next_tile = [&](u32 stage) {
+#pragma unroll
+        for (int u = 0; u < Layout::kChunksPerThread; ++u) {
+            if (a_block[u] >= kMoeA8Blocks) break;
+            const bool in = a_block[u] < a_blocks_left;
+            cp_async16(stage + a_dst_off[u], a_src + (in ? a_src_off[u] : 0), in ? 16 : 0);
         }
-        moe_load_weight_tile(b_dst, b_src, kt, row_bytes, tid);
+        const bool a_more = a_blocks_left > kMoeA8Blocks;
+        a_src += a_more ? kMoeA8Blocks * sizeof(Q8Block) : 0;
+        a_blocks_left -= kMoeA8Blocks;
+        const bool in = b_bytes_left > 0;   // K is a multiple of 32: whole halves
+#pragma unroll
+        for (int r = 0; r < 2; ++r) cp_async16(stage + b_dst_off[r], b_src[r], in ? 16 : 0);
+        b_bytes_left -= kMoeBRowBytes;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) b_src[r] += b_bytes_left > 0 ? kMoeBRowBytes : 0;
     };
 
-    // B fragments: weight row (tile column) g of each n8 tile; accumulators: tile
-    // columns 2t and 2t + 1, whose scales and zeros the flush needs
-    auto tile_col = [&](int j) { return (j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1); };
-    // scale and zero of the accumulators' weight rows for the group holding k
-    float s_cur[kMoeNTiles][2], z_cur[kMoeNTiles][2];
+    // Per-fragment shared-memory offsets within a stage: the A rows for ldmatrix
+    // (lanes 0-15: rows 16i + lane at k 32 step; lanes 16-31: + 16 bytes), the B
+    // word of thread (g, t) in n8 tile j, and the headers of rows 16i + g (+ 8)
+    const u32 a_frag_off = (lane & 15) * kMoeA8RowBytes + (lane >> 4) * 16;
+    auto tile_col = [&](int j) { return (j >= 2 ? kHalf : 0) + 16 * warp + 8 * (j & 1); };
+    // n8 tile j's rows lie 8 (j & 1) + kHalf (j >= 2) rows past tile 0's, multiples
+    // of 8 that leave moe_b_offset's swizzle bit (row bit 2) and the half's bit 4 alone
+    const u32 b_frag_off = Layout::kABytes + Layout::kHeaderBytes + moe_b_offset(16 * warp + g, 0) + 4 * t;
+    auto b_tile_rows = [](int j) { return static_cast<u32>(((j & 1) * 8 + (j >= 2 ? kHalf : 0)) * kMoeBRowBytes); };
+    const u32 h_frag_off = Layout::kABytes + g * kMoeA8HeaderBytes + 4;   // the `sum` field
+
+    // The group's scale and zero of the accumulators' weight rows. Lane l loads
+    // those of warp row 8 (l / 8) + l % 8 (tile column tile_col(l / 8) + l % 8).
+    const int my_group_row = weight_row(tile_col(lane >> 3) + (lane & 7));
+    const ScaleT* my_s = expert_s + static_cast<i64>(my_group_row) * n_groups;
+    const ScaleT* my_z = kHasZeros ? expert_z + static_cast<i64>(my_group_row) * n_groups : nullptr;
+    float2* warp_sz = reinterpret_cast<float2*>(smem + Layout::kGroupOffset) + 32 * warp;
+    // The group's values, loaded a group ahead: published to the warp's shared
+    // memory at the flush, which reads columns 2t, 2t + 1 of n8 tile j as one
+    // 16-byte (s, z, s, z)
+    ScaleT s_raw, z_raw;
     auto load_group = [&](int k) {
-        const int group = min(k >> group_shift, n_groups - 1);
-#pragma unroll
-        for (int j = 0; j < kMoeNTiles; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const i64 at = static_cast<i64>(weight_row(tile_col(j) + 2 * t + e)) * n_groups + group;
-                s_cur[j][e] = to_float(expert_s[at]);
-                z_cur[j][e] = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
-            }
+        const int group = min(k >> min(group_shift, 30), n_groups - 1);
+        s_raw = my_s[group];
+        if constexpr (kHasZeros) z_raw = my_z[group];
     };
+    auto publish_group = [&]() {
+        __syncwarp();   // every lane has read the last group's
+        warp_sz[lane] = make_float2(to_float(s_raw),
+                                    kHasZeros ? to_float(z_raw) : static_cast<float>(kInt4SymmetricZero));
+        __syncwarp();
+    };
+
+    // d of rows 16i + g (+ 8): every block's d; 1 / d scales the blocks' sums down
+    // to sum q_x (0 for an all-zero row, whose d is 0, and for padding rows)
+    float* block_d = reinterpret_cast<float*>(smem + Layout::kRowDOffset);
+
     const int flush_k = min(group_shift >= 31 ? kMoeA8MaxFlushK : (1 << group_shift), kMoeA8MaxFlushK);
+    const int group_blocks = flush_k / kQ8BlockValues;   // Q8 blocks per flush
 
     float acc[kMTiles][kMoeNTiles][4];
     i32 dot[kMTiles][kMoeNTiles][4];
@@ -496,26 +573,44 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 acc[i][j][c] = 0.0f;
-                dot[i][j][c] = 0;
+                dot[i][j][c] = kMoeRoundMagicBits;
             }
     }
 
+    u32 load_stage = smem_base;   // the stage the next K tile's loads go to
 #pragma unroll
     for (int st = 0; st < kMoeStages - 1; ++st) {
-        if (st < k_tiles) load_tile(st, st);
+        if (st < k_tiles) load_next_tile(load_stage);
         cp_async_commit();
+        load_stage += Layout::kStageBytes;
     }
+    // after the first loads are on their way: group 0's (s, z), the rows' d (into
+    // shared memory: the epilogue needs them too), and the accumulator rows' 1 / d
     load_group(0);
+    if (tid < kBM) {
+        const int item = block_items[tid];
+        block_d[tid] = item >= 0 && item < n_items ? act[static_cast<i64>(item / act_div) * n_blocks].d : 0.0f;
+    }
+    __syncthreads();
+    float row_rd[kMTiles][2];
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float d = block_d[16 * i + g + 8 * h];
+            row_rd[i][h] = d != 0.0f ? __frcp_rn(d) : 0.0f;
+        }
+    u32 stage = smem_base;        // the stage of K tile kt
+    const u32 last_stage = smem_base + (kMoeStages - 1) * Layout::kStageBytes;
+    int blocks_to_flush = group_blocks;
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<kMoeStages - 2>();
-        __syncthreads();
-        if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
+        __syncthreads();   // tile kt is in shared memory; the stage of tile kt - 1 is free
+        if (kt + kMoeStages - 1 < k_tiles) load_next_tile(load_stage);
         cp_async_commit();
+        load_stage = load_stage == last_stage ? smem_base : load_stage + Layout::kStageBytes;
 
-        const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
-        const u32 h_tile = a_tile + Layout::kABytes;
-        const u32 b_tile = h_tile + Layout::kHeaderBytes;
 #pragma unroll
         for (int step = 0; step < kMoeA8Blocks; ++step) {
             const int k_end = kt * kMoeBK + 32 * (step + 1);   // k after this block
@@ -523,44 +618,49 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
             u32 b[kMoeNTiles][2];
 #pragma unroll
             for (int j = 0; j < kMoeNTiles; ++j) {
-                const u32 word = lds_u32(b_tile + moe_b_offset(tile_col(j) + g, step) + 4 * t);
+                const u32 word = lds_u32(stage + (b_frag_off ^ (16 * step)) + b_tile_rows(j));
                 b[j][0] = word & kLowNibbles;
                 b[j][1] = (word >> 4) & kLowNibbles;
             }
 #pragma unroll
             for (int i = 0; i < kMTiles; ++i) {
                 u32 a[4];
-                ldmatrix_x4(a, a_tile + (16 * i + (lane & 15)) * kMoeA8RowBytes + step * 32 + (lane >> 4) * 16);
+                ldmatrix_x4(a, stage + a_frag_off + 16 * i * kMoeA8RowBytes + step * 32);
 #pragma unroll
                 for (int j = 0; j < kMoeNTiles; ++j) mma_s8_m16n8k32_acc(dot[i][j], a, b[j][0], b[j][1]);
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
                     block_sums[i][h] += __uint_as_float(
-                        lds_u32(h_tile + (16 * i + g + 8 * h) * kMoeA8HeaderBytes + step * 16 + 4));
+                        lds_u32(stage + h_frag_off + (16 * i + 8 * h) * kMoeA8HeaderBytes + step * 16));
             }
-            if ((k_end & (flush_k - 1)) == 0 || k_end >= k_dim) {
-                // acc += s * (d * dot - z * S); d is the row's scale (every block's d)
+            if (--blocks_to_flush == 0 || k_end >= k_dim) {
+                // acc += s * (dot - z * S / d)
+                publish_group();
+                float4 sz[kMoeNTiles];   // (s, z) of columns 2t, 2t + 1
+#pragma unroll
+                for (int j = 0; j < kMoeNTiles; ++j) sz[j] = *reinterpret_cast<const float4*>(warp_sz + 8 * j + 2 * t);
 #pragma unroll
                 for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const float d = __uint_as_float(
-                            lds_u32(h_tile + (16 * i + g + 8 * h) * kMoeA8HeaderBytes + step * 16));
+                        const float sums_q = block_sums[i][h] * row_rd[i][h];   // sum q_x over the group
 #pragma unroll
                         for (int j = 0; j < kMoeNTiles; ++j)
 #pragma unroll
                             for (int e = 0; e < 2; ++e) {
                                 i32& v = dot[i][j][2 * h + e];
-                                const float f = __int_as_float(v + kMoeRoundMagicBits) - kMoeRoundMagic;
-                                acc[i][j][2 * h + e] = fmaf(
-                                    s_cur[j][e], fmaf(d, f, -z_cur[j][e] * block_sums[i][h]), acc[i][j][2 * h + e]);
-                                v = 0;
+                                const float f = __int_as_float(v) - kMoeRoundMagic;
+                                const float s = e ? sz[j].z : sz[j].x, z = e ? sz[j].w : sz[j].y;
+                                acc[i][j][2 * h + e] = fmaf(s, fmaf(-z, sums_q, f), acc[i][j][2 * h + e]);
+                                v = kMoeRoundMagicBits;
                             }
                         block_sums[i][h] = 0.0f;
                     }
+                blocks_to_flush = group_blocks;
                 if (k_end < k_dim) load_group(k_end);
             }
         }
+        stage = stage == last_stage ? smem_base : stage + Layout::kStageBytes;
     }
 
 #pragma unroll
@@ -570,6 +670,7 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
             const int item = block_items[16 * i + g + 8 * rh];
             if (item < 0 || item >= n_items) continue;
             float* row = out + static_cast<i64>(item) * out_cols;
+            const float d = block_d[16 * i + g + 8 * rh];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = 16 * warp + 8 * j + 2 * t;
@@ -578,31 +679,33 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
                     float v[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float gate = acc[i][j][2 * rh + e], up = acc[i][j + 2][2 * rh + e];
+                        const float gate = d * acc[i][j][2 * rh + e], up = d * acc[i][j + 2][2 * rh + e];
                         v[e] = gate / (1.0f + expf(-gate)) * up;
                     }
                     *reinterpret_cast<float2*>(row + lo_base + col) = make_float2(v[0], v[1]);
                 } else {
                     if (lo_base + col < out_cols)
                         *reinterpret_cast<float2*>(row + lo_base + col) =
-                            make_float2(acc[i][j][2 * rh], acc[i][j][2 * rh + 1]);
+                            make_float2(d * acc[i][j][2 * rh], d * acc[i][j][2 * rh + 1]);
                     if (hi_base + col < out_cols)
                         *reinterpret_cast<float2*>(row + hi_base + col) =
-                            make_float2(acc[i][j + 2][2 * rh], acc[i][j + 2][2 * rh + 1]);
+                            make_float2(d * acc[i][j + 2][2 * rh], d * acc[i][j + 2][2 * rh + 1]);
                 }
             }
         }
 }
 
 template <typename ScaleT, bool kHasZeros, int kMTiles, bool kSiluGateUp, bool kPersistent>
-__global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 4 : (kMTiles == 2 ? 3 : 1)) moe_gemm_a8_kernel(
+__global__ void __launch_bounds__(MoeGemmA8Layout<kMTiles>::kThreads, kMoeA8MinCtas[moe_a8_instance(kMTiles)])
+moe_gemm_a8_kernel(
     const Q8Block* __restrict__ act, const u8* __restrict__ qweight, const ScaleT* __restrict__ scales,
     const ScaleT* __restrict__ zeros, const i32* __restrict__ sorted_ids, const i32* __restrict__ expert_ids,
     const i32* __restrict__ num_post_padded, float* __restrict__ out, i32 n_rows, i32 k_dim, i32 n_groups,
     i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
     i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
 {
-    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
+    moe_walk_tiles<kSiluGateUp, kPersistent, MoeGemmA8Layout<kMTiles>::kBN>(group_m, 16 * kMTiles, n_rows,
+                                                                           num_post_padded, [&](int block, int col) {
         moe_gemm_a8_tile<ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
             block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
             n_groups, group_shift, n_items, act_div, n_experts);

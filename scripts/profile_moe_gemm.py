@@ -14,7 +14,7 @@ import numpy as np
 
 import w4kern
 from w4kern import _runtime
-from w4kern._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes
+from w4kern._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_smem_bytes, moe_gemm_threads
 from w4kern.bench import MOE_LAYERS, _random_int4_experts
 from w4kern.moe import _token_q8_blocks, launch_moe_gemm, moe_align_block_size, moe_block_size
 
@@ -44,6 +44,7 @@ for w, silu, act_div, n_out in ((w13, True, k, inter), (w2, False, 1, hidden)):
         smem = moe_gemm_smem_bytes(m_tiles)
         dst = cp.empty((items, n_out), dtype=w4kern.bfloat16 if silu else np.float32)
     for _ in range(2):
-        launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items)
+        launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items,
+                        threads=moe_gemm_threads(act, m_tiles))
 cp.cuda.Device().synchronize()
 print("done", model, t, m_tiles, act)

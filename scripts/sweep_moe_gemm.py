@@ -1,6 +1,9 @@
 """Sweep the batched MoE expert GEMMs (moe_gemm.cu): stage count and shared-memory
-carveout of the A8 and A16 kernels, the alignment block, and (--persistent) one CTA
-per (block, column tile) against the persistent CTAs of moe_walk_tiles, on
+carveout of the A8 and A16 kernels, the alignment block, (--persistent) one CTA
+per (block, column tile) against the persistent CTAs of moe_walk_tiles, and
+(--wide) 128-thread CTAs (128 weight rows per tile) against 256-thread ones and
+(--ab=FILE) the A8 kernels of another moe_gemm.cu (FILE, e.g. an earlier commit's)
+against this one's, on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
 block of 16, 32 and 64 rows.
 
@@ -13,7 +16,7 @@ bandwidth measured in the same process. Each variant's outputs are compared
 with the first variant's on the same inputs (the pipeline changes no arithmetic
 order within a group, so they must agree to fp32 rounding).
 
-    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent]
+    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent | --wide | --ab=FILE]
 """
 import dataclasses
 import functools
@@ -38,28 +41,61 @@ from w4kern.moe import _token_q8_blocks, launch_moe_gemm, moe_align_block_size, 
 QUICK = "--quick" in sys.argv
 OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 PERSISTENT_AB = "--persistent" in sys.argv
+WIDE_AB = "--wide" in sys.argv
+BASE_FILE = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--ab=")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
-# (kernel, stages, shared-memory carveout in percent; None: the family's, persistent CTAs)
-VARIANTS = [("a8", 3, None, False), ("a8", 3, 100, False), ("a8", 4, None, False), ("a8", 5, None, False),
-            ("a16", 3, None, False), ("a16", 3, 100, False), ("a16", 4, None, False)]
+# (kernel, stages, shared-memory carveout in percent; None: the family's, persistent CTAs,
+#  threads per CTA = weight rows per tile (A16: moe_gemm.cu's kMoeGemmThreads; A8: kMoeA8Threads,
+#  per 1 / 2 / 4 m16 tiles), the A8 launch bounds' CTAs per SM at 1 / 2 / 4 m16 tiles (kMoeA8MinCtas),
+#  and optionally another moe_gemm.cu to compile instead of this tree's)
+A16_THREADS = 128
+A8_THREADS = (128, 256, 128)
+A8_MIN_CTAS = (4, 2, 1)
+A8 = ("a8", A8_THREADS, A8_MIN_CTAS)
+A16 = ("a16", A16_THREADS, A8_MIN_CTAS)
+VARIANTS = [(A8[0], 3, None, False) + A8[1:], (A8[0], 3, 100, False) + A8[1:], (A8[0], 4, None, False) + A8[1:],
+            (A8[0], 5, None, False) + A8[1:], (A16[0], 3, None, False) + A16[1:], (A16[0], 3, 100, False) + A16[1:],
+            (A16[0], 4, None, False) + A16[1:]]
 if PERSISTENT_AB:
-    VARIANTS = [(kind, 3, None, p) for kind in ("a8", "a16") for p in (False, True)]
+    VARIANTS = [(v[0], 3, None, p) + v[1:] for v in (A8, A16) for p in (False, True)]
+if WIDE_AB:   # the A8 and A16 kernels with 128 and 256 threads per CTA at every block size
+    VARIANTS = [("a8", 3, None, False, (128, 128, 128), (4, 3, 1)), ("a8", 3, None, False, (256, 256, 256), (2, 2, 1)),
+                ("a16", 3, None, False, 128, A8_MIN_CTAS), ("a16", 3, None, False, 256, A8_MIN_CTAS)]
+if BASE_FILE:   # BASE_FILE's kernels take 128 threads
+    VARIANTS = [("a8", 3, None, False, (128, 128, 128), A8_MIN_CTAS, BASE_FILE), ("a8", 3, None, False) + A8[1:],
+                ("a8", 3, None, False, (128, 128, 128), (4, 4, 1))]
+VARIANTS = [v if len(v) == 7 else v + (None,) for v in VARIANTS]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
-TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096), "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB else (128, 1024)}
+TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096),
+          "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB or WIDE_AB or BASE_FILE else (128, 1024)}
 M_TILES = (1, 2, 4)
 
 
 @functools.cache
-def variant_source(stages) -> str:
-    """A copy of cuda_src/ with the variant's stage count in moe_gemm.cu."""
+def variant_source(stages, threads, a8_min_ctas=A8_MIN_CTAS, base_file=None) -> str:
+    """A copy of cuda_src/ with the variant's stage count, CTA size and A8 launch
+    bounds in moe_gemm.cu (``base_file``: that moe_gemm.cu instead of the tree's)."""
     src = Path(tempfile.mkdtemp(prefix=f"w4kern-moe-s{stages}-"))
     shutil.copytree(_runtime.source_dir(), src, dirs_exist_ok=True)
     path = src / "moe_gemm.cu"
+    if base_file:
+        shutil.copy(base_file, path)
     text = path.read_text()
-    text, n = re.subn(r"constexpr int kMoeStages = \d+;", f"constexpr int kMoeStages = {stages};", text)
-    assert n == 1
+    rewrites = [(r"constexpr int kMoeStages = \d+;", f"constexpr int kMoeStages = {stages};")]
+    if base_file:
+        pass   # its own threads and launch bounds
+    elif isinstance(threads, int):
+        rewrites.append((r"constexpr int kMoeGemmThreads = \d+;", f"constexpr int kMoeGemmThreads = {threads};"))
+    else:
+        rewrites += [(r"constexpr int kMoeA8Threads\[3\] = \{[0-9, ]+\};",
+                      "constexpr int kMoeA8Threads[3] = {%d, %d, %d};" % threads),
+                     (r"constexpr int kMoeA8MinCtas\[3\] = \{[0-9, ]+\};",
+                      "constexpr int kMoeA8MinCtas[3] = {%d, %d, %d};" % a8_min_ctas)]
+    for pattern, value in rewrites:
+        text, n = re.subn(pattern, value, text)
+        assert n == 1, pattern
     path.write_text(text)
     return str(src)
 
@@ -109,18 +145,27 @@ def main():
             baseline = {}
             for m_tiles in M_TILES:
                 aligned = moe_align_block_size(ids, experts, 16 * m_tiles)
-                for kind, stages, carveout, persistent in VARIANTS:
+                for kind, stages, carveout, persistent, threads, min_ctas, base_file in VARIANTS:
                     fam = FAMILIES[f"moe_gemm_{kind}"]
                     carveout = fam.smem_carveout if carveout is None else carveout
                     name = f"{kind}-s{stages}-c{carveout}" + ("-persistent" if persistent else "")
+                    if kind == "a8" and (threads, min_ctas) != (A8_THREADS, A8_MIN_CTAS) and not base_file:
+                        name += "-t" + "-".join(map(str, threads)) + "-b" + "".join(map(str, min_ctas))
+                    elif kind == "a16" and threads != A16_THREADS:
+                        name += f"-t{threads}"
+                    if base_file:
+                        name += "-base"
+                    cta = threads if kind == "a16" else threads[(1, 2, 4).index(m_tiles)]
                     activation = "int8" if kind == "a8" else "bf16"
-                    if PERSISTENT_AB and m_tiles != moe_block_size(items, experts, activation) // 16:
+                    if (PERSISTENT_AB or WIDE_AB or BASE_FILE) and m_tiles != moe_block_size(items, experts, activation) // 16:
                         continue   # the A/B at fused_moe's own block size
-                    smem = (moe_gemm_a8_smem_bytes(m_tiles, stages) if kind == "a8"
-                            else moe_gemm_smem_bytes(m_tiles, stages))
+                    if kind == "a16" and m_tiles == 2:
+                        continue   # no 2-tile A16 instances
+                    smem = (moe_gemm_a8_smem_bytes(m_tiles, stages, cta) if kind == "a8"
+                            else moe_gemm_smem_bytes(m_tiles, stages, cta))
                     if smem > SMEM_LIMIT:
                         continue
-                    src = variant_source(stages)
+                    src = variant_source(stages, threads, min_ctas, base_file)
                     base = (cxx_type(w13.scales.dtype), cxx_bool(True), str(m_tiles))
                     pre = () if kind == "a8" else (cxx_type(w4kern.bfloat16),)
                     insts = tuple(pre + base + (cxx_bool(s), cxx_bool(persistent)) for s in (True, False))
@@ -136,8 +181,10 @@ def main():
                         dst = cp.empty((items, n_out), dtype=np.float32 if f32_out else w4kern.bfloat16)
                         dst.view(np.uint32 if f32_out else np.uint16).fill(0x7FC00000 if f32_out else 0x7FC0)  # NaN
 
-                        def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div, p=persistent):
-                            launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items, persistent=p)
+                        def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div, p=persistent,
+                               cta=cta):
+                            launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items, persistent=p,
+                                            threads=cta)
 
                         fn(0)
                         got = dst if f32_out else (dst.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -153,7 +200,7 @@ def main():
                         nbytes = touched * _expert_bytes(w)
                         gbps = nbytes / us / 1e3
                         row = dict(model=model, T=t, gemm=gemm, variant=name, kind=kind, stages=stages, carveout=carveout,
-                                   persistent=persistent,
+                                   persistent=persistent, threads=cta,
                                    m_tiles=m_tiles, regs=regs[inst], smem=smem, us=round(us, 1),
                                    gbps=round(gbps), eff=round(gbps / ceilings.read_gbps, 3),
                                    rel_err_vs_first=err, finite=finite)

@@ -393,6 +393,18 @@ def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
     check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 
 
+@pytest.mark.parametrize("t", [40, 256, 1024], ids=["rows16", "rows32", "rows64"])
+def test_fused_moe_batched_int8_all_zero_tokens(cp, rng, t):
+    # The A8 GEMMs take each row's d (the Q8 scale, 0 for an all-zero row) out of the
+    # flush and apply it in the epilogue: every fifth token is all zeros (so is its
+    # GEMM2 input), at each of the 16 / 32 / 64-row blocks (E = 8, k = 2: 10, 64 and
+    # 256 items per expert)
+    x, w13, w2, weights, ids = moe_case(rng, t, 8, 2, hidden=192, inter=96, group_size=32, symmetric=False)
+    x[::5] = 0
+    check_fused_moe(cp, x, w13, w2, weights, ids)
+    assert not run_fused_moe(cp, x, w13, w2, weights, ids, "int8")[::5].any()
+
+
 @pytest.mark.parametrize("activation,t", [("bf16", 20), ("bf16", 300), ("int8", 20), ("int8", 300)])
 def test_fused_moe_batched_skewed_routing_g128_and_per_channel(cp, rng, activation, t):
     # every token on expert 0 (many blocks of one expert), most experts without tokens

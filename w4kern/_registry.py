@@ -236,14 +236,21 @@ MOE_COMBINE_THREADS = 256
 MOE_GEMM_M_TILES = (1, 2, 4)
 MOE_GEMM_A16_M_TILES = (1, 4)
 MOE_GEMM_THREADS = 128
-MOE_GEMM_BN = 128
+MOE_GEMM_BN = MOE_GEMM_THREADS   # moe_gemm.cu's kMoeBN: a thread pair loads two of the rows
+#: the A8 GEMM's threads per CTA (= weight rows per tile) by m16 tiles per block
+#: (moe_gemm.cu's kMoeA8Threads). Measured on an H200 (scripts/sweep_moe_gemm.py
+#: --ab, benchmarks/results/2026-11-23-h200-session14/): 256-thread CTAs of 32-row
+#: blocks take 9-12% less time than 128-thread ones on DeepSeek-V3 at T=1024 (half
+#: the activation reads per weight byte), as fast on Qwen3-30B-A3B; at 16 and 64 rows
+#: (one CTA per SM at 64) they were up to 6% slower.
+MOE_GEMM_A8_THREADS = {1: 128, 2: 256, 4: 128}
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
 #: shared-memory carveouts (percent of the SM's 228 KiB) of the expert GEMMs: room for
-#: the CTAs their registers allow (A8: 2 of 37 KiB at 64-row blocks, 3 of 25 KiB at
-#: 32, 4 of 18 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest left
-#: to L1, which then holds the 32-byte sectors of scales and zeros the kernels read 2
-#: bytes at a time
+#: the CTAs their registers allow (A8: 2 of 38 KiB at 64-row blocks, 2 of 38 KiB at
+#: 32 (256 threads), 4 of 19 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest
+#: left to L1, which then holds the 32-byte sectors of scales and zeros the A16
+#: kernels read 2 bytes at a time
 MOE_GEMM_A8_CARVEOUT = 50
 MOE_GEMM_A16_CARVEOUT = 60
 
@@ -267,21 +274,30 @@ def moe_gemm_family(activation: str, persistent: bool = False) -> str:
     return f"moe_gemm_{'a8' if activation == 'int8' else 'a16'}{'_persistent' if persistent else ''}"
 
 
-def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
+def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int = MOE_GEMM_BN) -> int:
     """Dynamic shared memory of moe_gemm_a16_kernel (MoeGemmLayout in moe_gemm.cu):
     the stages of A rows (padded to 144 bytes) and weight nibble rows (32 bytes),
     plus the block's item ids."""
     rows = 16 * m_tiles
-    return stages * (rows * (2 * MOE_GEMM_BK + 16) + MOE_GEMM_BN * MOE_GEMM_BK // 2) + rows * 4
+    return stages * (rows * (2 * MOE_GEMM_BK + 16) + bn * MOE_GEMM_BK // 2) + rows * 4
 
 
-def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES) -> int:
+def moe_gemm_threads(activation: str, m_tiles: int) -> int:
+    """Threads per CTA (= weight rows per tile) of the batched expert GEMM for
+    ``activation`` ("int8": A8, else A16) at ``m_tiles`` m16 tiles per block."""
+    return MOE_GEMM_A8_THREADS[m_tiles] if activation == "int8" else MOE_GEMM_THREADS
+
+
+def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int | None = None) -> int:
     """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
     A rows (BK int8, padded by 16 bytes), their blocks' 16-byte headers (padded by
-    16 bytes) and the weight nibble rows (32 bytes), plus the block's item ids."""
+    16 bytes) and the ``bn`` weight nibble rows (32 bytes; by default the instance's
+    MOE_GEMM_A8_THREADS), plus the block's item ids and rows' d and each warp's 32
+    (scale, zero) float pairs of the current group."""
+    bn = MOE_GEMM_A8_THREADS[m_tiles] if bn is None else bn
     rows = 16 * m_tiles
-    stage = rows * (MOE_GEMM_BK + 16) + rows * (16 * (MOE_GEMM_BK // 32) + 16) + MOE_GEMM_BN * MOE_GEMM_BK // 2
-    return stages * stage + rows * 4
+    stage = rows * (MOE_GEMM_BK + 16) + rows * (16 * (MOE_GEMM_BK // 32) + 16) + bn * MOE_GEMM_BK // 2
+    return stages * stage + rows * 8 + bn * 8
 
 
 def moe_align_chunk(n: int, n_experts: int) -> int:
@@ -451,7 +467,7 @@ FAMILIES: dict[str, KernelFamily] = {
             source="moe_gemm.cu",
             template="w4kern::moe_gemm_a8_kernel",
             instances=_moe_gemm_args(MOE_GEMM_M_TILES, persistent),
-            max_dynamic_smem=moe_gemm_a8_smem_bytes(max(MOE_GEMM_M_TILES)),
+            max_dynamic_smem=max(moe_gemm_a8_smem_bytes(m) for m in MOE_GEMM_M_TILES),
             smem_carveout=MOE_GEMM_A8_CARVEOUT,
         )
         for persistent in (False, True)

@@ -314,7 +314,8 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
       silu(g) * u rows per item (once, before GEMM2), both as Q8 blocks; INT4 nibbles
       feed int8 MMAs directly, scales and zero points per group."""
     from . import _runtime
-    from ._registry import cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_family, moe_gemm_smem_bytes
+    from ._registry import (cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_family, moe_gemm_smem_bytes,
+                            moe_gemm_threads)
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
@@ -345,7 +346,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
             kernel = _runtime.get_kernel(family, (cxx_type(a.dtype),) + args)
             smem = moe_gemm_smem_bytes(m_tiles)
         launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, (sorted_ids, expert_ids, post_padded), items,
-                        persistent=persistent)
+                        persistent=persistent, threads=moe_gemm_threads(activation, m_tiles))
 
     down = cp.empty((items, hidden), dtype=np.float32)
     if a8:
@@ -370,27 +371,29 @@ def uses_persistent_moe_gemm(activation: str) -> bool:
     return activation in table.get(_gpu_name(), table["default"])
 
 
-def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, persistent=False):
+def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, *, threads, persistent=False):
     """One batched expert GEMM (a moe_gemm.cu kernel) over the aligned blocks
     ``aligned`` = moe_align_block_size's (sorted_ids, expert_ids, post_padded): a CTA
     per (column tile, block), or with ``persistent`` (a kernel of a _persistent
     family) as many CTAs as the GPU holds at once, walking the used blocks' pairs;
     GEMM1 (``silu``) tiles the I outputs of [g; u] by half a tile.
-    scripts/sweep_moe_gemm.py launches its variants through here too."""
-    from ._registry import MOE_GEMM_BN, MOE_GEMM_THREADS
+    ``threads``: the kernel's CTA size (w4kern._registry.moe_gemm_threads; its tile
+    has as many weight rows). scripts/sweep_moe_gemm.py launches its variants
+    through here too."""
     from .linear import _resident_ctas, _sm_count
 
+    bn = threads   # moe_gemm.cu's kMoeBN
     sorted_ids, expert_ids, post_padded = aligned
     n, kd = w.shape[1], w.shape[2]
     zeros = w.zeros
-    cols = -(-(n // 2) // (MOE_GEMM_BN // 2)) if silu else -(-n // MOE_GEMM_BN)
+    cols = -(-(n // 2) // (bn // 2)) if silu else -(-n // bn)
     if persistent:   # the used blocks are known on the device only: the most pairs there can be
         import cupy as cp
 
-        grid = (min(cols * expert_ids.shape[0], _sm_count(cp) * _resident_ctas(kernel, MOE_GEMM_THREADS, smem)),)
+        grid = (min(cols * expert_ids.shape[0], _sm_count(cp) * _resident_ctas(kernel, threads, smem)),)
     else:
         grid = (cols, expert_ids.shape[0])
-    kernel(grid, (MOE_GEMM_THREADS,),
+    kernel(grid, (threads,),
            (a, w.qweight, w.scales, w.scales if zeros is None else zeros, sorted_ids, expert_ids, post_padded,
             dst, np.int32(n), np.int32(kd), np.int32(w.scales.shape[-1]),
             np.int32(31 if w.group_size == -1 else int(w.group_size).bit_length() - 1),
