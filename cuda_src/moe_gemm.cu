@@ -9,8 +9,8 @@
 // of the A tile is activation row i / act_div (GEMM1: the token's x row,
 // act_div = k; GEMM2: the item's own intermediate row, act_div = 1).
 //
-// A tile of kMoeBN = 128 weight rows (256 in the A8 GEMM's two-tile instances,
-// MoeGemmA8Layout) has a low half (tile columns 0..63) and a high half
+// A tile of kMoeBN = 128 weight rows (MoeGemmA8Layout::kBN in the A8 GEMM) has a
+// low half (tile columns 0..63) and a high half
 // (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and the
 // matching up rows I + n0 .. I + n0 + 63, so that every thread holds the gate
 // and up accumulators of the same outputs and the epilogue writes silu(g) * u
@@ -373,18 +373,20 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 512 / kMoeGemm
 // nibbles: b0 = word & 0x0F0F0F0F, b1 = (word >> 4) & 0x0F0F0F0F, the nibbles q
 // in [0, 15] as int8. The zero point and the scales come back per group, as in
 // matvec_q8, but with the row's d taken out (it is every block's d): sum_k w x =
-// d * sum_groups s * (sum q_w q_x - z * S / d), with S the sum of the blocks'
-// `sum` fields (d * sum q_x) over the group. The flush adds s * (dot - z * S / d)
-// to an fp32 accumulator once the group's int32 dot is complete (groups wider
-// than 128 k, and per-channel weights, flush every 128 k), and the epilogue
-// multiplies by d. The int32 dots start at the bits of 1.5 * 2^23: a dot of
-// 128 k stays below 2^22 in magnitude, so the accumulator's bits are the float
+// d * sum_groups s * (sum q_w q_x - z * sum q_x). sum q_x of a row over the group
+// comes from the MMA too: one more m16n8k32 per m16 tile and k32 step with B all
+// ones gives every row's sum in each of its columns (exact, in int32). The flush
+// adds s * (dot - z * sum q_x) to an fp32 accumulator once the group's int32
+// dot is complete (groups wider than 128 k, and per-channel weights, flush every
+// 128 k), and the epilogue multiplies by d, which the tile reads once per row.
+// So the blocks' d / sum headers are never loaded. The int32 dots start at the
+// bits of 1.5 * 2^23 (a group's first MMAs take that as their C): a dot of 128
+// k stays below 2^22 in magnitude, so the accumulator's bits are the float
 // 1.5 * 2^23 + dot and one subtraction converts it exactly. So a flush costs
-// four instructions per accumulator (subtract, two FMAs, reset).
+// three instructions per accumulator (subtract, two FMAs).
 //
 // A tile's smem rows hold its blocks' int8 values (rows padded by 16 bytes,
-// conflict-free for ldmatrix) and, apart, their 16-byte d / sum headers. The
-// int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
+// conflict-free for ldmatrix). The int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
 // n8 tile (not its B column g), so the flush needs those columns' scales and
 // zeros: lane l of a warp loads the group's (s, z) of the warp's weight row
 // 8 (l / 8) + l % 8 (a global load per group, issued a group ahead), the warp
@@ -392,14 +394,14 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 512 / kMoeGemm
 // tile j as one 16-byte (s, z, s, z).
 constexpr int kMoeA8Blocks = kMoeBK / kQ8BlockValues;     // Q8 blocks per row per K tile
 constexpr int kMoeA8RowBytes = kMoeBK + 16;         // the blocks' int8 values, padded (conflict-free ldmatrix)
-constexpr int kMoeA8HeaderBytes = kMoeA8Blocks * 16 + 16;   // their 16-byte d / sum headers, padded
+constexpr u32 kMoeA8Ones = 0x01010101u;            // a B fragment of ones: the MMA sums A's rows
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
 constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
 constexpr i32 kMoeRoundMagicBits = 0x4B400000;
 // The 1, 2 and 4-tile A8 instances: threads per CTA (= weight rows per tile) and
 // their launch bounds' CTAs per SM (see moe_gemm_a8_tile)
-constexpr int kMoeA8Threads[3] = {128, 256, 128};
-constexpr int kMoeA8MinCtas[3] = {4, 2, 1};
+constexpr int kMoeA8Threads[3] = {128, 128, 128};
+constexpr int kMoeA8MinCtas[3] = {4, 4, 1};
 __host__ __device__ constexpr int moe_a8_instance(int m_tiles) { return m_tiles == 1 ? 0 : (m_tiles == 2 ? 1 : 2); }
 
 template <int kMTiles>
@@ -409,27 +411,27 @@ struct MoeGemmA8Layout {
     static constexpr int kHalf = kBN / 2;
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
-    static constexpr int kHeaderBytes = kRows * kMoeA8HeaderBytes;
     static constexpr int kBBytes = kBN * kMoeBRowBytes;
-    static constexpr int kStageBytes = kABytes + kHeaderBytes + kBBytes;
+    static constexpr int kStageBytes = kABytes + kBBytes;
     // the stages, the block's item ids and rows' d, the warps' group scales and zeros
     // (a warp's 32 weight rows' (s, z) as float2)
     static constexpr int kItemsOffset = kMoeStages * kStageBytes;
     static constexpr int kRowDOffset = kItemsOffset + kRows * 4;
     static constexpr int kGroupOffset = kRowDOffset + kRows * 4;
     static constexpr int kSmemBytes = kGroupOffset + kThreads * 8;
-    // A loads: each row's blocks are 3 * kMoeA8Blocks 16-byte chunks (qs_even,
-    // qs_odd, header), spread over the kThreadsPerRow threads of the row
+    // A loads: a K tile of a row is 2 * kMoeA8Blocks 16-byte chunks (each block's
+    // qs_even and qs_odd; not its header), spread over the row's kThreadsPerRow threads
     static constexpr int kThreadsPerRow = kThreads / kRows;
-    static constexpr int kRowChunks = 3 * kMoeA8Blocks;
+    static constexpr int kRowChunks = 2 * kMoeA8Blocks;
     static constexpr int kChunksPerThread = (kRowChunks + kThreadsPerRow - 1) / kThreadsPerRow;
 };
 
 // One (block, column tile) pair of the A8 GEMM; moe_gemm_a8_kernel (below) walks
-// them. Its launch bounds: 4 CTAs of 128 threads per SM at one m16 tile (128
-// registers), 2 of 256 at two (128: 16 warps, where 3 CTAs of 128 threads at 168
-// registers had 12), 1 at four (an explicit minimum: without one ptxas held the
-// instances to 72 registers and spilled; they take ~250, 2 CTAs per SM).
+// them. Its launch bounds: 4 CTAs per SM at one and two m16 tiles (128
+// registers: at two, 16 warps where 3 CTAs at 168 registers had 12), 1 at four
+// (an explicit minimum: without one ptxas held the instances to 72 registers and
+// spilled; they take ~250, 2 CTAs per SM). kMoeA8Threads can make an instance's
+// CTAs 256 threads with 256-row tiles (scripts/sweep_moe_gemm.py --wide).
 // Addresses that do not change along K (shared-memory offsets, source pointers)
 // are worked out once before the K loop, and the ring's stages are walked by
 // adding the stage size: the loop body is mostly MMAs, nibble masks and the flush.
@@ -476,8 +478,8 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     const int k_tiles = (k_dim + kMoeBK - 1) / kMoeBK;
 
     // A loads: this thread's row of the tile, its activation row, and its chunks
-    // (chunk c: block c / 3, part c % 3: qs_even, qs_odd, header), as offsets into a
-    // stage and into the K tile's span of the activation row
+    // (chunk c: block c / 2, part c % 2: qs_even, qs_odd), as offsets into a stage
+    // and into the K tile's span of the activation row
     const int a_row = tid / Layout::kThreadsPerRow, a_sub = tid % Layout::kThreadsPerRow;
     const int a_item = block_items[a_row];
     const bool a_valid = a_item >= 0 && a_item < n_items;
@@ -486,10 +488,9 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     int a_block[Layout::kChunksPerThread];
 #pragma unroll
     for (int u = 0; u < Layout::kChunksPerThread; ++u) {
-        const int c = u * Layout::kThreadsPerRow + a_sub, b = c / 3, part = c % 3;
+        const int c = u * Layout::kThreadsPerRow + a_sub, b = c / 2, part = c % 2;
         a_block[u] = c < Layout::kRowChunks ? b : kMoeA8Blocks;   // past the row's chunks: none
-        a_dst_off[u] = part < 2 ? a_row * kMoeA8RowBytes + b * 32 + part * 16
-                                : Layout::kABytes + a_row * kMoeA8HeaderBytes + b * 16;
+        a_dst_off[u] = a_row * kMoeA8RowBytes + c * 16;
         a_src_off[u] = b * static_cast<u32>(sizeof(Q8Block)) + part * 16;
     }
     int a_blocks_left = a_valid ? n_blocks : 0;   // of the row, from the next K tile to load on
@@ -499,8 +500,8 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     const int b_half = b_bytes_left > 0 ? 16 * (tid & 1) : 0;   // (K = 32: a row has one half)
     const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes + b_half,
                           expert_q + static_cast<i64>(weight_row((tid >> 1) + kHalf)) * row_bytes + b_half};
-    const u32 b_dst_off[2] = {Layout::kABytes + Layout::kHeaderBytes + moe_b_offset(tid >> 1, tid & 1),
-                              Layout::kABytes + Layout::kHeaderBytes + moe_b_offset((tid >> 1) + kHalf, tid & 1)};
+    const u32 b_dst_off[2] = {Layout::kABytes + moe_b_offset(tid >> 1, tid & 1),
+                              Layout::kABytes + moe_b_offset((tid >> 1) + kHalf, tid & 1)};
     // Loads the next K tile into `stage`; the sources advance by a K tile each call.
     // A source past the row's end is never read (zero bytes copied): the pointers
     // stay where they are then.
@@ -529,9 +530,8 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     auto tile_col = [&](int j) { return (j >= 2 ? kHalf : 0) + 16 * warp + 8 * (j & 1); };
     // n8 tile j's rows lie 8 (j & 1) + kHalf (j >= 2) rows past tile 0's, multiples
     // of 8 that leave moe_b_offset's swizzle bit (row bit 2) and the half's bit 4 alone
-    const u32 b_frag_off = Layout::kABytes + Layout::kHeaderBytes + moe_b_offset(16 * warp + g, 0) + 4 * t;
+    const u32 b_frag_off = Layout::kABytes + moe_b_offset(16 * warp + g, 0) + 4 * t;
     auto b_tile_rows = [](int j) { return static_cast<u32>(((j & 1) * 8 + (j >= 2 ? kHalf : 0)) * kMoeBRowBytes); };
-    const u32 h_frag_off = Layout::kABytes + g * kMoeA8HeaderBytes + 4;   // the `sum` field
 
     // The group's scale and zero of the accumulators' weight rows. Lane l loads
     // those of warp row 8 (l / 8) + l % 8 (tile column tile_col(l / 8) + l % 8).
@@ -564,10 +564,11 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
 
     float acc[kMTiles][kMoeNTiles][4];
     i32 dot[kMTiles][kMoeNTiles][4];
-    float block_sums[kMTiles][2];   // S of rows 16i + g (+ 8) over the blocks since the last flush
+    i32 row_sums[kMTiles][4];   // sum q_x of rows 16i + g (c 0, 1) and + 8 (c 2, 3) since the last flush
 #pragma unroll
     for (int i = 0; i < kMTiles; ++i) {
-        block_sums[i][0] = block_sums[i][1] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) row_sums[i][c] = kMoeRoundMagicBits;
 #pragma unroll
         for (int j = 0; j < kMoeNTiles; ++j)
 #pragma unroll
@@ -584,22 +585,13 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
         cp_async_commit();
         load_stage += Layout::kStageBytes;
     }
-    // after the first loads are on their way: group 0's (s, z), the rows' d (into
-    // shared memory: the epilogue needs them too), and the accumulator rows' 1 / d
+    // after the first loads are on their way: group 0's (s, z), and the rows' d for
+    // the epilogue (the loop's first barrier publishes them)
     load_group(0);
     if (tid < kBM) {
         const int item = block_items[tid];
         block_d[tid] = item >= 0 && item < n_items ? act[static_cast<i64>(item / act_div) * n_blocks].d : 0.0f;
     }
-    __syncthreads();
-    float row_rd[kMTiles][2];
-#pragma unroll
-    for (int i = 0; i < kMTiles; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const float d = block_d[16 * i + g + 8 * h];
-            row_rd[i][h] = d != 0.0f ? __frcp_rn(d) : 0.0f;
-        }
     u32 stage = smem_base;        // the stage of K tile kt
     const u32 last_stage = smem_base + (kMoeStages - 1) * Layout::kStageBytes;
     int blocks_to_flush = group_blocks;
@@ -622,19 +614,25 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
                 b[j][0] = word & kLowNibbles;
                 b[j][1] = (word >> 4) & kLowNibbles;
             }
+            // a group's first k32 step starts its dots over (C = the magic bits)
+            const bool group_start = blocks_to_flush == group_blocks;
 #pragma unroll
             for (int i = 0; i < kMTiles; ++i) {
                 u32 a[4];
                 ldmatrix_x4(a, stage + a_frag_off + 16 * i * kMoeA8RowBytes + step * 32);
+                if (group_start) {
 #pragma unroll
-                for (int j = 0; j < kMoeNTiles; ++j) mma_s8_m16n8k32_acc(dot[i][j], a, b[j][0], b[j][1]);
+                    for (int j = 0; j < kMoeNTiles; ++j)
+                        mma_s8_m16n8k32_from(dot[i][j], a, b[j][0], b[j][1], kMoeRoundMagicBits);
+                    mma_s8_m16n8k32_from(row_sums[i], a, kMoeA8Ones, kMoeA8Ones, kMoeRoundMagicBits);
+                } else {
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    block_sums[i][h] += __uint_as_float(
-                        lds_u32(stage + h_frag_off + (16 * i + 8 * h) * kMoeA8HeaderBytes + step * 16));
+                    for (int j = 0; j < kMoeNTiles; ++j) mma_s8_m16n8k32_acc(dot[i][j], a, b[j][0], b[j][1]);
+                    mma_s8_m16n8k32_acc(row_sums[i], a, kMoeA8Ones, kMoeA8Ones);
+                }
             }
             if (--blocks_to_flush == 0 || k_end >= k_dim) {
-                // acc += s * (dot - z * S / d)
+                // acc += s * (dot - z * sum q_x)
                 publish_group();
                 float4 sz[kMoeNTiles];   // (s, z) of columns 2t, 2t + 1
 #pragma unroll
@@ -643,18 +641,15 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
                 for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const float sums_q = block_sums[i][h] * row_rd[i][h];   // sum q_x over the group
+                        const float sums_q = __int_as_float(row_sums[i][2 * h]) - kMoeRoundMagic;
 #pragma unroll
                         for (int j = 0; j < kMoeNTiles; ++j)
 #pragma unroll
                             for (int e = 0; e < 2; ++e) {
-                                i32& v = dot[i][j][2 * h + e];
-                                const float f = __int_as_float(v) - kMoeRoundMagic;
+                                const float f = __int_as_float(dot[i][j][2 * h + e]) - kMoeRoundMagic;
                                 const float s = e ? sz[j].z : sz[j].x, z = e ? sz[j].w : sz[j].y;
                                 acc[i][j][2 * h + e] = fmaf(s, fmaf(-z, sums_q, f), acc[i][j][2 * h + e]);
-                                v = kMoeRoundMagicBits;
                             }
-                        block_sums[i][h] = 0.0f;
                     }
                 blocks_to_flush = group_blocks;
                 if (k_end < k_dim) load_group(k_end);

@@ -50,8 +50,12 @@ SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 #  per 1 / 2 / 4 m16 tiles), the A8 launch bounds' CTAs per SM at 1 / 2 / 4 m16 tiles (kMoeA8MinCtas),
 #  and optionally another moe_gemm.cu to compile instead of this tree's)
 A16_THREADS = 128
-A8_THREADS = (128, 256, 128)
-A8_MIN_CTAS = (4, 2, 1)
+A8_THREADS = (128, 128, 128)
+A8_MIN_CTAS = (4, 4, 1)
+# --ab: the A8 kernels before 2026-11-23's session 14 staged each K tile's Q8 block
+# headers too (16 bytes a block, 2 blocks a K tile, padded by 16): a base file gets
+# that much more shared memory (a little more than the oldest needs; no CTA fewer)
+A8_HEADER_BYTES_PER_ROW = 48
 A8 = ("a8", A8_THREADS, A8_MIN_CTAS)
 A16 = ("a16", A16_THREADS, A8_MIN_CTAS)
 VARIANTS = [(A8[0], 3, None, False) + A8[1:], (A8[0], 3, 100, False) + A8[1:], (A8[0], 4, None, False) + A8[1:],
@@ -62,9 +66,11 @@ if PERSISTENT_AB:
 if WIDE_AB:   # the A8 and A16 kernels with 128 and 256 threads per CTA at every block size
     VARIANTS = [("a8", 3, None, False, (128, 128, 128), (4, 3, 1)), ("a8", 3, None, False, (256, 256, 256), (2, 2, 1)),
                 ("a16", 3, None, False, 128, A8_MIN_CTAS), ("a16", 3, None, False, 256, A8_MIN_CTAS)]
-if BASE_FILE:   # BASE_FILE's kernels take 128 threads
-    VARIANTS = [("a8", 3, None, False, (128, 128, 128), A8_MIN_CTAS, BASE_FILE), ("a8", 3, None, False) + A8[1:],
-                ("a8", 3, None, False, (128, 128, 128), (4, 4, 1))]
+if BASE_FILE:   # BASE_FILE's kernels take its kMoeA8Threads (128 before there was one)
+    _base_threads = re.search(r"kMoeA8Threads\[3\] = \{(\d+), (\d+), (\d+)\}", Path(BASE_FILE).read_text())
+    _base_threads = tuple(map(int, _base_threads.groups())) if _base_threads else (128, 128, 128)
+    VARIANTS = [("a8", 3, None, False, _base_threads, A8_MIN_CTAS, BASE_FILE), ("a8", 3, None, False) + A8[1:],
+                ("a8", 3, None, False, (128, 256, 128), (4, 2, 1))]
 VARIANTS = [v if len(v) == 7 else v + (None,) for v in VARIANTS]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
@@ -163,6 +169,8 @@ def main():
                         continue   # no 2-tile A16 instances
                     smem = (moe_gemm_a8_smem_bytes(m_tiles, stages, cta) if kind == "a8"
                             else moe_gemm_smem_bytes(m_tiles, stages, cta))
+                    if base_file and kind == "a8":   # earlier A8 kernels also staged the blocks' 16-byte headers
+                        smem += stages * 16 * m_tiles * A8_HEADER_BYTES_PER_ROW
                     if smem > SMEM_LIMIT:
                         continue
                     src = variant_source(stages, threads, min_ctas, base_file)

@@ -239,16 +239,16 @@ MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = MOE_GEMM_THREADS   # moe_gemm.cu's kMoeBN: a thread pair loads two of the rows
 #: the A8 GEMM's threads per CTA (= weight rows per tile) by m16 tiles per block
 #: (moe_gemm.cu's kMoeA8Threads). Measured on an H200 (scripts/sweep_moe_gemm.py
-#: --ab, benchmarks/results/2026-11-23-h200-session14/): 256-thread CTAs of 32-row
-#: blocks take 9-12% less time than 128-thread ones on DeepSeek-V3 at T=1024 (half
-#: the activation reads per weight byte), as fast on Qwen3-30B-A3B; at 16 and 64 rows
-#: (one CTA per SM at 64) they were up to 6% slower.
-MOE_GEMM_A8_THREADS = {1: 128, 2: 256, 4: 128}
+#: --ab / --wide, benchmarks/results/2026-11-23-h200-session14/): 256-thread CTAs
+#: (half the activation reads per weight byte) were up to 6% slower at 16 and 64
+#: rows; at 32 rows they won (2 CTAs of 256 against 3 of 128 at 168 registers), until
+#: the 128-thread instance fit 128 registers, 4 CTAs per SM: then it was 2-8% faster.
+MOE_GEMM_A8_THREADS = {1: 128, 2: 128, 4: 128}
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
 #: shared-memory carveouts (percent of the SM's 228 KiB) of the expert GEMMs: room for
-#: the CTAs their registers allow (A8: 2 of 38 KiB at 64-row blocks, 2 of 38 KiB at
-#: 32 (256 threads), 4 of 19 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest
+#: the CTAs their registers allow (A8: 2 of 29 KiB at 64-row blocks, 4 of 21 KiB at
+#: 32, 4 of 17 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest
 #: left to L1, which then holds the 32-byte sectors of scales and zeros the A16
 #: kernels read 2 bytes at a time
 MOE_GEMM_A8_CARVEOUT = 50
@@ -290,13 +290,12 @@ def moe_gemm_threads(activation: str, m_tiles: int) -> int:
 
 def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int | None = None) -> int:
     """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
-    A rows (BK int8, padded by 16 bytes), their blocks' 16-byte headers (padded by
-    16 bytes) and the ``bn`` weight nibble rows (32 bytes; by default the instance's
-    MOE_GEMM_A8_THREADS), plus the block's item ids and rows' d and each warp's 32
-    (scale, zero) float pairs of the current group."""
+    A rows (BK int8, padded by 16 bytes) and the ``bn`` weight nibble rows (32
+    bytes; by default the instance's MOE_GEMM_A8_THREADS), plus the block's item ids
+    and rows' d and each warp's 32 (scale, zero) float pairs of the current group."""
     bn = MOE_GEMM_A8_THREADS[m_tiles] if bn is None else bn
     rows = 16 * m_tiles
-    stage = rows * (MOE_GEMM_BK + 16) + rows * (16 * (MOE_GEMM_BK // 32) + 16) + bn * MOE_GEMM_BK // 2
+    stage = rows * (MOE_GEMM_BK + 16) + bn * MOE_GEMM_BK // 2
     return stages * stage + rows * 8 + bn * 8
 
 

@@ -186,6 +186,15 @@ __device__ __forceinline__ void mma_s8_m16n8k32(i32 (&d)[4], const u32 (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
 }
 
+// D = A (16x32 s8, row) * B (32x8 s8, col) + c, int32 accumulators (every C element c).
+__device__ __forceinline__ void mma_s8_m16n8k32_from(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, i32 c) {
+    asm(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c));
+}
+
 // D += A (16x32 s8, row) * B (32x8 s8, col), int32 accumulators.
 __device__ __forceinline__ void mma_s8_m16n8k32_acc(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm(
