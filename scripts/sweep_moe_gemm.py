@@ -3,7 +3,8 @@ carveout of the A8 and A16 kernels, the alignment block, (--persistent) one CTA
 per (block, column tile) against the persistent CTAs of moe_walk_tiles, and
 (--wide) 128-thread CTAs (128 weight rows per tile) against 256-thread ones and
 (--ab=FILE) the A8 kernels of another moe_gemm.cu (FILE, e.g. an earlier commit's)
-against this one's, on
+against this one's, and (--blocks) the A8 kernel at each block size at T = 1024 and
+4096, on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
 block of 16, 32 and 64 rows.
 
@@ -16,7 +17,7 @@ bandwidth measured in the same process. Each variant's outputs are compared
 with the first variant's on the same inputs (the pipeline changes no arithmetic
 order within a group, so they must agree to fp32 rounding).
 
-    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent | --wide | --ab=FILE]
+    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent | --wide | --ab=FILE | --blocks]
 """
 import dataclasses
 import functools
@@ -42,6 +43,7 @@ QUICK = "--quick" in sys.argv
 OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 PERSISTENT_AB = "--persistent" in sys.argv
 WIDE_AB = "--wide" in sys.argv
+BLOCKS = "--blocks" in sys.argv
 BASE_FILE = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--ab=")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
@@ -71,12 +73,16 @@ if BASE_FILE:   # BASE_FILE's kernels take its kMoeA8Threads (128 before there w
     _base_threads = tuple(map(int, _base_threads.groups())) if _base_threads else (128, 128, 128)
     VARIANTS = [("a8", 3, None, False, _base_threads, A8_MIN_CTAS, BASE_FILE), ("a8", 3, None, False) + A8[1:],
                 ("a8", 3, None, False, (128, 256, 128), (4, 2, 1))]
+if BLOCKS:
+    VARIANTS = [("a8", 3, None, False) + A8[1:]]
 VARIANTS = [v if len(v) == 7 else v + (None,) for v in VARIANTS]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096),
           "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB or WIDE_AB or BASE_FILE else (128, 1024)}
-M_TILES = (1, 2, 4)
+if BLOCKS:
+    TOKENS = {"qwen3-30b-a3b": (1024, 2048, 4096), "deepseek-v3": (1024, 4096)}
+M_TILES = (2, 4) if BLOCKS else (1, 2, 4)
 
 
 @functools.cache
