@@ -387,22 +387,51 @@ def check_fused(cp, activation, *case):
 @pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
 def test_fused_moe_batched_matches_reference(cp, rng, activation, t, e, k):
     # H and I not multiples of the 64/128-wide tiles or of K's 64; every block size
-    # (16 below 16 items per expert, 64 from there; int8 32 from 16 to 127: e.g. T=256
-    # at E=8, k=1 and T=1024 at E=128, k=8); symmetric g32 and asymmetric g64
+    # (16 below 16 items per expert, 64 from there; int8 32 from there, e.g. T=256 at
+    # E=8, k=1 and T=1024 at E=128, k=8; int8's 64-row blocks: the test below);
+    # symmetric g32 and asymmetric g64
     check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=192, inter=96, group_size=32, symmetric=True))
     check_fused(cp, activation, *moe_case(rng, t, e, k, hidden=320, inter=128, group_size=64, symmetric=False))
 
 
+def force_int8_64_row_blocks(monkeypatch, items, n_experts):
+    """Lower MOE_GEMM_MAX_BLOCKS so that fused_moe(activation="int8") aligns these
+    items to 64-row blocks (it takes them only where 32-row ones would pass the grid
+    limit)."""
+    monkeypatch.setattr(w4kern.moe, "MOE_GEMM_MAX_BLOCKS", (items + n_experts * 63) // 64)
+    assert w4kern.moe.moe_block_size(items, n_experts, "int8") == 64
+
+
 @pytest.mark.parametrize("t", [40, 256, 1024], ids=["rows16", "rows32", "rows64"])
-def test_fused_moe_batched_int8_all_zero_tokens(cp, rng, t):
+def test_fused_moe_batched_int8_all_zero_tokens(cp, rng, monkeypatch, t):
     # The A8 GEMMs take each row's d (the Q8 scale, 0 for an all-zero row) out of the
     # flush and apply it in the epilogue: every fifth token is all zeros (so is its
     # GEMM2 input), at each of the 16 / 32 / 64-row blocks (E = 8, k = 2: 10, 64 and
     # 256 items per expert)
     x, w13, w2, weights, ids = moe_case(rng, t, 8, 2, hidden=192, inter=96, group_size=32, symmetric=False)
+    if t == 1024:
+        force_int8_64_row_blocks(monkeypatch, t * 2, 8)
     x[::5] = 0
     check_fused_moe(cp, x, w13, w2, weights, ids)
     assert not run_fused_moe(cp, x, w13, w2, weights, ids, "int8")[::5].any()
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_fused_moe_batched_int8_64_row_blocks(cp, rng, monkeypatch, persistent):
+    # int8 aligns to 64-row blocks only past the grid limit: the 4-tile A8 GEMMs
+    # (plain and persistent) on spread and skewed routing, symmetric g32, asymmetric
+    # g64 and g128
+    import importlib
+
+    if persistent:
+        lin = importlib.import_module("w4kern.linear")
+        monkeypatch.setitem(w4kern.moe.MOE_GEMM_PERSISTENT, lin._gpu_name(), frozenset({"int8"}))
+    force_int8_64_row_blocks(monkeypatch, 1024 * 2, 8)
+    check_fused_moe(cp, *moe_case(rng, 1024, 8, 2, hidden=192, inter=96, group_size=32, symmetric=True))
+    check_fused_moe(cp, *moe_case(rng, 1024, 8, 2, hidden=320, inter=128, group_size=64, symmetric=False))
+    force_int8_64_row_blocks(monkeypatch, 300 * 4, 60)
+    check_fused_moe(cp, *moe_case(rng, 300, 60, 4, hidden=256, inter=128, group_size=128, symmetric=False,
+                                  skew=True))
 
 
 @pytest.mark.parametrize("activation,t", [("bf16", 20), ("bf16", 300), ("int8", 20), ("int8", 300)])

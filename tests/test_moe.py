@@ -136,26 +136,31 @@ def test_fused_moe_bad_input(rng):
         w4kern.fused_moe(x, w13, w2, weights, ids, out=np.empty((3, 64), np.float16))
 
 
+# items that make more 32-row blocks (of one expert) than the batched GEMMs' grid takes
+A8_GRID_LIMIT_ITEMS = 32 * (w4kern.moe.MOE_GEMM_MAX_BLOCKS + 1)
+
+
 def test_moe_block_size_grows_with_the_items_per_expert():
     from w4kern._registry import MOE_GEMM_A16_M_TILES, MOE_GEMM_M_TILES
-    from w4kern.moe import MOE_GEMM_A8_MID_BLOCK_PER_EXPERT as mid, MOE_GEMM_LARGE_BLOCK_PER_EXPERT as per
-    from w4kern.moe import moe_block_size
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT as per, MOE_GEMM_MAX_BLOCKS, moe_block_size
 
     for act in ("bf16", "int8"):
         assert moe_block_size(1, 8, act) == 16
         assert moe_block_size(8 * per - 1, 8, act) == 16
         assert moe_block_size(128 * 8, 128, act) == 16     # Qwen3-30B-A3B, T = 128: 8 items per expert
-        assert moe_block_size(8 * mid, 8, act) == 64
-        assert moe_block_size(4096 * 8, 128, act) == 64    # Qwen3-30B-A3B, T = 4096: 256 per expert
     assert moe_block_size(8 * per, 8) == 64
-    assert moe_block_size(8 * per, 8, "int8") == 32
-    assert moe_block_size(8 * mid - 1, 8, "int8") == 32
     assert moe_block_size(1024 * 8, 256) == 64            # DeepSeek-V3, T = 1024: 32 per expert
+    assert moe_block_size(4096 * 8, 128) == 64            # Qwen3-30B-A3B, T = 4096: 256 per expert
+    # int8: 32-row blocks from 16 items per expert on, 64-row ones past the grid limit
+    assert moe_block_size(8 * per, 8, "int8") == 32
     assert moe_block_size(1024 * 8, 256, "int8") == 32
     assert moe_block_size(1024 * 8, 128, "int8") == 32    # Qwen3-30B-A3B, T = 1024: 64 per expert
+    assert moe_block_size(4096 * 8, 128, "int8") == 32
+    assert moe_block_size(32 * MOE_GEMM_MAX_BLOCKS - 31 * 8, 8, "int8") == 32   # exactly the grid limit
+    assert moe_block_size(32 * MOE_GEMM_MAX_BLOCKS - 31 * 8 + 32, 8, "int8") == 64
     # every block size is a compiled tile count, and every compiled one is picked
-    assert {moe_block_size(n, 1) // 16 for n in (1, per, mid)} == set(MOE_GEMM_A16_M_TILES)
-    assert {moe_block_size(n, 1, "int8") // 16 for n in (1, per, mid)} == set(MOE_GEMM_M_TILES)
+    assert {moe_block_size(n, 1) // 16 for n in (1, per, A8_GRID_LIMIT_ITEMS)} == set(MOE_GEMM_A16_M_TILES)
+    assert {moe_block_size(n, 1, "int8") // 16 for n in (1, per, A8_GRID_LIMIT_ITEMS)} == set(MOE_GEMM_M_TILES)
 
 
 def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
@@ -201,10 +206,10 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
     the one-pair-per-CTA and the persistent GEMMs alike."""
     from w4kern._registry import FAMILIES, cxx_bool, cxx_type, moe_gemm_family
     from w4kern.formats import FLOAT_DTYPES, SCALE_DTYPES
-    from w4kern.moe import MOE_GEMM_A8_MID_BLOCK_PER_EXPERT, MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
+    from w4kern.moe import MOE_GEMM_LARGE_BLOCK_PER_EXPERT, moe_block_size
 
     m_tiles = {act: {moe_block_size(n, 1, act) // 16 for n in (1, MOE_GEMM_LARGE_BLOCK_PER_EXPERT,
-                                                                MOE_GEMM_A8_MID_BLOCK_PER_EXPERT)}
+                                                                A8_GRID_LIMIT_ITEMS)}
                for act in ("bf16", "int8")}
     assert m_tiles == {"bf16": {1, 4}, "int8": {1, 2, 4}}
     for x_dtype in FLOAT_DTYPES:

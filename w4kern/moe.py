@@ -188,14 +188,14 @@ MOE_GEMM_MAX_BLOCKS = 65535
 #: 16-row blocks take 0.55x the time of 64-row ones, at 32 and 64 1.3x.
 MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
 #: activation="int8" aligns to 32-row blocks (two m16 tiles) from
-#: MOE_GEMM_LARGE_BLOCK_PER_EXPERT up to this many items per expert, 64-row ones from
-#: here. Measured on an H200 (scripts/sweep_moe_gemm.py, benchmarks/results/
-#: 2026-11-22-h200-session12/sweep-blocks-94e2be0/), GEMM1 + GEMM2 with 16 / 32 / 64-row
-#: blocks: DeepSeek-V3 T=1024 (32 items per expert) 6201 / 5109 / 5639 us, Qwen3-30B-A3B
-#: T=1024 (64 per expert) 623 / 518 / 538; 64-row blocks pad less as the experts fill,
-#: so the crossover lies above 64 (not measured between 64 and 256). The A16 kernels
-#: were slower at 32 rows than at 64 in both (7970 vs 6842, 774 vs 581 us).
-MOE_GEMM_A8_MID_BLOCK_PER_EXPERT = 128
+#: MOE_GEMM_LARGE_BLOCK_PER_EXPERT items per expert on, 64-row ones only where 32-row
+#: blocks would pass MOE_GEMM_MAX_BLOCKS. Measured on an H200 (scripts/sweep_moe_gemm.py
+#: --blocks, benchmarks/results/2026-11-23-h200-session14/blocks-2a6d8a5/), GEMM1 + GEMM2
+#: with 32 / 64-row blocks: Qwen3-30B-A3B T=1024 370 / 470 us, T=4096 1215 / 1407;
+#: DeepSeek-V3 T=1024 3717 / 4748, T=4096 11589 / 12724: the 64-row instance holds 8
+#: warps per SM (250 registers), the 32-row one 16. (Before session 14's A8 changes
+#: 64-row blocks were faster from about 128 items per expert.) The A16 kernels were
+#: slower at 32 rows than at 64 (session 12: 7970 vs 6842, 774 vs 581 us).
 #: the batched GEMMs' persistent CTAs (one grid of resident CTAs walking the (block,
 #: column tile) pairs in groups of MOE_GEMM_GROUP_M blocks, moe_gemm.cu's
 #: moe_walk_tiles): per GPU, the activations ("int8" / "bf16") that take them;
@@ -294,10 +294,11 @@ def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
 def moe_block_size(items: int, n_experts: int, activation: str = "bf16") -> int:
     """Alignment block of the batched path: 16 rows (one m16 tile) while the average
     expert gets fewer than MOE_GEMM_LARGE_BLOCK_PER_EXPERT items, 64 from there; for
-    activation="int8" 32 in between, up to MOE_GEMM_A8_MID_BLOCK_PER_EXPERT."""
+    activation="int8" 32 from there, unless moe_align_block_size's 32-row blocks
+    (items + E * 31 rows) would be more than MOE_GEMM_MAX_BLOCKS."""
     if items < MOE_GEMM_LARGE_BLOCK_PER_EXPERT * n_experts:
         return 16
-    if activation == "int8" and items < MOE_GEMM_A8_MID_BLOCK_PER_EXPERT * n_experts:
+    if activation == "int8" and (items + n_experts * 31) // 32 <= MOE_GEMM_MAX_BLOCKS:
         return 32
     return 64
 
