@@ -190,7 +190,7 @@ MOE_GEMM_LARGE_BLOCK_PER_EXPERT = 16
 #: activation="int8" aligns to 32-row blocks (two m16 tiles) from
 #: MOE_GEMM_LARGE_BLOCK_PER_EXPERT items per expert on, 64-row ones only where 32-row
 #: blocks would pass MOE_GEMM_MAX_BLOCKS. Measured on an H200 (scripts/sweep_moe_gemm.py
-#: --blocks, benchmarks/results/2026-11-23-h200-session14/blocks-2a6d8a5/), GEMM1 + GEMM2
+#: --blocks, benchmarks/results/2026-11-23-h200-session14/blocks-5d8e958/), GEMM1 + GEMM2
 #: with 32 / 64-row blocks: Qwen3-30B-A3B T=1024 370 / 470 us, T=4096 1215 / 1407;
 #: DeepSeek-V3 T=1024 3717 / 4748, T=4096 11589 / 12724: the 64-row instance holds 8
 #: warps per SM (250 registers), the 32-row one 16. (Before session 14's A8 changes
