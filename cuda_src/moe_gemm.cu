@@ -37,6 +37,7 @@
 namespace w4kern {
 
 constexpr int kMoeGemmThreads = 128;         // the A16 GEMM's CTA (the A8 GEMM's: MoeGemmA8Layout)
+constexpr int kMoeGemmWarpsN = 4;            // warps along a tile's columns
 constexpr int kMoeBN = kMoeGemmThreads;      // weight rows per tile (two halves); a thread pair loads two
 constexpr int kMoeHalf = kMoeBN / 2;
 constexpr int kMoeBK = 64;                   // k per K tile
@@ -398,17 +399,23 @@ constexpr u32 kMoeA8Ones = 0x01010101u;            // a B fragment of ones: the 
 constexpr int kMoeA8MaxFlushK = 128;                // int32 dots flushed at least this often
 constexpr float kMoeRoundMagic = 12582912.0f;       // 1.5 * 2^23: i + magic holds i in the mantissa
 constexpr i32 kMoeRoundMagicBits = 0x4B400000;
-// The 1, 2 and 4-tile A8 instances: threads per CTA (= weight rows per tile) and
-// their launch bounds' CTAs per SM (see moe_gemm_a8_tile)
-constexpr int kMoeA8Threads[3] = {128, 128, 128};
-constexpr int kMoeA8MinCtas[3] = {4, 4, 1};
+// The 1, 2 and 4-tile A8 instances: warps along M (a CTA has 4 of them along N, so
+// 128 or 256 threads; with 2 each warp computes half the block's m16 tiles, and
+// two warps share every B fragment) and the launch bounds' CTAs per SM (see
+// moe_gemm_a8_tile)
+constexpr int kMoeA8WarpsM[3] = {1, 1, 2};
+constexpr int kMoeA8MinCtas[3] = {4, 4, 2};
 __host__ __device__ constexpr int moe_a8_instance(int m_tiles) { return m_tiles == 1 ? 0 : (m_tiles == 2 ? 1 : 2); }
 
 template <int kMTiles>
 struct MoeGemmA8Layout {
-    static constexpr int kThreads = kMoeA8Threads[moe_a8_instance(kMTiles)];
-    static constexpr int kBN = kThreads;   // weight rows per tile: a thread pair loads two
+    static constexpr int kWarpsM = kMoeA8WarpsM[moe_a8_instance(kMTiles)];
+    static constexpr int kThreads = 32 * kMoeGemmWarpsN * kWarpsM;
+    static constexpr int kMTilesPerWarp = kMTiles / kWarpsM;
+    static constexpr int kBN = kMoeBN;
     static constexpr int kHalf = kBN / 2;
+    // B loads: the tile's 2 * kBN 16-byte row halves over the threads
+    static constexpr int kBLoads = 2 * kBN / kThreads;
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
     static constexpr int kBBytes = kBN * kMoeBRowBytes;
@@ -427,11 +434,10 @@ struct MoeGemmA8Layout {
 };
 
 // One (block, column tile) pair of the A8 GEMM; moe_gemm_a8_kernel (below) walks
-// them. Its launch bounds: 4 CTAs per SM at one and two m16 tiles (128
-// registers: at two, 16 warps where 3 CTAs at 168 registers had 12), 1 at four
-// (an explicit minimum: without one ptxas held the instances to 72 registers and
-// spilled; they take ~250, 2 CTAs per SM). kMoeA8Threads can make an instance's
-// CTAs 256 threads with 256-row tiles (scripts/sweep_moe_gemm.py --wide).
+// them. Its launch bounds: 4 CTAs per SM at one and two m16 tiles, 2 (of 256
+// threads) at four: 128 registers, 16 warps per SM, every warp two m16 tiles at
+// most (one warp of four m16 tiles took ~250 registers, 8 warps per SM; two of
+// 128 threads at 168 registers had 12).
 // Addresses that do not change along K (shared-memory offsets, source pointers)
 // are worked out once before the K loop, and the ring's stages are walked by
 // adding the stage size: the loop body is mostly MMAs, nibble masks and the flush.
@@ -464,6 +470,8 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     auto weight_row = [&](int c) { return tile.weight_row(c, n_rows); };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int warp_n = warp % kMoeGemmWarpsN;                        // the warp's columns
+    const int m0 = warp / kMoeGemmWarpsN * Layout::kMTilesPerWarp;   // its first m16 tile
     const int g = lane >> 2, t = lane & 3;
     const i64 row_bytes = k_dim / 2;
     const int n_blocks = k_dim / kQ8BlockValues;
@@ -494,14 +502,19 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
         a_src_off[u] = b * static_cast<u32>(sizeof(Q8Block)) + part * 16;
     }
     int a_blocks_left = a_valid ? n_blocks : 0;   // of the row, from the next K tile to load on
-    // B loads: two weight-row halves (moe_load_weight_tile's split), and how many of
-    // the row's bytes are left from the next K tile's half on
+    // B loads: weight-row halves tid % 2 of tile rows tid / 2 + r * kThreads / 2 (the
+    // pairs of moe_load_weight_tile), and how many of the row's bytes are left from
+    // the next K tile's half on
     i64 b_bytes_left = row_bytes - 16 * (tid & 1);
     const int b_half = b_bytes_left > 0 ? 16 * (tid & 1) : 0;   // (K = 32: a row has one half)
-    const u8* b_src[2] = {expert_q + static_cast<i64>(weight_row(tid >> 1)) * row_bytes + b_half,
-                          expert_q + static_cast<i64>(weight_row((tid >> 1) + kHalf)) * row_bytes + b_half};
-    const u32 b_dst_off[2] = {Layout::kABytes + moe_b_offset(tid >> 1, tid & 1),
-                              Layout::kABytes + moe_b_offset((tid >> 1) + kHalf, tid & 1)};
+    const u8* b_src[Layout::kBLoads];
+    u32 b_dst_off[Layout::kBLoads];
+#pragma unroll
+    for (int r = 0; r < Layout::kBLoads; ++r) {
+        const int row = (tid >> 1) + r * (Layout::kThreads / 2);
+        b_src[r] = expert_q + static_cast<i64>(weight_row(row)) * row_bytes + b_half;
+        b_dst_off[r] = Layout::kABytes + moe_b_offset(row, tid & 1);
+    }
     // Loads the next K tile into `stage`; the sources advance by a K tile each call.
     // A source past the row's end is never read (zero bytes copied): the pointers
     // stay where they are then.
@@ -517,20 +530,20 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
         a_blocks_left -= kMoeA8Blocks;
         const bool in = b_bytes_left > 0;   // K is a multiple of 32: whole halves
 #pragma unroll
-        for (int r = 0; r < 2; ++r) cp_async16(stage + b_dst_off[r], b_src[r], in ? 16 : 0);
+        for (int r = 0; r < Layout::kBLoads; ++r) cp_async16(stage + b_dst_off[r], b_src[r], in ? 16 : 0);
         b_bytes_left -= kMoeBRowBytes;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) b_src[r] += b_bytes_left > 0 ? kMoeBRowBytes : 0;
+        for (int r = 0; r < Layout::kBLoads; ++r) b_src[r] += b_bytes_left > 0 ? kMoeBRowBytes : 0;
     };
 
     // Per-fragment shared-memory offsets within a stage: the A rows for ldmatrix
     // (lanes 0-15: rows 16i + lane at k 32 step; lanes 16-31: + 16 bytes), the B
     // word of thread (g, t) in n8 tile j, and the headers of rows 16i + g (+ 8)
-    const u32 a_frag_off = (lane & 15) * kMoeA8RowBytes + (lane >> 4) * 16;
-    auto tile_col = [&](int j) { return (j >= 2 ? kHalf : 0) + 16 * warp + 8 * (j & 1); };
+    const u32 a_frag_off = (16 * m0 + (lane & 15)) * kMoeA8RowBytes + (lane >> 4) * 16;
+    auto tile_col = [&](int j) { return (j >= 2 ? kHalf : 0) + 16 * warp_n + 8 * (j & 1); };
     // n8 tile j's rows lie 8 (j & 1) + kHalf (j >= 2) rows past tile 0's, multiples
     // of 8 that leave moe_b_offset's swizzle bit (row bit 2) and the half's bit 4 alone
-    const u32 b_frag_off = Layout::kABytes + moe_b_offset(16 * warp + g, 0) + 4 * t;
+    const u32 b_frag_off = Layout::kABytes + moe_b_offset(16 * warp_n + g, 0) + 4 * t;
     auto b_tile_rows = [](int j) { return static_cast<u32>(((j & 1) * 8 + (j >= 2 ? kHalf : 0)) * kMoeBRowBytes); };
 
     // The group's scale and zero of the accumulators' weight rows. Lane l loads
@@ -562,11 +575,13 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     const int flush_k = min(group_shift >= 31 ? kMoeA8MaxFlushK : (1 << group_shift), kMoeA8MaxFlushK);
     const int group_blocks = flush_k / kQ8BlockValues;   // Q8 blocks per flush
 
-    float acc[kMTiles][kMoeNTiles][4];
-    i32 dot[kMTiles][kMoeNTiles][4];
-    i32 row_sums[kMTiles][4];   // sum q_x of rows 16i + g (c 0, 1) and + 8 (c 2, 3) since the last flush
+    // the warp's m16 tiles m0 + i
+    constexpr int kWarpTiles = Layout::kMTilesPerWarp;
+    float acc[kWarpTiles][kMoeNTiles][4];
+    i32 dot[kWarpTiles][kMoeNTiles][4];
+    i32 row_sums[kWarpTiles][4];   // sum q_x of rows 16 (m0 + i) + g (c 0, 1) and + 8 (c 2, 3)
 #pragma unroll
-    for (int i = 0; i < kMTiles; ++i) {
+    for (int i = 0; i < kWarpTiles; ++i) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) row_sums[i][c] = kMoeRoundMagicBits;
 #pragma unroll
@@ -617,7 +632,7 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
             // a group's first k32 step starts its dots over (C = the magic bits)
             const bool group_start = blocks_to_flush == group_blocks;
 #pragma unroll
-            for (int i = 0; i < kMTiles; ++i) {
+            for (int i = 0; i < kWarpTiles; ++i) {
                 u32 a[4];
                 ldmatrix_x4(a, stage + a_frag_off + 16 * i * kMoeA8RowBytes + step * 32);
                 if (group_start) {
@@ -638,7 +653,7 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
 #pragma unroll
                 for (int j = 0; j < kMoeNTiles; ++j) sz[j] = *reinterpret_cast<const float4*>(warp_sz + 8 * j + 2 * t);
 #pragma unroll
-                for (int i = 0; i < kMTiles; ++i)
+                for (int i = 0; i < kWarpTiles; ++i)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const float sums_q = __int_as_float(row_sums[i][2 * h]) - kMoeRoundMagic;
@@ -659,16 +674,17 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     }
 
 #pragma unroll
-    for (int i = 0; i < kMTiles; ++i)
+    for (int i = 0; i < kWarpTiles; ++i)
 #pragma unroll
         for (int rh = 0; rh < 2; ++rh) {
-            const int item = block_items[16 * i + g + 8 * rh];
+            const int r = 16 * (m0 + i) + g + 8 * rh;
+            const int item = block_items[r];
             if (item < 0 || item >= n_items) continue;
             float* row = out + static_cast<i64>(item) * out_cols;
-            const float d = block_d[16 * i + g + 8 * rh];
+            const float d = block_d[r];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const int col = 16 * warp + 8 * j + 2 * t;
+                const int col = 16 * warp_n + 8 * j + 2 * t;
                 if constexpr (kSiluGateUp) {
                     if (lo_base + col >= out_cols) continue;
                     float v[2];

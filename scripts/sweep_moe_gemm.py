@@ -48,33 +48,47 @@ BASE_FILE = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--ab
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
 # (kernel, stages, shared-memory carveout in percent; None: the family's, persistent CTAs,
-#  threads per CTA = weight rows per tile (A16: moe_gemm.cu's kMoeGemmThreads; A8: kMoeA8Threads,
-#  per 1 / 2 / 4 m16 tiles), the A8 launch bounds' CTAs per SM at 1 / 2 / 4 m16 tiles (kMoeA8MinCtas),
+#  the CTA shape: A16 threads per CTA = weight rows per tile (moe_gemm.cu's kMoeGemmThreads), A8
+#  warps along M per 1 / 2 / 4 m16 tiles (kMoeA8WarpsM; 128 weight rows a tile, 128 threads a warp
+#  along M), the A8 launch bounds' CTAs per SM at 1 / 2 / 4 m16 tiles (kMoeA8MinCtas),
 #  and optionally another moe_gemm.cu to compile instead of this tree's)
 A16_THREADS = 128
-A8_THREADS = (128, 128, 128)
-A8_MIN_CTAS = (4, 4, 1)
+A8_WARPS_M = (1, 1, 2)
+A8_MIN_CTAS = (4, 4, 2)
 # --ab: the A8 kernels before 2026-11-23's session 14 staged each K tile's Q8 block
 # headers too (16 bytes a block, 2 blocks a K tile, padded by 16): a base file gets
 # that much more shared memory (a little more than the oldest needs; no CTA fewer)
 A8_HEADER_BYTES_PER_ROW = 48
-A8 = ("a8", A8_THREADS, A8_MIN_CTAS)
+A8 = ("a8", A8_WARPS_M, A8_MIN_CTAS)
 A16 = ("a16", A16_THREADS, A8_MIN_CTAS)
 VARIANTS = [(A8[0], 3, None, False) + A8[1:], (A8[0], 3, 100, False) + A8[1:], (A8[0], 4, None, False) + A8[1:],
             (A8[0], 5, None, False) + A8[1:], (A16[0], 3, None, False) + A16[1:], (A16[0], 3, 100, False) + A16[1:],
             (A16[0], 4, None, False) + A16[1:]]
 if PERSISTENT_AB:
     VARIANTS = [(v[0], 3, None, p) + v[1:] for v in (A8, A16) for p in (False, True)]
-if WIDE_AB:   # the A8 and A16 kernels with 128 and 256 threads per CTA at every block size
-    VARIANTS = [("a8", 3, None, False, (128, 128, 128), (4, 3, 1)), ("a8", 3, None, False, (256, 256, 256), (2, 2, 1)),
-                ("a16", 3, None, False, 128, A8_MIN_CTAS), ("a16", 3, None, False, 256, A8_MIN_CTAS)]
-if BASE_FILE:   # BASE_FILE's kernels take its kMoeA8Threads (128 before there was one)
-    _base_threads = re.search(r"kMoeA8Threads\[3\] = \{(\d+), (\d+), (\d+)\}", Path(BASE_FILE).read_text())
-    _base_threads = tuple(map(int, _base_threads.groups())) if _base_threads else (128, 128, 128)
-    VARIANTS = [("a8", 3, None, False, _base_threads, A8_MIN_CTAS, BASE_FILE), ("a8", 3, None, False) + A8[1:],
-                ("a8", 3, None, False, (128, 256, 128), (4, 2, 1))]
-if BLOCKS:
-    VARIANTS = [("a8", 3, None, False) + A8[1:]]
+if WIDE_AB:   # the A16 kernels with 128 and 256 threads per CTA (and weight rows per tile)
+    VARIANTS = [("a16", 3, None, False, 128, A8_MIN_CTAS), ("a16", 3, None, False, 256, A8_MIN_CTAS)]
+if BASE_FILE:   # against BASE_FILE's A8 kernels, and the 64-row instance with one warp along M
+    VARIANTS = [("a8", 3, None, False, None, None, BASE_FILE), ("a8", 3, None, False) + A8[1:],
+                ("a8", 3, None, False, (1, 1, 1), (4, 4, 1))]
+
+
+def a8_cta(warps_m, base_file, m_tiles):
+    """(threads, weight rows) of an A8 instance: this tree's (128 threads a warp along
+    M, 128 rows) or a base file's: its kMoeA8WarpsM, or its kMoeA8Threads (as many
+    rows as threads; session 14's first versions), or 128 before either existed."""
+    i = (1, 2, 4).index(m_tiles)
+    if not base_file:
+        return 128 * warps_m[i], 128
+    text = Path(base_file).read_text()
+    for name, per_warp in (("kMoeA8WarpsM", True), ("kMoeA8Threads", False)):
+        found = re.search(name + r"\[3\] = \{(\d+), (\d+), (\d+)\}", text)
+        if found:
+            value = int(found.groups()[i])
+            return (128 * value, 128) if per_warp else (value, value)
+    return 128, 128
+if BLOCKS:   # and the 64-row instance with one warp along M (four m16 tiles a warp)
+    VARIANTS = [("a8", 3, None, False) + A8[1:], ("a8", 3, None, False, (1, 1, 1), (4, 4, 1))]
 VARIANTS = [v if len(v) == 7 else v + (None,) for v in VARIANTS]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
@@ -97,12 +111,12 @@ def variant_source(stages, threads, a8_min_ctas=A8_MIN_CTAS, base_file=None) -> 
     text = path.read_text()
     rewrites = [(r"constexpr int kMoeStages = \d+;", f"constexpr int kMoeStages = {stages};")]
     if base_file:
-        pass   # its own threads and launch bounds
+        pass   # its own CTA shapes and launch bounds
     elif isinstance(threads, int):
         rewrites.append((r"constexpr int kMoeGemmThreads = \d+;", f"constexpr int kMoeGemmThreads = {threads};"))
     else:
-        rewrites += [(r"constexpr int kMoeA8Threads\[3\] = \{[0-9, ]+\};",
-                      "constexpr int kMoeA8Threads[3] = {%d, %d, %d};" % threads),
+        rewrites += [(r"constexpr int kMoeA8WarpsM\[3\] = \{[0-9, ]+\};",
+                      "constexpr int kMoeA8WarpsM[3] = {%d, %d, %d};" % threads),
                      (r"constexpr int kMoeA8MinCtas\[3\] = \{[0-9, ]+\};",
                       "constexpr int kMoeA8MinCtas[3] = {%d, %d, %d};" % a8_min_ctas)]
     for pattern, value in rewrites:
@@ -161,20 +175,20 @@ def main():
                     fam = FAMILIES[f"moe_gemm_{kind}"]
                     carveout = fam.smem_carveout if carveout is None else carveout
                     name = f"{kind}-s{stages}-c{carveout}" + ("-persistent" if persistent else "")
-                    if kind == "a8" and (threads, min_ctas) != (A8_THREADS, A8_MIN_CTAS) and not base_file:
-                        name += "-t" + "-".join(map(str, threads)) + "-b" + "".join(map(str, min_ctas))
+                    if kind == "a8" and (threads, min_ctas) != (A8_WARPS_M, A8_MIN_CTAS) and not base_file:
+                        name += "-w" + "".join(map(str, threads)) + "-b" + "".join(map(str, min_ctas))
                     elif kind == "a16" and threads != A16_THREADS:
                         name += f"-t{threads}"
                     if base_file:
                         name += "-base"
-                    cta = threads if kind == "a16" else threads[(1, 2, 4).index(m_tiles)]
+                    cta, bn = (threads, threads) if kind == "a16" else a8_cta(threads, base_file, m_tiles)
                     activation = "int8" if kind == "a8" else "bf16"
                     if (PERSISTENT_AB or WIDE_AB or BASE_FILE) and m_tiles != moe_block_size(items, experts, activation) // 16:
                         continue   # the A/B at fused_moe's own block size
                     if kind == "a16" and m_tiles == 2:
                         continue   # no 2-tile A16 instances
-                    smem = (moe_gemm_a8_smem_bytes(m_tiles, stages, cta) if kind == "a8"
-                            else moe_gemm_smem_bytes(m_tiles, stages, cta))
+                    smem = (moe_gemm_a8_smem_bytes(m_tiles, stages, cta, bn) if kind == "a8"
+                            else moe_gemm_smem_bytes(m_tiles, stages, bn))
                     if base_file and kind == "a8":   # earlier A8 kernels also staged the blocks' 16-byte headers
                         smem += stages * 16 * m_tiles * A8_HEADER_BYTES_PER_ROW
                     if smem > SMEM_LIMIT:
@@ -196,9 +210,9 @@ def main():
                         dst.view(np.uint32 if f32_out else np.uint16).fill(0x7FC00000 if f32_out else 0x7FC0)  # NaN
 
                         def fn(i, kern=kernels[inst], w=w, a=a, dst=dst, silu=silu, act_div=act_div, p=persistent,
-                               cta=cta):
+                               cta=cta, bn=bn):
                             launch_moe_gemm(kern, smem, w, a, dst, silu, act_div, aligned, items, persistent=p,
-                                            threads=cta)
+                                            threads=cta, bn=bn)
 
                         fn(0)
                         got = dst if f32_out else (dst.view(np.uint16).astype(np.uint32) << 16).view(np.float32)

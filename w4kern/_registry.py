@@ -237,17 +237,16 @@ MOE_GEMM_M_TILES = (1, 2, 4)
 MOE_GEMM_A16_M_TILES = (1, 4)
 MOE_GEMM_THREADS = 128
 MOE_GEMM_BN = MOE_GEMM_THREADS   # moe_gemm.cu's kMoeBN: a thread pair loads two of the rows
-#: the A8 GEMM's threads per CTA (= weight rows per tile) by m16 tiles per block
-#: (moe_gemm.cu's kMoeA8Threads). Measured on an H200 (scripts/sweep_moe_gemm.py
-#: --ab / --wide, benchmarks/results/2026-11-23-h200-session14/): 256-thread CTAs
-#: (half the activation reads per weight byte) were up to 6% slower at 16 and 64
-#: rows; at 32 rows they won (2 CTAs of 256 against 3 of 128 at 168 registers), until
-#: the 128-thread instance fit 128 registers, 4 CTAs per SM: then it was 2-8% faster.
-MOE_GEMM_A8_THREADS = {1: 128, 2: 128, 4: 128}
+#: the A8 GEMM's warps along M by m16 tiles per block (moe_gemm.cu's kMoeA8WarpsM): a
+#: CTA has 4 warps along its 128 weight rows, so 128 or 256 threads. With 2 at 64-row
+#: blocks each warp takes two m16 tiles (128 registers, 16 warps per SM where one
+#: warp of four tiles needs 250, 8 per SM). Measured on an H200 (scripts/sweep_moe_gemm.py,
+#: benchmarks/results/2026-11-23-h200-session14/).
+MOE_GEMM_A8_WARPS_M = {1: 1, 2: 1, 4: 2}
 MOE_GEMM_BK = 64
 MOE_GEMM_STAGES = 3
 #: shared-memory carveouts (percent of the SM's 228 KiB) of the expert GEMMs: room for
-#: the CTAs their registers allow (A8: 2 of 29 KiB at 64-row blocks, 4 of 21 KiB at
+#: the CTAs their registers allow (A8: 2 of 30 KiB at 64-row blocks, 4 of 21 KiB at
 #: 32, 4 of 17 KiB at 16; A16: 3 of 39 KiB, 4 of 19 KiB), the rest
 #: left to L1, which then holds the 32-byte sectors of scales and zeros the A16
 #: kernels read 2 bytes at a time
@@ -283,20 +282,21 @@ def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int = M
 
 
 def moe_gemm_threads(activation: str, m_tiles: int) -> int:
-    """Threads per CTA (= weight rows per tile) of the batched expert GEMM for
-    ``activation`` ("int8": A8, else A16) at ``m_tiles`` m16 tiles per block."""
-    return MOE_GEMM_A8_THREADS[m_tiles] if activation == "int8" else MOE_GEMM_THREADS
+    """Threads per CTA of the batched expert GEMM for ``activation`` ("int8": A8,
+    else A16) at ``m_tiles`` m16 tiles per block (the tile has MOE_GEMM_BN weight rows)."""
+    return 128 * MOE_GEMM_A8_WARPS_M[m_tiles] if activation == "int8" else MOE_GEMM_THREADS
 
 
-def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int | None = None) -> int:
+def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, threads: int | None = None,
+                           bn: int = MOE_GEMM_BN) -> int:
     """Dynamic shared memory of moe_gemm_a8_kernel (MoeGemmA8Layout): the stages of
     A rows (BK int8, padded by 16 bytes) and the ``bn`` weight nibble rows (32
-    bytes; by default the instance's MOE_GEMM_A8_THREADS), plus the block's item ids
-    and rows' d and each warp's 32 (scale, zero) float pairs of the current group."""
-    bn = MOE_GEMM_A8_THREADS[m_tiles] if bn is None else bn
+    bytes), plus the block's item ids and rows' d and each warp's 32 (scale, zero)
+    float pairs of the current group (``threads``: by default the instance's)."""
+    threads = moe_gemm_threads("int8", m_tiles) if threads is None else threads
     rows = 16 * m_tiles
     stage = rows * (MOE_GEMM_BK + 16) + bn * MOE_GEMM_BK // 2
-    return stages * stage + rows * 8 + bn * 8
+    return stages * stage + rows * 8 + threads * 8
 
 
 def moe_align_chunk(n: int, n_experts: int) -> int:

@@ -372,18 +372,20 @@ def uses_persistent_moe_gemm(activation: str) -> bool:
     return activation in table.get(_gpu_name(), table["default"])
 
 
-def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, *, threads, persistent=False):
+def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, *, threads, persistent=False,
+                    bn=None):
     """One batched expert GEMM (a moe_gemm.cu kernel) over the aligned blocks
     ``aligned`` = moe_align_block_size's (sorted_ids, expert_ids, post_padded): a CTA
     per (column tile, block), or with ``persistent`` (a kernel of a _persistent
     family) as many CTAs as the GPU holds at once, walking the used blocks' pairs;
     GEMM1 (``silu``) tiles the I outputs of [g; u] by half a tile.
-    ``threads``: the kernel's CTA size (w4kern._registry.moe_gemm_threads; its tile
-    has as many weight rows). scripts/sweep_moe_gemm.py launches its variants
+    ``threads``: the kernel's CTA size (w4kern._registry.moe_gemm_threads), ``bn`` its
+    tile's weight rows (MOE_GEMM_BN). scripts/sweep_moe_gemm.py launches its variants
     through here too."""
+    from ._registry import MOE_GEMM_BN
     from .linear import _resident_ctas, _sm_count
 
-    bn = threads   # moe_gemm.cu's kMoeBN
+    bn = MOE_GEMM_BN if bn is None else bn
     sorted_ids, expert_ids, post_padded = aligned
     n, kd = w.shape[1], w.shape[2]
     zeros = w.zeros
