@@ -9,18 +9,18 @@
 // of the A tile is activation row i / act_div (GEMM1: the token's x row,
 // act_div = k; GEMM2: the item's own intermediate row, act_div = 1).
 //
-// A tile of kMoeBN = 128 weight rows (MoeGemmA8Layout::kBN in the A8 GEMM) has a
-// low half (tile columns 0..63) and a high half
-// (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and the
+// A tile of kMoeBN = 128 weight rows has a low half (tile columns 0..63) and a
+// high half (64..127): for GEMM1 (kSiluGateUp) the gate rows n0 .. n0 + 63 and the
 // matching up rows I + n0 .. I + n0 + 63, so that every thread holds the gate
 // and up accumulators of the same outputs and the epilogue writes silu(g) * u
 // straight away (as ActT, GEMM2's A operand); for GEMM2 simply 128 consecutive
 // rows, written as fp32 per item (the combine kernel of moe_decode.cu sums an
 // item's k rows in slot order: deterministic).
 //
-// Warp w (of 4, or 8 for 256 rows) owns tile columns 16w .. 16w + 15 of both
-// halves (4 n8 MMA tiles) and all BM rows. Each K tile (kMoeBK = 64) goes
-// through a kMoeStages cp.async ring in shared memory: the A rows (gathered; padding rows are
+// Warp w owns tile columns 16w .. 16w + 15 of both halves (4 n8 MMA tiles) and
+// all BM rows (the A8 GEMM's 64-row CTAs have two warps along M: warp w % 4's
+// columns, half the rows). Each K tile (kMoeBK = 64) goes through a kMoeStages
+// cp.async ring in shared memory: the A rows (gathered; padding rows are
 // zero-filled) and the raw nibbles of the weight rows. A thread's B fragment
 // of an n8 tile and k16 step needs weights k = 2t, 2t + 1, 2t + 8, 2t + 9 of
 // weight row g (t = lane % 4, g = lane / 4): bytes t and 4 + t of the row's 8
@@ -61,7 +61,7 @@ struct MoeGemmLayout {
 // block's expert, and the columns of the tile's low and high halves: for GEMM1 (kSiluGateUp) gate rows lo_base .. + 63 and the matching
 // up rows hi_base = I + lo_base ..; for GEMM2 128 consecutive rows. valid is false
 // past the used blocks and for a block without an expert.
-template <bool kSiluGateUp, int kBN = kMoeBN>
+template <bool kSiluGateUp>
 struct MoeTile {
     bool valid;
     int expert;
@@ -70,20 +70,20 @@ struct MoeTile {
     int lo_end;              // where the low half's rows end
     // weight row of tile column c, clamped in bounds (only real columns are stored)
     __device__ __forceinline__ int weight_row(int c, int n_rows) const {
-        return c < kBN / 2 ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kBN / 2, n_rows - 1);
+        return c < kMoeHalf ? min(lo_base + c, lo_end - 1) : min(hi_base + c - kMoeHalf, n_rows - 1);
     }
 };
 
-template <bool kSiluGateUp, int kBN = kMoeBN>
-__device__ __forceinline__ MoeTile<kSiluGateUp, kBN> moe_tile(int block, int col, int block_rows, const i32* expert_ids,
+template <bool kSiluGateUp>
+__device__ __forceinline__ MoeTile<kSiluGateUp> moe_tile(int block, int col, int block_rows, const i32* expert_ids,
                                                          const i32* num_post_padded, int n_rows, int n_experts) {
-    MoeTile<kSiluGateUp, kBN> tile;
+    MoeTile<kSiluGateUp> tile;
     tile.valid = block * block_rows < num_post_padded[0];   // past the used blocks: nothing to do
     tile.expert = tile.valid ? expert_ids[block] : -1;
     tile.valid = tile.valid && tile.expert >= 0 && tile.expert < n_experts;   // (moe_align writes none here)
     tile.out_cols = kSiluGateUp ? n_rows / 2 : n_rows;
-    tile.lo_base = col * (kSiluGateUp ? kBN / 2 : kBN);
-    tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kBN / 2;
+    tile.lo_base = col * (kSiluGateUp ? kMoeHalf : kMoeBN);
+    tile.hi_base = kSiluGateUp ? n_rows / 2 + tile.lo_base : tile.lo_base + kMoeHalf;
     tile.lo_end = kSiluGateUp ? n_rows / 2 : n_rows;
     return tile;
 }
@@ -115,9 +115,9 @@ __device__ __forceinline__ void moe_load_weight_tile(u32 b_dst, const u8* const 
 // halves of a K tile (the two constants of w = m * 16 s - (16 + z) s).
 // Column tiles of an expert GEMM: GEMM1 tiles the I = N / 2 outputs by half a tile
 // (the gate and up rows of the same columns), GEMM2 the N outputs by a whole one.
-template <bool kSiluGateUp, int kBN = kMoeBN>
+template <bool kSiluGateUp>
 __device__ __forceinline__ int moe_col_tiles(int n_rows) {
-    return kSiluGateUp ? (n_rows / 2 + kBN / 2 - 1) / (kBN / 2) : (n_rows + kBN - 1) / kBN;
+    return kSiluGateUp ? (n_rows / 2 + kMoeHalf - 1) / kMoeHalf : (n_rows + kMoeBN - 1) / kMoeBN;
 }
 
 // Which (block, column tile) pairs a CTA computes. Not kPersistent: the grid is
@@ -129,14 +129,14 @@ __device__ __forceinline__ int moe_col_tiles(int n_rows) {
 // while it is in L2 (Triton's GROUP_SIZE_M order). A template parameter, not a
 // runtime switch: the loop costs the four-tile A8 instances 20+ registers and
 // spills, so the persistent kernels are instances (and families) of their own.
-template <bool kSiluGateUp, bool kPersistent, int kBN, typename RunTile>
+template <bool kSiluGateUp, bool kPersistent, typename RunTile>
 __device__ __forceinline__ void moe_walk_tiles(int group_m, int block_rows, int n_rows, const i32* num_post_padded,
                                                RunTile&& run_tile) {
     if constexpr (!kPersistent) {
         run_tile(static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x));
         return;
     }
-    const int cols = moe_col_tiles<kSiluGateUp, kBN>(n_rows);
+    const int cols = moe_col_tiles<kSiluGateUp>(n_rows);
     const int used = (num_post_padded[0] + block_rows - 1) / block_rows;
     const int per_group = group_m * cols;
     for (int id = blockIdx.x; id < used * cols; id += gridDim.x) {
@@ -354,8 +354,7 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 512 / kMoeGemm
     i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
     i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
 {
-    moe_walk_tiles<kSiluGateUp, kPersistent, kMoeBN>(group_m, 16 * kMTiles, n_rows, num_post_padded,
-                                                     [&](int block, int col) {
+    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
         moe_gemm_a16_tile<ActT, ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
             block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
             n_groups, group_shift, n_items, act_div, n_experts);
@@ -387,9 +386,9 @@ __global__ void __launch_bounds__(kMoeGemmThreads, kMTiles == 1 ? 512 / kMoeGemm
 // three instructions per accumulator (subtract, two FMAs).
 //
 // A tile's smem rows hold its blocks' int8 values (rows padded by 16 bytes,
-// conflict-free for ldmatrix). The int32 accumulator of thread (g, t) holds output columns 2t and 2t + 1 of an
-// n8 tile (not its B column g), so the flush needs those columns' scales and
-// zeros: lane l of a warp loads the group's (s, z) of the warp's weight row
+// conflict-free for ldmatrix). The int32 accumulator of thread (g, t) holds
+// output columns 2t and 2t + 1 of an n8 tile (not its B column g), so the flush
+// needs those columns' scales and zeros: lane l of a warp loads the group's (s, z) of the warp's weight row
 // 8 (l / 8) + l % 8 (a global load per group, issued a group ahead), the warp
 // puts them in shared memory, and thread (g, t) reads columns 2t, 2t + 1 of n8
 // tile j as one 16-byte (s, z, s, z).
@@ -412,13 +411,12 @@ struct MoeGemmA8Layout {
     static constexpr int kWarpsM = kMoeA8WarpsM[moe_a8_instance(kMTiles)];
     static constexpr int kThreads = 32 * kMoeGemmWarpsN * kWarpsM;
     static constexpr int kMTilesPerWarp = kMTiles / kWarpsM;
-    static constexpr int kBN = kMoeBN;
-    static constexpr int kHalf = kBN / 2;
-    // B loads: the tile's 2 * kBN 16-byte row halves over the threads
-    static constexpr int kBLoads = 2 * kBN / kThreads;
+    static_assert(kMoeBN == 32 * kMoeGemmWarpsN, "a warp owns 16 columns of each half of the tile");
+    // B loads: the tile's 2 * kMoeBN 16-byte row halves over the threads
+    static constexpr int kBLoads = 2 * kMoeBN / kThreads;
     static constexpr int kRows = 16 * kMTiles;
     static constexpr int kABytes = kRows * kMoeA8RowBytes;
-    static constexpr int kBBytes = kBN * kMoeBRowBytes;
+    static constexpr int kBBytes = kMoeBN * kMoeBRowBytes;
     static constexpr int kStageBytes = kABytes + kBBytes;
     // the stages, the block's item ids and rows' d, the warps' group scales and zeros
     // (a warp's 32 weight rows' (s, z) as float2)
@@ -461,9 +459,8 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     extern __shared__ __align__(16) u8 smem[];
     i32* block_items = reinterpret_cast<i32*>(smem + Layout::kItemsOffset);
 
-    constexpr int kHalf = Layout::kHalf;
-    const MoeTile<kSiluGateUp, Layout::kBN> tile =
-        moe_tile<kSiluGateUp, Layout::kBN>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
+    const MoeTile<kSiluGateUp> tile =
+        moe_tile<kSiluGateUp>(block, col, kBM, expert_ids, num_post_padded, n_rows, n_experts);
     if (!tile.valid) return;
     const int expert = tile.expert;
     const int out_cols = tile.out_cols, lo_base = tile.lo_base, hi_base = tile.hi_base;
@@ -540,11 +537,11 @@ __device__ __forceinline__ void moe_gemm_a8_tile(
     // (lanes 0-15: rows 16i + lane at k 32 step; lanes 16-31: + 16 bytes), the B
     // word of thread (g, t) in n8 tile j, and the headers of rows 16i + g (+ 8)
     const u32 a_frag_off = (16 * m0 + (lane & 15)) * kMoeA8RowBytes + (lane >> 4) * 16;
-    auto tile_col = [&](int j) { return (j >= 2 ? kHalf : 0) + 16 * warp_n + 8 * (j & 1); };
-    // n8 tile j's rows lie 8 (j & 1) + kHalf (j >= 2) rows past tile 0's, multiples
+    auto tile_col = [&](int j) { return (j >= 2 ? kMoeHalf : 0) + 16 * warp_n + 8 * (j & 1); };
+    // n8 tile j's rows lie 8 (j & 1) + kMoeHalf (j >= 2) rows past tile 0's, multiples
     // of 8 that leave moe_b_offset's swizzle bit (row bit 2) and the half's bit 4 alone
     const u32 b_frag_off = Layout::kABytes + moe_b_offset(16 * warp_n + g, 0) + 4 * t;
-    auto b_tile_rows = [](int j) { return static_cast<u32>(((j & 1) * 8 + (j >= 2 ? kHalf : 0)) * kMoeBRowBytes); };
+    auto b_tile_rows = [](int j) { return static_cast<u32>(((j & 1) * 8 + (j >= 2 ? kMoeHalf : 0)) * kMoeBRowBytes); };
 
     // The group's scale and zero of the accumulators' weight rows. Lane l loads
     // those of warp row 8 (l / 8) + l % 8 (tile column tile_col(l / 8) + l % 8).
@@ -715,8 +712,7 @@ moe_gemm_a8_kernel(
     i32 group_shift, i32 n_items, i32 act_div, i32 n_experts,
     i32 group_m)                               // kPersistent: blocks per group (moe_walk_tiles)
 {
-    moe_walk_tiles<kSiluGateUp, kPersistent, MoeGemmA8Layout<kMTiles>::kBN>(group_m, 16 * kMTiles, n_rows,
-                                                                           num_post_padded, [&](int block, int col) {
+    moe_walk_tiles<kSiluGateUp, kPersistent>(group_m, 16 * kMTiles, n_rows, num_post_padded, [&](int block, int col) {
         moe_gemm_a8_tile<ScaleT, kHasZeros, kMTiles, kSiluGateUp>(
             block, col, act, qweight, scales, zeros, sorted_ids, expert_ids, num_post_padded, out, n_rows, k_dim,
             n_groups, group_shift, n_items, act_div, n_experts);
