@@ -3,8 +3,8 @@ carveout of the A8 and A16 kernels, the alignment block, (--persistent) one CTA
 per (block, column tile) against the persistent CTAs of moe_walk_tiles, and
 (--wide) 128-thread CTAs (128 weight rows per tile) against 256-thread ones and
 (--ab=FILE) the A8 kernels of another moe_gemm.cu (FILE, e.g. an earlier commit's)
-against this one's, and (--blocks) the A8 kernel at each block size at T = 1024 and
-4096, on
+against this one's, (--blocks) the A8 kernel at each block size at T = 1024 and
+4096, and (--tune) the A8 kernel's stages and launch bounds at fused_moe's block sizes, on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
 block of 16, 32 and 64 rows.
 
@@ -17,7 +17,7 @@ bandwidth measured in the same process. Each variant's outputs are compared
 with the first variant's on the same inputs (the pipeline changes no arithmetic
 order within a group, so they must agree to fp32 rounding).
 
-    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent | --wide | --ab=FILE | --blocks]
+    python3 scripts/sweep_moe_gemm.py [OUT.json] [--quick] [--persistent | --wide | --ab=FILE | --blocks | --tune]
 """
 import dataclasses
 import functools
@@ -44,6 +44,7 @@ OUT = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
 PERSISTENT_AB = "--persistent" in sys.argv
 WIDE_AB = "--wide" in sys.argv
 BLOCKS = "--blocks" in sys.argv
+TUNE = "--tune" in sys.argv
 BASE_FILE = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--ab=")), None)
 SMEM_LIMIT = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 
@@ -89,11 +90,14 @@ def a8_cta(warps_m, base_file, m_tiles):
     return 128, 128
 if BLOCKS:   # and the 64-row instance with one warp along M (four m16 tiles a warp)
     VARIANTS = [("a8", 3, None, False) + A8[1:], ("a8", 3, None, False, (1, 1, 1), (4, 4, 1))]
+if TUNE:   # more CTAs per SM at 16-row blocks (fewer registers), a fourth stage
+    VARIANTS = [("a8", 3, None, False) + A8[1:], ("a8", 3, None, False, A8_WARPS_M, (5, 4, 2)),
+                ("a8", 3, None, False, A8_WARPS_M, (6, 4, 2)), ("a8", 4, None, False) + A8[1:]]
 VARIANTS = [v if len(v) == 7 else v + (None,) for v in VARIANTS]
 if QUICK:
     VARIANTS = [v for v in VARIANTS if v[1] == 3 and v[2] is None]
 TOKENS = {"qwen3-30b-a3b": (128, 1024, 4096),
-          "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB or WIDE_AB or BASE_FILE else (128, 1024)}
+          "deepseek-v3": (128, 1024, 4096) if PERSISTENT_AB or WIDE_AB or BASE_FILE or TUNE else (128, 1024)}
 if BLOCKS:
     TOKENS = {"qwen3-30b-a3b": (1024, 2048, 4096), "deepseek-v3": (1024, 4096)}
 M_TILES = (2, 4) if BLOCKS else (1, 2, 4)
@@ -183,7 +187,7 @@ def main():
                         name += "-base"
                     cta, bn = (threads, threads) if kind == "a16" else a8_cta(threads, base_file, m_tiles)
                     activation = "int8" if kind == "a8" else "bf16"
-                    if (PERSISTENT_AB or WIDE_AB or BASE_FILE) and m_tiles != moe_block_size(items, experts, activation) // 16:
+                    if (PERSISTENT_AB or WIDE_AB or BASE_FILE or TUNE) and m_tiles != moe_block_size(items, experts, activation) // 16:
                         continue   # the A/B at fused_moe's own block size
                     if kind == "a16" and m_tiles == 2:
                         continue   # no 2-tile A16 instances
