@@ -2,8 +2,8 @@
 carveout of the A8 and A16 kernels, the alignment block, (--persistent) one CTA
 per (block, column tile) against the persistent CTAs of moe_walk_tiles, and
 (--wide) 128-thread CTAs (128 weight rows per tile) against 256-thread ones and
-(--ab=FILE) the A8 kernels of another moe_gemm.cu (FILE, e.g. an earlier commit's)
-against this one's, (--blocks) the A8 kernel at each block size at T = 1024 and
+(--ab=FILE) the A8 and A16 kernels of another moe_gemm.cu (FILE, e.g. an earlier
+commit's) against this one's, (--blocks) the A8 kernel at each block size at T = 1024 and
 4096, and (--tune) the A8 kernel's stages and launch bounds at fused_moe's block sizes, on
 the Qwen3-30B-A3B and DeepSeek-V3 layers with random routing, for each alignment
 block of 16, 32 and 64 rows.
@@ -69,9 +69,9 @@ if PERSISTENT_AB:
     VARIANTS = [(v[0], 3, None, p) + v[1:] for v in (A8, A16) for p in (False, True)]
 if WIDE_AB:   # the A16 kernels with 128 and 256 threads per CTA (and weight rows per tile)
     VARIANTS = [("a16", 3, None, False, 128, A8_MIN_CTAS), ("a16", 3, None, False, 256, A8_MIN_CTAS)]
-if BASE_FILE:   # against BASE_FILE's A8 kernels, and the 64-row instance with one warp along M
+if BASE_FILE:   # against BASE_FILE's A8 and A16 kernels
     VARIANTS = [("a8", 3, None, False, None, None, BASE_FILE), ("a8", 3, None, False) + A8[1:],
-                ("a8", 3, None, False, (1, 1, 1), (4, 4, 1))]
+                ("a16", 3, None, False, A16_THREADS, A8_MIN_CTAS, BASE_FILE), ("a16", 3, None, False) + A16[1:]]
 
 
 def a8_cta(warps_m, base_file, m_tiles):
