@@ -237,9 +237,11 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
     for (int j = 0; j < kMoeNTiles; ++j) my_row[j] = weight_row((j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g);
     // The groups of a K tile's two 32-k halves; their scales are loaded once per
     // change (every K tile for groups of 32, every other one for 128, once for one
-    // group per row), the second half's only when it is another group.
+    // group per row), the second half's only when it is another group. (The second
+    // half's group changes exactly when the first's does: K tiles are 64 k.)
     auto tile_group = [&](int kt, int h) { return min((kt * kMoeBK + 32 * h) >> group_shift, n_groups - 1); };
-    auto load_scales = [&](MoeGroupScales& sc, int group0, int group1) {
+    auto load_scales = [&](MoeGroupScales& sc, int kt) {
+        const int group0 = tile_group(kt, 0), group1 = tile_group(kt, 1);
 #pragma unroll
         for (int j = 0; j < kMoeNTiles; ++j)
 #pragma unroll
@@ -273,8 +275,7 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
         cp_async_commit();
     }
     MoeGroupScales cur, next;
-    int cur_group0 = tile_group(0, 0), cur_group1 = tile_group(0, 1);
-    load_scales(cur, cur_group0, cur_group1);
+    load_scales(cur, 0);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<kMoeStages - 2>();
@@ -282,9 +283,8 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
         if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
         cp_async_commit();
         // the next K tile's scales, if its groups differ from this one's
-        const int next_group0 = tile_group(kt + 1, 0), next_group1 = tile_group(kt + 1, 1);
-        const bool new_groups = kt + 1 < k_tiles && (next_group0 != cur_group0 || next_group1 != cur_group1);
-        if (new_groups) load_scales(next, next_group0, next_group1);
+        const bool new_groups = kt + 1 < k_tiles && tile_group(kt + 1, 0) != tile_group(kt, 0);
+        if (new_groups) load_scales(next, kt + 1);
 
         const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
         const u32 b_tile = a_tile + Layout::kABytes;
@@ -322,11 +322,7 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
                 for (int j = 0; j < kMoeNTiles; ++j) mma_m16n8k16<ActT>(acc[i][j], a, b[j][0], b[j][1]);
             }
         }
-        if (new_groups) {
-            cur = next;
-            cur_group0 = next_group0;
-            cur_group1 = next_group1;
-        }
+        if (new_groups) cur = next;
     }
 
     // Epilogue: accumulator c of tile (i, j) is row 16i + g + 8 (c / 2), tile
