@@ -75,19 +75,15 @@ if BASE_FILE:   # against BASE_FILE's A8 and A16 kernels
 
 
 def a8_cta(warps_m, base_file, m_tiles):
-    """(threads, weight rows) of an A8 instance: this tree's (128 threads a warp along
-    M, 128 rows) or a base file's: its kMoeA8WarpsM, or its kMoeA8Threads (as many
-    rows as threads; session 14's first versions), or 128 before either existed."""
+    """(threads, weight rows) of an A8 instance: 128 threads a warp along M (this
+    tree's kMoeA8WarpsM, or a base file's; one warp before it existed), 128 rows.
+    (Base files from 0454195 or f2710ce, whose kMoeA8Threads set rows = threads,
+    are not handled.)"""
     i = (1, 2, 4).index(m_tiles)
-    if not base_file:
-        return 128 * warps_m[i], 128
-    text = Path(base_file).read_text()
-    for name, per_warp in (("kMoeA8WarpsM", True), ("kMoeA8Threads", False)):
-        found = re.search(name + r"\[3\] = \{(\d+), (\d+), (\d+)\}", text)
-        if found:
-            value = int(found.groups()[i])
-            return (128 * value, 128) if per_warp else (value, value)
-    return 128, 128
+    if base_file:
+        found = re.search(r"kMoeA8WarpsM\[3\] = \{(\d+), (\d+), (\d+)\}", Path(base_file).read_text())
+        warps_m = tuple(map(int, found.groups())) if found else (1, 1, 1)
+    return 128 * warps_m[i], 128
 if BLOCKS:   # and the 64-row instance with one warp along M (four m16 tiles a warp)
     VARIANTS = [("a8", 3, None, False) + A8[1:], ("a8", 3, None, False, (1, 1, 1), (4, 4, 1))]
 if TUNE:   # more CTAs per SM at 16-row blocks (fewer registers), a fourth stage
