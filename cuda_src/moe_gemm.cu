@@ -30,7 +30,8 @@
 // into mantissa bits 19..22 under the exponent of 1.0, giving m = 1 + q / 16
 // exactly, and w = (q - z) s = m * 16 s - (16 + z) s is one fp32 FMA (exact up
 // to the final rounding to ActT, bar 2^-19 s from rounding (16 + z) s). Scales
-// and zeros of the next K tile are loaded into registers while this one computes.
+// and zeros of the next K tile are loaded into registers while this one computes
+// (where its groups are new).
 #include "common/formats.cuh"
 #include "common/ptx.cuh"
 
@@ -234,13 +235,23 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
     int my_row[kMoeNTiles];
 #pragma unroll
     for (int j = 0; j < kMoeNTiles; ++j) my_row[j] = weight_row((j >= 2 ? kMoeHalf : 0) + 16 * warp + 8 * (j & 1) + g);
+    // The groups of a K tile's two 32-k halves; their scales are loaded once per
+    // change (every K tile for groups of 32, every other one for 128, once for one
+    // group per row), the second half's only when it is another group. (The second
+    // half's group changes exactly when the first's does: K tiles are 64 k.)
+    auto tile_group = [&](int kt, int h) { return min((kt * kMoeBK + 32 * h) >> group_shift, n_groups - 1); };
     auto load_scales = [&](MoeGroupScales& sc, int kt) {
+        const int group0 = tile_group(kt, 0), group1 = tile_group(kt, 1);
 #pragma unroll
         for (int j = 0; j < kMoeNTiles; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int group = min((kt * kMoeBK + 32 * h) >> group_shift, n_groups - 1);
-                const i64 at = static_cast<i64>(my_row[j]) * n_groups + group;
+                if (h == 1 && group1 == group0) {
+                    sc.s16[j][1] = sc.s16[j][0];
+                    sc.offset[j][1] = sc.offset[j][0];
+                    continue;
+                }
+                const i64 at = static_cast<i64>(my_row[j]) * n_groups + (h ? group1 : group0);
                 const float s = to_float(expert_s[at]);
                 const float z = kHasZeros ? to_float(expert_z[at]) : static_cast<float>(kInt4SymmetricZero);
                 sc.s16[j][h] = 16.0f * s;
@@ -271,7 +282,9 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
         __syncthreads();   // tile kt is in shared memory; the slot of tile kt - 1 is free
         if (kt + kMoeStages - 1 < k_tiles) load_tile(kt + kMoeStages - 1, (kt + kMoeStages - 1) % kMoeStages);
         cp_async_commit();
-        if (kt + 1 < k_tiles) load_scales(next, kt + 1);
+        // the next K tile's scales, if its groups differ from this one's
+        const bool new_groups = kt + 1 < k_tiles && tile_group(kt + 1, 0) != tile_group(kt, 0);
+        if (new_groups) load_scales(next, kt + 1);
 
         const u32 a_tile = smem_base + (kt % kMoeStages) * Layout::kStageBytes;
         const u32 b_tile = a_tile + Layout::kABytes;
@@ -309,7 +322,7 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
                 for (int j = 0; j < kMoeNTiles; ++j) mma_m16n8k16<ActT>(acc[i][j], a, b[j][0], b[j][1]);
             }
         }
-        cur = next;
+        if (new_groups) cur = next;
     }
 
     // Epilogue: accumulator c of tile (i, j) is row 16i + g + 8 (c / 2), tile
