@@ -602,3 +602,139 @@ def test_fused_moe_programmatic_launches_give_the_same_bits(cp, rng, monkeypatch
     monkeypatch.setenv("W4KERN_PDL", "sometimes")
     with pytest.raises(ValueError, match="W4KERN_PDL must be one of"):
         w4kern.fused_moe(xs[0], *rest, activation=activation)
+
+
+# -- fused_moe's int8 decode path in one kernel (moe_decode_fused.cu) ----------
+
+def fused_decode_for(monkeypatch, max_tokens):
+    """Sets MOE_DECODE_FUSED_MAX_TOKENS on every GPU (0: the four-launch path)."""
+    from w4kern import moe
+
+    monkeypatch.setattr(moe, "MOE_DECODE_FUSED_MAX_TOKENS", {"default": max_tokens})
+
+
+def fused_moe_bits(cp, x, w13, w2, weights, ids):
+    out = cp.full(x.shape, np.nan, dtype=x.dtype)
+    w4kern.fused_moe(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids),
+                     activation="int8", out=out)
+    return cp.asnumpy(out).view(np.uint16)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5])
+@pytest.mark.parametrize("e,k", [(8, 1), (8, 2), (60, 4), (128, 8)])
+def test_fused_decode_kernel_matches_reference_and_the_four_launch_path(cp, rng, monkeypatch, t, e, k):
+    """The one-kernel path against the reference, and bit for bit against the
+    four-launch path (the same walks: at H <= 1024 both take GEMM1 config (1, 8, 1, 1))."""
+    from w4kern import moe
+
+    fused_decode_for(monkeypatch, 16)
+    # g32 symmetric, g64 asymmetric, per-channel with K = 416 (not a multiple of 128)
+    for hidden, inter, group_size, symmetric in ((192, 96, 32, True), (320, 128, 64, False), (416, 160, -1, True)):
+        case = moe_case(rng, t, e, k, hidden=hidden, inter=inter, group_size=group_size, symmetric=symmetric)
+        assert moe.uses_moe_decode_fused(t, k, hidden, case[0].dtype)
+        check_fused_moe(cp, *case)
+        fused = fused_moe_bits(cp, *case)
+        fused_decode_for(monkeypatch, 0)
+        np.testing.assert_array_equal(fused, fused_moe_bits(cp, *case))
+        fused_decode_for(monkeypatch, 16)
+
+
+@pytest.mark.parametrize("sms", [1, 2, None], ids=["one-sm", "two-sms", "full-grid"])
+def test_fused_decode_kernel_with_fewer_ctas_than_its_virtual_grids(cp, rng, monkeypatch, sms):
+    """With the GPU's SM count lowered, each CTA walks several items' GEMM1 rows and
+    several tokens' GEMM2 rows (a lone virtual CTA per item at one SM): same bits."""
+    from w4kern import linear, moe
+
+    fused_decode_for(monkeypatch, 16)
+    case = moe_case(rng, 3, 60, 4, hidden=256, inter=160, group_size=32, symmetric=False)
+    expected = fused_moe_bits(cp, *case)
+    if sms is not None:
+        monkeypatch.setattr(linear, "_sm_count", lambda cp_: sms)
+    monkeypatch.setattr(moe, "_FUSED_PLANS", {})
+    np.testing.assert_array_equal(fused_moe_bits(cp, *case), expected)
+    check_fused_moe(cp, *case)
+
+
+def test_fused_decode_kernel_at_model_sizes(cp, rng, monkeypatch):
+X
+    H = 2048, I = 768, g128 asymmetric): reference and four-launch bits."""
+    case = moe_case(rng, 1, 8, 8, hidden=2048, inter=768, group_size=128, symmetric=False)
+    fused_decode_for(monkeypatch, 1)
+    check_fused_moe(cp, *case)
+    fused = fused_moe_bits(cp, *case)
+    fused_decode_for(monkeypatch, 0)
+    np.testing.assert_array_equal(fused, fused_moe_bits(cp, *case))
+
+
+def test_fused_decode_kernel_back_to_back_and_in_a_cuda_graph(cp, rng, monkeypatch):
+    """Its cross-CTA counters are left zero by every launch: calls of different sizes
+    back to back, and replays of a graph of three calls, give the four-launch bits."""
+    fused_decode_for(monkeypatch, 16)
+    cases = [moe_case(rng, t, 16, k, hidden=128, inter=64, group_size=32, symmetric=False)
+             for t, k in ((1, 4), (4, 2), (2, 8))]
+    gpu = [(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(wt), cp.asarray(ids))
+           for x, w13, w2, wt, ids in cases]
+    fused_decode_for(monkeypatch, 0)
+    expected = [fused_moe_bits(cp, *case) for case in cases]
+    fused_decode_for(monkeypatch, 16)
+    for _ in range(3):
+        for case, bits in zip(cases, expected):
+            np.testing.assert_array_equal(fused_moe_bits(cp, *case), bits)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        outs = [cp.full(args[0].shape, np.nan, dtype=args[0].dtype) for args in gpu]
+        for args, out in zip(gpu, outs):   # plans, compiles and sizes the workspace
+            w4kern.fused_moe(*args, activation="int8", out=out)
+        stream.begin_capture()
+        for args, out in zip(gpu, outs):
+            w4kern.fused_moe(*args, activation="int8", out=out)
+        graph = stream.end_capture()
+        for _ in range(3):
+            for out in outs:
+                out.fill(np.nan)
+            graph.launch()
+            stream.synchronize()
+            for out, bits in zip(outs, expected):
+                np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), bits)
+
+
+def test_fused_decode_kernel_zero_x_and_out_of_range_ids(cp, rng, monkeypatch):
+    """An all-zero token (scale 0) gives zeros; ids outside [0, E) are left out, as on
+    the four-launch path."""
+    fused_decode_for(monkeypatch, 16)
+    x, w13, w2, weights, ids = moe_case(rng, 3, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
+    x[1] = 0
+    bad = ids.copy()
+    bad[2, 1] = 8
+    bad[0, 0] = -3
+    fused = fused_moe_bits(cp, x, w13, w2, weights, bad)
+    assert not fused[1].any()
+    fused_decode_for(monkeypatch, 0)
+    np.testing.assert_array_equal(fused, fused_moe_bits(cp, x, w13, w2, weights, bad))
+
+
+def test_fused_decode_kernel_is_not_taken_where_it_does_not_apply(monkeypatch):
+    """float32 x (no instance), k past the token-sum slots, x's blocks past its shared
+    memory, and tokens past the GPU's limit take the four-launch path."""
+    from w4kern import moe
+    from w4kern._registry import MOE_FUSED_MAX_X_BYTES
+
+    fused_decode_for(monkeypatch, 4)
+    assert moe.uses_moe_decode_fused(4, 8, 2048, w4kern.bfloat16)
+    assert moe.uses_moe_decode_fused(1, 8, 2048, np.float16)
+    assert not moe.uses_moe_decode_fused(5, 8, 2048, w4kern.bfloat16)
+    assert not moe.uses_moe_decode_fused(1, 8, 2048, np.float32)
+    assert not moe.uses_moe_decode_fused(1, 33, 2048, w4kern.bfloat16)
+    too_wide = MOE_FUSED_MAX_X_BYTES // 48 * 32 + 32
+    assert not moe.uses_moe_decode_fused(1, 8, too_wide, w4kern.bfloat16)
+    fused_decode_for(monkeypatch, 0)
+    assert not moe.uses_moe_decode_fused(1, 8, 2048, w4kern.bfloat16)
+
+
+def test_fused_decode_kernel_not_taken_for_mixed_weight_formats(cp, rng, monkeypatch):
+    """One kernel instance serves both GEMMs: w13 symmetric with w2 asymmetric (or
+    other scale dtypes) takes the four-launch path, and is right."""
+    fused_decode_for(monkeypatch, 16)
+    x, w13, _, weights, ids = moe_case(rng, 1, 8, 2, hidden=128, inter=64, group_size=32, symmetric=True)
+    _, _, w2, _, _ = moe_case(rng, 1, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
+    check_fused_moe(cp, x, w13, w2, weights, ids)
