@@ -656,8 +656,9 @@ def test_fused_decode_kernel_with_fewer_ctas_than_its_virtual_grids(cp, rng, mon
 
 
 def test_fused_decode_kernel_at_model_sizes(cp, rng, monkeypatch):
-X
-    H = 2048, I = 768, g128 asymmetric): reference and four-launch bits."""
+    """Qwen3-30B-A3B's layer sizes at one token (H = 2048, I = 768, k = 8, g128
+    asymmetric; 8 experts, all taken, to keep the host's quantization short):
+    reference and four-launch bits."""
     case = moe_case(rng, 1, 8, 8, hidden=2048, inter=768, group_size=128, symmetric=False)
     fused_decode_for(monkeypatch, 1)
     check_fused_moe(cp, *case)
