@@ -41,8 +41,13 @@ constexpr int kFusedRows1 = 8, kFusedUnroll1 = 1, kFusedSplit1 = 1;
 // and 128 (4 CTAs) spilled
 constexpr int kFusedMinCtas = 3;
 // sync[]: items done (their GEMM2 activations written), CTAs out, then one
-// ticket per item (GEMM1 virtual CTAs finished)
-constexpr int kSyncItemsDone = 0, kSyncCtasOut = 1, kSyncTickets = 2;
+// ticket per item (GEMM1 virtual CTAs finished), each in its own 128-byte line:
+// every waiting CTA polls the first, and dozens of CTAs count into each ticket
+constexpr int kSyncStride = 32;
+constexpr int kSyncItemsDone = 0, kSyncCtasOut = kSyncStride, kSyncTickets = 2 * kSyncStride;
+// a waiting CTA polls about this often (ns): enough to see the count soon, few
+// enough reads that the atomics counting into it are not slowed
+constexpr int kSyncPollNs = 200;
 
 __device__ __forceinline__ u32 load_acquire_gpu(const u32* p) {
     u32 v;
@@ -54,7 +59,7 @@ __device__ __forceinline__ u32 load_acquire_gpu(const u32* p) {
 // barrier-and-fence pattern of cooperative groups' grid sync).
 __device__ __forceinline__ void wait_for_count(const u32* counter, u32 target) {
     if (threadIdx.x == 0) {
-        while (load_acquire_gpu(counter) < target) __nanosleep(32);
+        while (load_acquire_gpu(counter) < target) __nanosleep(kSyncPollNs);
         __threadfence();
     }
     __syncthreads();
@@ -73,7 +78,7 @@ __global__ void __launch_bounds__(kMatvecThreads, kFusedMinCtas) moe_decode_fuse
     const float* __restrict__ topk_weights,   // [T, k]
     float* gate_up,                           // workspace [T * k, 2I]: GEMM1's rows
     u8* inter_blocks,                         // workspace [T * k, I / 32] Q8 blocks: GEMM2's activations
-    u32* sync,                                // workspace [2 + T * k], zero at launch and at exit
+    u32* sync,                                // workspace [32 * (2 + T * k)], zero at launch and at exit
     void* __restrict__ out,                   // [T, H] of out_kind
     i32 tokens, i32 slots, i32 hidden, i32 inter, i32 n_experts,
     i32 groups1, i32 shift1, i32 groups2, i32 shift2, i32 out_kind,
@@ -114,7 +119,7 @@ __global__ void __launch_bounds__(kMatvecThreads, kFusedMinCtas) moe_decode_fuse
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
-            last_of_item = atomicAdd(&sync[kSyncTickets + item], 1u) == static_cast<u32>(ctas1 - 1);
+            last_of_item = atomicAdd(&sync[kSyncTickets + kSyncStride * item], 1u) == static_cast<u32>(ctas1 - 1);
             if (last_of_item) __threadfence();   // the other CTAs' rows of the item are visible from here
         }
         __syncthreads();
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(kMatvecThreads, kFusedMinCtas) moe_decode_fuse
                                           nullptr, inter);
             __syncthreads();
             if (threadIdx.x == 0) {
-                sync[kSyncTickets + item] = 0;   // for the next launch
+                sync[kSyncTickets + kSyncStride * item] = 0;   // for the next launch
                 __threadfence();
                 atomicAdd(&sync[kSyncItemsDone], 1u);
             }

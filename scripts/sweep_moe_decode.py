@@ -6,11 +6,13 @@ rule picks it and with each registered one, on the benchmark's MoE layers
 disjoint expert sets at T = 1 and random sets beyond, as the moe suite does.
 
     python scripts/sweep_moe_decode.py OUT.json [--tokens 1,2,4] [--layers qwen3-30b-a3b]
+        [--src LABEL=DIR ...]   (the fused kernel also compiled from another cuda_src copy)
 
 Behind w4kern.moe.MOE_DECODE_FUSED_MAX_TOKENS.
 """
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -21,12 +23,14 @@ def main():
 
     import w4kern
     from w4kern import bench, moe
-    from w4kern._registry import MOE_FUSED_GEMM2_CONFIGS
+    from w4kern._registry import MOE_FUSED_GEMM2_CONFIGS, MOE_FUSED_MAX_X_BYTES
+    from w4kern.linear import _gpu_name
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--tokens", default="1,2,3,4,6,8,16")
     ap.add_argument("--layers", default=",".join(bench.MOE_LAYERS))
+    ap.add_argument("--src", action="append", default=[], help="LABEL=DIR: a variant source tree")
     args = ap.parse_args()
     timer = bench.Timer()
     rng = cp.random.default_rng(6)
@@ -48,17 +52,30 @@ def main():
             out = cp.empty((t, hidden), dtype=w4kern.bfloat16)
 
             def chain(i):
-                moe.MOE_DECODE_FUSED_MAX_TOKENS = {"default": 0}
+                saved, moe.MOE_DECODE_FUSED_MAX_TOKENS = moe.MOE_DECODE_FUSED_MAX_TOKENS, {"default": 0}
                 w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets], activation="int8", out=out)
+                moe.MOE_DECODE_FUSED_MAX_TOKENS = saved
 
-            def fused(i, config=None):
+            def fused(i, config=None, src=None):
+                if src is not None:
+                    os.environ["W4KERN_CUDA_SRC"] = src
                 moe._fused_moe_decode_fused(cp, x, w13, w2, weights, id_sets[i % sets], out, config2=config)
+                os.environ.pop("W4KERN_CUDA_SRC", None)
 
-            variants = [("four-launch", chain), ("fused", fused)]
-            variants += [(f"fused-{c[1]}-{c[2]}-{c[3]}", lambda i, c=c: fused(i, c)) for c in MOE_FUSED_GEMM2_CONFIGS]
+            variants = [("four-launch", chain)]
+            if t * (hidden // 32) * 48 <= MOE_FUSED_MAX_X_BYTES:   # where the fused kernel applies
+                variants += [("fused", fused)]
+                variants += [(f"fused-{c[1]}-{c[2]}-{c[3]}", lambda i, c=c: fused(i, c))
+                             for c in MOE_FUSED_GEMM2_CONFIGS]
+                variants += [(f"fused@{spec.split('=')[0]}", lambda i, d=spec.split("=", 1)[1]: fused(i, src=d))
+                             for spec in args.src]
             bits = {}
             for label, fn in variants:
-                us = timer.graph(fn)
+                try:
+                    us = timer.graph(fn)
+                except Exception:
+                    print(f"{name} T={t} {label} failed", flush=True)
+                    raise
                 fn(0)
                 bits[label] = cp.asnumpy(out).view(np.uint16).copy()
                 row = {"layer": name, "T": t, "variant": label, "graph_us": round(us, 2),
@@ -72,7 +89,7 @@ def main():
         del w13, w2
         cp.get_default_memory_pool().free_all_blocks()
     with open(args.out, "w") as f:
-        json.dump({"gpu": w4kern.linear._gpu_name(), "rows": rows}, f, indent=1)
+        json.dump({"gpu": _gpu_name(), "rows": rows}, f, indent=1)
     return 0
 
 

@@ -466,15 +466,16 @@ class _Workspace:
     def moe_decode_fused(self, items, inter):
         """fused_moe's one-kernel int8 decode path (moe_decode_fused.cu): GEMM1's float32
         rows [items, 2I], GEMM2's Q8 blocks [items, I / 32, 48] and the kernel's
-        cross-CTA counters [2 + items] (zeroed here once; each launch leaves them zero)."""
+        cross-CTA counters, 2 + items of them 128 bytes apart (zeroed here once; each
+        launch leaves them zero)."""
         cp = self.cp
         if self.moe_fused_rows.size < items * 2 * inter:
             self.moe_fused_rows = cp.empty(items * 2 * inter, dtype=np.float32)
         blocks = items * (inter // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
         if self.moe_fused_blocks.size < blocks:
             self.moe_fused_blocks = cp.empty(blocks, dtype=np.uint8)
-        if self.moe_fused_sync.size < 2 + items:
-            self.moe_fused_sync = cp.zeros(2 + items, dtype=np.uint32)
+        if self.moe_fused_sync.size < 32 * (2 + items):
+            self.moe_fused_sync = cp.zeros(32 * (2 + items), dtype=np.uint32)
         return self.moe_fused_rows, self.moe_fused_blocks, self.moe_fused_sync
 
     def split_k(self, n_partials, n_tiles):
