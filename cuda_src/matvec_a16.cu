@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     i64 out_base = 0;        // the item's first output element
     bool zero_item = false;  // an item whose expert id is out of range writes zeros
     if (item_experts != nullptr) {
-        const MoeItem it = moe_item(item_experts, blockIdx.y, n_experts, act_item_div, m_tokens, n_rows);
+        const MoeItem it = moe_item(item_experts, n_experts, act_item_div, m_tokens, n_rows);
         zero_item = it.dropped;
         out_base = it.out_base;
         it.move_to_expert<kHasZeros>(qweight, scales, zeros, n_rows, row_bytes, n_groups);

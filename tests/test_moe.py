@@ -231,23 +231,3 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
                                                                  + args)
     for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
         FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu), "true"))
-
-
-def test_every_fused_decode_kernel_the_gpu_path_can_pick_is_registered():
-    """fused_moe's one-kernel int8 decode path takes GEMM2's config from the
-    four-launch path's rule (matvec_items_config over k * I): every config that rule
-    can give, for each 16-bit x, scale dtype and zeros, is a registered instance; its
-    fixed GEMM1 config is one of matvec_q8's."""
-    from w4kern._registry import (FAMILIES, MATVEC_CONFIGS, MOE_FUSED_GEMM1_CONFIG, MOE_FUSED_GEMM2_CONFIGS,
-                                  cxx_bool, cxx_type)
-    from w4kern.formats import SCALE_DTYPES
-    from w4kern.linear import MATVEC_CANDIDATES
-
-    assert MOE_FUSED_GEMM1_CONFIG in MATVEC_CONFIGS
-    assert set(MATVEC_CANDIDATES[("int4", 1)]) == set(MOE_FUSED_GEMM2_CONFIGS)
-    for x_dtype in (w4kern.bfloat16, np.float16):
-        for scale in SCALE_DTYPES:
-            for zeros in (True, False):
-                for config in MOE_FUSED_GEMM2_CONFIGS:
-                    FAMILIES["moe_decode_fused"].name_expression(
-                        (cxx_type(x_dtype), cxx_type(scale), cxx_bool(zeros), *map(str, config[1:])))

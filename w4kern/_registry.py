@@ -74,8 +74,6 @@ MATVEC_CONFIGS = ((1, 8, 1, 1), (1, 8, 1, 4), (1, 4, 2, 4), (4, 4, 1, 1), (4, 4,
 #: fused; at most MATVEC_TOKEN_SUM_MAX_SLOTS slots, one per lane)
 MATVEC_ITEM_MODES = {"plain": 0, "per_item": 1, "token_sum": 2}
 MATVEC_TOKEN_SUM_MAX_SLOTS = 32
-#: threads of a matvec_q8 CTA (kMatvecThreads; moe_decode_fused.cu's too)
-MATVEC_THREADS = 128
 #: C++ name of the Q8-activation tag type of gemm_small_m
 Q8_ACT = "w4kern::Q8Block"
 #: shared memory of gemm_small_m (SmallMLayout in gemm_small_m.cu): 4 pipeline stages,
@@ -230,16 +228,6 @@ def moe_row_threads(cols: int) -> int:
     8-value chunk, a multiple of 32, at most MOE_ROW_MAX_THREADS (moe_decode.cu)."""
     return min(MOE_ROW_MAX_THREADS, -(-(cols // 8) // 32) * 32)
 MOE_COMBINE_THREADS = 256
-#: fused_moe's one-kernel int8 decode path (moe_decode_fused.cu): its GEMM2 (token
-#: sum) takes one of these matvec_q8 configs (kMaxM, kRows, kUnroll, kSplit); GEMM1's is
-#: fixed (MOE_FUSED_GEMM1_CONFIG). x's Q8 blocks sit in dynamic shared memory, at most
-#: MOE_FUSED_MAX_X_BYTES (T * H / 32 * 48 bytes).
-MOE_FUSED_GEMM1_CONFIG = (1, 8, 1, 1)
-MOE_FUSED_GEMM2_CONFIGS = ((1, 8, 1, 1), (1, 8, 1, 4), (1, 4, 2, 4))
-MOE_FUSED_MAX_X_BYTES = 32 * 1024
-#: its shared-memory share of L1 (percent): room for 3 CTAs' x blocks, the rest L1
-#: for the scale loads (matvec_q8 itself leaves the default)
-MOE_FUSED_CARVEOUT = 50
 
 
 #: the batched expert GEMMs (moe_gemm.cu): m16 tiles per aligned block (block size
@@ -456,19 +444,6 @@ FAMILIES: dict[str, KernelFamily] = {
             # scales: linear's act="int8"))
             instances=tuple((cxx_type(t), "false", "true") for t in CXX_TYPES) + (("float", "true", "true"),)
             + tuple((cxx_type(t), "false", "false") for t in CXX_TYPES),
-        ),
-        # fused_moe's int8 decode path in one kernel: (x's 16-bit type, scale type, zeros,
-        # GEMM2's rows per warp, blocks per lane per step, split; float32 x takes the
-        # four-launch path: its quantizer's registers made these instances spill)
-        KernelFamily(
-            name="moe_decode_fused",
-            source="moe_decode_fused.cu",
-            template="w4kern::moe_decode_fused_kernel",
-            instances=tuple((cxx_type(t), cxx_type(scale), cxx_bool(has_zeros), *map(str, config[1:]))
-                            for t in _HALF_TYPES for scale in _FLOAT_TYPES for has_zeros in (False, True)
-                            for config in MOE_FUSED_GEMM2_CONFIGS),
-            max_dynamic_smem=MOE_FUSED_MAX_X_BYTES,
-            smem_carveout=MOE_FUSED_CARVEOUT,
         ),
     ) + tuple(
         # the batched path's A16 expert GEMMs: (activation type, scale type, zeros,

@@ -407,7 +407,7 @@ def _linear_numpy(call, x, weight, bias, out):
 
 class _Workspace:
     """Per (device, stream) scratch: Q8 blocks or per-token INT8 of x, split-K partials and tickets,
-    decode_attention's split partials, and fused_moe's one-kernel decode path's rows and counters.
+    and decode_attention's split partials.
 
     Grown on demand and then reused, so repeated calls (and CUDA-graph
     capture after a first eager call) allocate nothing. Keyed by stream so
@@ -425,9 +425,6 @@ class _Workspace:
         self.tickets = cp.zeros(0, dtype=np.uint32)
         self.attention = cp.empty(0, dtype=np.float32)
         self.moe = cp.empty(0, dtype=np.int32)
-        self.moe_fused_rows = cp.empty(0, dtype=np.float32)
-        self.moe_fused_blocks = cp.empty(0, dtype=np.uint8)
-        self.moe_fused_sync = cp.zeros(0, dtype=np.uint32)
 
     @classmethod
     def get(cls, cp):
@@ -462,21 +459,6 @@ class _Workspace:
         if self.moe.size < n:
             self.moe = self.cp.empty(n, dtype=np.int32)
         return self.moe[:n]
-
-    def moe_decode_fused(self, items, inter):
-        """fused_moe's one-kernel int8 decode path (moe_decode_fused.cu): GEMM1's float32
-        rows [items, 2I], GEMM2's Q8 blocks [items, I / 32, 48] and the kernel's
-        cross-CTA counters, 2 + items of them 128 bytes apart (zeroed here once; each
-        launch leaves them zero)."""
-        cp = self.cp
-        if self.moe_fused_rows.size < items * 2 * inter:
-            self.moe_fused_rows = cp.empty(items * 2 * inter, dtype=np.float32)
-        blocks = items * (inter // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
-        if self.moe_fused_blocks.size < blocks:
-            self.moe_fused_blocks = cp.empty(blocks, dtype=np.uint8)
-        if self.moe_fused_sync.size < 32 * (2 + items):
-            self.moe_fused_sync = cp.zeros(32 * (2 + items), dtype=np.uint32)
-        return self.moe_fused_rows, self.moe_fused_blocks, self.moe_fused_sync
 
     def split_k(self, n_partials, n_tiles):
         if self.partials.size < n_partials:

@@ -32,7 +32,7 @@ from ._arrays import (
     check_shape,
     deliver,
 )
-from .formats import FLOAT_DTYPES, Q8_BLOCK_BYTES, Q8_BLOCK_VALUES, Int4Weight, bfloat16
+from .formats import FLOAT_DTYPES, Q8_BLOCK_BYTES, Q8_BLOCK_VALUES, Int4Weight
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("bf16", "int8")
@@ -210,85 +210,6 @@ MOE_GEMM_PERSISTENT: dict[str, frozenset] = {"default": frozenset()}
 MOE_GEMM_GROUP_M = 8
 
 
-#: activation="int8" decode path in one kernel (moe_decode_fused.cu) up to this many
-#: tokens, per GPU (0: never); beyond, or where it does not apply
-#: (uses_moe_decode_fused), the four-launch path. PROVISIONAL until measured.
-MOE_DECODE_FUSED_MAX_TOKENS = {"default": 1}
-
-
-def uses_moe_decode_fused(tokens: int, slots: int, hidden: int, x_dtype) -> bool:
-    """Whether fused_moe(activation="int8") on ``tokens`` tokens of ``slots`` experts
-    each takes the one-kernel decode path on this GPU: tokens up to the GPU's
-    MOE_DECODE_FUSED_MAX_TOKENS, 16-bit x (the kernel's instances), k within the
-    token-sum GEMM2's slots, and x's Q8 blocks within the kernel's shared memory."""
-    from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS, MOE_FUSED_MAX_X_BYTES
-    from .linear import _gpu_name
-
-    max_tokens = MOE_DECODE_FUSED_MAX_TOKENS.get(_gpu_name(), MOE_DECODE_FUSED_MAX_TOKENS["default"])
-    return (1 <= tokens <= max_tokens and slots <= MATVEC_TOKEN_SUM_MAX_SLOTS
-            and np.dtype(x_dtype) in (np.dtype(bfloat16), np.dtype(np.float16))
-            and tokens * (hidden // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES <= MOE_FUSED_MAX_X_BYTES)
-
-
-_FUSED_PLANS: dict = {}
-
-
-def _fused_moe_decode_fused(cp, x, w13, w2, topk_weights, topk_ids, y, config2=None):
-    """The int8 decode path as one persistent kernel (moe_decode_fused.cu): the same
-    quantizers and matvec_q8 walks as the four-launch path, with its GEMM2 config
-    (bit-identical results), the phases ordered by per-item counters instead of
-    kernel boundaries. Its grid is at most the GPU's resident CTAs of the kernel,
-    which the counters' waits need. config2 overrides GEMM2's config (sweeps)."""
-    from . import _runtime
-    from ._registry import MATVEC_THREADS, MOE_FUSED_GEMM1_CONFIG, cxx_bool, cxx_type
-    from .linear import (MATVEC_WARPS_PER_SM, _OUT_KIND, _Workspace, _gpu_name, _group_shift, _sm_count,
-                         matvec_items_config)
-
-    t, hidden = x.shape
-    k = topk_ids.shape[1]
-    n_experts, two_i, _ = w13.shape
-    inter = two_i // 2
-    key = (cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), t, k, hidden, inter, x.dtype,
-           w13.scales.dtype, w13.zeros is not None, w13.group_size, w2.group_size, config2)
-    plan = _FUSED_PLANS.get(key)
-    if plan is None:
-        warps = MATVEC_WARPS_PER_SM.get(_gpu_name(), MATVEC_WARPS_PER_SM["default"])
-        sm_count = _sm_count(cp)
-        if config2 is None:   # the four-launch path's GEMM2 config
-            config2 = matvec_items_config(hidden, k * inter, t, sm_count, warps)
-        kernel = _runtime.get_kernel("moe_decode_fused", (cxx_type(x.dtype), cxx_type(w13.scales.dtype),
-                                                          cxx_bool(w13.zeros is not None), *map(str, config2[1:])))
-        smem = t * (hidden // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
-        # (not _resident_ctas' cache: that one ignores the shared memory, which varies with T here)
-        resident = sm_count * max(1, cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            kernel.kernel.ptr, MATVEC_THREADS, smem))
-        # each virtual CTA has work (at most the matrix's row-group sets), and the
-        # virtual grids about fill the resident CTAs
-        rows1, split1 = MOE_FUSED_GEMM1_CONFIG[1], MOE_FUSED_GEMM1_CONFIG[3]
-        sets1 = -(-(-(-two_i // rows1)) // (MATVEC_THREADS // 32 // split1))
-        sets2 = -(-(-(-hidden // config2[1])) // (MATVEC_THREADS // 32 // config2[3]))
-        ctas1 = max(1, min(sets1, -(-resident // (t * k))))
-        ctas2 = max(1, min(sets2, -(-resident // t)))
-        grid = min(resident, max(ctas1 * t * k, ctas2 * t))
-        plan = _FUSED_PLANS[key] = (kernel, grid, smem, np.int32(ctas1), np.int32(ctas2))
-    kernel, grid, smem, ctas1, ctas2 = plan
-    rows, blocks, sync = _Workspace.get(cp).moe_decode_fused(t * k, inter)
-    x = cp.ascontiguousarray(x)
-    if x.data.ptr % 16:   # the quantizer loads 16-byte vectors (a DLPack view may start anywhere)
-        x = x.copy()
-    z13 = w13.scales if w13.zeros is None else w13.zeros
-    z2 = w2.scales if w2.zeros is None else w2.zeros
-    _runtime.launch(kernel, (grid,), (MATVEC_THREADS,),
-                    (x, w13.qweight, w13.scales, z13, w2.qweight, w2.scales, z2, topk_ids,
-                     cp.ascontiguousarray(topk_weights), rows, blocks, sync, y,
-                     np.int32(t), np.int32(k), np.int32(hidden), np.int32(inter), np.int32(n_experts),
-                     np.int32(w13.scales.shape[-1]), np.int32(_group_shift(w13)),
-                     np.int32(w2.scales.shape[-1]), np.int32(_group_shift(w2)), np.int32(_OUT_KIND[y.dtype]),
-                     ctas1, ctas2),
-                    shared_mem=smem, pdl=_runtime.FIRST_KERNEL_PDL)
-    return y
-
-
 def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activation):
     """The MoE decode paths: every (token, slot) pair is one item of a matvec over
     its expert's weights (no sorting, no host read); GEMM1 gives [g; u] in fp32,
@@ -317,10 +238,6 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     y = out if out is not None else cp.empty((t, hidden), dtype=x.dtype)
     if t == 0:
         return y
-    # (the one kernel takes one scale type and zeros-or-not for both GEMMs)
-    if (activation == "int8" and uses_moe_decode_fused(t, k, hidden, x.dtype)
-            and w13.scales.dtype == w2.scales.dtype and (w13.zeros is None) == (w2.zeros is None)):
-        return _fused_moe_decode_fused(cp, x, w13, w2, topk_weights, topk_ids, y)
     ids = topk_ids.reshape(t * k)
     gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
     if activation == "int8":

@@ -1,6 +1,5 @@
 // One item of fused_moe's decode paths: a (token, expert slot) pair that a
-// matvec launch (matvec_q8 or matvec_a16, items mode) handles as blockIdx.y
-// (moe_decode_fused.cu: as a row of its virtual grid).
+// matvec launch (matvec_q8 or matvec_a16, items mode) handles as blockIdx.y.
 //
 // Item i reads the weights of expert item_experts[i] from stacked [E, N, ...]
 // weights and the activation rows of item i / act_item_div, and writes output
@@ -30,8 +29,9 @@ struct MoeItem {
     }
 };
 
-__device__ __forceinline__ MoeItem moe_item(const i32* __restrict__ item_experts, int item, int n_experts,
-                                            int act_item_div, int m_tokens, int n_rows) {
+__device__ __forceinline__ MoeItem moe_item(const i32* __restrict__ item_experts, int n_experts, int act_item_div,
+                                            int m_tokens, int n_rows) {
+    const int item = blockIdx.y;
     const int e = item_experts[item];
     const bool dropped = e < 0 || e >= n_experts;
     return MoeItem{dropped ? 0 : e, dropped, static_cast<i64>(item / act_item_div) * m_tokens,
