@@ -26,9 +26,7 @@
 // running max m (the same in every lane), a per-lane partial sum l, and O^T.
 // The warps' states merge through shared memory at the end. With one split
 // the CTA writes the normalized output; with several it writes (acc, m, l) to
-// a workspace, and the last split of its tile to finish combines them
-// (merge_tile_splits: a ticket per tile), or decode_attention_merge_kernel
-// does after the grid (no tickets given).
+// a workspace and decode_attention_merge_kernel combines the splits.
 //
 // Shared rows are padded by 16 bytes, so the 8 rows of an ldmatrix matrix hit
 // 8 different bank groups (a bulk copy cannot swizzle).
@@ -44,7 +42,6 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kAttnHeads = 8;      // query heads per CTA: the MMA's 8 columns
 constexpr int kAttnChunk = 16;     // tokens per warp step: the MMA's 16 rows
-constexpr int kAttnMaxSplits = 256;   // w4kern.attention.MAX_SPLITS
 // Whether the copy engine fills the rings (sm_90); tests/test_gpu_attention.py
 // sets it to 0 in a copy of this file to run the cp.async path on an sm_90 GPU.
 #define W4KERN_ATTN_COPY_ENGINE (__CUDA_ARCH__ >= 900)
@@ -73,68 +70,6 @@ struct AttnShape {
     static constexpr int kSteps = kDim / 16;                           // MMAs per product
 };
 
-// The fused merge (decode_attention_kernel with tickets): the CTA combines the
-// splits of query-head rows row0 .. row0 + n_heads - 1 as
-// decode_attention_merge_kernel does, out = sum_s w_s o_s / sum_s w_s l_s with
-// w_s = 2^(m_s - max m). A warp per head reduces the (m, l) of the splits into
-// weights in shared memory (smem_w: kAttnHeads * splits floats, then the heads'
-// totals); then each thread sums 4 consecutive outputs over the splits, loads
-// batched 8 splits at a time. The partials come through L2 (ld.global.cg: other
-// CTAs wrote them during this grid).
-template <typename T, int kDim>
-__device__ __forceinline__ void merge_tile_splits(const float* part_o, const float* part_ml, T* out, i64 row0,
-                                                  int n_heads, int splits, float* smem_w) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* totals = smem_w + kAttnHeads * splits;
-    for (int h = warp; h < n_heads; h += kAttnWarps) {
-        const float2* ml = reinterpret_cast<const float2*>(part_ml) + (row0 + h) * splits;
-        float m_max = neg_inf();
-        for (int s = lane; s < splits; s += 32) m_max = fmaxf(m_max, __ldcg(&ml[s].x));
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) m_max = fmaxf(m_max, __shfl_xor_sync(0xFFFFFFFFu, m_max, offset));
-        float l_sum = 0.0f;
-        for (int s = lane; s < splits; s += 32) {
-            const float2 v = __ldcg(&ml[s]);
-            const float wt = m_max != neg_inf() ? exp2f(v.x - m_max) : 0.0f;
-            smem_w[h * splits + s] = wt;
-            l_sum = fmaf(wt, v.y, l_sum);
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) l_sum += __shfl_xor_sync(0xFFFFFFFFu, l_sum, offset);
-        if (lane == 0) totals[h] = l_sum;
-    }
-    __syncthreads();
-    constexpr int kQuads = kDim / 4;
-    constexpr int kBatch = 8;   // splits whose loads are in flight at once
-    for (int idx = threadIdx.x; idx < n_heads * kQuads; idx += kAttnThreads) {
-        const int h = idx / kQuads, d4 = idx % kQuads;
-        const float4* o = reinterpret_cast<const float4*>(part_o + (row0 + h) * splits * kDim) + d4;
-        const float* w = smem_w + h * splits;
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s0 = 0; s0 < splits; s0 += kBatch) {
-            float4 v[kBatch];
-#pragma unroll
-            for (int u = 0; u < kBatch; ++u)
-                if (s0 + u < splits) v[u] = __ldcg(o + static_cast<i64>(s0 + u) * kQuads);
-#pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
-                if (s0 + u >= splits) break;
-                const float wt = w[s0 + u];
-                acc.x = fmaf(wt, v[u].x, acc.x);
-                acc.y = fmaf(wt, v[u].y, acc.y);
-                acc.z = fmaf(wt, v[u].z, acc.z);
-                acc.w = fmaf(wt, v[u].w, acc.w);
-            }
-        }
-        const float total = totals[h];
-        T* dst = out + (row0 + h) * kDim + 4 * d4;
-        dst[0] = from_float<T>(total > 0.0f ? acc.x / total : 0.0f);
-        dst[1] = from_float<T>(total > 0.0f ? acc.y / total : 0.0f);
-        dst[2] = from_float<T>(total > 0.0f ? acc.z / total : 0.0f);
-        dst[3] = from_float<T>(total > 0.0f ? acc.w / total : 0.0f);
-    }
-}
-
 template <typename T, int kDim, bool kPaged, int kStages>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     const T* __restrict__ q,              // [B, Hq, D]
@@ -145,7 +80,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     T* __restrict__ out,                  // [B, Hq, D] (one split)
     float* __restrict__ part_o,           // [B, Hq, splits, D] (several splits)
     float* __restrict__ part_ml,          // [B, Hq, splits, 2]: m, l
-    u32* __restrict__ tickets,            // [B, gridDim.y] zero (or null: the merge kernel merges)
     i32 hq, i32 hkv,
     i32 rows,                             // L_max (contiguous) or page_size (paged)
     i32 max_pages, i32 n_pages, i32 capacity, i32 splits, float scale_log2)
@@ -155,7 +89,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     __shared__ float sm_m[kAttnWarps][kAttnHeads], sm_l[kAttnWarps][kAttnHeads];
     __shared__ __align__(8) u64 sm_bar[kAttnWarps][kStages];   // chunk arrivals (sm_90 copy engine)
     static_assert(kAttnWarps * kAttnHeads * kDim * 4 <= Shape::kSmemBytes, "the merge reuses the rings' memory");
-    static_assert(kAttnHeads * (kAttnMaxSplits + 1) * 4 <= Shape::kSmemBytes, "so does the fused split merge");
 
     // the op's first kernel: nothing global is touched before the previous grid is
     // done; then the merge's CTAs may start (they wait for this grid)
@@ -401,25 +334,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
             }
         }
     }
-    if (splits == 1 || tickets == nullptr) return;
-
-    // The fused merge: the last of the splits of this (sequence, KV head, head
-    // tile) to finish combines them all (a ticket per tile, which it leaves zero
-    // for the next launch), instead of a merge kernel after the grid.
-    __shared__ int last_split;
-    __syncthreads();   // the CTA's partials are written
-    if (threadIdx.x == 0) {
-        __threadfence();
-        u32* ticket = tickets + static_cast<i64>(b) * gridDim.y + blockIdx.y;
-        last_split = atomicAdd(ticket, 1u) == static_cast<u32>(splits - 1);
-        if (last_split) {
-            *ticket = 0;
-            __threadfence();   // the other splits' partials are visible from here
-        }
-    }
-    __syncthreads();
-    if (last_split) merge_tile_splits<T, kDim>(part_o, part_ml, out, static_cast<i64>(b) * hq + h0, n_heads, splits,
-                                               reinterpret_cast<float*>(attn_smem));
 }
 
 // Combines the splits of one (sequence, query head) row: out = sum_s w_s o_s /

@@ -61,44 +61,13 @@ def test_contiguous_every_head_dim_and_gqa_ratio(cp, rng, dtype, d, heads):
         check(cp, run(cp, q, k, v, lens, num_splits=splits), q, k, v, lens)
 
 
-def merge_by(monkeypatch, merge):
-    """The split merge: "fused" (the last split CTA of a tile) or "kernel" (the merge kernel)."""
-    from w4kern import attention
-
-    monkeypatch.setattr(attention, "FUSED_MERGE", int(merge == "fused"))
-    monkeypatch.setattr(attention, "_PLANS", {})
-
-
-@pytest.mark.parametrize("merge", ["fused", "kernel"])
 @pytest.mark.parametrize("b", [1, 3, 32])
 @pytest.mark.parametrize("splits", [None, 1, 7, 64])
-def test_batches_and_split_counts(cp, rng, monkeypatch, merge, b, splits):
-    merge_by(monkeypatch, merge)
+def test_batches_and_split_counts(cp, rng, b, splits):
     lens = rng.integers(0, 1500, b)
     lens[0] = 1500
     q, k, v, lens = contiguous_case(rng, b, 32, 8, 1500, 128, w4kern.bfloat16, lens)
     check(cp, run(cp, q, k, v, lens, num_splits=splits), q, k, v, lens)
-
-
-def test_fused_merge_leaves_its_tickets_zero(cp, rng, monkeypatch):
-    """Calls of other batches, head counts and split counts back to back (each
-    tile's last split resets its ticket): every one right, the tickets zero after,
-    and a length-0 sequence (no split sees a token) gives zeros."""
-    import importlib
-
-    linear = importlib.import_module("w4kern.linear")   # (w4kern.linear is the op)
-    merge_by(monkeypatch, "fused")
-    for b, (hq, hkv), d, splits, lens in ((1, (32, 8), 128, 16, [2048]), (3, (64, 8), 128, 5, [900, 0, 17]),
-                                          (2, (32, 16), 256, 256, [4096, 4095]), (4, (8, 1), 64, 33, [64, 1, 0, 63])):
-        for _ in range(2):
-            q, k, v, lens_ = contiguous_case(rng, b, hq, hkv, max(lens), d, w4kern.bfloat16, lens)
-            got = run(cp, q, k, v, lens_, num_splits=splits)
-            check(cp, got, q, k, v, lens_)
-            for i, n in enumerate(lens):
-                if n == 0:
-                    assert not cp.asnumpy(got[i]).astype(np.float32).any()
-    tickets = linear._Workspace.get(cp).attention_ticket
-    assert tickets.size and not cp.asnumpy(tickets).any()
 
 
 @pytest.mark.parametrize("length", [1, 31, 256, 4097, 32768, 131072])

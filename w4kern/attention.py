@@ -44,10 +44,6 @@ SPLIT_MIN_TOKENS = 256
 SPLIT_WAVES = 1
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 256
-#: 1: the last split CTA of each (sequence, KV head, head tile) merges the splits
-#: (a ticket per tile, in a per-stream workspace the kernel leaves zero); 0: the
-#: merge kernel after the split grid. PROVISIONAL until measured.
-FUSED_MERGE = 1
 MERGE_THREADS = 512            # kMergeThreads: threads of the merge kernel (at least MAX_SPLITS)
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
 
@@ -252,12 +248,10 @@ def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacit
     scratch = _Workspace.get(cp).attention_partials(n_o + 2 * b * hq * splits if splits > 1 else 1)
     part_o, part_ml = scratch[:n_o], scratch[n_o:]
     grid = (splits, hkv * -(-group // HEADS_PER_CTA), b)
-    fused = splits > 1 and bool(FUSED_MERGE)
-    tickets = _Workspace.get(cp).attention_tickets(b * grid[1]) if fused else np.uint64(0)
     tail = (np.int32(hq), np.int32(hkv), np.int32(rows), np.int32(max_pages), np.int32(n_pages),
             np.int32(capacity), np.int32(splits), np.float32(scale * math.log2(math.e)))
     merge, merge_args = None, ()
-    if splits > 1 and not fused:
+    if splits > 1:
         merge = _runtime.get_kernel("decode_attention_merge", (cxx_type(q.dtype), str(d)))
         merge_args = (part_o, part_ml, np.int32(splits))
-    return kernel, grid, attention_smem_bytes(d, stages), (part_o, part_ml, tickets), tail, merge, merge_args
+    return kernel, grid, attention_smem_bytes(d, stages), (part_o, part_ml), tail, merge, merge_args

@@ -407,7 +407,7 @@ def _linear_numpy(call, x, weight, bias, out):
 
 class _Workspace:
     """Per (device, stream) scratch: Q8 blocks or per-token INT8 of x, split-K partials and tickets,
-    and decode_attention's split partials and merge tickets.
+    and decode_attention's split partials.
 
     Grown on demand and then reused, so repeated calls (and CUDA-graph
     capture after a first eager call) allocate nothing. Keyed by stream so
@@ -424,7 +424,6 @@ class _Workspace:
         self.partials = cp.empty(0, dtype=np.float32)
         self.tickets = cp.zeros(0, dtype=np.uint32)
         self.attention = cp.empty(0, dtype=np.float32)
-        self.attention_ticket = cp.zeros(0, dtype=np.uint32)
         self.moe = cp.empty(0, dtype=np.int32)
 
     @classmethod
@@ -454,13 +453,6 @@ class _Workspace:
         if self.attention.size < n:
             self.attention = self.cp.empty(n, dtype=np.float32)
         return self.attention[:n]
-
-    def attention_tickets(self, n):
-        """uint32 tickets of decode_attention's fused split merge, one per (sequence,
-        KV head, head tile); zeroed here once, each launch leaves them zero."""
-        if self.attention_ticket.size < n:
-            self.attention_ticket = self.cp.zeros(n, dtype=np.uint32)
-        return self.attention_ticket[:n]
 
     def moe_counts(self, n):
         """int32 scratch of moe_align_block_size's per-chunk expert counts."""
