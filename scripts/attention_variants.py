@@ -9,7 +9,7 @@ Beside them: torch SDPA (flash) on the same tensors.
 A variant smem:BYTES runs the tree's kernels as if a CTA could have BYTES of
 shared memory (shallower rings, more CTAs per SM); attr:NAME=V sets module
 constants (integers: attention.SPLIT_WAVES, attention.MIN_SPLIT_TOKENS,
-_runtime.FIRST_KERNEL_PDL); env:NAME=V
+attention.FEW_SPLITS, attention.MANY_SPLIT_TOKENS, _runtime.FIRST_KERNEL_PDL); env:NAME=V
 sets an environment variable (e.g. W4KERN_PDL=never). --only D keeps the configs
 of head dim D, --batch B those of batch B; --plain also times the rule's split
 count with plain launches. The JSON is rewritten after every config.
@@ -67,7 +67,8 @@ CONFIGS = [  # (Hq, Hkv, D), B, L, forced split counts (None: the rule)
 
 
 _OPTIN = attention._cta_smem_optin
-_HOMES = {"SPLIT_WAVES": attention, "MIN_SPLIT_TOKENS": attention, "FIRST_KERNEL_PDL": _runtime}   # where attr: variants set a constant
+_HOMES = {"SPLIT_WAVES": attention, "MIN_SPLIT_TOKENS": attention, "FEW_SPLITS": attention,
+          "MANY_SPLIT_TOKENS": attention, "FIRST_KERNEL_PDL": _runtime}   # where attr: variants set a constant
 _ATTRS = {name: getattr(home, name) for name, home in _HOMES.items()}
 _ENV = {name: os.environ.get(name) for name in ("W4KERN_PDL",)}
 

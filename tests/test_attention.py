@@ -118,7 +118,10 @@ def test_split_rule():
     assert resident_ctas(256, 1) == 3
     assert choose_splits(1, 8, 4, 255, 132, 2) == 1                 # short caches are not split
     assert choose_splits(1, 8, 4, 32768, 132, 2) == 33              # one wave of resident CTAs
-    assert choose_splits(1, 8, 4, 2048, 132, 2) == 16               # at least 128 tokens per split
+    assert choose_splits(1, 8, 4, 256, 132, 2) == 4                 # at least 64 tokens per split
+    assert choose_splits(1, 8, 4, 1024, 132, 2) == 16
+    assert choose_splits(1, 8, 4, 2048, 132, 2) == 16               # more than 16 only at 256 tokens a split
+    assert choose_splits(1, 8, 4, 8192, 132, 2) == 32
     assert choose_splits(1, 8, 16, 32768, 132, 2) == 16             # 16 heads per KV head: 2 CTAs
     assert choose_splits(64, 8, 16, 2048, 132, 2) == 1              # the batch fills the GPU
     assert choose_splits(1, 1, 1, 10**7, 132, 16) == 256            # capped

@@ -39,10 +39,16 @@ PAGE_SIZES = (16, 256)   # inclusive range
 #: results are in benchmarks/results/): a cache of at least SPLIT_MIN_TOKENS
 #: tokens is split until the grid fills SPLIT_WAVES waves of resident CTAs (as
 #: many as the SM's shared memory holds, see resident_ctas), each split keeping
-#: at least MIN_SPLIT_TOKENS tokens. ``num_splits`` overrides it.
+#: at least MIN_SPLIT_TOKENS tokens, and more than FEW_SPLITS splits only where
+#: each keeps MANY_SPLIT_TOKENS. ``num_splits`` overrides it. At B=1, 32/8/128,
+#: 64 tokens a split (rather than 128) took L=256 from 6.7 to 5.7 us, L=512 6.7 ->
+#: 5.9, L=1024 7.0 -> 6.4, while L=2048 ran 16 splits in 7.7 us and 32 in 8.0
+#: (benchmarks/results/2026-11-23-h200-session15/attention-splits/).
 SPLIT_MIN_TOKENS = 256
 SPLIT_WAVES = 1
-MIN_SPLIT_TOKENS = 128
+MIN_SPLIT_TOKENS = 64
+FEW_SPLITS = 16
+MANY_SPLIT_TOKENS = 256
 MAX_SPLITS = 256
 MERGE_THREADS = 512            # kMergeThreads: threads of the merge kernel (at least MAX_SPLITS)
 SM_SHARED_BYTES = 228 * 1024   # shared memory of an sm_90 SM (resident_ctas' default)
@@ -92,7 +98,8 @@ def choose_splits(batch: int, hkv: int, group: int, capacity: int, sm_count: int
         return 1
     ctas = batch * hkv * -(-group // HEADS_PER_CTA)
     want = SPLIT_WAVES * resident * sm_count // max(ctas, 1)
-    return max(1, min(want, capacity // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    by_tokens = min(capacity // MIN_SPLIT_TOKENS, max(FEW_SPLITS, capacity // MANY_SPLIT_TOKENS))
+    return max(1, min(want, by_tokens, MAX_SPLITS))
 
 
 @accepts_dlpack("q", "k_cache", "v_cache", "kv_lens", "block_table", "out")
