@@ -2,7 +2,8 @@
 kernels alone, and the chains of them, timed in graph mode (20 launches per graph,
 routing rotated over disjoint expert sets at T = 1 so no launch finds its experts in
 L2, as the moe bench suite does). A stage's marginal cost is its chain's time minus
-the shorter chain's.
+the shorter chain's. Each GEMM is also timed alone at every matvec_q8 config the
+items rule chooses from (gemm1@rows-unroll-split, gemm2@...).
 
     python3 scripts/stages_moe_decode.py OUT.json [qwen3-30b-a3b|deepseek-v3] [T ...]
 """
@@ -15,7 +16,7 @@ import numpy as np
 import w4kern
 from w4kern import moe
 from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts
-from w4kern.linear import _launch_matvec_items, _launch_matvec_token_sums
+from w4kern.linear import MATVEC_CANDIDATES, _launch_matvec_items, _launch_matvec_token_sums
 
 
 def main():
@@ -54,6 +55,14 @@ def main():
         def gemm2(i, pdl=False):
             _launch_matvec_token_sums(cp, w2, inter_blocks, y, id_sets[i % sets], weights, pdl=pdl)
 
+        def gemm1_with(config):
+            return lambda i: _launch_matvec_items(cp, w13, x_blocks, gate_up, id_sets[i % sets].reshape(t * k), k,
+                                                  config=config)
+
+        def gemm2_with(config):
+            return lambda i: _launch_matvec_token_sums(cp, w2, inter_blocks, y, id_sets[i % sets], weights,
+                                                       config=config)
+
         stages = {
             "quant_x": quant_x,
             "gemm1": gemm1,
@@ -66,6 +75,9 @@ def main():
             "fused_moe": lambda i: w4kern.fused_moe(x, w13, w2, weights, id_sets[i % sets], activation="int8",
                                                      out=y),
         }
+        for config in MATVEC_CANDIDATES[("int4", 1)]:   # each GEMM alone at every config (the rule's above)
+            stages["gemm1@" + "-".join(map(str, config))] = gemm1_with(config)
+            stages["gemm2@" + "-".join(map(str, config))] = gemm2_with(config)
         for label, fn in stages.items():
             us = timer.graph(fn)
             row = {"layer": name, "T": t, "stage": label, "graph_us": round(us, 2)}

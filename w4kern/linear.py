@@ -802,14 +802,14 @@ def _launch_matvec_items(cp, weight, act, out, item_experts, act_item_div, confi
                   pdl)
 
 
-def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=False):
+def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=False, config=None):
     """matvec_q8 summing each token's slots (the MoE int8 decode path's GEMM2 with the
     combine fused): out[t] = sum_j topk_weights[t, j] * W[topk_ids[t, j]] @ a[t * k + j]
     for stacked INT4 expert weights W [E, N, K], Q8 activation rows ``act`` [T * k,
     K // 32, 48] and out [T, N] (float32, bfloat16 or float16), summed in one fixed
     order (the same bits every run). Slots with an id outside [0, E) are left out.
     k <= MATVEC_TOKEN_SUM_MAX_SLOTS (one slot per lane). pdl: right after another
-    kernel of the op (_runtime.launch)."""
+    kernel of the op (_runtime.launch). ``config`` overrides the rule (sweeps)."""
     from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS
 
     n_experts, n, k = weight.shape
@@ -819,12 +819,13 @@ def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=
     if not 1 <= tokens <= MATVEC_MAX_ITEMS:
         raise ValueError(f"{tokens} tokens: one launch takes 1..{MATVEC_MAX_ITEMS}")
     key = ("matvec_token_sums", cp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), n, k, slots,
-           weight.group_size, weight.scales.dtype, weight.zeros is not None, out.dtype, tokens)
+           weight.group_size, weight.scales.dtype, weight.zeros is not None, out.dtype, tokens,
+           None if config is None else tuple(config))
     plan = _PLANS.get(key)
     if plan is None:
         # the slots' K run one after another: the config sees one row of slots * K
         call = _Call(cp, "int4", "q8", 1, n, slots * k, (tokens,), out.dtype)
-        kernel, grid, tail = _items_plan(cp, call, weight, out.dtype, tokens, "token_sum")
+        kernel, grid, tail = _items_plan(cp, call, weight, out.dtype, tokens, "token_sum", config)
         # but n_blocks is one slot's K blocks (the kernel multiplies by the slots)
         plan = _PLANS[key] = (kernel, grid, tail[:2] + (np.int32(k // Q8_BLOCK_VALUES),) + tail[3:])
     _launch_items(plan, weight, act, out, (topk_ids, topk_weights, np.int32(n_experts), np.int32(slots)), pdl)
