@@ -198,16 +198,17 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
     if (tid < kBM) block_items[tid] = sorted_ids[block * kBM + tid];
     __syncthreads();
 
-    // Loads: thread tid copies 16-byte chunk tid % 8 of A rows tid / 8 + kARowsPerPass j
-    // (past the block's rows: none), and two weight-row halves (moe_load_weight_tile).
+    // Loads: thread tid copies 16-byte chunk tid % 8 of A rows tid / 8 + kARowsPerPass j,
+    // and two weight-row halves (moe_load_weight_tile).
     constexpr int kARowsPerPass = kMoeGemmThreads / 8;
-    constexpr int kAPasses = (kBM + kARowsPerPass - 1) / kARowsPerPass;
+    constexpr int kAPasses = kBM / kARowsPerPass;
+    static_assert(kBM % kARowsPerPass == 0, "the A rows split evenly over the passes");
     const ActT* a_src[kAPasses];
     bool a_valid[kAPasses];
 #pragma unroll
     for (int j = 0; j < kAPasses; ++j) {
         const int r = tid / 8 + kARowsPerPass * j;
-        const int item = r < kBM ? block_items[r] : -1;
+        const int item = block_items[r];
         a_valid[j] = item >= 0 && item < n_items;
         a_src[j] = act + static_cast<i64>(a_valid[j] ? item / act_div : 0) * k_dim + (tid % 8) * 8;
     }
@@ -224,7 +225,6 @@ __device__ __forceinline__ void moe_gemm_a16_tile(
 #pragma unroll
         for (int j = 0; j < kAPasses; ++j) {
             const int r = tid / 8 + kARowsPerPass * j;
-            if (kBM % kARowsPerPass != 0 && r >= kBM) break;
             cp_async16(a_dst + r * kMoeARowBytes + (tid % 8) * 16, a_src[j] + (a_in ? k0 : 0),
                        a_valid[j] && a_in ? 16 : 0);
         }

@@ -231,3 +231,18 @@ def test_every_moe_kernel_the_gpu_paths_can_pick_is_registered():
                                                                  + args)
     for silu in (True, False):   # the per-item rows: fp32 [g; u] (decode) and fp32 silu * u (batched)
         FAMILIES["moe_token_q8"].name_expression(("float", cxx_bool(silu), "true"))
+
+
+def test_a8_gemm_warps_along_m_mirror_the_kernel_source():
+    """The A8 GEMM's CTA size comes from MOE_GEMM_A8_WARPS_M on the host and from
+    kMoeA8WarpsM in moe_gemm.cu (its launch bounds and layout): a launch with the
+    other's thread count would compute the wrong rows, so the two must agree."""
+    import re
+
+    from w4kern._registry import MOE_GEMM_A8_WARPS_M, MOE_GEMM_M_TILES
+    from w4kern._runtime import source_dir
+
+    source = (source_dir() / "moe_gemm.cu").read_text()
+    found = re.search(r"constexpr int kMoeA8WarpsM\[3\] = \{(\d+), (\d+), (\d+)\};", source)
+    assert found, "kMoeA8WarpsM not found in moe_gemm.cu"
+    assert dict(zip(MOE_GEMM_M_TILES, map(int, found.groups()))) == MOE_GEMM_A8_WARPS_M

@@ -284,7 +284,7 @@ def moe_gemm_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, bn: int = M
 def moe_gemm_threads(activation: str, m_tiles: int) -> int:
     """Threads per CTA of the batched expert GEMM for ``activation`` ("int8": A8,
     else A16) at ``m_tiles`` m16 tiles per block (the tile has MOE_GEMM_BN weight rows)."""
-    return 128 * MOE_GEMM_A8_WARPS_M[m_tiles] if activation == "int8" else MOE_GEMM_THREADS
+    return MOE_GEMM_THREADS * MOE_GEMM_A8_WARPS_M[m_tiles] if activation == "int8" else MOE_GEMM_THREADS
 
 
 def moe_gemm_a8_smem_bytes(m_tiles: int, stages: int = MOE_GEMM_STAGES, threads: int | None = None,
