@@ -172,15 +172,16 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
 
-    // Q8 block v of every row of row group g and every token (sb: slot_block(v))
-    auto accumulate = [&](const Block (&w)[kRows], int g, int v, const SlotBlock& sb) {
-        const int group = sb.block >> group_shift;
+    // Q8 block v of every row of a row group and every token (sb: slot_block(v)), with
+    // the rows' weight blocks w and their group's scales ws and zeros wz (as loaded)
+    constexpr int kZeroSlots = kHasZeros ? kRows : 1;
+    auto accumulate = [&](const Block (&w)[kRows], const ScaleT (&ws)[kRows], const ScaleT (&wz)[kZeroSlots],
+                          int v, const SlotBlock& sb) {
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + group;
-            s[r] = to_float(scales[at]);
-            z[r] = kHasZeros ? to_float(zeros[at]) : implicit_zero;
+            s[r] = to_float(ws[r]);
+            z[r] = kHasZeros ? to_float(wz[kHasZeros ? r : 0]) : implicit_zero;
         }
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -247,19 +248,35 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // weights (of the same or the next row group) before this step's math, so
     // its loads stay in flight across row-group boundaries and the GPU ramps up
     // once per launch rather than once per row group.
+    // The scales (and zeros) of a step's blocks are loaded with its weights, a step
+    // ahead, rather than in accumulate: there their L2 latency sat between the
+    // step's weights arriving and its math, once per step (H200, one process:
+    // 1-4% faster at M = 1, 2-9% at M = 2 and 4; benchmarks/results/
+    // 2026-11-23-h200-session16/scale-prefetch/).
     Block cur[kUnroll][kRows], next[kUnroll][kRows];
-    auto load_step = [&](Block (&w)[kUnroll][kRows], int set, int step) {
+    ScaleT cur_s[kUnroll][kRows], next_s[kUnroll][kRows];
+    ScaleT cur_z[kUnroll][kZeroSlots], next_z[kUnroll][kZeroSlots];
+    auto load_step = [&](Block (&w)[kUnroll][kRows], ScaleT (&ws)[kUnroll][kRows], ScaleT (&wz)[kUnroll][kZeroSlots],
+                         int set, int step) {
         const int g = group_of(set);
         if (g >= n_row_groups) return;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int v = block_of(step, u);
             const SlotBlock sb = slot_block(v);
-            if (v < k_blocks && sb.used)
+            if (v < k_blocks && sb.used) {
 #pragma unroll
                 for (int r = 0; r < kRows; ++r)
                     w[u][r].load(qweight + (sb.expert_row0 + row_of(g, r)) * row_bytes +
                                  static_cast<i64>(sb.block) * Block::kBytes);
+                const int group = sb.block >> group_shift;
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+                    const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + group;
+                    ws[u][r] = scales[at];
+                    if constexpr (kHasZeros) wz[u][r] = zeros[at];
+                }
+            }
         }
     };
     // Under a programmatic dependent launch (the op's quantizer just before), the
@@ -268,20 +285,20 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     pdl_launch_dependents();
     int set = blockIdx.x, step = 0;
     if (set >= n_sets) return;   // whole CTA
-    load_step(cur, set, 0);
+    load_step(cur, cur_s, cur_z, set, 0);
     pdl_wait();
     while (true) {
         int next_set = set, next_step = step + 1;
         if (next_step == my_steps) { next_set = set + gridDim.x; next_step = 0; }
         const bool more = next_set < n_sets;   // the same for every warp of the CTA
-        if (more) load_step(next, next_set, next_step);
+        if (more) load_step(next, next_s, next_z, next_set, next_step);
         const int g = group_of(set);
         if (g < n_row_groups) {
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int v = block_of(step, u);
                 const SlotBlock sb = slot_block(v);
-                if (v < k_blocks && sb.used) accumulate(cur[u], g, v, sb);
+                if (v < k_blocks && sb.used) accumulate(cur[u], cur_s[u], cur_z[u], v, sb);
             }
         }
         if (next_step == 0) finish_group(g);
@@ -291,7 +308,11 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-            for (int r = 0; r < kRows; ++r) cur[u][r] = next[u][r];
+            for (int r = 0; r < kRows; ++r) {
+                cur[u][r] = next[u][r];
+                cur_s[u][r] = next_s[u][r];
+                if constexpr (kHasZeros) cur_z[u][r] = next_z[u][r];
+            }
     }
 }
 

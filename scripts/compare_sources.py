@@ -13,6 +13,7 @@ rotated the same way, which is what any kernel reading those bytes once can
 reach in this harness (launch, ramp-up and tail included).
 
     python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick] [--configs]
+        [--paths w4a8-preq,w4a16,w4a8-int8-preq]
 
 The paths: W4A8 on pre-quantized Q8 blocks (dp4a), W4A16 and W4A8 on pre-quantized
 per-token INT8 (matvec_a16's s8 instances). --configs times the last two once per
@@ -32,7 +33,7 @@ from w4kern.bench import DENSE_SHAPES, Timer, _decode_weights, _read_ceiling, en
 from w4kern._registry import A16_CONFIGS, A16_ROW_CONFIGS
 from w4kern.linear import _linear
 
-args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] != "--m"]
+args = [a for i, a in enumerate(sys.argv) if i > 0 and not a.startswith("--") and sys.argv[i - 1] not in ("--m", "--paths")]
 OUT = args[0]
 VARIANTS = [("tree", None)] + [tuple(a.split("=", 1)) for a in args[1:]]
 MS = (1, 8)
@@ -41,6 +42,8 @@ for i, a in enumerate(sys.argv):
         MS = tuple(int(v) for v in sys.argv[i + 1].split(","))
 QUICK = "--quick" in sys.argv
 PATHS = {"w4a8-preq": "q8", "w4a16": "bf16", "w4a8-int8-preq": "int8"}
+if "--paths" in sys.argv:   # a subset of PATHS, comma-separated
+    PATHS = {p: PATHS[p] for p in sys.argv[sys.argv.index("--paths") + 1].split(",")}
 CONFIGS = "--configs" in sys.argv
 
 
