@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // The scales (and zeros) of a step's blocks are loaded with its weights, a step
     // ahead, rather than in accumulate: there their L2 latency sat between the
     // step's weights arriving and its math, once per step (H200, one process:
-    // 1-4% faster at M = 1, 2-9% at M = 2 and 4; benchmarks/results/
+    // 0-4% faster at M = 1, 2-8% at M = 2 and 4; benchmarks/results/
     // 2026-11-23-h200-session16/scale-prefetch/).
     Block cur[kUnroll][kRows], next[kUnroll][kRows];
     ScaleT cur_s[kUnroll][kRows], next_s[kUnroll][kRows];
