@@ -38,7 +38,14 @@ def _native_types() -> tuple:
 
 def _foreign(v) -> bool:
     """An object to import through DLPack: not a NumPy/CuPy array, but speaks DLPack."""
-    return v is not None and not isinstance(v, _native_types()) and hasattr(v, "__dlpack__")
+    return _foreign_type(type(v))
+
+
+@functools.cache
+def _foreign_type(t: type) -> bool:
+    """Whether objects of type t import through DLPack (cached per type: plain
+    launches are host-bound, and every op call asks this of each argument)."""
+    return not issubclass(t, (type(None),) + _native_types()) and hasattr(t, "__dlpack__")
 
 
 def accepts_dlpack(*names: str):
@@ -55,7 +62,10 @@ def accepts_dlpack(*names: str):
 
         @functools.wraps(fn)
         def inner(*args, **kwargs):
-            if not any(_foreign(v) for v in args) and not any(_foreign(v) for v in kwargs.values()):
+            for v in (*args, *kwargs.values()):
+                if _foreign_type(type(v)):
+                    break
+            else:
                 return fn(*args, **kwargs)
             from .interop import asarray
 
@@ -145,6 +155,8 @@ def dtype_name(dtype) -> str:
 
 
 def check_dtype(name: str, a, allowed) -> None:
+    if a.dtype in allowed:   # NumPy compares a dtype with dtypes and scalar types alike
+        return
     allowed = tuple(np.dtype(t) for t in allowed)
     if a.dtype not in allowed:
         names = ", ".join(dtype_name(t) for t in allowed)

@@ -31,6 +31,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from ._arrays import cupy_module
 from ._registry import FAMILIES, KernelFamily
 
 log = logging.getLogger("w4kern")
@@ -296,8 +297,6 @@ def max_dynamic_smem(device_id: int) -> int:
     static shared memory the kernels declare: 1 KiB is reserved for it)."""
     got = _smem_optin.get(device_id)
     if got is None:
-        from ._arrays import cupy_module
-
         attrs = cupy_module().cuda.Device(device_id).attributes
         got = _smem_optin[device_id] = int(attrs["MaxSharedMemoryPerBlockOptin"]) - 1024
     return got
@@ -305,8 +304,6 @@ def max_dynamic_smem(device_id: int) -> int:
 
 def get_kernel(family: str, args: tuple[str, ...]):
     """The ``cupy.RawKernel`` of one instance, compiled/loaded for the current device."""
-    from ._arrays import cupy_module
-
     cupy = cupy_module()
     device_id = cupy.cuda.runtime.getDevice()
     key = (family, args, device_id, os.environ.get("W4KERN_CUDA_SRC"))
@@ -418,15 +415,21 @@ def _kernel_argument(ctypes, np, cupy, a):
                     "np.uint64 or np.float32")
 
 
-def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
-    """Launch ``kernel`` (a ``cupy.RawKernel`` from get_kernel) on the current stream,
-    as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see above)."""
-    from ._arrays import cupy_module
+def pdl_enabled() -> bool:
+    """Whether a launch that asks to be programmatic is one now (W4KERN_PDL, the
+    current stream's capture state, the GPU). An op that launches several kernels
+    asks once per call and passes the answer on (``launch(..., checked=True)``): a
+    plain call is host-bound, and the question costs about 2 us each time."""
+    cupy = cupy_module()
+    return _use_pdl(cupy, cupy.cuda.get_current_stream())
 
-    if pdl:
-        cupy = cupy_module()
-        stream = cupy.cuda.get_current_stream()
-        pdl = _use_pdl(cupy, stream)
+
+def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False, checked=False):
+    """Launch ``kernel`` (a ``cupy.RawKernel`` from get_kernel) on the current stream,
+    as a programmatic dependent launch when ``pdl`` and W4KERN_PDL allow it (see
+    above); checked: ``pdl`` already includes pdl_enabled()'s answer."""
+    if pdl and not checked:
+        pdl = pdl_enabled()
     if not pdl:
         kernel(grid, block, args, shared_mem=shared_mem)
         return
@@ -434,6 +437,8 @@ def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False):
 
     import numpy as np
 
+    cupy = cupy_module()
+    stream = cupy.cuda.get_current_stream()
     launch_ex, LaunchConfig, LaunchAttribute = _pdl_launcher()
     values = [_kernel_argument(ctypes, np, cupy, a) for a in args]
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from . import _runtime
 from ._arrays import (
     accepts_dlpack,
     array_module,
@@ -80,8 +81,6 @@ def ring_stages(head_dim: int, smem_optin: int, ctas: int = 0, sm_count: int = 1
 def _cta_smem_optin(device: int) -> int:
     """Dynamic shared memory one CTA may have on ``device`` (what picks the ring depth;
     tests stand in a smaller GPU here, leaving the loaded kernels' limits alone)."""
-    from . import _runtime
-
     return _runtime.max_dynamic_smem(device)
 
 
@@ -197,8 +196,6 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,
                            paged):
-    from . import _runtime
-
     b = q.shape[0]
     if out is None:
         out = cp.empty(q.shape, dtype=q.dtype)
@@ -214,19 +211,19 @@ def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table,
         plan = _PLANS[key] = _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged)
     kernel, grid, smem, head, tail, merge, merge_args = plan
     table = block_table if paged else kv_lens   # any int32 pointer: the contiguous kernel never reads it
+    pdl = _runtime.pdl_enabled() if merge is not None or _runtime.FIRST_KERNEL_PDL else False
     # the op's first kernel: a programmatic launch waits for its predecessor before it touches memory
     _runtime.launch(kernel, grid, (128,), (q, k_cache, v_cache, kv_lens, table, out) + head + tail,
-                    shared_mem=smem, pdl=_runtime.FIRST_KERNEL_PDL)
+                    shared_mem=smem, pdl=pdl and _runtime.FIRST_KERNEL_PDL, checked=True)
     if merge is not None:   # a programmatic dependent launch: it waits for the splits
         _runtime.launch(merge, (b * q.shape[1],), (MERGE_THREADS,), merge_args[:2] + (out,) + merge_args[2:],
-                        pdl=True)
+                        pdl=pdl, checked=True)
     return out
 
 
 def _attention_plan(cp, q, k_cache, block_table, num_splits, scale, hkv, capacity, paged):
     """(kernel, grid, shared memory, split-K scratch, scalar arguments, merge kernel
     or None, its arguments but the output) of one decode_attention call."""
-    from . import _runtime
     from ._registry import cxx_bool, cxx_type
     from .linear import _sm_count, _Workspace
 

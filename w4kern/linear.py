@@ -53,6 +53,7 @@ import os
 
 import numpy as np
 
+from . import _runtime
 from ._arrays import (
     accepts_dlpack,
     array_module,
@@ -62,6 +63,7 @@ from ._arrays import (
     check_shape,
     deliver,
 )
+from .quant import _quantize_per_token_cuda, _quantize_q8_cuda
 from .formats import (
     FLOAT_DTYPES,
     Q8_BLOCK_BYTES,
@@ -419,6 +421,7 @@ class _Workspace:
     def __init__(self, cp):
         self.cp = cp
         self.q8 = cp.empty(0, dtype=np.uint8)
+        self.q8_views: dict[tuple[int, int], object] = {}
         self.int8 = cp.empty(0, dtype=np.int8)
         self.int8_scales = cp.empty(0, dtype=np.float32)
         self.partials = cp.empty(0, dtype=np.float32)
@@ -443,10 +446,15 @@ class _Workspace:
         return self.int8[:m * k].reshape(m, k), self.int8_scales[:m]
 
     def q8_blocks(self, m, k):
+        view = self.q8_views.get((m, k))   # a view per shape: slicing a CuPy array costs microseconds
+        if view is not None:
+            return view
         n = m * (k // Q8_BLOCK_VALUES) * Q8_BLOCK_BYTES
         if self.q8.size < n:
             self.q8 = self.cp.empty(n, dtype=np.uint8)
-        return self.q8[:n].reshape(m, k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+            self.q8_views = {}   # the old buffer's views stay valid for their holders, not for new calls
+        view = self.q8_views[(m, k)] = self.q8[:n].reshape(m, k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+        return view
 
     def attention_partials(self, n):
         """float32 scratch of decode_attention's split-K partials."""
@@ -530,23 +538,22 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_ctas)
         return out
     quantized_here = call.act == "q8" and not isinstance(x, Q8Activations)   # the matvec may overlap it
+    pdl_ok = _runtime.pdl_enabled() if quantized_here and kernel == "matvec" else False   # asked once a call
     if call.act == "q8":
         if isinstance(x, Q8Activations):
             act = x.blocks
         else:
-            from .quant import _quantize_q8_cuda
-
             # x was validated above (float dtype, contiguous, K a multiple of 32 like W's)
             check_aligned("x", x)
             act = ws.q8_blocks(call.m, call.k)    # the workspace is 16-byte aligned
             # the op's first kernel; a programmatic launch where the dp4a matvec after it is one
-            _quantize_q8_cuda(x, act, pdl="first" if kernel == "matvec" else None)
+            _quantize_q8_cuda(x, act, pdl="first" if kernel == "matvec" else None, pdl_ok=pdl_ok)
     else:
         act = x
     check_aligned("x", act)
     check_aligned("qweight", weight.qweight)
     if kernel == "matvec":
-        _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas, pdl=quantized_here)
+        _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas, pdl=pdl_ok)
     elif kernel in ("a16", "a16_rows"):
         _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas, rows=kernel == "a16_rows")
     else:
@@ -561,7 +568,6 @@ _PLANS: dict[tuple, tuple] = {}
 
 
 def _matvec_plan(call, weight, out_dtype, config, ctas, item_mode="plain"):
-    from . import _runtime
     from ._registry import MATVEC_CONFIGS, MATVEC_ITEM_MODES, cxx_bool, cxx_type
 
     bits = 4 if call.kind == "int4" else 8
@@ -590,10 +596,9 @@ def _matvec_plan(call, weight, out_dtype, config, ctas, item_mode="plain"):
 
 
 def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None, pdl=False):
-    """The dp4a matvec (matvec_q8.cu); pdl: right after the op's quantizer (a
-    programmatic dependent launch: _runtime.launch)."""
-    from . import _runtime
-
+    """The dp4a matvec (matvec_q8.cu); pdl: right after the op's quantizer, a
+    programmatic dependent launch (_runtime.launch; the caller has asked
+    _runtime.pdl_enabled())."""
     zeros = getattr(weight, "zeros", None)
     key = ("matvec", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), call.kind, call.m, call.n, call.k, weight.group_size,
            weight.scales.dtype, zeros is not None, out.dtype, None if config is None else tuple(config), ctas)
@@ -602,7 +607,7 @@ def _launch_matvec(call, act, weight, bias, out, config=None, ctas=None, pdl=Fal
         plan = _PLANS[key] = _matvec_plan(call, weight, out.dtype, config, ctas)
     kernel, grid, tail = plan
     _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
-                                           act, _pointer(bias), out) + tail, pdl=pdl)
+                                           act, _pointer(bias), out) + tail, pdl=pdl, checked=True)
 
 
 def _a16_block_sets(n, tiles, split, rows=False):
@@ -627,8 +632,6 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     """act='int8': x quantized per token once (or a PerTokenInt8 as given), then the
     s8 tensor-core kernel (a8), or the dp4a matvec on the same values laid out as Q8
     blocks carrying the row's scale. A PerTokenInt8 always takes a8 (no layout change)."""
-    from .quant import _quantize_per_token_cuda
-
     check_aligned("qweight", weight.qweight)
     if isinstance(x, PerTokenInt8):
         check_aligned("x.q", x.q)
@@ -641,7 +644,7 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     if kernel == "matvec":
         blocks = ws.q8_blocks(call.m, call.k)
         _quantize_per_token_cuda(rows, blocks, pdl="first")
-        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas, pdl=True)
+        _launch_matvec(call, blocks, weight, bias, out, matvec_config, matvec_ctas, pdl=_runtime.pdl_enabled())
     else:
         q, scales = ws.per_token_int8(call.m, call.k)
         _quantize_per_token_cuda(rows, q, scales)
@@ -652,7 +655,6 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
     """rows: the row-run walk (one token, 16-bit x, a16_rows_instance's group sizes)."""
-    from . import _runtime
     from ._registry import (A16_CONFIGS, A16_ROW_CONFIGS, INT8_ACT, a8_instance, a16_instance, a16_rows_instance,
                             cxx_bool, cxx_type)
 
@@ -772,7 +774,6 @@ def _items_plan(cp, call, weight, out_dtype, grid_rows, item_mode, config=None, 
 
 
 def _launch_items(plan, weight, act, out, item_args, pdl):
-    from . import _runtime
 
     kernel, grid, tail = plan
     zeros = weight.zeros
@@ -832,7 +833,6 @@ def _launch_matvec_token_sums(cp, weight, act, out, topk_ids, topk_weights, pdl=
 
 
 def _small_m_plan(cp, call, weight, act_dtype, out_dtype, ctas_per_sm):
-    from . import _runtime
     from ._registry import (
         Q8_ACT,
         SMALL_M_STAGES,

@@ -9,6 +9,8 @@ so anything computed from it is NaN.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ._arrays import (
@@ -117,29 +119,46 @@ def _q8_variant(n_blocks: int) -> int:
     return 0 if n_blocks >= Q8_THREAD_PER_BLOCK_MIN_BLOCKS else 1
 
 
-def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str | None = None) -> None:
+#: launch plans of the Q8 quantizer by (device, sources, dtype, chunks, variant):
+#: (kernel, grid, block, count argument); a plain call is host-bound
+_Q8_PLANS: dict[tuple, tuple] = {}
+
+
+def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str | None = None,
+                      pdl_ok: bool | None = None) -> None:
     """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
     block); None picks by size (_q8_variant). pdl: None or "first" (see
-    _first_kernel_pdl)."""
+    _first_kernel_pdl); pdl_ok: the caller's _runtime.pdl_enabled() (None: asked here)."""
     from . import _runtime
-    from ._registry import cxx_type
 
     n_chunks = x.size // 8
     if n_chunks == 0:
         return
+    key = (_runtime.cupy_module().cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), x.dtype, n_chunks,
+           chunks_per_thread)
+    plan = _Q8_PLANS.get(key)
+    if plan is None:
+        plan = _Q8_PLANS[key] = _q8_plan(x.dtype, n_chunks, chunks_per_thread)
+    kernel, grid, block, count = plan
+    wanted = _first_kernel_pdl(pdl)
+    _runtime.launch(kernel, grid, block, (x, blocks, count), pdl=wanted if pdl_ok is None else wanted and pdl_ok,
+                    checked=pdl_ok is not None)
+
+
+def _q8_plan(dtype, n_chunks: int, chunks_per_thread: int | None) -> tuple:
+    from . import _runtime
+    from ._registry import cxx_type
+
     if chunks_per_thread is None:
         chunks_per_thread = _q8_variant(n_chunks // 4)
     if chunks_per_thread == 0:
-        kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(x.dtype),))
+        kernel = _runtime.get_kernel("quantize_q8_thread_per_block", (cxx_type(dtype),))
         n_blocks = n_chunks // 4
-        _runtime.launch(kernel, ((n_blocks + 255) // 256,), (256,), (x, blocks, np.int64(n_blocks)),
-                        pdl=_first_kernel_pdl(pdl))
-        return
-    kernel = _runtime.get_kernel("quantize_q8", (cxx_type(x.dtype), str(chunks_per_thread)))
+        return kernel, ((n_blocks + 255) // 256,), (256,), np.int64(n_blocks)
+    kernel = _runtime.get_kernel("quantize_q8", (cxx_type(dtype), str(chunks_per_thread)))
     threads = 256                                  # kQ8Threads
     per_cta = threads * chunks_per_thread
-    _runtime.launch(kernel, ((n_chunks + per_cta - 1) // per_cta,), (threads,), (x, blocks, np.int64(n_chunks)),
-                    pdl=_first_kernel_pdl(pdl))
+    return kernel, ((n_chunks + per_cta - 1) // per_cta,), (threads,), np.int64(n_chunks)
 
 
 def _first_kernel_pdl(pdl: str | None) -> bool:
