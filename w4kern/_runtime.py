@@ -452,9 +452,23 @@ def launch(kernel, grid, block, args, *, shared_mem=0, pdl=False, checked=False)
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} ({kernel.name})")
 
 
+_plan_caches: list[dict] = []
+
+
+def plan_cache() -> dict:
+    """A new dict for an op's launch plans (which hold loaded kernels), emptied by
+    clear_memo along with the kernels."""
+    cache: dict = {}
+    _plan_caches.append(cache)
+    return cache
+
+
 def clear_memo() -> None:
-    """Forget loaded kernels (tests that edit sources call this)."""
+    """Forget loaded kernels and the launch plans that hold them (tests that edit
+    sources call this)."""
     _kernels.clear()
+    for cache in _plan_caches:
+        cache.clear()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -191,7 +191,7 @@ def _check_values(k_cache, kv_lens, block_table, capacity, paged):
 #: launch plans by (device, stream, shapes, dtype, layout, num_splits, scale): a plain
 #: (non-graph) call is host-bound at short contexts, so a repeat call only validates,
 #: looks its plan up and launches
-_PLANS: dict[tuple, tuple] = {}
+_PLANS: dict[tuple, tuple] = _runtime.plan_cache()
 
 
 def _decode_attention_cuda(cp, q, k_cache, v_cache, kv_lens, scale, block_table, num_splits, out, hkv, capacity,

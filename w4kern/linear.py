@@ -564,7 +564,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
 # Launch plans: everything a launch needs besides the arrays, computed once per
 # (device, shapes, dtypes, choice). Plain-launch decode is host-bound, so the hot
 # path is a dict lookup plus CuPy's launch.
-_PLANS: dict[tuple, tuple] = {}
+_PLANS: dict[tuple, tuple] = _runtime.plan_cache()
 
 
 def _matvec_plan(call, weight, out_dtype, config, ctas, item_mode="plain"):

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from . import _runtime
 from ._arrays import (
     accepts_dlpack,
     array_module,
@@ -121,7 +122,7 @@ def _q8_variant(n_blocks: int) -> int:
 
 #: launch plans of the Q8 quantizer by (device, sources, dtype, chunks, variant):
 #: (kernel, grid, block, count argument); a plain call is host-bound
-_Q8_PLANS: dict[tuple, tuple] = {}
+_Q8_PLANS: dict[tuple, tuple] = _runtime.plan_cache()
 
 
 def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str | None = None,
@@ -129,8 +130,6 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str 
     """chunks_per_thread: 1, 2, 4 (four threads per Q8 block) or 0 (one thread per
     block); None picks by size (_q8_variant). pdl: None or "first" (see
     _first_kernel_pdl); pdl_ok: the caller's _runtime.pdl_enabled() (None: asked here)."""
-    from . import _runtime
-
     n_chunks = x.size // 8
     if n_chunks == 0:
         return
@@ -146,7 +145,6 @@ def _quantize_q8_cuda(x, blocks, chunks_per_thread: int | None = None, pdl: str 
 
 
 def _q8_plan(dtype, n_chunks: int, chunks_per_thread: int | None) -> tuple:
-    from . import _runtime
     from ._registry import cxx_type
 
     if chunks_per_thread is None:
@@ -168,8 +166,6 @@ def _first_kernel_pdl(pdl: str | None) -> bool:
     lets the matvec start); "chained" (the per-token quantizer only), right after a
     kernel of the same op (fused_moe's silu quantizer after GEMM1; the matvec after it
     may start at once)."""
-    from . import _runtime
-
     if pdl not in (None, "first", "chained"):
         raise ValueError(f"pdl must be None, 'first' or 'chained', got {pdl!r}")
     return pdl == "chained" or (pdl == "first" and _runtime.FIRST_KERNEL_PDL)
@@ -183,7 +179,6 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=Non
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
     pdl: None, "first" or "chained" (_first_kernel_pdl)."""
-    from . import _runtime
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
     cols = rows.shape[1] // (2 if silu_gate_up else 1)
