@@ -95,10 +95,14 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     # tensor-core kernel from M = 5 (M = 8: 2x faster)
     "NVIDIA H200": {
         ("int4", "q8"): ("matvec",) * 4 + ("small_m",) * 4,
-        # per-token INT8: dp4a (on row-scaled Q8 blocks) up to M = 3, the s8 tensor-core
-        # kernel from 4 (the five dense shapes summed, pre-quantized x, M = 3: 118 vs 130
-        # us, M = 4: 130 vs 130, M = 8: 167 vs 130; benchmarks/results/2026-11-22-h200-session10/)
-        ("int4", "int8"): ("matvec",) * 3 + ("a8",) * 5,
+        # per-token INT8: dp4a (on row-scaled Q8 blocks) up to M = 4, the s8 tensor-core
+        # kernel from 5. Session 10 (benchmarks/results/2026-11-22-h200-session10/) had
+        # them even at M = 4 (130 vs 130 us, the five dense shapes summed, pre-quantized
+        # x). With the matvec's scales loaded a step ahead (bench-5d17962 in
+        # benchmarks/results/2026-11-23-h200-session16/), pre-quantized dp4a sums to
+        # 112.5 us at M = 3 and 124.4 at M = 4, while the public act="int8" op, quantizer
+        # included, took 123.7 us at M = 3 (dp4a) and 144.3 at M = 4 (a8).
+        ("int4", "int8"): ("matvec",) * 4 + ("a8",) * 4,
     },
 }
 

@@ -179,15 +179,26 @@ def _quantize_per_token_cuda(rows, out, scales=None, silu_gate_up=False, pdl=Non
     silu_gate_up: rows are fp32 [g; u] of 2K values and silu(g) * u is quantized
     (fused_moe's decode path). Rows contiguous and 16-byte aligned, K a multiple of 32.
     pdl: None, "first" or "chained" (_first_kernel_pdl)."""
+    cols = rows.shape[1] // (2 if silu_gate_up else 1)
+    key = (_runtime.cupy_module().cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), rows.dtype,
+           silu_gate_up, scales is None, cols, pdl)
+    plan = _TOKEN_PLANS.get(key)
+    if plan is None:
+        plan = _TOKEN_PLANS[key] = _token_plan(rows.dtype, silu_gate_up, scales is None, cols, pdl)
+    kernel, block, tail = plan
+    _runtime.launch(kernel, (rows.shape[0],), block, (rows, out, np.uint64(0) if scales is None else scales) + tail,
+                    pdl=_first_kernel_pdl(pdl))
+
+
+#: launch plans of the per-token quantizer: (kernel, block, trailing arguments)
+_TOKEN_PLANS: dict[tuple, tuple] = _runtime.plan_cache()
+
+
+def _token_plan(dtype, silu_gate_up: bool, q8_blocks: bool, cols: int, pdl) -> tuple:
     from ._registry import cxx_bool, cxx_type, moe_row_threads
 
-    cols = rows.shape[1] // (2 if silu_gate_up else 1)
-    kernel = _runtime.get_kernel("moe_token_q8",
-                                 (cxx_type(rows.dtype), cxx_bool(silu_gate_up), cxx_bool(scales is None)))
-    _runtime.launch(kernel, (rows.shape[0],), (moe_row_threads(cols),),
-                    (rows, out, np.uint64(0) if scales is None else scales, np.int32(cols),
-                     np.int32(pdl != "chained")),
-                    pdl=_first_kernel_pdl(pdl))
+    kernel = _runtime.get_kernel("moe_token_q8", (cxx_type(dtype), cxx_bool(silu_gate_up), cxx_bool(q8_blocks)))
+    return kernel, (moe_row_threads(cols),), (np.int32(cols), np.int32(pdl != "chained"))
 
 
 def dequantize_q8(xq: Q8Activations, dtype=np.float32):
