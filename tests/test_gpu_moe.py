@@ -313,6 +313,31 @@ def test_fused_moe_captures_in_a_cuda_graph(cp, rng, activation, t):
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
 
 
+@pytest.mark.parametrize("activation", ["int8", "bf16"])
+def test_fused_moe_intermediates_reuse_the_stream_workspace(cp, rng, activation):
+    """fused_moe's intermediates live in the stream's workspace: calls of the decode
+    and the batched path, with bf16 and float32 x, alternating on one stream, repeat
+    their first call's bits, each matches the reference, and once every size has run,
+    a call with out= takes nothing from CuPy's memory pool."""
+    cases = []
+    for t, dtype in ((3, w4kern.bfloat16), (40, np.float32), (5, np.float32), (33, w4kern.bfloat16)):
+        x, w13, w2, weights, ids = moe_case(rng, t, 16, 4, hidden=128, inter=64, group_size=32, symmetric=False)
+        cases.append((x.astype(dtype), w13, w2, weights, ids))
+    for case in cases:
+        check_fused(cp, activation, *case)
+    args = [(cp.asarray(x), to_gpu(cp, w13), to_gpu(cp, w2), cp.asarray(weights), cp.asarray(ids))
+            for x, w13, w2, weights, ids in cases]
+    first = [w4kern.fused_moe(*a, activation=activation).copy() for a in args]
+    outs = [cp.full(f.shape, np.nan, dtype=f.dtype) for f in first]
+    pool = cp.get_default_memory_pool()
+    for _ in range(2):
+        for a, out, expected in zip(args, outs, first):
+            used = pool.used_bytes()
+            w4kern.fused_moe(*a, activation=activation, out=out)
+            assert pool.used_bytes() == used, "fused_moe with out= allocated"
+            np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint8), cp.asnumpy(expected).view(np.uint8))
+
+
 def test_fused_moe_batched_int8_scale_dtypes_and_float_x(cp, rng):
     x, w13, w2, weights, ids = moe_case(rng, 40, 8, 2, hidden=128, inter=64, group_size=64, symmetric=False)
     for dtype in (np.float32, np.float16):

@@ -432,6 +432,9 @@ class _Workspace:
         self.tickets = cp.zeros(0, dtype=np.uint32)
         self.attention = cp.empty(0, dtype=np.float32)
         self.moe = cp.empty(0, dtype=np.int32)
+        self.buffers: dict[str, object] = {}   # scratch(): by name
+        self.views: dict[tuple, object] = {}
+        self.outgrown: list = []
 
     @classmethod
     def get(cls, cp):
@@ -471,6 +474,27 @@ class _Workspace:
         if self.moe.size < n:
             self.moe = self.cp.empty(n, dtype=np.int32)
         return self.moe[:n]
+
+    def scratch(self, name: str, shape: tuple, dtype):
+        """A C-contiguous [shape] view of the named scratch buffer (an op's
+        intermediate, e.g. fused_moe's [g; u] rows), 256-byte aligned. The buffer
+        outlives the call, so a CUDA graph that captured it stays valid; a later
+        call of another size grows it, and the outgrown buffer is kept (a graph
+        captured earlier may still use it) rather than freed."""
+        dtype = np.dtype(dtype)
+        key = (name, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:
+            return view
+        nbytes = max(math.prod(shape) * dtype.itemsize, 1)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.size < nbytes:
+            if buffer is not None:
+                self.outgrown.append(buffer)
+            buffer = self.buffers[name] = self.cp.empty(nbytes, dtype=np.uint8)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}
+        view = self.views[key] = buffer[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        return view
 
     def split_k(self, n_partials, n_tiles):
         if self.partials.size < n_partials:

@@ -127,9 +127,10 @@ def moe_align_block_size(topk_ids, num_experts: int, block_size: int, expert_map
     return reference.moe_align_block_size(topk_ids, num_experts, block_size, expert_map)
 
 
-def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
+def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map, scratch=False):
     """cuda_src/moe_align.cu: count per chunk, offsets in one CTA, scatter per chunk.
-    Expert ids outside [0, num_experts) are the caller's error: they are dropped."""
+    Expert ids outside [0, num_experts) are the caller's error: they are dropped.
+    scratch: the outputs are the stream workspace's (fused_moe's own use), not new arrays."""
     from . import _runtime
     from ._registry import (
         MOE_ALIGN_MATRIX_COUNTS,
@@ -148,9 +149,15 @@ def _moe_align_cuda(cp, topk_ids, num_experts, block_size, expert_map):
     t, k = topk_ids.shape
     n = t * k
     max_padded = n + num_experts * (block_size - 1)
-    sorted_ids = cp.empty(max_padded, dtype=np.int32)
-    expert_ids = cp.empty(max_padded // block_size, dtype=np.int32)
-    post_padded = cp.empty(1, dtype=np.int32)
+    if scratch:
+        ws = _Workspace.get(cp)
+        sorted_ids = ws.scratch("moe_sorted_ids", (max_padded,), np.int32)
+        expert_ids = ws.scratch("moe_expert_ids", (max_padded // block_size,), np.int32)
+        post_padded = ws.scratch("moe_post_padded", (1,), np.int32)
+    else:
+        sorted_ids = cp.empty(max_padded, dtype=np.int32)
+        expert_ids = cp.empty(max_padded // block_size, dtype=np.int32)
+        post_padded = cp.empty(1, dtype=np.int32)
     chunk = moe_align_chunk(n, num_experts)
     chunks = -(-n // chunk)
     assert chunks <= MOE_ALIGN_MAX_CHUNKS and chunks * num_experts <= MOE_ALIGN_MATRIX_COUNTS
@@ -229,7 +236,7 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
       type between the GEMMs (moe_silu_mul_kernel, as the batched A16 epilogue)."""
     from . import _runtime
     from ._registry import MATVEC_TOKEN_SUM_MAX_SLOTS, MOE_COMBINE_THREADS, cxx_type
-    from .linear import _launch_a16_items, _launch_matvec_items, _launch_matvec_token_sums
+    from .linear import _launch_a16_items, _launch_matvec_items, _launch_matvec_token_sums, _Workspace
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
@@ -239,25 +246,28 @@ def _fused_moe_decode_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activati
     if t == 0:
         return y
     ids = topk_ids.reshape(t * k)
-    gate_up = cp.empty((t * k, 2 * inter), dtype=np.float32)
+    # the intermediates live in the stream's workspace: no allocation per call, and a
+    # captured graph keeps them (Workspace.scratch)
+    ws = _Workspace.get(cp)
+    gate_up = ws.scratch("moe_gate_up", (t * k, 2 * inter), np.float32)
     if activation == "int8":
         # each kernel is a programmatic dependent launch (while a graph is captured):
         # the first one's CTAs start while the previous op ends and wait for it, each
         # later one's fetch their first weights while the one before ends
         topk_weights = cp.ascontiguousarray(topk_weights)   # (topk_ids is checked contiguous)
-        x_blocks = _token_q8_blocks(cp, x, pdl="first")
+        x_blocks = _token_q8_blocks(cp, x, "moe_x_q8", pdl="first")
         _launch_matvec_items(cp, w13, x_blocks, gate_up, ids, k, pdl=True)
-        inter_blocks = _token_q8_blocks(cp, gate_up, silu_gate_up=True, pdl="chained")
+        inter_blocks = _token_q8_blocks(cp, gate_up, "moe_inter_q8", silu_gate_up=True, pdl="chained")
         if k <= MATVEC_TOKEN_SUM_MAX_SLOTS:
             _launch_matvec_token_sums(cp, w2, inter_blocks, y, topk_ids, topk_weights, pdl=True)
             return y
-        down = cp.empty((t * k, hidden), dtype=np.float32)
+        down = ws.scratch("moe_down", (t * k, hidden), np.float32)
         _launch_matvec_items(cp, w2, inter_blocks, down, ids, 1, pdl=True)
     else:
-        down = cp.empty((t * k, hidden), dtype=np.float32)
+        down = ws.scratch("moe_down", (t * k, hidden), np.float32)
         act = _a16_activations(cp, x)
         _launch_a16_items(cp, w13, act, gate_up, ids, k)
-        inter_rows = cp.empty((t * k, inter), dtype=act.dtype)
+        inter_rows = ws.scratch("moe_inter_rows", (t * k, inter), act.dtype)
         # plain launches: programmatic ones of the glue kernels measured 0.3-1.9% slower
         # here (benchmarks/results/2026-11-22-h200-session11/pdl-ab/), and matvec_a16
         # takes none (linear.py)
@@ -273,9 +283,13 @@ def _a16_activations(cp, x):
     to bfloat16), contiguous and 16-byte aligned (the kernels load 16-byte vectors;
     a DLPack view may start anywhere)."""
     from .formats import bfloat16
+    from .linear import _Workspace
 
-    act = cp.ascontiguousarray(x if x.dtype != np.float32 else x.astype(bfloat16))
-    return act.copy() if act.data.ptr % 16 else act
+    if x.dtype != np.float32 and x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return x
+    act = _Workspace.get(cp).scratch("moe_x16", x.shape, bfloat16 if x.dtype == np.float32 else x.dtype)
+    act[...] = x   # rounds float32 to bfloat16
+    return act
 
 
 def _combine(cp, down, topk_weights, topk_ids, y, n_experts):
@@ -328,7 +342,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         return y
     block = moe_block_size(items, n_experts, activation)
     m_tiles = block // 16
-    sorted_ids, expert_ids, post_padded = moe_align_block_size(topk_ids, n_experts, block)
+    sorted_ids, expert_ids, post_padded = _moe_align_cuda(cp, topk_ids, n_experts, block, None, scratch=True)
     blocks = expert_ids.shape[0]   # known without a device read
     if blocks > MOE_GEMM_MAX_BLOCKS:
         raise ValueError(f"fused_moe: T * k = {items} items with E = {n_experts} make {blocks} aligned blocks of "
@@ -349,15 +363,16 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, (sorted_ids, expert_ids, post_padded), items,
                         persistent=persistent, threads=moe_gemm_threads(activation, m_tiles))
 
-    down = cp.empty((items, hidden), dtype=np.float32)
+    ws = _Workspace.get(cp)   # the intermediates: see _fused_moe_decode_cuda
+    down = ws.scratch("moe_down", (items, hidden), np.float32)
     if a8:
-        x_blocks = _token_q8_blocks(cp, x)
-        inter_rows = cp.empty((items, inter), dtype=np.float32)
+        x_blocks = _token_q8_blocks(cp, x, "moe_x_q8")
+        inter_rows = ws.scratch("moe_inter_rows", (items, inter), np.float32)
         gemm(w13, x_blocks, inter_rows, True, k)
-        gemm(w2, _token_q8_blocks(cp, inter_rows), down, False, 1)
+        gemm(w2, _token_q8_blocks(cp, inter_rows, "moe_inter_q8"), down, False, 1)
     else:
         act = _a16_activations(cp, x)
-        inter_rows = cp.empty((items, inter), dtype=act.dtype)
+        inter_rows = ws.scratch("moe_inter_rows", (items, inter), act.dtype)
         gemm(w13, act, inter_rows, True, k)
         gemm(w2, inter_rows, down, False, 1)
     _combine(cp, down, topk_weights, topk_ids, y, n_experts)
@@ -404,16 +419,19 @@ def launch_moe_gemm(kernel, smem, w, a, dst, silu, act_div, aligned, items, *, t
            shared_mem=smem)
 
 
-def _token_q8_blocks(cp, rows, silu_gate_up=False, pdl=None):
+def _token_q8_blocks(cp, rows, name=None, silu_gate_up=False, pdl=None):
     """Per-token INT8 of float rows [M, K] (or of silu(g) * u for [g; u] rows [M, 2K])
-    as Q8 blocks [M, K / 32, 48] sharing the row's scale (moe_decode.cu)."""
+    as Q8 blocks [M, K / 32, 48] sharing the row's scale (moe_decode.cu), in the
+    stream workspace's scratch buffer ``name`` (None: a new array)."""
+    from .linear import _Workspace
     from .quant import _quantize_per_token_cuda
 
     rows = cp.ascontiguousarray(rows)
     if rows.data.ptr % 16:   # moe_decode.cu loads 16-byte vectors (a DLPack view may start anywhere)
         rows = rows.copy()
     m, cols = rows.shape[0], rows.shape[1] // (2 if silu_gate_up else 1)
-    blocks = cp.empty((m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES), dtype=np.uint8)
+    shape = (m, cols // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)
+    blocks = cp.empty(shape, dtype=np.uint8) if name is None else _Workspace.get(cp).scratch(name, shape, np.uint8)
     _quantize_per_token_cuda(rows, blocks, silu_gate_up=silu_gate_up, pdl=pdl)
     return blocks
 
@@ -454,7 +472,9 @@ def fused_moe(x, w13: Int4Weight, w2: Int4Weight, topk_weights, topk_ids, *, act
       zero points applied per group).
     The k rows of a token are summed in slot order (the same bits every run).
     Ids outside [0, E) are the caller's contract on the GPU (they contribute
-    zeros; W4KERN_DEBUG=1 checks them).
+    zeros; W4KERN_DEBUG=1 checks them). The intermediate rows live in a
+    per-stream workspace: with ``out`` given, a call after one of the same size
+    on the same stream allocates nothing.
     """
     xp = array_module(x=x, qweight=w13.qweight if isinstance(w13, Int4Weight) else None,
                       topk_weights=topk_weights, topk_ids=topk_ids, out=out)
