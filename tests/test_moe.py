@@ -165,8 +165,7 @@ def test_moe_block_size_grows_with_the_items_per_expert():
 
 def test_batched_path_checks_its_grid_before_any_launch(rng, monkeypatch):
     """The GPU batched path's block limit, reached with NumPy standing in for CuPy: the
-    check runs after alignment (NumPy's here) and before any kernel (which this
-    machine could not run)."""
+    check runs on the shapes, before any kernel (which this machine could not run)."""
     from w4kern import moe
 
     w13 = w4kern.quantize_int4(rng.standard_normal((8, 64, 64)).astype(np.float32), group_size=32)

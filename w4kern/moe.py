@@ -342,12 +342,13 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
         return y
     block = moe_block_size(items, n_experts, activation)
     m_tiles = block // 16
-    sorted_ids, expert_ids, post_padded = _moe_align_cuda(cp, topk_ids, n_experts, block, None, scratch=True)
-    blocks = expert_ids.shape[0]   # known without a device read
+    blocks = (items + n_experts * (block - 1)) // block   # moe_align_block_size's, known from the shapes
     if blocks > MOE_GEMM_MAX_BLOCKS:
         raise ValueError(f"fused_moe: T * k = {items} items with E = {n_experts} make {blocks} aligned blocks of "
                          f"{block}; the batched GEMMs take at most {MOE_GEMM_MAX_BLOCKS} (one grid row each): "
                          "split the tokens into several calls")
+    sorted_ids, expert_ids, post_padded = _moe_align_cuda(cp, topk_ids, n_experts, block, None, scratch=True)
+    assert expert_ids.shape[0] == blocks
     a8 = activation == "int8"
     persistent = uses_persistent_moe_gemm(activation)
 
