@@ -331,6 +331,7 @@ def _fused_moe_batched_cuda(cp, x, w13, w2, topk_weights, topk_ids, out, activat
     from . import _runtime
     from ._registry import (cxx_bool, cxx_type, moe_gemm_a8_smem_bytes, moe_gemm_family, moe_gemm_smem_bytes,
                             moe_gemm_threads)
+    from .linear import _Workspace
 
     t, hidden = x.shape
     k = topk_ids.shape[1]
