@@ -92,6 +92,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     i32 n_experts, i32 act_item_div)
 {
     constexpr bool kItems = kItemMode == kPerItem, kTokenSums = kItemMode == kTokenSum;
+    constexpr bool kScalesAhead = kItemMode == kPlainMatvec;   // see cur_s below
     static_assert(!kTokenSums || kMaxM == 1, "token sums: one token per grid row");
     static_assert(kWeightBits == 4 || kWeightBits == 8, "INT4 or INT8 weights");
     static_assert(!(kHasZeros && kWeightBits == 8), "INT8 weights are symmetric");
@@ -176,12 +177,18 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // the rows' weight blocks w and their group's scales ws and zeros wz (as loaded)
     constexpr int kZeroSlots = kHasZeros ? kRows : 1;
     auto accumulate = [&](const Block (&w)[kRows], const ScaleT (&ws)[kRows], const ScaleT (&wz)[kZeroSlots],
-                          int v, const SlotBlock& sb) {
+                          int g, int v, const SlotBlock& sb) {
         float s[kRows], z[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            s[r] = to_float(ws[r]);
-            z[r] = kHasZeros ? to_float(wz[kHasZeros ? r : 0]) : implicit_zero;
+            if constexpr (kScalesAhead) {
+                s[r] = to_float(ws[r]);
+                z[r] = kHasZeros ? to_float(wz[kHasZeros ? r : 0]) : implicit_zero;
+            } else {
+                const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + (sb.block >> group_shift);
+                s[r] = to_float(scales[at]);
+                z[r] = kHasZeros ? to_float(zeros[at]) : implicit_zero;
+            }
         }
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -248,11 +255,13 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
     // weights (of the same or the next row group) before this step's math, so
     // its loads stay in flight across row-group boundaries and the GPU ramps up
     // once per launch rather than once per row group.
-    // The scales (and zeros) of a step's blocks are loaded with its weights, a step
-    // ahead, rather than in accumulate: there their L2 latency sat between the
-    // step's weights arriving and its math, once per step (H200, one process:
+    // A plain layer loads the scales (and zeros) of a step's blocks with its weights,
+    // a step ahead, rather than in accumulate: there their L2 latency sat between
+    // the step's weights arriving and its math, once per step (H200, one process:
     // 0-4% faster at M = 1, 2-8% at M = 2 and 4; benchmarks/results/
-    // 2026-11-23-h200-session16/scale-prefetch/).
+    // 2026-11-23-h200-session16/scale-prefetch/). The item modes load them in
+    // accumulate: ahead, fused_moe's int8 decode path ran up to 7% slower (Qwen3-30B-A3B
+    // T = 16; the same folder's bench-5d17962/ against session 15's bench-284512b/).
     Block cur[kUnroll][kRows], next[kUnroll][kRows];
     ScaleT cur_s[kUnroll][kRows], next_s[kUnroll][kRows];
     ScaleT cur_z[kUnroll][kZeroSlots], next_z[kUnroll][kZeroSlots];
@@ -269,12 +278,14 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
                 for (int r = 0; r < kRows; ++r)
                     w[u][r].load(qweight + (sb.expert_row0 + row_of(g, r)) * row_bytes +
                                  static_cast<i64>(sb.block) * Block::kBytes);
-                const int group = sb.block >> group_shift;
+                if constexpr (kScalesAhead) {
+                    const int group = sb.block >> group_shift;
 #pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + group;
-                    ws[u][r] = scales[at];
-                    if constexpr (kHasZeros) wz[u][r] = zeros[at];
+                    for (int r = 0; r < kRows; ++r) {
+                        const i64 at = (sb.expert_row0 + row_of(g, r)) * n_groups + group;
+                        ws[u][r] = scales[at];
+                        if constexpr (kHasZeros) wz[u][r] = zeros[at];
+                    }
                 }
             }
         }
@@ -298,7 +309,7 @@ __global__ void __launch_bounds__(kMatvecThreads) matvec_q8_kernel(
             for (int u = 0; u < kUnroll; ++u) {
                 const int v = block_of(step, u);
                 const SlotBlock sb = slot_block(v);
-                if (v < k_blocks && sb.used) accumulate(cur[u], cur_s[u], cur_z[u], v, sb);
+                if (v < k_blocks && sb.used) accumulate(cur[u], cur_s[u], cur_z[u], g, v, sb);
             }
         }
         if (next_step == 0) finish_group(g);
