@@ -98,10 +98,11 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         # per-token INT8: dp4a (on row-scaled Q8 blocks) up to M = 4, the s8 tensor-core
         # kernel from 5. Session 10 (benchmarks/results/2026-11-22-h200-session10/) had
         # them even at M = 4 (130 vs 130 us, the five dense shapes summed, pre-quantized
-        # x). With the matvec's scales loaded a step ahead (bench-5d17962 in
-        # benchmarks/results/2026-11-23-h200-session16/), pre-quantized dp4a sums to
-        # 112.5 us at M = 3 and 124.4 at M = 4, while the public act="int8" op, quantizer
-        # included, took 123.7 us at M = 3 (dp4a) and 144.3 at M = 4 (a8).
+        # x). With the matvec's scales loaded a step ahead, the public act="int8" op at
+        # M = 4, graph mode, quantizer included, summed to 144.4 us on a8 (bench-5d17962
+        # in benchmarks/results/2026-11-23-h200-session16/) and 135.5 on dp4a
+        # (bench-bf08df3): faster on qkv and both down shapes (gemma3-27b.down 39.9 ->
+        # 31.9), 2-4% slower on the two gate_up shapes.
         ("int4", "int8"): ("matvec",) * 4 + ("a8",) * 4,
     },
 }
