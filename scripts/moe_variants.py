@@ -22,7 +22,7 @@ import numpy as np
 import importlib
 
 import w4kern
-from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts, environment
+from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts, moe_id_sets, environment
 
 lin = importlib.import_module("w4kern.linear")   # the module (w4kern.linear is the function)
 OUT = sys.argv[1]
@@ -52,11 +52,8 @@ def main():
         w13 = _random_int4_experts(cp, rng, experts, 2 * inter, hidden)
         w2 = _random_int4_experts(cp, rng, experts, hidden, inter)
         for _, t in [c for c in CASES if c[0] == name]:
-            sets = max(1, min(experts // k, timer.launches)) if t == 1 else 4
-            perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
-            id_sets = [cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)) if t == 1 else
-                       cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
-                       for i in range(sets)]
+            id_sets = moe_id_sets(cp, rng, experts, k, t, timer.launches)
+            sets = len(id_sets)
             weights = cp.full((t, k), 1.0 / k, dtype=np.float32)
             x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
             out = cp.empty((t, hidden), dtype=w4kern.bfloat16)

@@ -15,7 +15,7 @@ import numpy as np
 
 import w4kern
 from w4kern import moe
-from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts
+from w4kern.bench import MOE_LAYERS, Timer, _random_int4_experts, moe_id_sets
 from w4kern.linear import MATVEC_CANDIDATES, _launch_matvec_items, _launch_matvec_token_sums
 
 
@@ -30,11 +30,8 @@ def main():
     timer = Timer()
     rows = []
     for t in tokens:
-        sets = max(1, min(experts // k, timer.launches)) if t == 1 else 4
-        perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
-        id_sets = [cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)) if t == 1 else
-                   cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
-                   for i in range(sets)]
+        id_sets = moe_id_sets(cp, rng, experts, k, t, timer.launches)
+        sets = len(id_sets)
         weights = cp.full((t, k), 1.0 / k, dtype=np.float32)
         x = rng.standard_normal((t, hidden), dtype=np.float32).astype(w4kern.bfloat16)
         y = cp.empty((t, hidden), dtype=w4kern.bfloat16)

@@ -678,6 +678,18 @@ def _expert_bytes(w) -> int:
     return (w.qweight.nbytes + w.scales.nbytes + (0 if w.zeros is None else w.zeros.nbytes)) // w.qweight.shape[0]
 
 
+def moe_id_sets(cp, rng, experts: int, k: int, t: int, launches: int) -> list:
+    """topk_ids [t, k] sets the moe suite rotates over: at T = 1, k disjoint experts a
+    set (as many sets as launches, or as the experts allow), so no launch finds its
+    experts in L2; at larger T, 4 random sets of k distinct experts a token."""
+    if t == 1:
+        perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
+        sets = max(1, min(experts // k, launches))
+        return [cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)) for i in range(sets)]
+    return [cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
+            for _ in range(min(launches, 4))]
+
+
 def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
     """fused_moe on the Qwen3-30B-A3B and DeepSeek-V3 layers (random INT4 g128
     asymmetric experts): activation="int8" (the decode path up to T = 16, the
@@ -704,16 +716,8 @@ def suite_moe(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row
         w2 = _random_int4_experts(cp, rng, experts, hidden, inter)
         per_expert = _expert_bytes(w13) + _expert_bytes(w2)
         for t in ((1, 1024) if quick else MOE_TOKENS):
-            # routing sets: T=1 takes k disjoint experts per set (rotated); larger T random
-            sets = max(1, min(experts // k, timer.launches)) if t == 1 else min(timer.launches, 4)
-            id_sets = []
-            perm = np.random.default_rng(t).permutation(experts).astype(np.int32)
-            for i in range(sets):
-                if t == 1:
-                    id_sets.append(cp.asarray(perm[(i * k) % experts:(i * k) % experts + k].reshape(1, k)))
-                else:
-                    id_sets.append(cp.argsort(rng.random((t, experts), dtype=np.float32), axis=1)[:, :k]
-                                   .astype(np.int32))
+            id_sets = moe_id_sets(cp, rng, experts, k, t, timer.launches)
+            sets = len(id_sets)
             touched = int(np.mean([len(np.unique(cp.asnumpy(ids))) for ids in id_sets]))
             nbytes = touched * per_expert
             gflop = 2 * t * k * (2 * inter * hidden + hidden * inter) / 1e9
