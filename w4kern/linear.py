@@ -803,7 +803,6 @@ def _items_plan(cp, call, weight, out_dtype, grid_rows, item_mode, config=None, 
 
 
 def _launch_items(plan, weight, act, out, item_args, pdl):
-
     kernel, grid, tail = plan
     zeros = weight.zeros
     _runtime.launch(kernel, grid, (128,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros,
