@@ -133,15 +133,17 @@ __device__ __forceinline__ void load_words(u32 (&dst)[kBytes / 4], const void* p
 
 // Everything one step of one warp reads from global memory, so the next step's
 // loads can be in flight during this step's math.
-template <int kChunkBytes, int kTiles, int kColScales, int kActBytes>
+template <int kChunkBytes, int kTiles, int kColScales, int kActBytes, typename ScaleT>
 struct A16Step {
     static constexpr int kWords = kChunkBytes / 4;   // weight words per row and thread
     static constexpr int kXWords = kActBytes * kWords * 2;   // 8 activations (of kActBytes) per weight word
     u32 w[kTiles][2][kWords];                        // rows g and g + 8 of each tile
     u32 x[kXWords];                                  // B column g
     // group scale and zero of those rows: one per step, or (group slots) one per
-    // result column this thread holds (2t and 2t + 1)
-    float s[kTiles][2][kColScales], z[kTiles][2][kColScales];
+    // result column this thread holds (2t and 2t + 1). Kept as loaded and converted
+    // to float in the step's math: a conversion where they are loaded would wait
+    // for the load there, a step early.
+    ScaleT s[kTiles][2][kColScales], z[kTiles][2][kColScales];
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
     static_assert(!kRowRun || (!kInt8 && kGroupSlots == 1), "row runs: 16-bit activations, one group per chunk");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
-    using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT))>;
+    using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT)), ScaleT>;
     constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
     constexpr int kWords = Step::kWords;
     // a tile is 16 weight rows, or with row runs 2 (A rows g and g + 8 hold one each)
@@ -242,13 +244,13 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                                       : kPerChannel ? 0
                                       : kRowRun ? chunk * 8 + g   // chunk g of the step
                                                 : chunk;
+                    // (bits 0: scale 0 and zero 0 in every scale type)
+                    st.s[i][h][c] = ScaleT{};
+                    st.z[i][h][c] = ScaleT{};
                     if (step_in_k && group < n_groups) {
                         const u32 at = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
-                        st.s[i][h][c] = to_float(scales[at]);
-                        st.z[i][h][c] = kHasZeros ? to_float(zeros[at]) : static_cast<float>(kInt4SymmetricZero);
-                    } else {
-                        st.s[i][h][c] = 0.0f;
-                        st.z[i][h][c] = 0.0f;
+                        st.s[i][h][c] = scales[at];
+                        if constexpr (kHasZeros) st.z[i][h][c] = zeros[at];
                     }
                 }
             }
@@ -280,6 +282,12 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     for (int i = 0; i < kTiles; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) y[i][e] = 0.0f;
+
+    // a step's scale and zero point as float (symmetric weights: the implicit zero)
+    auto scale_of = [](const Step& st, int i, int h, int c) { return to_float(st.s[i][h][c]); };
+    auto zero_of = [](const Step& st, int i, int h, int c) {
+        return kHasZeros ? to_float(st.z[i][h][c]) : static_cast<float>(kInt4SymmetricZero);
+    };
 
     // One step over one weight group (each branch is instantiated only for its
     // activation types).
@@ -318,8 +326,8 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                 for (int h = 0; h < 2; ++h)
 #pragma unroll
                     for (int c = 0; c < 2; ++c)
-                        y[i][2 * h + c] += st.s[i][h][0] *
-                                           (static_cast<float>(acc[i][2 * h + c]) - st.z[i][h][0] * sx[c]);
+                        y[i][2 * h + c] += scale_of(st, i, h, 0) *
+                                           (static_cast<float>(acc[i][2 * h + c]) - zero_of(st, i, h, 0) * sx[c]);
         } else {
             using Nib = A16Nibbles<ActT>;
             float acc[kTiles][4];
@@ -360,7 +368,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const float a = c ? acc[i][2 * h + 1] : acc[i][2 * h];
-                        y[i][2 * h] += st.s[i][h][0] * (2.0f * a - (16.0f + st.z[i][h][0]) * sx);
+                        y[i][2 * h] += scale_of(st, i, h, 0) * (2.0f * a - (16.0f + zero_of(st, i, h, 0)) * sx);
                     }
                 return;
             }
@@ -371,7 +379,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const int cs = kColScales > 1 ? c : 0;
-                        const float s = st.s[i][h][cs], zz = 16.0f + st.z[i][h][cs];
+                        const float s = scale_of(st, i, h, cs), zz = 16.0f + zero_of(st, i, h, cs);
                         y[i][2 * h + c] += s * (2.0f * acc[i][2 * h + c] - zz * sum_x[c]);
                     }
                 }

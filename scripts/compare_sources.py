@@ -13,10 +13,11 @@ rotated the same way, which is what any kernel reading those bytes once can
 reach in this harness (launch, ramp-up and tail included).
 
     python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick] [--configs]
-        [--paths w4a8-preq,w4a16,w4a8-int8-preq]
+        [--paths w4a8-preq,w4a16,w4a8-int8-preq,w4a16-walk]
 
 The paths: W4A8 on pre-quantized Q8 blocks (dp4a), W4A16 and W4A8 on pre-quantized
-per-token INT8 (matvec_a16's s8 instances). --configs times the last two once per
+per-token INT8 (matvec_a16's s8 instances); w4a16-walk is W4A16 forced onto
+matvec_a16's tile walk (no row runs at one token). --configs times the last two once per
 (tiles, split) instance of A16_CONFIGS as well as with the dispatch's choice, and at
 M = 1 W4A16's row-run walk once per instance of A16_ROW_CONFIGS.
 """
@@ -42,8 +43,13 @@ for i, a in enumerate(sys.argv):
         MS = tuple(int(v) for v in sys.argv[i + 1].split(","))
 QUICK = "--quick" in sys.argv
 PATHS = {"w4a8-preq": "q8", "w4a16": "bf16", "w4a8-int8-preq": "int8"}
+#: paths that force one kernel where the dispatch would pick another: W4A16 on
+#: matvec_a16's tile walk at every M (the dispatch takes the row-run walk for one
+#: token from A16_ROWS_MIN_K)
+FORCED = {"w4a16-walk": ("bf16", "a16")}
 if "--paths" in sys.argv:   # a subset of PATHS, comma-separated
-    PATHS = {p: PATHS[p] for p in sys.argv[sys.argv.index("--paths") + 1].split(",")}
+    PATHS = {p: PATHS[p] if p in PATHS else FORCED[p][0]
+             for p in sys.argv[sys.argv.index("--paths") + 1].split(",")}
 CONFIGS = "--configs" in sys.argv
 
 
@@ -81,6 +87,8 @@ def main():
                 first = None
                 kernel = ("a16_rows" if path.startswith("w4a16rows") else
                           {"q8": None, "bf16": "a16", "int8": "a8"}[act]) if config else None
+                if path in FORCED:
+                    kernel = FORCED[path][1]
                 for label, src in VARIANTS:
                     use(src)
                     out = cp.full((m, n), np.nan, dtype=np.float32)
