@@ -71,6 +71,16 @@
 // costs as much as the 16-bit nibble conversion. No group slots (one group per
 // step: 32, 64 or 128 k).
 //
+// Tiled weights (kTiled: an Int4TiledWeight from w4kern.prepare, g128 or
+// per-channel, 128 k per step): the same walk and fragments, but each 16-row tile's
+// step is one 1 KiB chunk, [ceil(N / 16)][ceil(K / 128)][2][32][16 bytes]: half h,
+// lane l holds the 16 bytes that thread l loads for row g + 8h (rows and k past the
+// weight are zero bytes). Each load instruction of a warp then reads 512 contiguous
+// bytes instead of 64 bytes from each of 8 rows, which a pure-load copy streams
+// faster (H200, 7-14% faster a16 and a8 kernels; benchmarks/results/
+// 2026-11-23-h200-session17/raw-scales/). Scales and zeros keep the plain layout. Not
+// with items, row runs or group slots.
+//
 // Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an
 // item (common/moe_items.cuh): expert item_experts[i]'s weights, the activation
 // rows of item i / act_item_div, output rows i * M ...; zeros for an id outside
@@ -147,7 +157,7 @@ struct A16Step {
 };
 
 template <typename ActT, typename ScaleT, bool kHasZeros, int kChunkBytes, bool kPerChannel, int kTiles,
-          int kSplit, int kGroupSlots, bool kRowRun>
+          int kSplit, int kGroupSlots, bool kRowRun, bool kTiled>
 __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const u8* __restrict__ qweight,      // [N, K / 2] ([E, N, K / 2] with items)
     const ScaleT* __restrict__ scales,   // [N, n_groups]
@@ -167,6 +177,8 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     constexpr bool kInt8 = sizeof(ActT) == 1;        // i8: per-token INT8 activations
     static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
     static_assert(!kRowRun || (!kInt8 && kGroupSlots == 1), "row runs: 16-bit activations, one group per chunk");
+    static_assert(!kTiled || (kChunkBytes == 16 && kGroupSlots == 1 && !kRowRun),
+                  "tiled weights: 128-k steps of one group (g128) or of a per-channel row");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
     using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT)), ScaleT>;
     constexpr bool kLop3 = kGroupSlots == 1;          // see a16_pair
@@ -190,6 +202,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     // host keeps N * K / 2 below 2^32 (linear.py, _check_a16_weight_bytes), and
     // 64-bit products cost issue slots in a loop bound by them.
     const u32 row_bytes32 = static_cast<u32>(row_bytes);
+    // tiled weights: 16-row tiles of the layout (its chunks are addressed in 32 bits
+    // too: the host keeps the tiled bytes below 2^32)
+    const int n_tiles = (n_rows + 15) / 16;
     i64 out_base = 0;        // the item's first output element
     bool zero_item = false;  // an item whose expert id is out of range writes zeros
     if (item_experts != nullptr) {
@@ -233,9 +248,18 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                 // Row runs skip the load past K instead (whole chunks drop out there, and
                 // the registers keep finite weights: the nibble conversion makes any bits
                 // a finite value, which meets zero activations)
-                if (!kRowRun || mine_in_k)
+                if constexpr (kTiled) {
+                    // this thread's 16 bytes of the tile's chunk for the step (any chunk of
+                    // the tile for a step past K: its activations are zeros); the 256-byte
+                    // L2 fetch does not pay on 512-byte runs (session 17, tiled-address/)
+                    const u32 tile = static_cast<u32>(min(b * kTiles + i, n_tiles - 1));
+                    const u32 at = (tile * static_cast<u32>(steps) + static_cast<u32>(step_in_k ? chunk : 0)) * 1024u +
+                                   static_cast<u32>(h * 32 + lane) * 16u;
+                    load_streaming<kChunkBytes, false>(st.w[i][h], qweight + at);
+                } else if (!kRowRun || mine_in_k) {
                     load_streaming<kChunkBytes, true>(
                         st.w[i][h], qweight + (static_cast<u32>(row) * row_bytes32 + static_cast<u32>(k_byte)));
+                }
 #pragma unroll
                 for (int c = 0; c < kColScales; ++c) {
                     // the step's group, or (slots) that of result column 2t + c; a

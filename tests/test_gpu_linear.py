@@ -14,6 +14,7 @@ import pytest
 import w4kern
 from w4kern import reference
 from w4kern._registry import A16_CONFIGS, A16_ROW_CONFIGS, MATVEC_CONFIGS, a16_rows_instance
+from w4kern.formats import Int4TiledWeight
 from w4kern.linear import _linear
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,8 @@ def make_int4(rng, n, k, group_size, symmetric, scale_dtype):
 def to_gpu(cp, weight):
     fields = {f: getattr(weight, f) for f in ("qweight", "scales", "zeros") if hasattr(weight, f)}
     moved = {f: (None if a is None else cp.asarray(a)) for f, a in fields.items()}
+    if isinstance(weight, Int4TiledWeight):
+        moved["k"] = weight.k
     return type(weight)(**moved, group_size=weight.group_size)
 
 
@@ -69,6 +72,8 @@ def check(cp, rng, weight, m, k, *, act, kernel, dtype=w4kern.bfloat16, ctas_per
                   matvec_ctas=matvec_ctas)
     assert got is out
     x_ref = quantized(x, act)
+    if isinstance(weight, Int4TiledWeight):   # the reference reads the plain layout
+        weight = weight.to_plain()
     expected = reference.linear(x_ref, weight, b)
     tol = tolerance(x_ref, weight)
     got = cp.asnumpy(out)
@@ -355,3 +360,69 @@ def test_programmatic_launch_of_the_matvec_gives_the_same_bits(cp, rng, monkeypa
             outs.append(_linear(fresh, weight, act=act, kernel=kernel, out_dtype=np.float32))
         for got, expected in zip(outs, plain):
             np.testing.assert_array_equal(cp.asnumpy(got), expected)
+
+
+# Int4TiledWeight (w4kern.prepare): (N, K) per group size, N not a multiple of 16 or
+# 32 (the last tile and 2-tile block hold rows past N), per-channel K not a multiple
+# of 128 (the last step is partly padding)
+TILED_CASES = {128: [(5, 128), (37, 384), (13, 4096)], -1: [(3, 32), (40, 1056), (33, 4128)]}
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("group_size", list(TILED_CASES), ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("act", ["bf16", "f16", "int8", "int8f32"])
+def test_tiled_weights_match_reference(cp, rng, act, group_size, scale_dtype, symmetric):
+    """The public op on a prepared weight, every M up to 8 (the a16 / a8 kernels on
+    the tiled layout), against the reference on the plain weight."""
+    dtype = np.float16 if act == "f16" else np.float32 if act == "int8f32" else w4kern.bfloat16
+    act = {"f16": "bf16", "int8f32": "int8"}.get(act, act)
+    for n, k in TILED_CASES[group_size]:
+        tiled = w4kern.prepare(make_int4(rng, n, k, group_size, symmetric, scale_dtype))
+        for m in MS:
+            check(cp, rng, tiled, m, k, act=act, kernel=None, dtype=dtype, bias=(m == 3))
+
+
+@pytest.mark.parametrize("act", ["bf16", "int8"])
+@pytest.mark.parametrize("config", A16_CONFIGS, ids=lambda c: "t{}-s{}".format(*c))
+def test_tiled_every_instance_gives_the_plain_layouts_bits(cp, rng, config, act):
+    """Every (tiles, split) instance on the tiled layout, on 1 or 3 CTAs (each warp
+    walks many row blocks) and on a GPU-filling grid: the same bits as the same
+    instance on the plain layout (the same MMAs in the same order), and the reference."""
+    kernel = "a16" if act == "bf16" else "a8"
+    for group_size, n, k, ctas in [(128, 333, 512, 1), (128, 20011, 384, None), (-1, 99, 1056, 3),
+                                   (-1, 40, 4128, None)]:
+        plain = make_int4(rng, n, k, group_size, group_size == 128, np.float16)
+        tiled = w4kern.prepare(plain)
+        for m in (1, 5, 8):
+            check(cp, rng, tiled, m, k, act=act, kernel=kernel, matvec_config=config, matvec_ctas=ctas, bias=(m == 1))
+            x = cp.asarray(rng.standard_normal((m, k)).astype(w4kern.bfloat16))
+            outs = [cp.full((m, n), np.nan, dtype=np.float32) for _ in range(2)]
+            for w, out in zip((plain, tiled), outs):
+                _linear(x, to_gpu(cp, w), act=act, kernel=kernel, out=out, matvec_config=config, matvec_ctas=ctas)
+            cp.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("act", ["bf16", "int8"])
+def test_tiled_weights_past_eight_tokens_and_in_graphs(cp, rng, act):
+    """M > 8 unpacks the tiled weight to the dense path (the plain weight's bits);
+    M <= 8 replays in a CUDA graph with the eager bits."""
+    plain = make_int4(rng, 70, 256, 128, False, w4kern.bfloat16)
+    tiled_gpu, plain_gpu = to_gpu(cp, w4kern.prepare(plain)), to_gpu(cp, plain)
+    for m in (9, 33):
+        x = cp.asarray(rng.standard_normal((m, 256)).astype(w4kern.bfloat16))
+        cp.testing.assert_array_equal(w4kern.linear(x, tiled_gpu, act=act), w4kern.linear(x, plain_gpu, act=act))
+    x = cp.asarray(rng.standard_normal((4, 256)).astype(w4kern.bfloat16))
+    out = cp.empty((4, 70), dtype=w4kern.bfloat16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = w4kern.linear(x, tiled_gpu, act=act).copy()
+        w4kern.linear(x, tiled_gpu, act=act, out=out)   # warm-up: workspace sized for this call
+        stream.begin_capture()
+        w4kern.linear(x, tiled_gpu, act=act, out=out)
+        graph = stream.end_capture()
+        out.fill(0)
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+    assert np.isfinite(cp.asnumpy(eager).astype(np.float32)).all() and cp.asnumpy(eager).any()

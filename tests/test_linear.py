@@ -166,7 +166,7 @@ def test_small_m_splits_never_leave_a_split_empty():
 
 def test_rejects_non_weights(rng):
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    with pytest.raises(TypeError, match="weight must be an Int4Weight or Int8Weight"):
+    with pytest.raises(TypeError, match="weight must be an Int4Weight, Int4TiledWeight or Int8Weight"):
         w4kern.linear(x, np.zeros((4, 32), np.uint8))
 
 

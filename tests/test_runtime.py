@@ -137,7 +137,7 @@ def test_every_a16_choice_is_a_registered_instance(group_size):
                 for has_zeros in (False, True):
                     for tiles, split in A16_CONFIGS:
                         args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                                str(tiles), str(split), str(slots), "false")
+                                str(tiles), str(split), str(slots), "false", "false")
                         assert args in family.instances, args
 
 
@@ -165,7 +165,7 @@ def test_every_a16_rows_choice_is_a_registered_instance(group_size):
             for has_zeros in (False, True):
                 for tiles, split in A16_ROW_CONFIGS:
                     args = (cxx_type(act), cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                            str(tiles), str(split), "1", "true")
+                            str(tiles), str(split), "1", "true", "false")
                     assert args in family.instances, args
 
 
@@ -187,8 +187,33 @@ def test_every_a8_choice_is_a_registered_instance(group_size):
         for has_zeros in (False, True):
             for tiles, split in A16_CONFIGS:
                 args = (INT8_ACT, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel),
-                        str(tiles), str(split), "1", "false")
+                        str(tiles), str(split), "1", "false", "false")
                 assert args in family.instances, args
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["a16", "a8"])
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_every_tiled_choice_is_a_registered_instance(group_size, int8):
+    """An Int4TiledWeight's instance (tiled_instance) exists in its own family for every
+    activation, scale dtype, symmetry and config the plan can combine it with."""
+    import numpy as np
+
+    from w4kern import bfloat16
+    from w4kern._registry import A16_CONFIGS, INT8_ACT, tiled_instance, cxx_bool, cxx_type
+
+    name, chunk, per_channel = tiled_instance(group_size, int8)
+    family = FAMILIES[name]
+    label = "gch" if group_size == -1 else "g128"
+    assert name == f"matvec_{'a8' if int8 else 'a16'}_tiled_{label}" and family.source == "matvec_a16.cu"
+    assert chunk == 16 and per_channel == (group_size == -1)
+    acts = (INT8_ACT,) if int8 else (cxx_type(bfloat16), cxx_type(np.float16))
+    for act in acts:
+        for scale in (np.float16, bfloat16, np.float32):
+            for has_zeros in (False, True):
+                for tiles, split in A16_CONFIGS:
+                    args = (act, cxx_type(scale), cxx_bool(has_zeros), "16", cxx_bool(per_channel),
+                            str(tiles), str(split), "1", "false", "true")
+                    assert args in family.instances, args
 
 
 class _FakeCupy:

@@ -148,19 +148,34 @@ def a16_rows_instance(group_size: int) -> tuple[str, int, bool] | None:
     return f"matvec_a16_rows_{label}", chunk, per_channel
 
 
-def _matvec_a16_args(acts, per_channel, configs, chunks_and_slots, row_runs=False) -> tuple[tuple[str, ...], ...]:
+def _matvec_a16_args(acts, per_channel, configs, chunks_and_slots, row_runs=False,
+                     tiled=False) -> tuple[tuple[str, ...], ...]:
     """Template arguments of matvec_a16_kernel: (activation type, scale type, has zeros,
-    chunk bytes, per-channel, tiles, split, group slots, row runs) for every scale
-    dtype, symmetry and (tiles, split) config, per (chunk bytes, group slots) pair."""
+    chunk bytes, per-channel, tiles, split, group slots, row runs, tiled weights) for
+    every scale dtype, symmetry and (tiles, split) config, per (chunk bytes, group
+    slots) pair."""
     return tuple(
         (act, cxx_type(scale), cxx_bool(has_zeros), str(chunk), cxx_bool(per_channel), *map(str, config),
-         str(slots), cxx_bool(row_runs))
+         str(slots), cxx_bool(row_runs), cxx_bool(tiled))
         for chunk, slots in chunks_and_slots
         for act in acts
         for scale in _FLOAT_TYPES
         for has_zeros in (False, True)
         for config in configs
     )
+
+
+#: group sizes an Int4TiledWeight takes (w4kern.prepare): one group, or part of the
+#: per-channel row, per 128-k step of a 16-row tile
+TILED_GROUP_FAMILIES = {label: A16_GROUP_FAMILIES[label] for label in ("g128", "gch")}
+
+
+def tiled_instance(group_size: int, int8: bool) -> tuple[str, int, bool]:
+    """(family, bytes of a row per thread and step, per-channel) of matvec_a16's
+    instance for an Int4TiledWeight: W4A16, or with ``int8`` the per-token INT8 one."""
+    label = "gch" if group_size == -1 else f"g{group_size}"
+    chunk, per_channel = TILED_GROUP_FAMILIES[label]
+    return f"matvec_{'a8' if int8 else 'a16'}_tiled_{label}", chunk, per_channel
 
 
 def a16_family(group_size: int) -> str:
@@ -396,6 +411,17 @@ FAMILIES: dict[str, KernelFamily] = {
             instances=_matvec_a16_args((INT8_ACT,), per_channel, A16_CONFIGS, ((chunk, 1),)),
         )
         for label, (chunk, per_channel) in A16_GROUP_FAMILIES.items()
+    ) + tuple(
+        # the tiled-weight walk (Int4TiledWeight), 16-bit and per-token INT8 activations:
+        # families of their own, compiled only for prepared weights
+        KernelFamily(
+            name=f"matvec_{kind}_tiled_{label}",
+            source="matvec_a16.cu",
+            template="w4kern::matvec_a16_kernel",
+            instances=_matvec_a16_args(acts, per_channel, A16_CONFIGS, ((chunk, 1),), tiled=True),
+        )
+        for kind, acts in (("a16", (cxx_type(bfloat16), cxx_type(np.float16))), ("a8", (INT8_ACT,)))
+        for label, (chunk, per_channel) in TILED_GROUP_FAMILIES.items()
     ) + (
         KernelFamily(
             name="decode_attention",

@@ -366,8 +366,9 @@ DECODE_MS = (1, 2, 3, 4, 8)
 
 
 def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[Row]:
-    """w4kern.linear (W4A8 on Q8 blocks and on per-token INT8, W4A16, W8A8) at M = 1..8
-    on the dense shapes, beside
+    """w4kern.linear (W4A8 on Q8 blocks and on per-token INT8, W4A16, W8A8, and the
+    tensor-core paths on prepared Int4TiledWeights) at M = 1..8 on the dense shapes,
+    beside
     tinygemm (torch._weight_int4pack_mm, group 128) and cuBLAS bf16, plus the
     activation quantizer alone (its share of a decode step)."""
     import cupy as cp
@@ -382,6 +383,7 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
     for name, (n, k) in shapes:
         w, weights, weights8 = _decode_weights(rng, n, k, ceilings, timer)
         base, copies, w8_base, copies8 = weights[0], len(weights), weights8[0], len(weights8)
+        tiled = [w4kern.prepare(wt) for wt in weights]   # w4kern.prepare(for_op="linear")
         rows += _read_ceiling(timer, ceilings, modes, {"name": name, "N": n, "K": k, "M": 1, "group_size": 128},
                               _linear_bytes(base, 1, k, n, "q8"), copies)
         for m in DECODE_MS:
@@ -401,6 +403,10 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
                 rows += _measure(timer, system[act], "linear", shape,
                                  lambda i, a=act: w4kern.linear(x, weights[i % copies], act=a, out=out),
                                  _linear_bytes(base, m, k, n, act), ceilings, modes)
+            for act in ("bf16", "int8"):
+                rows += _measure(timer, system[act] + "-tiled", "linear", shape,
+                                 lambda i, a=act: w4kern.linear(x, tiled[i % copies], act=a, out=out),
+                                 _linear_bytes(tiled[0], m, k, n, act), ceilings, modes)
             if m in (1, 8):
                 rows += _measure(timer, "w4kern-w8a8-preq", "linear", {**shape, "group_size": -1},
                                  lambda i: w4kern.linear(xq, weights8[i % copies8], out=out),
@@ -411,7 +417,7 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
                                  x.nbytes + q8_out.nbytes, ceilings, modes)
             if torch is not None:
                 rows += _torch_decode_peers(torch, ttimer, ceilings, modes, shape, x, w, weights, copies)
-        del w, base, weights, w8_base, weights8
+        del w, base, weights, w8_base, weights8, tiled
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 

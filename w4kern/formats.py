@@ -141,6 +141,96 @@ class Int4Weight:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
+#: Int4TiledWeight: rows per tile, k per step, bytes per (tile, step) chunk
+TILE_ROWS = 16
+TILE_K = 128
+TILE_BYTES = TILE_ROWS * TILE_K // 2
+#: group sizes an Int4TiledWeight takes (one group per 128-k step, or per channel)
+TILED_GROUP_SIZES = (128, -1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Int4TiledWeight:
+    """An INT4 weight W [N, K] repacked for linear's tensor-core decode kernels
+    (``w4kern.prepare(weight, for_op="linear")``; DESIGN.md allows kernel layouts
+    derived at load time, and the plain Int4Weight stays the interchange format).
+
+    Attributes
+    ----------
+    qweight : uint8 [ceil(N / 16), ceil(K / 128), 1024]
+        Chunk [T, s] holds rows 16 T .. 16 T + 15 and k 128 s .. 128 s + 127 of the
+        plain qweight, in the order the kernel's threads load them: byte
+        512 h + 16 l + j of the chunk is plain byte 64 s + 16 (l % 4) + j of row
+        16 T + l // 4 + 8 h (h in {0, 1}, lane l in 0..31, j in 0..15); rows past N
+        and bytes past K / 2 are zero. One warp load reads 512 contiguous bytes.
+    scales, zeros : as Int4Weight's, in the plain layout [N, K // group_size]
+    group_size : 128 or -1 (per channel): one group per 128-k step
+    k : int, the logical K (the chunks pad it to a multiple of 128)
+    """
+
+    qweight: Any
+    scales: Any
+    zeros: Any
+    group_size: int
+    k: int
+
+    def __post_init__(self):
+        _import_fields(self, "qweight", "scales", "zeros")
+        array_module(qweight=self.qweight, scales=self.scales, zeros=self.zeros)
+        if self.group_size not in TILED_GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size}: an Int4TiledWeight takes group sizes "
+                             f"{TILED_GROUP_SIZES} (one group per 128-k step)")
+        gs = check_group_size(self.group_size, self.k, "group_size")
+        check_dtype("scales", self.scales, SCALE_DTYPES)
+        check_ndim("scales", self.scales, (2,), "[N, K // group_size]")
+        n = self.scales.shape[0]
+        check_shape("scales", self.scales, (n, self.k // gs), "[N, K // group_size]")
+        check_contiguous("scales", self.scales)
+        if self.zeros is not None:
+            if self.zeros.dtype != self.scales.dtype:
+                raise TypeError(f"zeros must have the scales' dtype {self.scales.dtype.name}, "
+                                f"got {self.zeros.dtype.name}")
+            check_shape("zeros", self.zeros, (n, self.k // gs), "[N, K // group_size]")
+            check_contiguous("zeros", self.zeros)
+        check_dtype("qweight", self.qweight, [np.uint8])
+        check_shape("qweight", self.qweight, (-(-n // TILE_ROWS), -(-self.k // TILE_K), TILE_BYTES),
+                    "[ceil(N / 16), ceil(K / 128), 1024]")
+        check_contiguous("qweight", self.qweight)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical shape [N, K] of the dequantized weight."""
+        return (self.scales.shape[0], self.k)
+
+    @property
+    def n(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.k if self.group_size == -1 else self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel must read: the chunks (padding included), scales and zeros."""
+        z = 0 if self.zeros is None else self.zeros.nbytes
+        return int(self.qweight.nbytes + self.scales.nbytes + z)
+
+    def to_plain(self) -> "Int4Weight":
+        """The plain Int4Weight (a new qweight array; scales and zeros shared)."""
+        xp = array_module(qweight=self.qweight)
+        n, k = self.shape
+        t, steps, _ = self.qweight.shape
+        # [T, s, h, g, t, j] -> [T, h, g, s, t, j]: row 16 T + 8 h + g, byte 64 s + 16 t + j
+        plain = self.qweight.reshape(t, steps, 2, 8, 4, 16).transpose(0, 2, 3, 1, 4, 5)
+        plain = plain.reshape(t * TILE_ROWS, steps * TILE_K // 2)[:n, :k // 2]
+        return Int4Weight(xp.ascontiguousarray(plain), self.scales, self.zeros, self.group_size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Int8Weight:
     """INT8 weight W [..., N, K], symmetric, per-group or per-channel scales.

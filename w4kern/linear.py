@@ -24,6 +24,10 @@ tokens). On CuPy arrays it picks one of three paths by M:
   the smallest M, act="int8" takes ``matvec`` instead, on the same per-token
   INT8 laid out as Q8 blocks that share the row's scale
   (``quant.per_token_q8_blocks``): the same products, summed in another order.
+- An :class:`Int4TiledWeight` (``w4kern.prepare(weight, for_op="linear")``)
+  takes ``a16`` (act="bf16") or ``a8`` (act="int8") at every M up to 8, on its
+  tiled layout (each warp load reads 512 contiguous bytes); more tokens unpack
+  it to the plain layout each call (``dense``), and act="q8" is refused.
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
@@ -68,6 +72,7 @@ from .formats import (
     FLOAT_DTYPES,
     Q8_BLOCK_BYTES,
     Q8_BLOCK_VALUES,
+    Int4TiledWeight,
     Int4Weight,
     Int8Weight,
     PerTokenInt8,
@@ -76,6 +81,8 @@ from .formats import (
 )
 
 ACTS = ("q8", "bf16", "int8")
+#: the activations an Int4TiledWeight takes (the tensor-core kernels)
+TILED_ACTS = ("bf16", "int8")
 #: most tokens the matvec and small-M kernels take in one launch
 MAX_SMALL_M = 8
 
@@ -243,16 +250,21 @@ class _Call:
     k: int
     lead: tuple           # x.shape[:-1]
     out_dtype: np.dtype
+    tiled: bool = False   # an Int4TiledWeight
 
 
 def _check(x, weight, act, bias, out, out_dtype) -> _Call:
-    if isinstance(weight, Int4Weight):
+    tiled = isinstance(weight, Int4TiledWeight)
+    if isinstance(weight, Int4Weight) or tiled:
         kind = "int4"
     elif isinstance(weight, Int8Weight):
         kind = "int8"
     else:
-        raise TypeError(f"weight must be an Int4Weight or Int8Weight, got {type(weight).__name__}")
-    if weight.qweight.ndim != 2:
+        raise TypeError(f"weight must be an Int4Weight, Int4TiledWeight or Int8Weight, got {type(weight).__name__}")
+    if tiled and act not in TILED_ACTS:
+        raise ValueError(f"weight is an Int4TiledWeight (w4kern.prepare), which the tensor-core kernels take: use act "
+                         f"in {TILED_ACTS}, or pass the plain Int4Weight for act={act!r}")
+    if not tiled and weight.qweight.ndim != 2:
         raise ValueError(
             f"weight must be 2-D [N, K] for linear, got qweight shape {tuple(weight.qweight.shape)} "
             f"(stacked expert weights go to w4kern.fused_moe)"
@@ -318,7 +330,7 @@ def _check(x, weight, act, bias, out, out_dtype) -> _Call:
         if bias.dtype != dtype:
             raise TypeError(f"bias must have the output dtype {dtype.name}, got {bias.dtype.name}")
         check_contiguous("bias", bias)
-    return _Call(xp, kind, act, m, n, k, lead, np.dtype(dtype))
+    return _Call(xp, kind, act, m, n, k, lead, np.dtype(dtype), tiled)
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +345,9 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
     ----------
     x : bfloat16 | float16 | float32 [..., K], Q8Activations (act="q8") or
         PerTokenInt8 [M, K] (act="int8")
-    weight : Int4Weight or Int8Weight, 2-D
+    weight : Int4Weight or Int8Weight, 2-D, or an Int4TiledWeight from
+        ``w4kern.prepare(weight, for_op="linear")`` (act="bf16" or "int8"; faster
+        tensor-core kernels up to 8 tokens)
     act : "q8" (default) quantizes x to Q8 blocks once (W4A8 / W8A8);
         "int8" quantizes each token to INT8 with one scale (W4A8 on int8
         tensor cores, INT4 weights only; flat in M up to 8 tokens);
@@ -384,6 +398,8 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
                              f"M={call.m}, group_size={weight.group_size}")
         if kernel == "a8" and call.act != "int8":
             raise ValueError("the a8 kernel takes per-token INT8 activations only (act='int8')")
+        if call.tiled and kernel not in ("a16", "a8", "dense"):
+            raise ValueError(f"an Int4TiledWeight runs on the 'a16', 'a8' or 'dense' kernel, got kernel={kernel!r}")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
                         matvec_config=matvec_config, matvec_ctas=matvec_ctas)
 
@@ -395,6 +411,8 @@ def _linear_numpy(call, x, weight, bias, out):
     from . import reference
     from .quant import quantize_per_token_int8, quantize_q8
 
+    if call.tiled:
+        weight = weight.to_plain()
     if isinstance(x, Q8Activations):
         x2 = Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES))
     elif isinstance(x, PerTokenInt8):
@@ -556,6 +574,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
+    if kernel is None and call.tiled:   # the tensor-core kernels, whatever the table says
+        kernel = "dense" if call.m > MAX_SMALL_M else "a16" if call.act == "bf16" else "a8"
     if kernel is None:
         kernel = choose_kernel(call.kind, call.act, call.m)
         if kernel == "a16" and call.m == 1 and uses_a16_rows(call.k, weight.group_size):
@@ -685,10 +705,19 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
     """rows: the row-run walk (one token, 16-bit x, a16_rows_instance's group sizes)."""
     from ._registry import (A16_CONFIGS, A16_ROW_CONFIGS, INT8_ACT, a8_instance, a16_instance, a16_rows_instance,
-                            cxx_bool, cxx_type)
+                            cxx_bool, cxx_type, tiled_instance)
 
-    _check_a16_weight_bytes(call.n, call.k)
-    if rows:
+    if call.tiled:   # the padded chunks, addressed in 32 bits like a plain matrix
+        _check_a16_weight_bytes(weight.qweight.shape[0] * 16, weight.qweight.shape[1] * 128)
+    else:
+        _check_a16_weight_bytes(call.n, call.k)
+    if call.tiled:
+        assert not rows, "tiled weights take the tile walk"
+        family, chunk, per_channel = tiled_instance(weight.group_size, act_dtype == np.int8)
+        slots = 1
+        act_type = INT8_ACT if act_dtype == np.int8 else cxx_type(act_dtype)
+        configs, warps_table, pick = A16_CONFIGS, A16_WARPS_PER_SM, a16_config
+    elif rows:
         assert call.m == 1 and act_dtype != np.int8, "the row-run walk takes one token of 16-bit x"
         family, chunk, per_channel = a16_rows_instance(weight.group_size)
         slots, act_type = 1, cxx_type(act_dtype)
@@ -710,7 +739,7 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
     kernel = _runtime.get_kernel(
         family,
         (act_type, cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None), str(chunk),
-         cxx_bool(per_channel), str(tiles), str(split), str(slots), cxx_bool(rows)),
+         cxx_bool(per_channel), str(tiles), str(split), str(slots), cxx_bool(rows), cxx_bool(call.tiled)),
     )
     block_sets = _a16_block_sets(call.n, tiles, split, rows)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
@@ -726,7 +755,7 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=N
     zeros = weight.zeros
     key = ("a16", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
            call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype,
-           None if config is None else tuple(config), ctas, rows)
+           None if config is None else tuple(config), ctas, rows, call.tiled)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _a16_plan(call, weight, act.dtype, out.dtype, config, ctas, rows)
@@ -908,6 +937,8 @@ def _dense(cp, call, x, weight, bias, out):
     from .pack import dequantize_int4, dequantize_int8
     from .quant import dequantize_q8
 
+    if call.tiled:   # unpacked each call: the tiled layout is for up to MAX_SMALL_M tokens
+        weight = weight.to_plain()
     w = dequantize_int4(weight, np.float32) if call.kind == "int4" else dequantize_int8(weight, np.float32)
     if isinstance(x, Q8Activations):
         a = dequantize_q8(Q8Activations(x.blocks.reshape(call.m, call.k // Q8_BLOCK_VALUES, Q8_BLOCK_BYTES)))

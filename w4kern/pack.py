@@ -23,6 +23,11 @@ from .formats import (
     FLOAT_DTYPES,
     INT4_SYMMETRIC_ZERO,
     SCALE_DTYPES,
+    TILE_BYTES,
+    TILE_K,
+    TILE_ROWS,
+    TILED_GROUP_SIZES,
+    Int4TiledWeight,
     Int4Weight,
     bfloat16,
     Int8Weight,
@@ -224,3 +229,39 @@ def dequantize_int8(weight: Int8Weight, dtype=np.float32):
     q = weight.qweight.astype(F32)
     grouped = q.reshape(q.shape[:-1] + (weight.k // gs, gs))
     return (grouped * weight.scales.astype(F32)[..., None]).reshape(weight.shape).astype(dtype)
+
+
+#: ops with a derived weight layout (w4kern.prepare's ``for_op``)
+PREPARE_OPS = ("linear",)
+
+
+def prepare(weight, for_op: str = "linear"):
+    """Derive an op's kernel layout from a plain Int4Weight, once, at load time.
+
+    ``for_op="linear"`` returns an Int4TiledWeight: 16-row x 128-k tiles in the order
+    the tensor-core decode kernels' threads load them, so each warp load reads 512
+    contiguous bytes. ``w4kern.linear`` takes it with act="bf16" (W4A16) or act="int8"
+    (W4A8, per-token INT8) and is faster with it for up to 8 tokens (the plain layout's
+    loads read 64 bytes from each of 8 rows); more tokens unpack it each call, and
+    act="q8" (the dp4a matvec) needs the plain weight. Group size 128 or per channel
+    (-1). The result shares the weight's scales and zeros; its qweight is a new array
+    (padded to whole tiles), so drop the plain weight if nothing else needs it.
+    Works on NumPy and CuPy weights alike; ``Int4TiledWeight.to_plain()`` inverts it.
+    """
+    if for_op not in PREPARE_OPS:
+        raise ValueError(f"for_op must be one of {PREPARE_OPS}, got {for_op!r}")
+    if not isinstance(weight, Int4Weight):
+        raise TypeError(f"weight must be an Int4Weight (plain layout), got {type(weight).__name__}")
+    if weight.qweight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K] for linear, got qweight shape {tuple(weight.qweight.shape)}")
+    if weight.group_size not in TILED_GROUP_SIZES:
+        raise ValueError(f"weight has group_size={weight.group_size}; the tiled layout takes {TILED_GROUP_SIZES} "
+                         f"(one group per 128-k step): keep the plain weight for smaller groups")
+    xp = array_module(qweight=weight.qweight)
+    n, k = weight.shape
+    tiles, steps = -(-n // TILE_ROWS), -(-k // TILE_K)
+    padded = xp.zeros((tiles * TILE_ROWS, steps * TILE_K // 2), dtype=np.uint8)
+    padded[:n, :k // 2] = weight.qweight
+    # row 16 T + 8 h + g, byte 64 s + 16 t + j -> chunk [T, s], byte 512 h + 16 (4 g + t) + j
+    chunks = padded.reshape(tiles, 2, 8, steps, 4, 16).transpose(0, 3, 1, 2, 4, 5).reshape(tiles, steps, TILE_BYTES)
+    return Int4TiledWeight(xp.ascontiguousarray(chunks), weight.scales, weight.zeros, weight.group_size, k)

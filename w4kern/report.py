@@ -19,8 +19,9 @@ _BEGIN_RE = re.compile(r"<!-- perf-table:begin (\S+) -->")
 
 #: decode linear columns: (heading, system)
 LINEAR_COLUMNS = (("W4A8", "w4kern-w4a8"), ("W4A8 pre-quantized x", "w4kern-w4a8-preq"),
-                  ("W4A8 per-token INT8", "w4kern-w4a8-int8"), ("W4A16", "w4kern-w4a16"), ("tinygemm", "tinygemm"), ("cuBLAS bf16", "cublas-bf16"),
-                  ("read ceiling", "read-ceiling"))
+                  ("W4A8 per-token INT8", "w4kern-w4a8-int8"), ("W4A16", "w4kern-w4a16"),
+                  ("W4A8 per-token INT8, tiled", "w4kern-w4a8-int8-tiled"), ("W4A16, tiled", "w4kern-w4a16-tiled"),
+                  ("tinygemm", "tinygemm"), ("cuBLAS bf16", "cublas-bf16"), ("read ceiling", "read-ceiling"))
 #: decode attention rows: (config, B, L)
 ATTENTION_ROWS = tuple((name, b, length) for name in ("32/8/128", "32/16/256", "64/8/128")
                        for b, length in ((1, 2048), (1, 32768), (8, 8192), (64, 2048)))
