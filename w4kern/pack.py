@@ -241,9 +241,12 @@ def prepare(weight, for_op: str = "linear"):
     ``for_op="linear"`` returns an Int4TiledWeight: 16-row x 128-k tiles in the order
     the tensor-core decode kernels' threads load them, so each warp load reads 512
     contiguous bytes. ``w4kern.linear`` takes it with act="bf16" (W4A16) or act="int8"
-    (W4A8, per-token INT8) and is faster with it for up to 8 tokens (the plain layout's
-    loads read 64 bytes from each of 8 rows); more tokens unpack it each call, and
-    act="q8" (the dp4a matvec) needs the plain weight. Group size 128 or per channel
+    (W4A8, per-token INT8) on the tensor-core kernels up to 8 tokens (the plain
+    layout's loads read 64 bytes from each of 8 rows); more tokens unpack it each
+    call, and act="q8" (the dp4a matvec) needs the plain weight. On an H200 (session 17,
+    the five dense shapes): W4A16 0-9% faster at M = 1 and 8, act="int8" 5-9% faster at
+    M = 8, but 1.2-1.6x slower at M = 1 than the plain weight, which takes the dp4a
+    matvec there (up to M = 4). Group size 128 or per channel
     (-1). The result shares the weight's scales and zeros; its qweight is a new array
     (padded to whole tiles), so drop the plain weight if nothing else needs it.
     Works on NumPy and CuPy weights alike; ``Int4TiledWeight.to_plain()`` inverts it.
