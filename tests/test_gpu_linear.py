@@ -292,15 +292,14 @@ def test_nan_in_one_token_stays_in_that_token(cp, rng, act):
         assert np.isfinite(np.delete(y, 2, axis=0)).all(), kernel
 
 
-@pytest.mark.parametrize("act", ["q8", "bf16", "int8"])
-def test_cuda_graph_replay_gives_eager_bits(cp, rng, act):
-    weight = to_gpu(cp, make_int4(rng, 4096, 4096, 128, False, w4kern.bfloat16))
-    x = cp.asarray(rng.standard_normal((4, 4096)).astype(w4kern.bfloat16))
-    out = cp.empty((4, 4096), dtype=w4kern.bfloat16)
+def assert_graph_replay_gives_eager_bits(cp, x, weight, act, n):
+    """linear captured in a CUDA graph on a fresh stream (after a warm-up call that
+    sizes the workspace), replayed twice over a zeroed out: the eager call's bits."""
+    out = cp.empty((x.shape[0], n), dtype=w4kern.bfloat16)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         eager = w4kern.linear(x, weight, act=act).copy()
-        w4kern.linear(x, weight, act=act, out=out)      # warm-up: workspace sized for this call
+        w4kern.linear(x, weight, act=act, out=out)
         stream.begin_capture()
         w4kern.linear(x, weight, act=act, out=out)
         graph = stream.end_capture()
@@ -309,6 +308,15 @@ def test_cuda_graph_replay_gives_eager_bits(cp, rng, act):
         graph.launch()
     stream.synchronize()
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
+    values = cp.asnumpy(eager).astype(np.float32)
+    assert np.isfinite(values).all() and (values != 0).any()
+
+
+@pytest.mark.parametrize("act", ["q8", "bf16", "int8"])
+def test_cuda_graph_replay_gives_eager_bits(cp, rng, act):
+    weight = to_gpu(cp, make_int4(rng, 4096, 4096, 128, False, w4kern.bfloat16))
+    x = cp.asarray(rng.standard_normal((4, 4096)).astype(w4kern.bfloat16))
+    assert_graph_replay_gives_eager_bits(cp, x, weight, act, 4096)
 
 
 def test_quality_against_unquantized_bf16_math(cp, rng, capsys):
@@ -413,16 +421,4 @@ def test_tiled_weights_past_eight_tokens_and_in_graphs(cp, rng, act):
         x = cp.asarray(rng.standard_normal((m, 256)).astype(w4kern.bfloat16))
         cp.testing.assert_array_equal(w4kern.linear(x, tiled_gpu, act=act), w4kern.linear(x, plain_gpu, act=act))
     x = cp.asarray(rng.standard_normal((4, 256)).astype(w4kern.bfloat16))
-    out = cp.empty((4, 70), dtype=w4kern.bfloat16)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        eager = w4kern.linear(x, tiled_gpu, act=act).copy()
-        w4kern.linear(x, tiled_gpu, act=act, out=out)   # warm-up: workspace sized for this call
-        stream.begin_capture()
-        w4kern.linear(x, tiled_gpu, act=act, out=out)
-        graph = stream.end_capture()
-        out.fill(0)
-        graph.launch()
-    stream.synchronize()
-    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), cp.asnumpy(eager).view(np.uint16))
-    assert np.isfinite(cp.asnumpy(eager).astype(np.float32)).all() and cp.asnumpy(eager).any()
+    assert_graph_replay_gives_eager_bits(cp, x, tiled_gpu, act, 70)

@@ -67,8 +67,41 @@ def check_group_size(group_size: int, k: int, name: str = "group_size") -> int:
     return k if group_size == -1 else group_size
 
 
+class _Int4Properties:
+    """What Int4Weight and Int4TiledWeight derive alike from qweight, scales, zeros,
+    group_size and k."""
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.k if self.group_size == -1 else self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel must read: the nibbles (an Int4TiledWeight's padding
+        included), scales and zeros."""
+        z = 0 if self.zeros is None else self.zeros.nbytes
+        return int(self.qweight.nbytes + self.scales.nbytes + z)
+
+
+def _check_scales_and_zeros(scales, zeros, expected: tuple) -> None:
+    """An INT4 weight's scales (a scale dtype) and zeros (None, or the scales' dtype),
+    both C-contiguous of shape ``expected``."""
+    check_dtype("scales", scales, SCALE_DTYPES)
+    check_shape("scales", scales, expected, "[..., N, K // group_size]")
+    check_contiguous("scales", scales)
+    if zeros is not None:
+        if zeros.dtype != scales.dtype:
+            raise TypeError(f"zeros must have the scales' dtype {scales.dtype.name}, got {zeros.dtype.name}")
+        check_shape("zeros", zeros, expected, "[..., N, K // group_size]")
+        check_contiguous("zeros", zeros)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class Int4Weight:
+class Int4Weight(_Int4Properties):
     """INT4 weight W [..., N, K] in the plain layout (y = x @ W.T).
 
     Attributes
@@ -100,18 +133,7 @@ class Int4Weight:
         check_contiguous("qweight", self.qweight)
         k = self.qweight.shape[-1] * 2
         gs = check_group_size(self.group_size, k)
-        check_dtype("scales", self.scales, SCALE_DTYPES)
-        expected = self.qweight.shape[:-1] + (k // gs,)
-        check_shape("scales", self.scales, expected, "[..., N, K // group_size]")
-        check_contiguous("scales", self.scales)
-        if self.zeros is not None:
-            if self.zeros.dtype != self.scales.dtype:
-                raise TypeError(
-                    f"zeros must have the scales' dtype {self.scales.dtype.name}, "
-                    f"got {self.zeros.dtype.name}"
-                )
-            check_shape("zeros", self.zeros, expected, "[..., N, K // group_size]")
-            check_contiguous("zeros", self.zeros)
+        _check_scales_and_zeros(self.scales, self.zeros, self.qweight.shape[:-1] + (k // gs,))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -126,19 +148,6 @@ class Int4Weight:
     def k(self) -> int:
         return self.qweight.shape[-1] * 2
 
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def effective_group_size(self) -> int:
-        return self.k if self.group_size == -1 else self.group_size
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes a kernel must read: nibbles, scales and zeros."""
-        z = 0 if self.zeros is None else self.zeros.nbytes
-        return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
 #: Int4TiledWeight: rows per tile, k per step, bytes per (tile, step) chunk
@@ -150,7 +159,7 @@ TILED_GROUP_SIZES = (128, -1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Int4TiledWeight:
+class Int4TiledWeight(_Int4Properties):
     """An INT4 weight W [N, K] repacked for linear's tensor-core decode kernels
     (``w4kern.prepare(weight, for_op="linear")``; DESIGN.md allows kernel layouts
     derived at load time, and the plain Int4Weight stays the interchange format).
@@ -181,17 +190,9 @@ class Int4TiledWeight:
             raise ValueError(f"group_size={self.group_size}: an Int4TiledWeight takes group sizes "
                              f"{TILED_GROUP_SIZES} (one group per 128-k step)")
         gs = check_group_size(self.group_size, self.k, "group_size")
-        check_dtype("scales", self.scales, SCALE_DTYPES)
         check_ndim("scales", self.scales, (2,), "[N, K // group_size]")
         n = self.scales.shape[0]
-        check_shape("scales", self.scales, (n, self.k // gs), "[N, K // group_size]")
-        check_contiguous("scales", self.scales)
-        if self.zeros is not None:
-            if self.zeros.dtype != self.scales.dtype:
-                raise TypeError(f"zeros must have the scales' dtype {self.scales.dtype.name}, "
-                                f"got {self.zeros.dtype.name}")
-            check_shape("zeros", self.zeros, (n, self.k // gs), "[N, K // group_size]")
-            check_contiguous("zeros", self.zeros)
+        _check_scales_and_zeros(self.scales, self.zeros, (n, self.k // gs))
         check_dtype("qweight", self.qweight, [np.uint8])
         check_shape("qweight", self.qweight, (-(-n // TILE_ROWS), -(-self.k // TILE_K), TILE_BYTES),
                     "[ceil(N / 16), ceil(K / 128), 1024]")
@@ -206,19 +207,6 @@ class Int4TiledWeight:
     def n(self) -> int:
         return self.scales.shape[0]
 
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def effective_group_size(self) -> int:
-        return self.k if self.group_size == -1 else self.group_size
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes a kernel must read: the chunks (padding included), scales and zeros."""
-        z = 0 if self.zeros is None else self.zeros.nbytes
-        return int(self.qweight.nbytes + self.scales.nbytes + z)
 
     def to_plain(self) -> "Int4Weight":
         """The plain Int4Weight (a new qweight array; scales and zeros shared)."""
