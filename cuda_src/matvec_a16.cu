@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     constexpr bool kInt8 = sizeof(ActT) == 1;        // i8: per-token INT8 activations
     static_assert(!kInt8 || kGroupSlots == 1, "INT8 activations take one group per step");
     static_assert(!kRowRun || (!kInt8 && kGroupSlots == 1), "row runs: 16-bit activations, one group per chunk");
-    static_assert(!kTiled || (kChunkBytes == 16 && kGroupSlots == 1 && !kRowRun),
+    static_assert(!kTiled || (8 * kChunkBytes == kTiledStepK && 64 * kChunkBytes == kTiledChunkBytes && kGroupSlots == 1 &&
+                              !kRowRun),
                   "tiled weights: 128-k steps of one group (g128) or of a per-channel row");
     constexpr int kColScales = kGroupSlots > 1 ? 2 : 1;
     using Step = A16Step<kChunkBytes, kTiles, kColScales, static_cast<int>(sizeof(ActT)), ScaleT>;
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
     const u32 row_bytes32 = static_cast<u32>(row_bytes);
     // tiled weights: 16-row tiles of the layout (its chunks are addressed in 32 bits
     // too: the host keeps the tiled bytes below 2^32)
-    const int n_tiles = (n_rows + 15) / 16;
+    const int n_tiles = (n_rows + kTiledRows - 1) / kTiledRows;
     i64 out_base = 0;        // the item's first output element
     bool zero_item = false;  // an item whose expert id is out of range writes zeros
     if (item_experts != nullptr) {
@@ -253,8 +254,9 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     // the tile for a step past K: its activations are zeros); the 256-byte
                     // L2 fetch does not pay on 512-byte runs (session 17, tiled-address/)
                     const u32 tile = static_cast<u32>(min(b * kTiles + i, n_tiles - 1));
-                    const u32 at = (tile * static_cast<u32>(steps) + static_cast<u32>(step_in_k ? chunk : 0)) * 1024u +
-                                   static_cast<u32>(h * 32 + lane) * 16u;
+                    const u32 at = (tile * static_cast<u32>(steps) + static_cast<u32>(step_in_k ? chunk : 0)) *
+                                       static_cast<u32>(kTiledChunkBytes) +
+                                   static_cast<u32>(h * 32 + lane) * kChunkBytes;
                     load_streaming<kChunkBytes, false>(st.w[i][h], qweight + at);
                 } else if (!kRowRun || mine_in_k) {
                     load_streaming<kChunkBytes, true>(

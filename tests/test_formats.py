@@ -23,7 +23,8 @@ int main() {
               "\"qs_even\": [%zu, %zu], \"qs_odd\": [%zu, %zu], \"d\": [%zu, %zu], "
               "\"sum\": [%zu, %zu], \"reserved\": [%zu, %zu], "
               "\"kQ8BlockValues\": %d, \"kInt4SymmetricZero\": %d, \"kInt4KMultiple\": %d, "
-              "\"kLowNibbles\": %u, \"bf16\": %zu, \"f16\": %zu}\n",
+              "\"kLowNibbles\": %u, \"bf16\": %zu, \"f16\": %zu, "
+              "\"kTiledRows\": %d, \"kTiledStepK\": %d, \"kTiledChunkBytes\": %d}\n",
               sizeof(Q8Block), alignof(Q8Block),
               offsetof(Q8Block, qs_even), sizeof(Q8Block::qs_even),
               offsetof(Q8Block, qs_odd), sizeof(Q8Block::qs_odd),
@@ -31,7 +32,8 @@ int main() {
               offsetof(Q8Block, sum), sizeof(Q8Block::sum),
               offsetof(Q8Block, reserved), sizeof(Q8Block::reserved),
               w4kern::kQ8BlockValues, w4kern::kInt4SymmetricZero, w4kern::kInt4KMultiple,
-              w4kern::kLowNibbles, sizeof(w4kern::bf16_t), sizeof(w4kern::f16_t));
+              w4kern::kLowNibbles, sizeof(w4kern::bf16_t), sizeof(w4kern::f16_t),
+              w4kern::kTiledRows, w4kern::kTiledStepK, w4kern::kTiledChunkBytes);
   return 0;
 }
 """
@@ -67,6 +69,9 @@ def test_constants_mirror_header(header_layout):
     assert header_layout["kInt4KMultiple"] == formats.INT4_K_MULTIPLE
     assert header_layout["kLowNibbles"] == 0x0F0F0F0F
     assert header_layout["bf16"] == 2 and header_layout["f16"] == 2
+    assert header_layout["kTiledRows"] == formats.TILE_ROWS
+    assert header_layout["kTiledStepK"] == formats.TILE_K
+    assert header_layout["kTiledChunkBytes"] == formats.TILE_BYTES
 
 
 def test_q8_blocks_view_through_structured_dtype(rng):

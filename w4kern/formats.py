@@ -151,6 +151,7 @@ class Int4Weight(_Int4Properties):
 
 
 #: Int4TiledWeight: rows per tile, k per step, bytes per (tile, step) chunk
+#: (kTiledRows, kTiledStepK, kTiledChunkBytes)
 TILE_ROWS = 16
 TILE_K = 128
 TILE_BYTES = TILE_ROWS * TILE_K // 2

@@ -72,6 +72,8 @@ from .formats import (
     FLOAT_DTYPES,
     Q8_BLOCK_BYTES,
     Q8_BLOCK_VALUES,
+    TILE_K,
+    TILE_ROWS,
     Int4TiledWeight,
     Int4Weight,
     Int8Weight,
@@ -96,6 +98,10 @@ DISPATCH: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("int4", "q8"): ("matvec",) + ("small_m",) * 7,
         ("int4", "bf16"): ("a16",) * 8,
         ("int4", "int8"): ("a8",) * 8,
+        # an Int4TiledWeight: the tensor-core kernels only (the dp4a matvec and the
+        # small-M kernel read the plain layout)
+        ("int4-tiled", "bf16"): ("a16",) * 8,
+        ("int4-tiled", "int8"): ("a8",) * 8,
     },
     # linear_tuning on an H200 (benchmarks/results/2026-11-22-h200-linear/): dp4a is
     # faster up to M = 4 on the five dense shapes summed (M = 4: 157 vs 181 us), the
@@ -228,7 +234,8 @@ def _table(table: dict, key):
 
 
 def choose_kernel(weight_kind: str, act: str, m: int) -> str:
-    """'matvec', 'small_m', 'a16', 'a8' or 'dense' for M tokens on the current GPU."""
+    """'matvec', 'small_m', 'a16', 'a8' or 'dense' for M tokens on the current GPU
+    (weight_kind "int4", "int4-tiled" or "int8")."""
     if m > MAX_SMALL_M:
         return "dense"
     if weight_kind == "int8":
@@ -574,11 +581,10 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
     cp = call.xp
     if out is None:
         out = cp.empty(call.lead + (call.n,), dtype=call.out_dtype)
-    if kernel is None and call.tiled:   # the tensor-core kernels, whatever the table says
-        kernel = "dense" if call.m > MAX_SMALL_M else "a16" if call.act == "bf16" else "a8"
     if kernel is None:
-        kernel = choose_kernel(call.kind, call.act, call.m)
-        if kernel == "a16" and call.m == 1 and uses_a16_rows(call.k, weight.group_size):
+        kernel = choose_kernel("int4-tiled" if call.tiled else call.kind, call.act, call.m)
+        # the row-run walk reads the plain layout
+        if kernel == "a16" and call.m == 1 and not call.tiled and uses_a16_rows(call.k, weight.group_size):
             kernel = "a16_rows"
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
@@ -707,10 +713,9 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
     from ._registry import (A16_CONFIGS, A16_ROW_CONFIGS, INT8_ACT, a8_instance, a16_instance, a16_rows_instance,
                             cxx_bool, cxx_type, tiled_instance)
 
-    if call.tiled:   # the padded chunks, addressed in 32 bits like a plain matrix
-        _check_a16_weight_bytes(weight.qweight.shape[0] * 16, weight.qweight.shape[1] * 128)
-    else:
-        _check_a16_weight_bytes(call.n, call.k)
+    # the matrix the kernel addresses in 32 bits (a tiled weight's padded chunks)
+    _check_a16_weight_bytes(*((weight.qweight.shape[0] * TILE_ROWS, weight.qweight.shape[1] * TILE_K) if call.tiled
+                              else (call.n, call.k)))
     if call.tiled:
         assert not rows, "tiled weights take the tile walk"
         family, chunk, per_channel = tiled_instance(weight.group_size, act_dtype == np.int8)

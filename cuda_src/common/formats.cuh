@@ -42,6 +42,17 @@ constexpr int kInt4SymmetricZero = 8;      // implicit zero point of symmetric w
 constexpr int kInt4KMultiple = 32;         // K must be a multiple of this (and of group_size)
 constexpr u32 kLowNibbles = 0x0F0F0F0Fu;   // word & mask -> even-k weights, (word >> 4) & mask -> odd-k
 
+// ---------------------------------------------------------------------------
+// Int4TiledWeight (w4kern.prepare(weight, for_op="linear"), g128 or per channel):
+//   qweight [ceil(N / 16), ceil(K / 128), 1024] uint8: chunk [T, s] holds rows
+//   16T .. 16T + 15 and k 128s .. 128s + 127; byte 512h + 16l + j of the chunk is
+//   plain byte 64s + 16(l % 4) + j of row 16T + l / 4 + 8h (zero past N and K / 2)
+//   scales, zeros: as Int4Weight's
+// ---------------------------------------------------------------------------
+constexpr int kTiledRows = 16;                                // rows per tile
+constexpr int kTiledStepK = 128;                              // k per chunk
+constexpr int kTiledChunkBytes = kTiledRows * kTiledStepK / 2;  // 1024
+
 }  // namespace w4kern
 
 #if !defined(__CUDACC_RTC__)
