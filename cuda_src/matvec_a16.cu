@@ -76,9 +76,9 @@
 // step is one 1 KiB chunk, [ceil(N / 16)][ceil(K / 128)][2][32][16 bytes]: half h,
 // lane l holds the 16 bytes that thread l loads for row g + 8h (rows and k past the
 // weight are zero bytes). Each load instruction of a warp then reads 512 contiguous
-// bytes instead of 64 bytes from each of 8 rows, which a pure-load copy streams
-// faster (H200, 7-14% faster a16 and a8 kernels; benchmarks/results/
-// 2026-11-23-h200-session17/raw-scales/). Scales and zeros keep the plain layout. Not
+// bytes instead of 64 bytes from each of 8 rows, which the memory system streams
+// faster (H200: the a16 and a8 tile walks 3-12% faster on the five dense shapes,
+// benchmarks/results/2026-11-23-h200-session17/raw-scales/). Scales and zeros keep the plain layout. Not
 // with items, row runs or group slots.
 //
 // Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an

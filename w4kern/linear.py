@@ -83,8 +83,6 @@ from .formats import (
 )
 
 ACTS = ("q8", "bf16", "int8")
-#: the activations an Int4TiledWeight takes (the tensor-core kernels)
-TILED_ACTS = ("bf16", "int8")
 #: most tokens the matvec and small-M kernels take in one launch
 MAX_SMALL_M = 8
 
@@ -223,6 +221,10 @@ def _device_facts(device_id: int) -> tuple[str, int]:
     props = cupy.cuda.runtime.getDeviceProperties(device_id)
     name = props["name"]
     return (name.decode() if isinstance(name, bytes) else str(name)), int(props["multiProcessorCount"])
+
+
+#: the activations an Int4TiledWeight takes: those with a tensor-core row in DISPATCH
+TILED_ACTS = tuple(act for kind, act in DISPATCH["default"] if kind == "int4-tiled")
 
 
 def _table(table: dict, key):
