@@ -78,14 +78,16 @@
 // weight are zero bytes). Each load instruction of a warp then reads 512 contiguous
 // bytes instead of 64 bytes from each of 8 rows, which the memory system streams
 // faster (H200: the a16 and a8 tile walks 3-12% faster on the five dense shapes,
-// benchmarks/results/2026-11-23-h200-session17/raw-scales/). Scales and zeros keep the plain layout. Not
-// with items, row runs or group slots.
+// benchmarks/results/2026-11-23-h200-session17/raw-scales/). Scales and zeros are
+// transposed, [n_groups][n_tiles * 16], so a step's 16 rows are one 32-byte run (the
+// layout matvec_bulk.cu copies). Not with items, row runs or group slots.
 //
 // Items (item_experts not null: fused_moe's bf16 decode path): blockIdx.y is an
 // item (common/moe_items.cuh): expert item_experts[i]'s weights, the activation
 // rows of item i / act_item_div, output rows i * M ...; zeros for an id outside
 // [0, E).
 #include "common/formats.cuh"
+#include "common/int4_pairs.cuh"
 #include "common/moe_items.cuh"
 #include "common/ptx.cuh"
 
@@ -93,38 +95,6 @@ namespace w4kern {
 
 constexpr int kA16Threads = 256;
 constexpr int kA16Warps = kA16Threads / 32;
-
-// 16-bit float pairs f = 8 + q / 2 from the nibbles at bits kShift and 16 + kShift
-// (a16_pair, with each type's constants in A16Nibbles): a shift, then
-// (v & mask) | exponent. kLop3 writes the latter as one LOP3: NVRTC
-// 13.0 otherwise emits an AND and an OR, and the loop is bound by instruction
-// issue (ncu, session 8: 2.3 IPC, 8% of stalls on memory), so this alone made
-// W4A16 1-11% faster. The LOP3 holds one constant in a register, which the
-// group-slot instances, at the 128-register cap, cannot spare (they spill on
-// sm_80), so they keep the plain form.
-template <typename ActT> struct A16Nibbles;
-
-template <> struct A16Nibbles<bf16_t> {
-    static constexpr u32 kOnes = 0x3F803F80u;       // bf16 1.0 in both halves
-    static constexpr int kLowBit = 3;               // q in mantissa bits 3..6
-    static constexpr u32 kMask = 0x00780078u;
-    static constexpr u32 kExponent = 0x41004100u;   // exponent of 8: 8 * (1 + q / 16)
-};
-
-template <> struct A16Nibbles<f16_t> {
-    static constexpr u32 kOnes = 0x3C003C00u;       // fp16 1.0 in both halves
-    static constexpr int kLowBit = 6;               // q in mantissa bits 6..9
-    static constexpr u32 kMask = 0x03C003C0u;
-    static constexpr u32 kExponent = 0x48004800u;   // exponent of 8: 8 * (1 + q / 16)
-};
-
-template <typename ActT, int kShift, bool kLop3>
-__device__ __forceinline__ u32 a16_pair(u32 w) {
-    using Nib = A16Nibbles<ActT>;
-    const u32 v = kShift <= Nib::kLowBit ? (w << (Nib::kLowBit - kShift)) : (w >> (kShift - Nib::kLowBit));
-    if constexpr (kLop3) return lop3<Nib::kMask, Nib::kExponent, kLutAndOr>(v);
-    else return (v & Nib::kMask) | Nib::kExponent;
-}
 
 // kBytes (4, 8 or 16) bytes as words, in one vector load.
 template <int kBytes>
@@ -274,7 +244,11 @@ __global__ void __launch_bounds__(kA16Threads, 2) matvec_a16_kernel(
                     st.s[i][h][c] = ScaleT{};
                     st.z[i][h][c] = ScaleT{};
                     if (step_in_k && group < n_groups) {
-                        const u32 at = static_cast<u32>(row) * static_cast<u32>(n_groups) + static_cast<u32>(group);
+                        // (tiled weights: the scales transposed, [n_groups][n_tiles * 16])
+                        const u32 at = kTiled ? static_cast<u32>(group) * static_cast<u32>(n_tiles * kTiledRows) +
+                                                    static_cast<u32>(row)
+                                              : static_cast<u32>(row) * static_cast<u32>(n_groups) +
+                                                    static_cast<u32>(group);
                         st.s[i][h][c] = scales[at];
                         if constexpr (kHasZeros) st.z[i][h][c] = zeros[at];
                     }

@@ -66,7 +66,7 @@ if command -v compute-sanitizer >/dev/null; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   compute-sanitizer --tool memcheck --error-exitcode 7 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_linear.py \
-      -k "(kernels_match_reference and float16 and not asym and (g32 or g-1)) or (int8_matvec_matches_reference and g64) or (split_k and 64) or walk_many or (walks_many and t1-s8) or (a16_rows and walks_many and bf16) or per_token_int8 or (programmatic and 3-) or (tiled_every_instance and t1-s4) or (tiled_weights_match and (int8-g-1-bfloat16-asym or bf16-g128-float16-sym))" \
+      -k "(kernels_match_reference and float16 and not asym and (g32 or g-1)) or (int8_matvec_matches_reference and g64) or (split_k and 64) or walk_many or (walks_many and t1-s8) or (a16_rows and walks_many and bf16) or per_token_int8 or (programmatic and 3-) or (tiled_every_instance and t1-s4) or (tiled_weights_match and (int8-g-1-bfloat16-asym or bf16-g128-float16-sym)) or (bulk_matches and (int8-float16-asym or bf16-bfloat16-sym)) or bulk_16bit" \
       2>&1 | tee -a "$OUTDIR/sanitizer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   compute-sanitizer --tool memcheck --error-exitcode 7 \

@@ -40,7 +40,7 @@ def to_gpu(cp, weight):
     fields = {f: getattr(weight, f) for f in ("qweight", "scales", "zeros") if hasattr(weight, f)}
     moved = {f: (None if a is None else cp.asarray(a)) for f, a in fields.items()}
     if isinstance(weight, Int4TiledWeight):
-        moved["k"] = weight.k
+        moved["k"], moved["n"] = weight.k, weight.n
     return type(weight)(**moved, group_size=weight.group_size)
 
 
@@ -409,6 +409,53 @@ def test_tiled_every_instance_gives_the_plain_layouts_bits(cp, rng, config, act)
             for w, out in zip((plain, tiled), outs):
                 _linear(x, to_gpu(cp, w), act=act, kernel=kernel, out=out, matvec_config=config, matvec_ctas=ctas)
             cp.testing.assert_array_equal(outs[1], outs[0])
+
+
+def needs_sm90(cp):
+    if int(cp.cuda.Device().compute_capability) < 90:
+        pytest.skip("matvec_bulk needs an sm_90 GPU")
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("scale_dtype", SCALES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("act", ["bf16", "f16", "int8"])
+def test_bulk_matches_reference(cp, rng, act, scale_dtype, symmetric):
+    """matvec_bulk forced on tiled weights: N past the auto rule's 512 tiles and N not a
+    multiple of 16, K of fewer steps than the 8-way split and per-channel K not a
+    multiple of 128, 1 or 3 CTAs (each walks many tile sets) and a GPU-filling grid,
+    every M up to 8, bias and 16-bit outputs."""
+    needs_sm90(cp)
+    dtype = np.float16 if act == "f16" else w4kern.bfloat16
+    act = "bf16" if act == "f16" else act
+    for group_size, n, k, ctas in [(128, 333, 512, 1), (128, 8213, 1280, None), (128, 17, 3072, 3),
+                                   (-1, 99, 1056, 3), (-1, 40, 4128, None), (-1, 5, 32, None)]:
+        tiled = w4kern.prepare(make_int4(rng, n, k, group_size, symmetric, scale_dtype))
+        for m in MS:
+            check(cp, rng, tiled, m, k, act=act, kernel="bulk", dtype=dtype, bias=(m == 2), matvec_ctas=ctas)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float16, w4kern.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("act", ["bf16", "int8"])
+def test_bulk_16bit_outputs_and_pre_quantized_x(cp, rng, act, out_dtype):
+    """16-bit outputs are the fp32 result rounded once, and a PerTokenInt8 x gives what
+    act="int8" gives on the same values."""
+    needs_sm90(cp)
+    tiled = to_gpu(cp, w4kern.prepare(make_int4(rng, 77, 640, 128, False, w4kern.bfloat16)))
+    for m in (1, 6):
+        x = cp.asarray(rng.standard_normal((m, 640)).astype(w4kern.bfloat16))
+        wide = _linear(x, tiled, act=act, kernel="bulk", out=cp.full((m, 77), np.nan, dtype=np.float32))
+        narrow = _linear(x, tiled, act=act, kernel="bulk", out=cp.full((m, 77), np.nan, dtype=out_dtype))
+        cp.testing.assert_array_equal(narrow, wide.astype(out_dtype))
+        if act == "int8":
+            pre = _linear(w4kern.quantize_per_token_int8(x), tiled, act="int8", kernel="bulk")
+            cp.testing.assert_array_equal(pre, wide.astype(pre.dtype))
+
+
+def test_bulk_refuses_plain_weights(cp, rng):
+    plain = to_gpu(cp, make_int4(rng, 16, 128, 128, False, np.float16))
+    x = cp.asarray(rng.standard_normal((1, 128)).astype(w4kern.bfloat16))
+    with pytest.raises(ValueError, match="bulk kernel takes an Int4TiledWeight"):
+        _linear(x, plain, act="bf16", kernel="bulk")
 
 
 @pytest.mark.parametrize("act", ["bf16", "int8"])

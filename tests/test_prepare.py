@@ -1,6 +1,6 @@
 """w4kern.prepare and the Int4TiledWeight layout (NumPy path; the GPU tests run the
-kernels on it). The layout is a contract with cuda_src/matvec_a16.cu's kTiled loads,
-so the first test spells it out byte by byte."""
+kernels on it). The layout is a contract with cuda_src/matvec_a16.cu's kTiled loads
+and matvec_bulk.cu's copies, so the first test spells it out byte by byte."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,17 +35,25 @@ def test_tiled_layout_contract(rng, n, k, group_size):
     expected = np.zeros(tiled.qweight.shape, dtype=np.uint8)
     expected[inside] = plain.qweight[row[inside], col[inside]]
     np.testing.assert_array_equal(tiled.qweight, expected)
-    assert tiled.scales is plain.scales and tiled.zeros is plain.zeros
+    # scales and zeros transposed to [groups, 16 * tiles], zero past N
+    for got, source in ((tiled.scales, plain.scales), (tiled.zeros, plain.zeros)):
+        assert got.shape == (source.shape[1], 16 * t_count) and got.dtype == source.dtype
+        np.testing.assert_array_equal(got[:, :n], source.T)
+        assert not np.any(got[:, n:].view(np.uint16))
     assert tiled.shape == (n, k) and tiled.n == n and tiled.k == k and tiled.group_size == group_size
-    assert tiled.nbytes == tiled.qweight.nbytes + plain.scales.nbytes + plain.zeros.nbytes
+    assert tiled.nbytes == tiled.qweight.nbytes + tiled.scales.nbytes + tiled.zeros.nbytes
 
 
 @pytest.mark.parametrize("n,k,group_size", SHAPES)
-def test_to_plain_inverts_prepare(rng, n, k, group_size):
-    plain = weight(rng, n, k, group_size, symmetric=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_to_plain_inverts_prepare(rng, n, k, group_size, symmetric):
+    plain = weight(rng, n, k, group_size, symmetric=symmetric, scale_dtype=np.float32)
     back = w4kern.prepare(plain).to_plain()
-    assert isinstance(back, w4kern.Int4Weight) and back.zeros is None
+    assert isinstance(back, w4kern.Int4Weight) and (back.zeros is None) == symmetric
     np.testing.assert_array_equal(back.qweight, plain.qweight)
+    np.testing.assert_array_equal(back.scales, plain.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(back.zeros, plain.zeros)
     assert back.group_size == group_size
 
 
@@ -92,12 +100,18 @@ def test_prepare_bad_input(rng):
 def test_tiled_weight_validates_its_arrays(rng):
     tiled = w4kern.prepare(weight(rng, 37, 384, 128))
     with pytest.raises(ValueError, match=r"qweight must have shape \(3, 3, 1024\)"):
-        Int4TiledWeight(tiled.qweight[:2], tiled.scales, tiled.zeros, 128, 384)
-    with pytest.raises(ValueError, match=r"scales must have shape \(37, 4\)"):
-        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 128, 512)   # the scales are for K = 384
+        Int4TiledWeight(tiled.qweight[:2], tiled.scales, tiled.zeros, 128, 384, 37)
+    with pytest.raises(ValueError, match=r"scales must have shape \(4, 48\)"):
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 128, 512, 37)   # the scales are for K = 384
+    with pytest.raises(ValueError, match=r"scales must have shape \(3, 64\)"):
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 128, 384, 49)   # 4 tiles
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 128, 384, 0)
+    with pytest.raises(ValueError, match=r"zeros must have shape \(3, 48\)"):
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros[:, :37], 128, 384, 37)   # the plain width
     with pytest.raises(ValueError, match="group_size=64"):
-        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 64, 384)
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros, 64, 384, 37)
     with pytest.raises(TypeError, match="zeros must have the scales' dtype"):
-        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros.astype(np.float32), 128, 384)
+        Int4TiledWeight(tiled.qweight, tiled.scales, tiled.zeros.astype(np.float32), 128, 384, 37)
     with pytest.raises(TypeError, match="qweight"):
-        Int4TiledWeight(tiled.qweight.view(np.int8), tiled.scales, tiled.zeros, 128, 384)
+        Int4TiledWeight(tiled.qweight.view(np.int8), tiled.scales, tiled.zeros, 128, 384, 37)

@@ -178,6 +178,24 @@ def tiled_instance(group_size: int, int8: bool) -> tuple[str, int, bool]:
     return f"matvec_{'a8' if int8 else 'a16'}_tiled_{label}", chunk, per_channel
 
 
+#: matvec_bulk (Int4TiledWeight on sm_90, copy-engine ring): (kSplit, kStages), the
+#: one configuration compiled: 8 warps split one tile's K steps, 3 stages a warp
+BULK_CONFIG = (8, 3)
+BULK_THREADS = 256
+#: matvec_bulk.cu's stage and barrier sizes (kBulkStageBytes, kBulkBarrierBytes)
+BULK_STAGE_BYTES = 1024 + 2 * 64
+BULK_BARRIER_BYTES = 512
+
+
+def bulk_smem_bytes(split: int, stages: int) -> int:
+    """Dynamic shared memory of a matvec_bulk CTA: barriers, 8 warps' rings, the split partials."""
+    return BULK_BARRIER_BYTES + BULK_STAGE_BYTES * stages * 8 + (8 * 4 * 32 * 4 if split > 1 else 0)
+
+
+def bulk_family(int8: bool, label: str) -> str:
+    return f"matvec_bulk_{'a8' if int8 else 'a16'}_{label}"
+
+
 def a16_family(group_size: int) -> str:
     return f"matvec_a16_{'gch' if group_size == -1 else f'g{group_size}'}"
 
@@ -422,6 +440,18 @@ FAMILIES: dict[str, KernelFamily] = {
         )
         for kind, acts in (("a16", (cxx_type(bfloat16), cxx_type(np.float16))), ("a8", (INT8_ACT,)))
         for label, (chunk, per_channel) in TILED_GROUP_FAMILIES.items()
+    ) + tuple(
+        # the tiled walk fed by the copy engine (sm_90; an empty kernel elsewhere)
+        KernelFamily(
+            name=bulk_family(kind == "a8", label),
+            source="matvec_bulk.cu",
+            template="w4kern::matvec_bulk_kernel",
+            # (activation type, scale type, has zeros, per-channel, split, ring stages)
+            instances=tuple((act, cxx_type(scale), cxx_bool(has_zeros), cxx_bool(per_channel), *map(str, BULK_CONFIG))
+                            for act in acts for scale in _FLOAT_TYPES for has_zeros in (False, True)),
+        )
+        for kind, acts in (("a16", (cxx_type(bfloat16), cxx_type(np.float16))), ("a8", (INT8_ACT,)))
+        for label, (_, per_channel) in TILED_GROUP_FAMILIES.items()
     ) + (
         KernelFamily(
             name="decode_attention",

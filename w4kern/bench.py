@@ -403,6 +403,9 @@ def suite_decode(ceilings: Ceilings, timer: Timer, quick: bool = False) -> list[
                 rows += _measure(timer, system[act], "linear", shape,
                                  lambda i, a=act: w4kern.linear(x, weights[i % copies], act=a, out=out),
                                  _linear_bytes(base, m, k, n, act), ceilings, modes)
+            rows += _measure(timer, "w4kern-w4a8-int8-preq-tiled", "linear", shape,   # no quantizer in the time
+                             lambda i: w4kern.linear(xi, tiled[i % copies], act="int8", out=out),
+                             _linear_bytes(tiled[0], m, k, n, "int8"), ceilings, modes)
             for act in ("bf16", "int8"):
                 rows += _measure(timer, system[act] + "-tiled", "linear", shape,
                                  lambda i, a=act: w4kern.linear(x, tiled[i % copies], act=a, out=out),

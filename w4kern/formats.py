@@ -87,16 +87,16 @@ class _Int4Properties:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
-def _check_scales_and_zeros(scales, zeros, expected: tuple) -> None:
+def _check_scales_and_zeros(scales, zeros, expected: tuple, layout: str = "[..., N, K // group_size]") -> None:
     """An INT4 weight's scales (a scale dtype) and zeros (None, or the scales' dtype),
-    both C-contiguous of shape ``expected``."""
+    both C-contiguous of shape ``expected`` (spelled ``layout`` in errors)."""
     check_dtype("scales", scales, SCALE_DTYPES)
-    check_shape("scales", scales, expected, "[..., N, K // group_size]")
+    check_shape("scales", scales, expected, layout)
     check_contiguous("scales", scales)
     if zeros is not None:
         if zeros.dtype != scales.dtype:
             raise TypeError(f"zeros must have the scales' dtype {scales.dtype.name}, got {zeros.dtype.name}")
-        check_shape("zeros", zeros, expected, "[..., N, K // group_size]")
+        check_shape("zeros", zeros, expected, layout)
         check_contiguous("zeros", zeros)
 
 
@@ -173,9 +173,13 @@ class Int4TiledWeight(_Int4Properties):
         512 h + 16 l + j of the chunk is plain byte 64 s + 16 (l % 4) + j of row
         16 T + l // 4 + 8 h (h in {0, 1}, lane l in 0..31, j in 0..15); rows past N
         and bytes past K / 2 are zero. One warp load reads 512 contiguous bytes.
-    scales, zeros : as Int4Weight's, in the plain layout [N, K // group_size]
+    scales, zeros : fp16/bf16/fp32 [K // group_size (1 per channel), ceil(N / 16) * 16]
+        The plain layout's transposed, rows past N zero: a step's 16 rows of one
+        tile are one contiguous run (one copy for the sm_90 kernel). zeros None for
+        symmetric weights, as for Int4Weight.
     group_size : 128 or -1 (per channel): one group per 128-k step
     k : int, the logical K (the chunks pad it to a multiple of 128)
+    n : int, the logical N (the tiles pad it to a multiple of 16)
     """
 
     qweight: Any
@@ -183,6 +187,7 @@ class Int4TiledWeight(_Int4Properties):
     zeros: Any
     group_size: int
     k: int
+    n: int
 
     def __post_init__(self):
         _import_fields(self, "qweight", "scales", "zeros")
@@ -191,33 +196,33 @@ class Int4TiledWeight(_Int4Properties):
             raise ValueError(f"group_size={self.group_size}: an Int4TiledWeight takes group sizes "
                              f"{TILED_GROUP_SIZES} (one group per 128-k step)")
         gs = check_group_size(self.group_size, self.k, "group_size")
-        check_ndim("scales", self.scales, (2,), "[N, K // group_size]")
-        n = self.scales.shape[0]
-        _check_scales_and_zeros(self.scales, self.zeros, (n, self.k // gs))
+        if not (isinstance(self.n, (int, np.integer)) and self.n >= 1):
+            raise ValueError(f"n must be a positive int, got {self.n!r}")
+        tiles = -(-self.n // TILE_ROWS)
+        check_ndim("scales", self.scales, (2,), "[K // group_size, ceil(N / 16) * 16]")
+        _check_scales_and_zeros(self.scales, self.zeros, (self.k // gs, tiles * TILE_ROWS),
+                                "[K // group_size, ceil(N / 16) * 16]")
         check_dtype("qweight", self.qweight, [np.uint8])
-        check_shape("qweight", self.qweight, (-(-n // TILE_ROWS), -(-self.k // TILE_K), TILE_BYTES),
+        check_shape("qweight", self.qweight, (tiles, -(-self.k // TILE_K), TILE_BYTES),
                     "[ceil(N / 16), ceil(K / 128), 1024]")
         check_contiguous("qweight", self.qweight)
 
     @property
     def shape(self) -> tuple[int, int]:
         """Logical shape [N, K] of the dequantized weight."""
-        return (self.scales.shape[0], self.k)
-
-    @property
-    def n(self) -> int:
-        return self.scales.shape[0]
-
+        return (self.n, self.k)
 
     def to_plain(self) -> "Int4Weight":
-        """The plain Int4Weight (a new qweight array; scales and zeros shared)."""
+        """The plain Int4Weight (new arrays)."""
         xp = array_module(qweight=self.qweight)
         n, k = self.shape
         t, steps, _ = self.qweight.shape
         # [T, s, h, g, t, j] -> [T, h, g, s, t, j]: row 16 T + 8 h + g, byte 64 s + 16 t + j
         plain = self.qweight.reshape(t, steps, 2, 8, 4, 16).transpose(0, 2, 3, 1, 4, 5)
         plain = plain.reshape(t * TILE_ROWS, steps * TILE_K // 2)[:n, :k // 2]
-        return Int4Weight(xp.ascontiguousarray(plain), self.scales, self.zeros, self.group_size)
+        zeros = None if self.zeros is None else xp.ascontiguousarray(self.zeros[:, :n].T)
+        return Int4Weight(xp.ascontiguousarray(plain), xp.ascontiguousarray(self.scales[:, :n].T), zeros,
+                          self.group_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

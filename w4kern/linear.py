@@ -190,6 +190,25 @@ def uses_a16_rows(k: int, group_size: int) -> bool:
     return min_k is not None and k >= min_k and a16_rows_instance(group_size) is not None
 
 
+#: An Int4TiledWeight of at most this many 16-row tiles (N <= 16 x this) takes
+#: matvec_bulk (the tile walk fed by the copy engine, kSplit = 8) on sm_90 GPUs, per
+#: GPU; None: never. H200 (scripts/bulk_ab.py, benchmarks/results/2026-11-23-h200-session18/
+#: bulk-ab/, one process against matvec_a16's tiled walk): 5-27% faster on the narrow
+#: shapes (llama3-8b.qkv and .down, gemma3-27b.down: 256-384 tiles), and 3-25% slower on
+#: the wide gate_up shapes (1792 and 2688 tiles) at any split, whose two tiles per
+#: warp in matvec_a16 share the activation loads.
+BULK_MAX_TILES = {"default": 512}
+
+
+def uses_bulk(n: int) -> bool:
+    """Whether linear takes matvec_bulk for an N-row Int4TiledWeight on this GPU."""
+    import cupy
+
+    max_tiles = BULK_MAX_TILES.get(_gpu_name(), BULK_MAX_TILES["default"])
+    return (max_tiles is not None and -(-n // 16) <= max_tiles
+            and int(cupy.cuda.Device().compute_capability) >= 90)
+
+
 def a16_rows_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
     """The row-run matvec_a16 instance for an N-row layer (see A16_ROW_CANDIDATES)."""
     for tiles, split in A16_ROW_CANDIDATES:
@@ -382,14 +401,16 @@ def linear(x, weight, *, act: str = "q8", bias=None, out=None, out_dtype=None):
 def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=None, ctas_per_sm=None,
             matvec_config=None, matvec_ctas=None):
     """linear() with the kernel choice exposed (tests and the tuning benchmark force
-    'matvec' / 'small_m' / 'a16' / 'a8' / 'dense', the small-M kernel's CTAs per SM,
-    the matvec or a16 / a8 instance and its grid size)."""
+    'matvec' / 'small_m' / 'a16' / 'a8' / 'bulk' / 'dense', the small-M kernel's CTAs
+    per SM, the matvec or a16 / a8 instance and its grid size; 'bulk' is matvec_bulk on
+    an Int4TiledWeight, sm_90 only)."""
     call = _check(x, weight, act, bias, out, out_dtype)
     if call.xp is np:
         return _linear_numpy(call, x, weight, bias, out)
     if kernel is not None:
-        if kernel not in ("matvec", "small_m", "a16", "a16_rows", "a8", "dense"):
-            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16', 'a16_rows', 'a8' or 'dense', got {kernel!r}")
+        if kernel not in ("matvec", "small_m", "a16", "a16_rows", "a8", "bulk", "dense"):
+            raise ValueError(f"kernel must be 'matvec', 'small_m', 'a16', 'a16_rows', 'a8', 'bulk' or 'dense', "
+                             f"got {kernel!r}")
         if kernel != "dense" and call.m > MAX_SMALL_M:
             raise ValueError(f"kernel={kernel!r} takes at most {MAX_SMALL_M} tokens, got M={call.m}")
         if kernel == "small_m" and call.kind == "int8":
@@ -407,8 +428,13 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
                              f"M={call.m}, group_size={weight.group_size}")
         if kernel == "a8" and call.act != "int8":
             raise ValueError("the a8 kernel takes per-token INT8 activations only (act='int8')")
-        if call.tiled and kernel not in ("a16", "a8", "dense"):
-            raise ValueError(f"an Int4TiledWeight runs on the 'a16', 'a8' or 'dense' kernel, got kernel={kernel!r}")
+        if call.tiled and kernel not in ("a16", "a8", "bulk", "dense"):
+            raise ValueError(f"an Int4TiledWeight runs on the 'a16', 'a8', 'bulk' or 'dense' kernel, "
+                             f"got kernel={kernel!r}")
+        if kernel == "bulk" and not call.tiled:
+            raise ValueError("the bulk kernel takes an Int4TiledWeight (w4kern.prepare)")
+        if kernel == "bulk" and int(call.xp.cuda.Device().compute_capability) < 90:
+            raise ValueError("the bulk kernel needs an sm_90 GPU (cp.async.bulk)")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
                         matvec_config=matvec_config, matvec_ctas=matvec_ctas)
 
@@ -588,6 +614,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         # the row-run walk reads the plain layout
         if kernel == "a16" and call.m == 1 and not call.tiled and uses_a16_rows(call.k, weight.group_size):
             kernel = "a16_rows"
+        if call.tiled and kernel in ("a16", "a8") and uses_bulk(call.n):
+            kernel = "bulk"
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)
@@ -613,6 +641,8 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         _launch_matvec(call, act, weight, bias, out, matvec_config, matvec_ctas, pdl=pdl_ok)
     elif kernel in ("a16", "a16_rows"):
         _launch_a16(call, act, weight, bias, out, matvec_config, matvec_ctas, rows=kernel == "a16_rows")
+    elif kernel == "bulk":
+        _launch_bulk(call, act, weight, bias, out, matvec_ctas)
     else:
         _launch_small_m(cp, call, act, weight, bias, out, ws, ctas_per_sm)
     return out
@@ -692,7 +722,10 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     check_aligned("qweight", weight.qweight)
     if isinstance(x, PerTokenInt8):
         check_aligned("x.q", x.q)
-        _launch_a16(call, x.q, weight, bias, out, matvec_config, matvec_ctas, x_scales=x.scales)
+        if kernel == "bulk":
+            _launch_bulk(call, x.q, weight, bias, out, matvec_ctas, x_scales=x.scales)
+        else:
+            _launch_a16(call, x.q, weight, bias, out, matvec_config, matvec_ctas, x_scales=x.scales)
         return
     # x was validated above (float dtype, contiguous, K a multiple of 32 like W's); the
     # workspace is 16-byte aligned
@@ -707,7 +740,10 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
         _quantize_per_token_cuda(rows, q, scales)
         # a plain launch: matvec_a16 takes no programmatic one (its wait before the
         # first step's loads, or those loads split around it, cost W4A16 1-8%)
-        _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
+        if kernel == "bulk":
+            _launch_bulk(call, q, weight, bias, out, matvec_ctas, x_scales=scales)
+        else:
+            _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
@@ -751,8 +787,9 @@ def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
     block_sets = _a16_block_sets(call.n, tiles, split, rows)
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(block_sets, _sm_count(call.xp) * _resident_ctas(kernel, 256, 0))
-    tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(weight.scales.shape[-1]),
-            np.int32(_OUT_KIND[out_dtype]))
+    # (a tiled weight's scales are transposed: [groups, rows])
+    tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m),
+            np.int32(weight.scales.shape[0 if call.tiled else -1]), np.int32(_OUT_KIND[out_dtype]))
     return kernel, (ctas,), tail
 
 
@@ -769,6 +806,40 @@ def _launch_a16(call, act, weight, bias, out, config=None, ctas=None, x_scales=N
     kernel, grid, tail = plan
     kernel(grid, (256,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
                           _pointer(x_scales), _pointer(bias), out) + tail + (np.uint64(0), np.int32(0), np.int32(1)))
+
+
+def _bulk_plan(call, weight, act_dtype, out_dtype, ctas):
+    from ._registry import BULK_CONFIG, BULK_THREADS, INT8_ACT, bulk_family, bulk_smem_bytes, cxx_bool, cxx_type
+
+    # the layout's chunks and scales, addressed in 32 bits like matvec_a16's
+    _check_a16_weight_bytes(weight.qweight.shape[0] * TILE_ROWS, weight.qweight.shape[1] * TILE_K)
+    int8 = act_dtype == np.int8
+    kernel = _runtime.get_kernel(
+        bulk_family(int8, "gch" if weight.group_size == -1 else f"g{weight.group_size}"),
+        (INT8_ACT if int8 else cxx_type(act_dtype), cxx_type(weight.scales.dtype), cxx_bool(weight.zeros is not None),
+         cxx_bool(weight.group_size == -1), *map(str, BULK_CONFIG)))
+    split, stages = BULK_CONFIG
+    smem = bulk_smem_bytes(split, stages)
+    tile_sets = -(-weight.qweight.shape[0] // (8 // split))
+    if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
+        ctas = min(tile_sets, _sm_count(call.xp) * _resident_ctas(kernel, BULK_THREADS, smem))
+    tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(_OUT_KIND[out_dtype]))
+    return kernel, (ctas,), smem, tail
+
+
+def _launch_bulk(call, act, weight, bias, out, ctas=None, x_scales=None):
+    """matvec_bulk on an Int4TiledWeight (sm_90): bf16/fp16 x, or per-token INT8 x with its scales."""
+    zeros = weight.zeros
+    key = ("bulk", call.xp.cuda.runtime.getDevice(), os.environ.get("W4KERN_CUDA_SRC"), act.dtype, call.m, call.n,
+           call.k, weight.group_size, weight.scales.dtype, zeros is not None, out.dtype, ctas)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _bulk_plan(call, weight, act.dtype, out.dtype, ctas)
+    kernel, grid, smem, tail = plan
+    from ._registry import BULK_THREADS
+
+    kernel(grid, (BULK_THREADS,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                                   _pointer(x_scales), _pointer(bias), out) + tail, shared_mem=smem)
 
 
 def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):

@@ -247,8 +247,8 @@ def prepare(weight, for_op: str = "linear"):
     the five dense shapes): W4A16 0-9% faster at M = 1 and 8, act="int8" 5-9% faster at
     M = 8, but 1.2-1.6x slower at M = 1 than the plain weight, which takes the dp4a
     matvec there (up to M = 4). Group size 128 or per channel
-    (-1). The result shares the weight's scales and zeros; its qweight is a new array
-    (padded to whole tiles), so drop the plain weight if nothing else needs it.
+    (-1). The result's arrays are new (qweight padded to whole tiles, scales and zeros
+    transposed to [groups, rows]), so drop the plain weight if nothing else needs it.
     Works on NumPy and CuPy weights alike; ``Int4TiledWeight.to_plain()`` inverts it.
     """
     if for_op not in PREPARE_OPS:
@@ -267,4 +267,13 @@ def prepare(weight, for_op: str = "linear"):
     padded[:n, :k // 2] = weight.qweight
     # row 16 T + 8 h + g, byte 64 s + 16 t + j -> chunk [T, s], byte 512 h + 16 (4 g + t) + j
     chunks = padded.reshape(tiles, 2, 8, steps, 4, 16).transpose(0, 3, 1, 2, 4, 5).reshape(tiles, steps, TILE_BYTES)
-    return Int4TiledWeight(xp.ascontiguousarray(chunks), weight.scales, weight.zeros, weight.group_size, k)
+
+    def transposed(a):   # [N, G] -> [G, tiles * 16], rows past N zero
+        if a is None:
+            return None
+        t = xp.zeros((a.shape[1], tiles * TILE_ROWS), dtype=a.dtype)
+        t[:, :n] = a.T
+        return t
+
+    return Int4TiledWeight(xp.ascontiguousarray(chunks), transposed(weight.scales), transposed(weight.zeros),
+                           weight.group_size, k, n)

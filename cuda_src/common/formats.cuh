@@ -47,7 +47,8 @@ constexpr u32 kLowNibbles = 0x0F0F0F0Fu;   // word & mask -> even-k weights, (wo
 //   qweight [ceil(N / 16), ceil(K / 128), 1024] uint8: chunk [T, s] holds rows
 //   16T .. 16T + 15 and k 128s .. 128s + 127; byte 512h + 16l + j of the chunk is
 //   plain byte 64s + 16(l % 4) + j of row 16T + l / 4 + 8h (zero past N and K / 2)
-//   scales, zeros: as Int4Weight's
+//   scales, zeros: Int4Weight's transposed, [K / group_size (1 per channel)]
+//                  [ceil(N / 16) * 16], zero past N (a step's 16 rows are one run)
 // ---------------------------------------------------------------------------
 constexpr int kTiledRows = 16;                                // rows per tile
 constexpr int kTiledStepK = 128;                              // k per chunk
