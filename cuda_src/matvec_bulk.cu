@@ -21,9 +21,10 @@
 // CTAs are persistent and walk tile sets blockIdx.x, blockIdx.x + gridDim.x, ...;
 // the parts reduce through shared memory in a fixed order (deterministic). With
 // kSplit = 8 a narrow matrix (qkv, down: 256-384 tiles) still fills the GPU, which
-// is where this kernel beats matvec_a16's tiled walk on an H200: 5-27% at M = 1 and
-// 8 (benchmarks/results/2026-11-23-h200-session18/). Wide matrices (gate_up) keep
-// matvec_a16, whose two tiles per warp share the activation loads and sum-x MMAs.
+// is where this kernel beats matvec_a16's tiled walk on an H200 (INT8 x: 6-22%;
+// 16-bit x: 3-15% from about 2.5 CTAs an SM; linear.BULK_TILES has the measurements).
+// Wide matrices (gate_up) keep matvec_a16, whose two tiles per warp share the
+// activation loads and sum-x MMAs.
 //
 // Bounds: the tiled layout pads rows to whole tiles and k to whole steps with zero
 // bytes, and the transposed scales pad rows the same way (zero scales), so every

@@ -190,22 +190,25 @@ def uses_a16_rows(k: int, group_size: int) -> bool:
     return min_k is not None and k >= min_k and a16_rows_instance(group_size) is not None
 
 
-#: An Int4TiledWeight of at most this many 16-row tiles (N <= 16 x this) takes
-#: matvec_bulk (the tile walk fed by the copy engine, kSplit = 8) on sm_90 GPUs, per
-#: GPU; None: never. H200 (scripts/bulk_ab.py, benchmarks/results/2026-11-23-h200-session18/
-#: bulk-ab/, one process against matvec_a16's tiled walk): 5-27% faster on the narrow
-#: shapes (llama3-8b.qkv and .down, gemma3-27b.down: 256-384 tiles), and 3-25% slower on
-#: the wide gate_up shapes (1792 and 2688 tiles) at any split, whose two tiles per
-#: warp in matvec_a16 share the activation loads.
-BULK_MAX_TILES = {"default": 512}
+#: An Int4TiledWeight whose count of 16-row tiles lies in this range, per activation
+#: kind, takes matvec_bulk (the tile walk fed by the copy engine, kSplit = 8) on sm_90
+#: GPUs, per GPU (None: never). H200, graph mode, one process against matvec_a16's
+#: tiled walk (scripts/bulk_ab.py, benchmarks/results/2026-11-23-h200-session18/bulk-ab/):
+#: - act="int8": 6-22% faster on the narrow shapes (llama3-8b.qkv and .down,
+#:   gemma3-27b.down: 256-384 tiles), 3-12% slower on the wide gate_up shapes (1792 and
+#:   2688 tiles), whose two tiles per warp in matvec_a16 share the activation loads;
+#: - act="bf16": 3-15% faster on llama3-8b.qkv (384 tiles) and gemma3-27b.down (336),
+#:   but 4-10% slower on llama3-8b.down (256 tiles, under 2 CTAs an SM of warps whose
+#:   16-bit math needs more of them) and 27-43% slower on gate_up.
+BULK_TILES = {"default": {"int8": (1, 512), "bf16": (320, 512)}}
 
 
-def uses_bulk(n: int) -> bool:
-    """Whether linear takes matvec_bulk for an N-row Int4TiledWeight on this GPU."""
+def uses_bulk(n: int, act: str) -> bool:
+    """Whether linear takes matvec_bulk for an N-row Int4TiledWeight and act on this GPU."""
     import cupy
 
-    max_tiles = BULK_MAX_TILES.get(_gpu_name(), BULK_MAX_TILES["default"])
-    return (max_tiles is not None and -(-n // 16) <= max_tiles
+    span = BULK_TILES.get(_gpu_name(), BULK_TILES["default"]).get(act)
+    return (span is not None and span[0] <= -(-n // 16) <= span[1]
             and int(cupy.cuda.Device().compute_capability) >= 90)
 
 
@@ -614,7 +617,7 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
         # the row-run walk reads the plain layout
         if kernel == "a16" and call.m == 1 and not call.tiled and uses_a16_rows(call.k, weight.group_size):
             kernel = "a16_rows"
-        if call.tiled and kernel in ("a16", "a8") and uses_bulk(call.n):
+        if call.tiled and kernel in ("a16", "a8") and uses_bulk(call.n, call.act):
             kernel = "bulk"
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
