@@ -451,11 +451,22 @@ def test_bulk_16bit_outputs_and_pre_quantized_x(cp, rng, act, out_dtype):
             cp.testing.assert_array_equal(pre, wide.astype(pre.dtype))
 
 
-def test_bulk_refuses_plain_weights(cp, rng):
+def test_bulk_refuses_plain_weights_and_misaligned_scales(cp, rng):
+    needs_sm90(cp)
     plain = to_gpu(cp, make_int4(rng, 16, 128, 128, False, np.float16))
     x = cp.asarray(rng.standard_normal((1, 128)).astype(w4kern.bfloat16))
     with pytest.raises(ValueError, match="bulk kernel takes an Int4TiledWeight"):
         _linear(x, plain, act="bf16", kernel="bulk")
+    tiled = to_gpu(cp, w4kern.prepare(make_int4(rng, 16, 256, 128, False, np.float16)))
+    for field in ("scales", "zeros"):
+        arrays = {"scales": tiled.scales, "zeros": tiled.zeros}
+        # the same values, starting 2 bytes into an allocation (contiguous, misaligned)
+        moved = cp.empty(arrays[field].size + 1, dtype=arrays[field].dtype)[1:].reshape(arrays[field].shape)
+        moved[...] = arrays[field]
+        arrays[field] = moved
+        shifted = Int4TiledWeight(tiled.qweight, arrays["scales"], arrays["zeros"], 128, 256, 16)
+        with pytest.raises(ValueError, match=f"weight.{field} must start at a 16-byte aligned address"):
+            _linear(x, shifted, act="bf16", kernel="bulk")
 
 
 @pytest.mark.parametrize("act", ["bf16", "int8"])

@@ -28,6 +28,10 @@ tokens). On CuPy arrays it picks one of three paths by M:
   takes ``a16`` (act="bf16") or ``a8`` (act="int8") at every M up to 8, on its
   tiled layout (each warp load reads 512 contiguous bytes); more tokens unpack
   it to the plain layout each call (``dense``), and act="q8" is refused.
+- ``bulk``: on sm_90, an Int4TiledWeight of a few hundred 16-row tiles (narrow
+  layers: qkv, down; :data:`BULK_TILES`) takes the same tile walk with the
+  weight chunks and scales streamed into shared memory by the copy engine
+  (``cuda_src/matvec_bulk.cu``), 8 warps splitting each tile's K.
 - ``dense``: M > 8, until w4kern has a prefill GEMM: the weight is
   dequantized and multiplied with cuBLAS through CuPy, in float32, using x
   itself (no activation quantization).
@@ -208,8 +212,15 @@ def uses_bulk(n: int, act: str) -> bool:
     import cupy
 
     span = BULK_TILES.get(_gpu_name(), BULK_TILES["default"]).get(act)
-    return (span is not None and span[0] <= -(-n // 16) <= span[1]
-            and int(cupy.cuda.Device().compute_capability) >= 90)
+    return span is not None and span[0] <= -(-n // 16) <= span[1] and _has_bulk_copies(cupy.cuda.Device().id)
+
+
+@functools.cache
+def _has_bulk_copies(device_id: int) -> bool:
+    """sm_90 or newer (cp.async.bulk); cached: the op's host path is timed per call."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).compute_capability) >= 90
 
 
 def a16_rows_config(n: int, sm_count: int, warps_per_sm: int) -> tuple[int, int]:
@@ -436,7 +447,7 @@ def _linear(x, weight, *, act="q8", bias=None, out=None, out_dtype=None, kernel=
                              f"got kernel={kernel!r}")
         if kernel == "bulk" and not call.tiled:
             raise ValueError("the bulk kernel takes an Int4TiledWeight (w4kern.prepare)")
-        if kernel == "bulk" and int(call.xp.cuda.Device().compute_capability) < 90:
+        if kernel == "bulk" and not _has_bulk_copies(call.xp.cuda.Device().id):
             raise ValueError("the bulk kernel needs an sm_90 GPU (cp.async.bulk)")
     return _linear_cuda(call, x, weight, bias, out, kernel=kernel, ctas_per_sm=ctas_per_sm,
                         matvec_config=matvec_config, matvec_ctas=matvec_ctas)
@@ -619,6 +630,11 @@ def _linear_cuda(call, x, weight, bias, out, *, kernel=None, ctas_per_sm=None, m
             kernel = "a16_rows"
         if call.tiled and kernel in ("a16", "a8") and uses_bulk(call.n, call.act):
             kernel = "bulk"
+    if kernel == "bulk":   # before any launch (act="int8" quantizes x first)
+        # the copy engine reads the scales (and zeros) in 16-byte aligned runs from their start
+        check_aligned("weight.scales", weight.scales)
+        if weight.zeros is not None:
+            check_aligned("weight.zeros", weight.zeros)
     if kernel == "dense":
         return _dense(cp, call, x, weight, bias, out)
     ws = _Workspace.get(cp)

@@ -246,7 +246,12 @@ def prepare(weight, for_op: str = "linear"):
     call, and act="q8" (the dp4a matvec) needs the plain weight. On an H200 (session 17,
     the five dense shapes): W4A16 0-9% faster at M = 1 and 8, act="int8" 5-9% faster at
     M = 8, but 1.2-1.6x slower at M = 1 than the plain weight, which takes the dp4a
-    matvec there (up to M = 4). Group size 128 or per channel
+    matvec there (up to M = 4). On sm_90, narrow layers (qkv, down) take the
+    copy-engine kernel (matvec_bulk; session 18, one process against the tiled walk:
+    act="int8" 6-22% faster, W4A16 3-15% faster on llama3-8b.qkv and
+    gemma3-27b.down; gemma3-27b.down with pre-quantized INT8 x at M = 1 is 23.4 us
+    there, against 19.4 us for the plain weight's dp4a path on pre-quantized Q8 blocks
+    in session 17's suite). Group size 128 or per channel
     (-1). The result's arrays are new (qweight padded to whole tiles, scales and zeros
     transposed to [groups, rows]), so drop the plain weight if nothing else needs it.
     Works on NumPy and CuPy weights alike; ``Int4TiledWeight.to_plain()`` inverts it.
