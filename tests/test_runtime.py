@@ -273,3 +273,28 @@ def test_quantizer_launch_kinds_map_to_programmatic_launches(monkeypatch):
     assert (_first_kernel_pdl(None), _first_kernel_pdl("first"), _first_kernel_pdl("chained")) == (False, False, True)
     with pytest.raises(ValueError, match="pdl must be None, 'first' or 'chained'"):
         _first_kernel_pdl("always")
+
+
+def test_bulk_shared_memory_mirrors_the_kernel():
+    """linear sizes matvec_bulk's dynamic shared memory from _registry's mirror of the
+    kernel's constants; a mismatch would let the ring run past the allocation."""
+    import re
+
+    from w4kern import _registry
+
+    with open(os.path.join(REPO, "cuda_src", "matvec_bulk.cu")) as f:
+        src = f.read()
+
+    def constant(name):
+        return re.search(rf"constexpr int {name} = ([^;]+);", src).group(1)
+
+    assert constant("kBulkThreads") == str(_registry.BULK_THREADS)
+    assert constant("kBulkBarrierBytes") == str(_registry.BULK_BARRIER_BYTES)
+    # kBulkStageBytes = kTiledChunkBytes + 2 * kBulkScaleRoom, kBulkScaleRoom = kTiledRows * 4
+    assert constant("kBulkScaleRoom") == "kTiledRows * 4"
+    assert constant("kBulkStageBytes") == "kTiledChunkBytes + 2 * kBulkScaleRoom"
+    assert _registry.BULK_STAGE_BYTES == 1024 + 2 * 16 * 4
+    split, stages = _registry.BULK_CONFIG
+    # barriers, 8 warps' rings, the split partials (8 warps x 4 x 32 floats)
+    assert _registry.bulk_smem_bytes(split, stages) == 512 + 1152 * stages * 8 + 4096
+    assert 8 * stages * 8 <= _registry.BULK_BARRIER_BYTES

@@ -741,10 +741,7 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
     check_aligned("qweight", weight.qweight)
     if isinstance(x, PerTokenInt8):
         check_aligned("x.q", x.q)
-        if kernel == "bulk":
-            _launch_bulk(call, x.q, weight, bias, out, matvec_ctas, x_scales=x.scales)
-        else:
-            _launch_a16(call, x.q, weight, bias, out, matvec_config, matvec_ctas, x_scales=x.scales)
+        _launch_s8(kernel, call, x.q, x.scales, weight, bias, out, matvec_config, matvec_ctas)
         return
     # x was validated above (float dtype, contiguous, K a multiple of 32 like W's); the
     # workspace is 16-byte aligned
@@ -759,10 +756,16 @@ def _linear_int8(call, x, weight, bias, out, ws, kernel, matvec_config, matvec_c
         _quantize_per_token_cuda(rows, q, scales)
         # a plain launch: matvec_a16 takes no programmatic one (its wait before the
         # first step's loads, or those loads split around it, cost W4A16 1-8%)
-        if kernel == "bulk":
-            _launch_bulk(call, q, weight, bias, out, matvec_ctas, x_scales=scales)
-        else:
-            _launch_a16(call, q, weight, bias, out, matvec_config, matvec_ctas, x_scales=scales)
+        _launch_s8(kernel, call, q, scales, weight, bias, out, matvec_config, matvec_ctas)
+
+
+def _launch_s8(kernel, call, q, scales, weight, bias, out, config, ctas):
+    """Per-token INT8 x on the s8 tensor cores: matvec_bulk ('bulk', a tiled weight on
+    sm_90) or matvec_a16's a8 instances."""
+    if kernel == "bulk":
+        _launch_bulk(call, q, weight, bias, out, ctas, x_scales=scales)
+    else:
+        _launch_a16(call, q, weight, bias, out, config, ctas, x_scales=scales)
 
 
 def _a16_plan(call, weight, act_dtype, out_dtype, config, ctas, rows=False):
@@ -843,7 +846,7 @@ def _bulk_plan(call, weight, act_dtype, out_dtype, ctas):
     if ctas is None:   # persistent CTAs: no more than the GPU keeps resident at once
         ctas = min(tile_sets, _sm_count(call.xp) * _resident_ctas(kernel, BULK_THREADS, smem))
     tail = (np.int32(call.n), np.int32(call.k), np.int32(call.m), np.int32(_OUT_KIND[out_dtype]))
-    return kernel, (ctas,), smem, tail
+    return kernel, (ctas,), (BULK_THREADS,), smem, tail
 
 
 def _launch_bulk(call, act, weight, bias, out, ctas=None, x_scales=None):
@@ -854,11 +857,9 @@ def _launch_bulk(call, act, weight, bias, out, ctas=None, x_scales=None):
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _bulk_plan(call, weight, act.dtype, out.dtype, ctas)
-    kernel, grid, smem, tail = plan
-    from ._registry import BULK_THREADS
-
-    kernel(grid, (BULK_THREADS,), (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
-                                   _pointer(x_scales), _pointer(bias), out) + tail, shared_mem=smem)
+    kernel, grid, block, smem, tail = plan
+    kernel(grid, block, (weight.qweight, weight.scales, weight.scales if zeros is None else zeros, act,
+                          _pointer(x_scales), _pointer(bias), out) + tail, shared_mem=smem)
 
 
 def _launch_a16_items(cp, weight, act, out, item_experts, act_item_div):
