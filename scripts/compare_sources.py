@@ -13,11 +13,13 @@ rotated the same way, which is what any kernel reading those bytes once can
 reach in this harness (launch, ramp-up and tail included).
 
     python3 scripts/compare_sources.py OUT.json [label=DIR ...] [--m 1,8] [--quick] [--configs]
-        [--paths w4a8-preq,w4a16,w4a8-int8-preq,w4a16-walk]
+        [--paths w4a8-preq,w4a16,w4a8-int8-preq,w4a16-walk,w4a16-bulk,w4a8-int8-bulk,...]
 
 The paths: W4A8 on pre-quantized Q8 blocks (dp4a), W4A16 and W4A8 on pre-quantized
 per-token INT8 (matvec_a16's s8 instances); w4a16-walk is W4A16 forced onto
-matvec_a16's tile walk (no row runs at one token). --configs times the last two once per
+matvec_a16's tile walk (no row runs at one token). w4a16-bulk and w4a8-int8-bulk
+(matvec_bulk) and w4a16-tiled-walk and w4a8-int8-tiled-walk (matvec_a16's tiled
+walk) run on copies prepared by w4kern.prepare (sm_90). --configs times the last two once per
 (tiles, split) instance of A16_CONFIGS as well as with the dispatch's choice, and at
 M = 1 W4A16's row-run walk once per instance of A16_ROW_CONFIGS.
 """
@@ -46,7 +48,12 @@ PATHS = {"w4a8-preq": "q8", "w4a16": "bf16", "w4a8-int8-preq": "int8"}
 #: paths that force one kernel where the dispatch would pick another: W4A16 on
 #: matvec_a16's tile walk at every M (the dispatch takes the row-run walk for one
 #: token from A16_ROWS_MIN_K)
-FORCED = {"w4a16-walk": ("bf16", "a16")}
+FORCED = {"w4a16-walk": ("bf16", "a16"),
+          # on the prepared (tiled) copies: matvec_bulk, and matvec_a16's tiled walk
+          "w4a16-bulk": ("bf16", "bulk"), "w4a8-int8-bulk": ("int8", "bulk"),
+          "w4a16-tiled-walk": ("bf16", "a16"), "w4a8-int8-tiled-walk": ("int8", "a8")}
+#: the paths that run on Int4TiledWeight copies (w4kern.prepare) instead of plain ones
+TILED = {"w4a16-bulk", "w4a8-int8-bulk", "w4a16-tiled-walk", "w4a8-int8-tiled-walk"}
 if "--paths" in sys.argv:   # a subset of PATHS, comma-separated
     PATHS = {p: PATHS[p] if p in PATHS else FORCED[p][0]
              for p in sys.argv[sys.argv.index("--paths") + 1].split(",")}
@@ -69,6 +76,7 @@ def main():
     for name, (n, k) in shapes:
         _, weights, _ = _decode_weights(rng, n, k, ceilings, timer)
         copies = len(weights)
+        tiled = [w4kern.prepare(w) for w in weights] if TILED & set(PATHS) else None
         use(None)
         ceiling_us = _read_ceiling(timer, ceilings, ("graph",), {"name": name}, weights[0].nbytes, copies)[0].time_us
         floor_us = weights[0].nbytes / ceilings.read_gbps / 1e3
@@ -89,11 +97,12 @@ def main():
                           {"q8": None, "bf16": "a16", "int8": "a8"}[act]) if config else None
                 if path in FORCED:
                     kernel = FORCED[path][1]
+                ws = tiled if path in TILED else weights
                 for label, src in VARIANTS:
                     use(src)
                     out = cp.full((m, n), np.nan, dtype=np.float32)
                     arg = {"q8": xq, "int8": xi}.get(act, x)
-                    _linear(arg, weights[0], act=act, out=out, kernel=kernel, matvec_config=config)
+                    _linear(arg, ws[0], act=act, out=out, kernel=kernel, matvec_config=config)
                     if first is None:
                         first = out.copy()
                     else:
@@ -101,7 +110,7 @@ def main():
                         if not err < 1e-5:
                             print(f"  {label} {path} M={m}: output differs from {VARIANTS[0][0]} (rel {err:.2e})")
                     out16 = cp.empty((m, n), dtype=w4kern.bfloat16)   # timed with the README's output dtype
-                    us = timer.graph(lambda i: _linear(arg, weights[i % copies], act=act, out=out16, kernel=kernel,
+                    us = timer.graph(lambda i: _linear(arg, ws[i % copies], act=act, out=out16, kernel=kernel,
                                                        matvec_config=config))
                     rows.append({"shape": name, "N": n, "K": k, "M": m, "system": f"{path}:{label}", "us": us,
                                  "floor_us": floor_us, "pct_floor": 100 * floor_us / us})
@@ -109,7 +118,7 @@ def main():
                           f"{100 * ceiling_us / us:5.1f}% of the "
                           f"read ceiling", flush=True)
         use(None)
-        weights = None   # free the copies before the next shape
+        weights = tiled = ws = None   # free the copies before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     with open(OUT, "w") as f:
         json.dump({"environment": environment(), "read_gbps": ceilings.read_gbps,
