@@ -5,11 +5,12 @@
 # Writes into OUTDIR: info.txt, tests.xml (JUnit), tests.log, sanitizer.log,
 # cache.log and the benchmark JSON. Exit status: non-zero if any step failed.
 # W4KERN_STEPS="tests sanitizer" (any of: info tests cache sanitizer bench) runs a
-# subset, W4KERN_SUITES the benchmark suites, W4KERN_TEST_PARALLEL=1 runs the tests as
-# four concurrent pytest processes. The whole check takes longer than one
+# subset, W4KERN_SUITES the benchmark suites. The whole check takes longer than one
 # 10-minute device call on an H200 (2026-11-23: GPU tests ~5.5 min, sanitizer ~5 min,
-# benchmarks ~2.5 min): run W4KERN_STEPS="info tests cache", then "sanitizer", then
-# "bench".
+# benchmarks ~2.5 min; on an H100 of 2026-11-23 the sanitizer alone took ~8 min): run
+# W4KERN_STEPS="info tests cache", then "sanitizer", then "bench". Four concurrent
+# pytest processes (one per big test file) were tried on that H100 and had not
+# finished in 6 minutes, so the tests stay one process.
 # Pass W4KERN_COMMIT=<sha of the committed tree>: the device's copy of the tree may
 # carry stale git metadata, and results of the 2026-11-22 fourth session recorded the
 # session's first commit that way. Each result file also records `source_tree`
@@ -38,26 +39,8 @@ if want tests; then
 # of every instance for three archs alone takes minutes of device time)
 if [ "${W4KERN_TESTS:-gpu}" = all ]; then marker=(); step "tests (all, GPU included)"
 else marker=(-m gpu); step "tests (GPU)"; fi
-if [ "${W4KERN_TEST_PARALLEL:-0}" = 1 ]; then
-  # four pytest processes at once (linear, moe, attention, the rest), each with its
-  # own kernel cache: the suite is bound by NVRTC compiles on the host's cores, so
-  # this takes a fraction of the serial run's device time. Logs and JUnit files per
-  # part; tests.log is their concatenation.
-  big=(test_gpu_linear test_gpu_moe test_gpu_attention)
-  pids=()
-  for part in "${big[@]}" rest; do
-    targets=("tests/$part.py")
-    if [ "$part" = rest ]; then targets=(tests); for b in "${big[@]}"; do targets+=("--ignore=tests/$b.py"); done; fi
-    python3 -m pytest -q -p no:cacheprovider "${marker[@]}" --junitxml="$OUTDIR/tests-$part.xml" "${targets[@]}" \
-      > "$OUTDIR/tests-$part.log" 2>&1 &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  for part in "${big[@]}" rest; do echo "--- $part"; tail -n 3 "$OUTDIR/tests-$part.log"; done | tee "$OUTDIR/tests.log"
-else
-  python3 -m pytest -q -p no:cacheprovider "${marker[@]}" --junitxml="$OUTDIR/tests.xml" tests 2>&1 | tee "$OUTDIR/tests.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+python3 -m pytest -q -p no:cacheprovider "${marker[@]}" --junitxml="$OUTDIR/tests.xml" tests 2>&1 | tee "$OUTDIR/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if want cache; then
