@@ -48,12 +48,12 @@ PATHS = {"w4a8-preq": "q8", "w4a16": "bf16", "w4a8-int8-preq": "int8"}
 #: paths that force one kernel where the dispatch would pick another: W4A16 on
 #: matvec_a16's tile walk at every M (the dispatch takes the row-run walk for one
 #: token from A16_ROWS_MIN_K)
-FORCED = {"w4a16-walk": ("bf16", "a16"),
+#: path -> (act, kernel, on Int4TiledWeight copies from w4kern.prepare)
+FORCED = {"w4a16-walk": ("bf16", "a16", False),
           # on the prepared (tiled) copies: matvec_bulk, and matvec_a16's tiled walk
-          "w4a16-bulk": ("bf16", "bulk"), "w4a8-int8-bulk": ("int8", "bulk"),
-          "w4a16-tiled-walk": ("bf16", "a16"), "w4a8-int8-tiled-walk": ("int8", "a8")}
-#: the paths that run on Int4TiledWeight copies (w4kern.prepare) instead of plain ones
-TILED = {"w4a16-bulk", "w4a8-int8-bulk", "w4a16-tiled-walk", "w4a8-int8-tiled-walk"}
+          "w4a16-bulk": ("bf16", "bulk", True), "w4a8-int8-bulk": ("int8", "bulk", True),
+          "w4a16-tiled-walk": ("bf16", "a16", True), "w4a8-int8-tiled-walk": ("int8", "a8", True)}
+TILED = {path for path, (_, _, tiled) in FORCED.items() if tiled}
 if "--paths" in sys.argv:   # a subset of PATHS, comma-separated
     PATHS = {p: PATHS[p] if p in PATHS else FORCED[p][0]
              for p in sys.argv[sys.argv.index("--paths") + 1].split(",")}
